@@ -1,0 +1,228 @@
+"""The one flat configuration of a trial: every knob of the two-stage pipeline.
+
+Everything a trial does is decided by a `TrialConfig`. The YAML search spaces
+(`search/space.py`), `python -m fer.train --config/--set` and checkpoints all speak
+in its field names, so a checkpoint carries `asdict(cfg)` and export needs no flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass
+class TrialConfig:
+    # --- data -----------------------------------------------------------------
+    data: str | None = None  # FER2013 CSV, split folder or DR folder; None = embedded demo data
+    image_size: int = 48  # model input side; images are resized on the fly (96/112 upsample)
+    load_size: int = 128  # DR folders only: images are resized to this once, at load time
+
+    # --- model ----------------------------------------------------------------
+    model: str = "mobilenet_v3_small"  # see fer.models.MODELS
+    pretrained: str | None = None  # None, "imagenet" (torchvision download) or a local .pth path
+    dropout: float = 0.2  # before the classifier
+
+    # --- loss and class weighting --------------------------------------------
+    loss: str = "ce"  # see fer.losses.LOSSES: ce, focal, logit_adjusted, balanced_softmax
+    focal_gamma: float = 2.0  # focal only (Lin et al. 2017); 0 gives cross-entropy
+    label_smoothing: float = 0.0  # ce and logit_adjusted
+    la_tau: float = 1.0  # logit_adjusted: tau * log prior added to logits (Menon et al. 2021)
+    class_weights: str = "none"  # see fer.losses.WEIGHT_SCHEMES: none, inverse, sqrt_inverse, effective
+    cb_beta: float = 0.999  # effective number of samples (Cui et al. 2019); only for "effective"
+
+    # --- sampling and augmentation -------------------------------------------
+    sampler: str = "uniform"  # see fer.samplers.SAMPLERS: uniform, sqrt, balanced
+    class_cap: int = 0  # at most this many images of each class per epoch; 0 = no cap
+    augment: str = "weak"  # see fer.transforms.AUGMENTS: none, weak, strong
+
+    # --- optimisation (stage 1, and stage 2 unless overridden below) ----------
+    optimizer: str = "adamw"  # adamw or sgd
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    momentum: float = 0.9  # sgd only
+    batch_size: int = 128  # per data-parallel rank
+    epochs: int = 8  # stage 1 (teacher) epochs
+    warmup_epochs: int = 1  # linear warmup, then cosine decay to zero
+    grad_clip: float = 5.0  # max gradient norm; 0 = off
+    patience: int = 0  # stop a stage after this many epochs without a better val macro-F1; 0 = off
+    amp: bool = True  # mixed precision; only ever used on CUDA
+    channels_last: bool = True  # memory format; only ever used on CUDA
+    seed: int = 0
+
+    # --- semi-supervised stage 2 ---------------------------------------------
+    student_epochs: int = 6  # 0 = no stage 2
+    pseudo_threshold: float = 0.9  # keep pool images whose teacher confidence is at least this
+    pseudo_selection: str = "threshold"  # see fer.pseudo.SELECTIONS: threshold, crest, flexmatch
+    crest_alpha: float = 0.5  # crest: keep rate of class k is (N_{K+1-k}/N_1)^alpha (Wei et al. 2021)
+    pseudo_tta: bool = False  # average the teacher's predictions over the TTA views
+    pseudo_temperature: bool = True  # fit temperature scaling on val before thresholding
+    pseudo_weight: float = 1.0  # loss weight of pseudo-labelled samples
+    student_init: str = "teacher"  # teacher (start from the teacher's weights) or scratch
+    student_augment: str = "strong"  # augmentation for stage 2
+
+    # --- post-hoc decision rule ----------------------------------------------
+    posthoc: str = "tau"  # see fer.posthoc.POSTHOC: none, tau (tau * log prior), bias (per-class)
+
+
+def config_field_names() -> list[str]:
+    return [f.name for f in fields(TrialConfig)]
+
+
+def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
+    """Convert `value` to the type of the field's default, or raise naming the key."""
+    field_type = next(f.type for f in fields(TrialConfig) if f.name == name)
+    optional = "None" in str(field_type)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ValueError(f"{source}: key {name!r} may not be null (expected {type(default).__name__})")
+    kind = str(field_type).split("|")[0].strip()
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{source}: key {name!r} expects {kind}, got {value!r}"
+        ) from None
+
+
+def apply_overrides(cfg: TrialConfig, overrides: dict[str, Any], source: str = "config") -> TrialConfig:
+    """Return a copy of `cfg` with `overrides` applied; unknown keys and bad types raise.
+
+    `source` names where the values came from (a YAML file, `--set`, a search space) so
+    the error can point there.
+    """
+    valid = config_field_names()
+    updates = {}
+    for key, value in overrides.items():
+        if key not in valid:
+            raise ValueError(
+                f"{source}: unknown config key {key!r}. Valid keys: {', '.join(valid)}"
+            )
+        updates[key] = _coerce(key, value, getattr(cfg, key), source)
+    new = dataclasses.replace(cfg, **updates)
+    validate_config(new, source)
+    return new
+
+
+# Ranges a trial accepts, checked once at the edge. Choice-valued fields are checked
+# against the lookup dicts of the modules that own them (see validate_config).
+_RANGES: dict[str, tuple[float, float]] = {
+    "image_size": (16, 1024),
+    "load_size": (16, 4096),
+    "dropout": (0.0, 0.99),
+    "focal_gamma": (0.0, 10.0),
+    "label_smoothing": (0.0, 0.5),
+    "la_tau": (0.0, 5.0),
+    "cb_beta": (0.0, 0.99999),
+    "class_cap": (0, 10**9),
+    "lr": (1e-7, 10.0),
+    "weight_decay": (0.0, 1.0),
+    "momentum": (0.0, 0.999),
+    "batch_size": (1, 65536),
+    "epochs": (1, 100000),
+    "warmup_epochs": (0, 100000),
+    "grad_clip": (0.0, 1e6),
+    "patience": (0, 100000),
+    "student_epochs": (0, 100000),
+    "pseudo_threshold": (0.0, 1.0),
+    "crest_alpha": (0.0, 10.0),
+    "pseudo_weight": (0.0, 100.0),
+}
+
+_CHOICES_FIXED: dict[str, tuple[str, ...]] = {
+    "optimizer": ("adamw", "sgd"),
+    "student_init": ("teacher", "scratch"),
+}
+
+
+def config_choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of every choice-valued field, from the owning modules' dicts."""
+    from fer.losses import LOSSES, WEIGHT_SCHEMES
+    from fer.models import MODELS
+    from fer.posthoc import POSTHOC
+    from fer.pseudo import SELECTIONS
+    from fer.samplers import SAMPLERS
+    from fer.transforms import AUGMENTS
+
+    return {
+        "model": tuple(MODELS),
+        "loss": tuple(LOSSES),
+        "class_weights": tuple(WEIGHT_SCHEMES),
+        "sampler": tuple(SAMPLERS),
+        "augment": tuple(AUGMENTS),
+        "student_augment": tuple(AUGMENTS),
+        "pseudo_selection": tuple(SELECTIONS),
+        "posthoc": tuple(POSTHOC),
+        **_CHOICES_FIXED,
+    }
+
+
+def config_ranges() -> dict[str, tuple[float, float]]:
+    return dict(_RANGES)
+
+
+def check_value(name: str, value: Any, source: str = "config") -> None:
+    """Raise if `value` is outside what a trial accepts for field `name`."""
+    choices = config_choices()
+    if name in choices and value not in choices[name]:
+        raise ValueError(
+            f"{source}: {name}={value!r} is not allowed. Choose one of: {', '.join(choices[name])}"
+        )
+    if name in _RANGES and value is not None:
+        low, high = _RANGES[name]
+        if not (low <= value <= high):
+            raise ValueError(f"{source}: {name}={value!r} is outside the allowed range [{low}, {high}]")
+
+
+def validate_config(cfg: TrialConfig, source: str = "config") -> None:
+    for name in config_field_names():
+        check_value(name, getattr(cfg, name), source)
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a flat YAML mapping of config overrides (yaml.safe_load only)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys to values, got {type(data).__name__}")
+    return data
+
+
+def parse_set_args(items: list[str]) -> dict[str, Any]:
+    """Parse `--set key=value` items; values are YAML scalars (so 0.1, true, null work)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
