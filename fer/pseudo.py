@@ -1,0 +1,359 @@
+"""Pseudo-labels: the teacher labels the unlabeled pool, and a selection rule keeps some.
+
+A single confidence threshold under class imbalance floods the student with the
+majority class (the teacher is most confident there), so besides `threshold` there are
+two class-aware rules: CReST's per-class keep rates (Wei et al. 2021) and FlexMatch's
+class-adaptive thresholds (Zhang et al. 2021). Confidences are made meaningful first by
+temperature scaling on the validation split (Guo et al. 2017).
+
+Under torch.distributed every rank labels its shard of the pool (`fer.samplers.shard`)
+and `predict_pool_sharded` gathers the pieces back in the original order.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# --- prediction -------------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: np.ndarray,
+    *,
+    image_size: int,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    tta: bool = False,
+) -> np.ndarray:
+    """Logits (N, K) float32 of uint8 images (N, H, W, C), in batches.
+
+    With `tta` the logits are averaged over `fer.transforms.tta_views` (identity, flip,
+    shifted crops); averaging logits rather than probabilities keeps temperature
+    scaling and post-hoc offsets meaningful on the result.
+    """
+    from fer.transforms import make_eval_transform, tta_views
+
+    net = _unwrap(model)
+    device = torch.device(device) if device is not None else _model_device(net)
+    transform = make_eval_transform(image_size)
+    was_training = net.training
+    net.eval()
+    out = []
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+            batch = batch.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W), still uint8
+            views = tta_views(batch, image_size) if tta else [transform(batch)]
+            logits = torch.stack([net(view.to(device).float()).float() for view in views])
+            out.append(logits.mean(0).cpu())
+    finally:
+        net.train(was_training)
+    if not out:
+        return np.zeros((0, _num_outputs(net)), dtype=np.float32)
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def _num_outputs(net: nn.Module) -> int:
+    last = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features if last else 0
+
+
+def predict_pool(
+    model: nn.Module,
+    images: np.ndarray,
+    *,
+    image_size: int,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    tta: bool = False,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """Class probabilities (N, K) = softmax(logits / temperature) of the pool images."""
+    logits = predict_logits(model, images, image_size=image_size, batch_size=batch_size,
+                            device=device, tta=tta)
+    return torch.softmax(torch.from_numpy(logits) / float(temperature), dim=1).numpy()
+
+
+def _dist_ready() -> tuple[int, int] | None:
+    """(rank, world_size) when torch.distributed is initialised with more than one rank."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            return torch.distributed.get_rank(), world
+    return None
+
+
+def gather_rows(local: np.ndarray, local_indices: np.ndarray, total: int) -> np.ndarray:
+    """Reassemble per-rank row blocks into one (total, ...) array in the original order.
+
+    Every rank passes the rows it computed and their global indices; every rank gets the
+    whole array back (all_gather_object works on both gloo and nccl).
+    """
+    ranks = _dist_ready()
+    if ranks is None:
+        out = np.empty((total,) + local.shape[1:], dtype=local.dtype)
+        out[local_indices] = local
+        return out
+    pieces: list = [None] * ranks[1]
+    torch.distributed.all_gather_object(pieces, (np.asarray(local_indices), local))
+    out = np.empty((total,) + local.shape[1:], dtype=local.dtype)
+    seen = np.zeros(total, dtype=bool)
+    for indices, rows in pieces:
+        out[indices] = rows
+        seen[indices] = True
+    if not seen.all():
+        raise RuntimeError(f"gather_rows: {int((~seen).sum())} of {total} rows missing after all_gather")
+    return out
+
+
+def predict_logits_sharded(model: nn.Module, images: np.ndarray, **kwargs) -> np.ndarray:
+    """`predict_logits` on this rank's shard, gathered so every rank has all N rows.
+
+    Without torch.distributed (or with one rank) this is just `predict_logits`.
+    """
+    ranks = _dist_ready()
+    if ranks is None:
+        return predict_logits(model, images, **kwargs)
+    from fer.samplers import shard
+
+    mine = shard(np.arange(len(images)), ranks[0], ranks[1])
+    local = predict_logits(model, images[mine], **kwargs)
+    return gather_rows(local, mine, len(images))
+
+
+def predict_pool_sharded(model: nn.Module, images: np.ndarray, *, temperature: float = 1.0,
+                         **kwargs) -> np.ndarray:
+    """`predict_pool` split over DDP ranks and gathered back in pool order."""
+    logits = predict_logits_sharded(model, images, **kwargs)
+    return torch.softmax(torch.from_numpy(logits) / float(temperature), dim=1).numpy()
+
+
+# --- temperature scaling ------------------------------------------------------------
+
+
+def fit_temperature(logits_val: np.ndarray, labels_val: np.ndarray, max_iter: int = 100) -> float:
+    """Temperature T minimising the validation NLL of softmax(logits / T).
+
+    Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks"):
+    one scalar fitted with LBFGS, which leaves the argmax (accuracy) unchanged but makes
+    confidences usable for a threshold. Optimised over log T so T stays positive.
+    """
+    logits = torch.as_tensor(np.asarray(logits_val), dtype=torch.float64)
+    labels = torch.as_tensor(np.asarray(labels_val), dtype=torch.long)
+    if logits.ndim != 2 or len(logits) != len(labels):
+        raise ValueError(f"fit_temperature: logits {tuple(logits.shape)} and labels "
+                         f"{tuple(labels.shape)} do not match")
+    if len(labels) == 0:
+        return 1.0
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    temperature = float(log_t.exp().item())
+    # A degenerate split (e.g. everything already separable) can push T to 0 or infinity.
+    return float(np.clip(temperature, 0.05, 20.0)) if np.isfinite(temperature) else 1.0
+
+
+# --- selection rules ----------------------------------------------------------------
+
+
+def _select_threshold(conf: np.ndarray, pred: np.ndarray, *, threshold: float,
+                      class_counts: np.ndarray, crest_alpha: float) -> np.ndarray:
+    """Keep every prediction with confidence >= threshold."""
+    return conf >= threshold
+
+
+def crest_keep_rates(class_counts: np.ndarray, alpha: float) -> np.ndarray:
+    """Per-class keep rate mu_k = (N_{K+1-k} / N_1)^alpha of CReST (Wei et al. 2021).
+
+    Classes are ranked by training frequency (N_1 the most frequent); the k-th most
+    frequent class gets the rate of the k-th rarest's relative size, so the majority is
+    kept least and the rarest class fully. Classes with no training samples (the DR
+    seed's Ungradable) are left out of the ranking and kept fully: including a zero
+    count would give the majority a rate of 0.
+    """
+    counts = np.asarray(class_counts, dtype=np.float64)
+    rates = np.ones(len(counts))
+    present = np.flatnonzero(counts > 0)
+    if len(present) == 0:
+        return rates
+    order = present[np.argsort(-counts[present], kind="stable")]  # most frequent first
+    sorted_counts = counts[order]
+    rates[order] = (sorted_counts[::-1] / sorted_counts[0]) ** alpha
+    return rates
+
+
+def _select_crest(conf: np.ndarray, pred: np.ndarray, *, threshold: float,
+                  class_counts: np.ndarray, crest_alpha: float) -> np.ndarray:
+    """Confident candidates, then keep the top round(mu_k * n_k) of each predicted class.
+
+    As in CReST the most confident candidates of a class are the ones kept; ties in
+    confidence go to the lower pool index.
+    """
+    candidates = conf >= threshold
+    rates = crest_keep_rates(class_counts, crest_alpha)
+    keep = np.zeros(len(conf), dtype=bool)
+    for k in range(len(rates)):
+        idx = np.flatnonzero(candidates & (pred == k))
+        if len(idx) == 0:
+            continue
+        cap = int(np.floor(rates[k] * len(idx) + 0.5))
+        order = idx[np.lexsort((idx, -conf[idx]))]  # by confidence desc, then index asc
+        keep[order[:cap]] = True
+    return keep
+
+
+def flexmatch_thresholds(conf: np.ndarray, pred: np.ndarray, num_classes: int, threshold: float,
+                         *, warmup: bool = True, mapping: str = "convex") -> np.ndarray:
+    """Class-adaptive thresholds T_k = M(beta_k) * threshold of FlexMatch (Zhang et al. 2021).
+
+    sigma_k counts pool images predicted as k with confidence above `threshold` (the
+    paper's learning effect). beta_k = sigma_k / max(max_k sigma, unused) with warmup,
+    where unused = pool size - sum sigma, so that early on (few confident predictions)
+    thresholds stay low; without warmup beta_k = sigma_k / max_k sigma. M is the convex
+    mapping x / (2 - x) (the paper's best) or the identity ("linear").
+    """
+    if mapping not in ("convex", "linear"):
+        raise ValueError(f"flexmatch mapping {mapping!r} is not allowed. Choose one of: convex, linear")
+    sigma = np.bincount(pred[conf > threshold], minlength=num_classes).astype(np.float64)
+    denom = sigma.max() if len(sigma) else 0.0
+    if warmup:
+        denom = max(denom, float(len(conf) - sigma.sum()))
+    beta = sigma / denom if denom > 0 else np.zeros(num_classes)
+    if mapping == "convex":
+        beta = beta / (2.0 - beta)
+    return beta * threshold
+
+
+def _select_flexmatch(conf: np.ndarray, pred: np.ndarray, *, threshold: float,
+                      class_counts: np.ndarray, crest_alpha: float) -> np.ndarray:
+    """Keep predictions whose confidence reaches their class's adaptive threshold."""
+    thresholds = flexmatch_thresholds(conf, pred, len(class_counts), threshold)
+    return conf >= thresholds[pred]
+
+
+SelectionFn = Callable[..., np.ndarray]
+
+SELECTIONS: dict[str, SelectionFn] = {
+    "threshold": _select_threshold,
+    "crest": _select_crest,
+    "flexmatch": _select_flexmatch,
+}
+
+
+def get_selection(name: str) -> SelectionFn:
+    try:
+        return SELECTIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown pseudo-label selection {name!r}. Choose one of: {', '.join(SELECTIONS)}"
+        ) from None
+
+
+def select_pseudo_labels(
+    probs: np.ndarray,
+    *,
+    selection: str = "threshold",
+    threshold: float = 0.9,
+    class_counts: np.ndarray | None = None,
+    crest_alpha: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pool indices ascending, labels, confidences) of the kept pseudo-labels."""
+    rule = get_selection(selection)
+    probs = np.asarray(probs)
+    if probs.ndim != 2:
+        raise ValueError(f"select_pseudo_labels: probs must be (N, K), got shape {probs.shape}")
+    num_classes = probs.shape[1]
+    counts = np.ones(num_classes) if class_counts is None else np.asarray(class_counts)
+    if len(counts) != num_classes:
+        raise ValueError(f"select_pseudo_labels: {len(counts)} class counts for {num_classes} classes")
+    conf = probs.max(axis=1) if len(probs) else np.zeros(0)
+    pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
+    keep = rule(conf, pred, threshold=threshold, class_counts=counts, crest_alpha=crest_alpha)
+    indices = np.flatnonzero(keep).astype(np.int64)
+    return indices, pred[indices].astype(np.int64), conf[indices].astype(np.float32)
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def write_pseudo_csv(path: str, indices: np.ndarray, labels: np.ndarray, confidences: np.ndarray,
+                     classes: list[str] | None = None) -> str:
+    """pseudo_labeled.csv: pool_index,label,confidence (+ class name when `classes` given)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["pool_index", "label", "confidence"] + (["class"] if classes else []))
+        for index, label, confidence in zip(indices, labels, confidences):
+            row = [int(index), int(label), f"{float(confidence):.6f}"]
+            writer.writerow(row + ([classes[int(label)]] if classes else []))
+    return path
+
+
+def summarize_selection(labels: np.ndarray, classes: list[str],
+                        true_labels: np.ndarray | None = None,
+                        pool_size: int | None = None) -> tuple[dict, str]:
+    """Per-class kept counts and, when the pool's true labels are known, precision.
+
+    `true_labels` are aligned with `labels` (the true classes of the kept images).
+    Precision of class k = kept images labelled k whose true class is k / kept labelled k.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    kept = np.bincount(labels, minlength=len(classes))
+    correct = None
+    if true_labels is not None:
+        true_labels = np.asarray(true_labels, dtype=np.int64)
+        correct = np.bincount(labels[labels == true_labels], minlength=len(classes))
+    per_class = {}
+    for k, name in enumerate(classes):
+        entry: dict = {"kept": int(kept[k])}
+        if correct is not None:
+            entry["precision"] = float(correct[k] / kept[k]) if kept[k] else None
+        per_class[name] = entry
+    summary: dict = {"kept": int(len(labels)), "per_class": per_class}
+    if pool_size is not None:
+        summary["pool_size"] = int(pool_size)
+    if correct is not None:
+        summary["precision"] = float(correct.sum() / len(labels)) if len(labels) else None
+
+    width = max(8, max(len(name) for name in classes) + 1)
+    header = f"{'class':<{width}}{'kept':>8}" + (f"{'precision':>11}" if correct is not None else "")
+    lines = [header]
+    for name, entry in per_class.items():
+        line = f"{name:<{width}}{entry['kept']:>8}"
+        if correct is not None:
+            line += f"{'-':>11}" if entry["precision"] is None else f"{entry['precision']:>11.3f}"
+        lines.append(line)
+    total = f"{'all':<{width}}{summary['kept']:>8}"
+    if correct is not None:
+        total += f"{'-':>11}" if summary["precision"] is None else f"{summary['precision']:>11.3f}"
+    if pool_size is not None:
+        total += f"   (of {pool_size} pool images)"
+    lines.append(total)
+    return summary, "\n".join(lines)
