@@ -1,0 +1,99 @@
+"""ASHA whose rungs survive `--resume`.
+
+`Tuner.restore` brings the scheduler back from the pickle written when the experiment
+started, so Ray's AsyncHyperBandScheduler resumes with empty rungs: the cutoffs of the
+interrupted run are forgotten and trials it would have stopped run on. This subclass
+writes its rungs (and which trials it stopped) to `asha_state.json` in the experiment's
+driver staging folder after every decision. Ray syncs that folder into the experiment
+folder with each experiment checkpoint and downloads its `*.json` back on restore,
+before the restored trials are re-added, which is when the state is read.
+ASHA itself: Li et al. 2020, "A System for Massively Parallel Hyperparameter Tuning".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+
+STATE_FILE = "asha_state.json"
+
+
+class PersistentASHA(AsyncHyperBandScheduler):
+    """AsyncHyperBandScheduler that saves and reloads its rung history."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._state_dir: str | None = None
+        self._stopped: set[str] = set()
+
+    # ------------------------------------------------------------------ hooks
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if self._state_dir is None:
+            self._state_dir = trial.storage.experiment_driver_staging_path
+            self.load_state()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if trial.trial_id in self._stopped:
+            # Stopped before the interruption; the restored trial re-reports an old epoch.
+            return TrialScheduler.STOP
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and result.get(self._time_attr, self._max_t) < self._max_t:
+            self._stopped.add(trial.trial_id)
+        self.save_state()
+        return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        if trial.trial_id in self._trial_info:
+            super().on_trial_complete(tune_controller, trial, result)
+        self.save_state()
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self._trial_info.pop(trial.trial_id, None)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def stopped_early(self) -> set[str]:
+        """Trials this scheduler stopped before max_t."""
+        return set(self._stopped)
+
+    def state(self) -> dict:
+        return {
+            "max_t": self._max_t,
+            "num_stopped": self._num_stopped,
+            "stopped": sorted(self._stopped),
+            "brackets": [
+                [[milestone, dict(recorded)] for milestone, recorded in bracket._rungs]
+                for bracket in self._brackets
+            ],
+        }
+
+    def save_state(self) -> None:
+        if self._state_dir is None:
+            return
+        os.makedirs(self._state_dir, exist_ok=True)
+        path = Path(self._state_dir, STATE_FILE)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.state()))
+        os.replace(tmp, path)  # atomic: an interruption never leaves half a file
+
+    def load_state(self) -> bool:
+        """Read the saved rungs if this experiment has them; True if it did."""
+        path = Path(self._state_dir or "", STATE_FILE)
+        if not self._state_dir or not path.is_file():
+            return False
+        saved = json.loads(path.read_text())
+        if len(saved["brackets"]) != len(self._brackets):
+            raise ValueError(f"{path}: saved with {len(saved['brackets'])} brackets, now {len(self._brackets)}")
+        for bracket, rungs in zip(self._brackets, saved["brackets"]):
+            milestones = [m for m, _ in bracket._rungs]
+            if milestones != [m for m, _ in rungs]:
+                raise ValueError(f"{path}: rung milestones {[m for m, _ in rungs]} differ from {milestones}")
+            bracket._rungs = [(milestone, dict(recorded)) for milestone, recorded in rungs]
+        self._num_stopped = saved["num_stopped"]
+        self._stopped = set(saved["stopped"])
+        return True

@@ -1,0 +1,84 @@
+"""OptunaSearch that tells Optuna the truth about trials ASHA stopped early.
+
+Ray's `OptunaSearch` (Ray 2.60) reports each result at step `training_iteration` and,
+when a trial ends, tells the study COMPLETE with the last reported value -- also when
+ASHA stopped the trial after one epoch. TPE then ranks a one-epoch score as if it were
+a finished run. Here every epoch is reported at its global `epoch` as an intermediate
+value, a trial that ended before `max_t` is told PRUNED (Optuna then takes its last
+intermediate value, and TPE ranks pruned trials below complete ones of more steps),
+and a complete trial is told its best epoch's value: the checkpoint that is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+logger = logging.getLogger(__name__)
+
+
+def open_study_storage(db_path: str) -> optuna.storages.RDBStorage:
+    """SQLite storage for the study, inside the experiment folder (optuna-dashboard can open it)."""
+    return optuna.storages.RDBStorage(f"sqlite:///{db_path}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class PruningOptunaSearch(OptunaSearch):
+    """OptunaSearch reporting per-epoch intermediate values and PRUNED for early stops."""
+
+    def __init__(self, *args: Any, max_t: int, time_attr: str = "epoch", **kwargs: Any) -> None:
+        self._max_t = int(max_t)
+        self._time_attr = time_attr
+        self._reported: dict[str, dict[int, float]] = {}
+        super().__init__(*args, **kwargs)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._report(trial_id, result)
+
+    def _report(self, trial_id: str, result: dict | None) -> None:
+        if not result or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        value, step = result.get(self.metric), result.get(self._time_attr)
+        if not _finite(value) or not _finite(step):
+            return
+        seen = self._reported.setdefault(trial_id, {})
+        if int(step) in seen:  # a retried trial repeats epochs after its checkpoint
+            return
+        seen[int(step)] = float(value)
+        self._ot_trials[trial_id].report(float(value), int(step))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        # The result that made ASHA stop a trial never reaches on_trial_result.
+        self._report(trial_id, result)
+        state, value = self.final_state(trial_id, result, error)
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
+        except Exception as exc:  # noqa: BLE001 - the search must go on; Ray's own class does the same
+            logger.warning("Optuna could not record trial %s: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)
+
+    def final_state(
+        self, trial_id: str, result: dict | None, error: bool
+    ) -> tuple[TrialState, float | None]:
+        """FAIL for errors and NaN, PRUNED before max_t, else COMPLETE with the best epoch's value."""
+        reported = self._reported.get(trial_id, {})
+        last = result.get(self.metric) if result else None
+        if error or (last is not None and not _finite(last)):
+            return TrialState.FAIL, None
+        if not reported:
+            return TrialState.PRUNED, None
+        step = max(reported)
+        if step < self._max_t:
+            return TrialState.PRUNED, None
+        best = max(reported.values()) if self._mode == "max" else min(reported.values())
+        return TrialState.COMPLETE, best

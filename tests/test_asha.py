@@ -1,0 +1,107 @@
+"""search.asha: a resumed search stops the same trials as an uninterrupted one."""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.tune")
+
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler  # noqa: E402
+
+from search.asha import STATE_FILE, PersistentASHA  # noqa: E402
+
+MAX_T = 4
+
+# Eight trials, two at a time, reporting val_macro_f1 per global epoch. The first ones
+# are good, so the later, weaker ones fall under the rungs' cutoffs.
+SCORES = {
+    0: [0.50, 0.60, 0.65, 0.70],
+    1: [0.45, 0.55, 0.60, 0.62],
+    2: [0.40, 0.50, 0.55, 0.60],
+    3: [0.20, 0.25, 0.30, 0.35],
+    4: [0.55, 0.62, 0.66, 0.71],
+    5: [0.10, 0.12, 0.15, 0.18],
+    6: [0.30, 0.58, 0.61, 0.64],
+    7: [0.15, 0.20, 0.22, 0.25],
+}
+
+
+def events():
+    """(trial, epoch, score) in the order a 2-wide search would produce them."""
+    order = []
+    for first in range(0, len(SCORES), 2):
+        for epoch in range(1, MAX_T + 1):
+            for trial in (first, first + 1):
+                order.append((trial, epoch, SCORES[trial][epoch - 1]))
+    return order
+
+
+def make_trial(trial_id, folder):
+    return SimpleNamespace(trial_id=str(trial_id), storage=SimpleNamespace(experiment_driver_staging_path=str(folder)))
+
+
+def play(scheduler, folder, stream, added, stopped):
+    """Feed results like Tune does; a stopped trial reports nothing more."""
+    for trial_id, epoch, score in stream:
+        trial = make_trial(trial_id, folder)
+        if trial_id not in added:
+            scheduler.on_trial_add(None, trial)
+            added.add(trial_id)
+        if trial_id in stopped:
+            continue
+        result = {"epoch": epoch, "val_macro_f1": score}
+        if scheduler.on_trial_result(None, trial, result) == TrialScheduler.STOP:
+            scheduler.on_trial_complete(None, trial, result)
+            if epoch < MAX_T:
+                stopped.add(trial_id)
+    return stopped
+
+
+def make(cls):
+    return cls(time_attr="epoch", metric="val_macro_f1", mode="max", max_t=MAX_T, grace_period=1, reduction_factor=2)
+
+
+def resumed_run(cls, folder, cut):
+    at_start = make(cls)
+    pickled = copy.deepcopy(at_start)  # what Tuner.restore brings back: the scheduler as it started
+    stream = events()
+    added, stopped = set(), set()
+    play(at_start, folder, stream[:cut], added, stopped)
+    # Resume: the restored trials are re-added, then the search goes on.
+    for trial_id in sorted(added):
+        pickled.on_trial_add(None, make_trial(trial_id, folder))
+    return play(pickled, folder, stream[cut:], set(added), stopped)
+
+
+def test_uninterrupted_search_stops_some_trials(tmp_path):
+    stopped = play(make(PersistentASHA), tmp_path, events(), set(), set())
+    assert stopped and len(stopped) < len(SCORES)
+    saved = json.loads((tmp_path / STATE_FILE).read_text())
+    assert sorted(saved["stopped"]) == sorted(map(str, stopped))
+
+
+@pytest.mark.parametrize("cut", [5, 9, 16, 21, 25])
+def test_resumed_search_stops_the_same_trials(tmp_path, cut):
+    expected = play(make(PersistentASHA), tmp_path / "a", events(), set(), set())
+    assert resumed_run(PersistentASHA, tmp_path / "b", cut) == expected
+
+
+def test_plain_asha_forgets_its_rungs_on_resume(tmp_path):
+    """Why PersistentASHA exists: Ray's scheduler comes back with empty rungs."""
+    expected = play(make(AsyncHyperBandScheduler), tmp_path / "a", events(), set(), set())
+    assert resumed_run(AsyncHyperBandScheduler, tmp_path / "b", 9) != expected
+
+
+def test_trial_stopped_before_the_interruption_stays_stopped(tmp_path):
+    scheduler = make(PersistentASHA)
+    stopped = play(scheduler, tmp_path, events(), set(), set())
+    victim = sorted(stopped)[0]
+    restored = make(PersistentASHA)
+    restored.on_trial_add(None, make_trial(victim, tmp_path))
+    # A restored trial replaying an epoch from its last checkpoint is stopped again.
+    decision = restored.on_trial_result(None, make_trial(victim, tmp_path), {"epoch": 1, "val_macro_f1": 0.99})
+    assert decision == TrialScheduler.STOP
