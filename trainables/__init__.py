@@ -1,0 +1,29 @@
+"""Ray at the edge: the Tune trial that runs the fer pipeline, and the resources it asks for."""
+
+from trainables.checkpoints import CHECKPOINT_FILE, best_checkpoint_path, train_run_name
+from trainables.resources import (
+    TrialResources,
+    check_fits,
+    max_concurrent_trials,
+    scaling_config,
+    trial_resources,
+)
+from trainables.trial import make_trainable, pipeline_trial, put_dataset, run_worker_group
+from trainables.worker import DataRef, detect_device
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "DataRef",
+    "TrialResources",
+    "best_checkpoint_path",
+    "check_fits",
+    "detect_device",
+    "make_trainable",
+    "max_concurrent_trials",
+    "pipeline_trial",
+    "put_dataset",
+    "run_worker_group",
+    "scaling_config",
+    "train_run_name",
+    "trial_resources",
+]

@@ -1,0 +1,214 @@
+"""trainables/: trial resources, finding the best checkpoint, and whole trials inside a Tuner.
+
+The Ray tests (marked slow) share one local cluster (tests/conftest.py `ray_cluster`).
+A 2-worker trial starts a Ray Train worker group, about 20 s on a 2-core machine, so
+there is exactly one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fer.data import Dataset, Split
+from trainables import (
+    CHECKPOINT_FILE,
+    TrialResources,
+    best_checkpoint_path,
+    check_fits,
+    make_trainable,
+    max_concurrent_trials,
+    put_dataset,
+    scaling_config,
+    train_run_name,
+    trial_resources,
+)
+from trainables.checkpoints import checkpoint_dir_name
+from trainables.resources import DRIVER_MEMORY
+
+CLASSES = ["Angry", "Happy", "Sad"]
+TINY = dict(image_size=24, batch_size=64, epochs=1, student_epochs=1, augment="none",
+            student_augment="none", amp=False, warmup_epochs=0, lr=3e-3, pseudo_threshold=0.0,
+            pseudo_temperature=False)
+
+
+def make_split(n: int, seed: int, size: int = 24) -> Split:
+    """Noise images with a bright bar whose row band encodes the class (learnable in an epoch)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(CLASSES), n).astype(np.int64)
+    images = rng.integers(0, 80, (n, size, size, 1)).astype(np.uint8)
+    band = size // len(CLASSES)
+    for i, label in enumerate(labels):
+        images[i, label * band:(label + 1) * band, 2:size - 2] = 230
+    return Split(images, labels)
+
+
+def tiny_dataset() -> Dataset:
+    splits = {"train": make_split(240, 1), "val": make_split(60, 2), "test": make_split(30, 3),
+              "unlabeled": make_split(120, 4)}
+    return Dataset(classes=list(CLASSES), splits=splits, source="tests/test_trainables.py")
+
+
+# --- resources ------------------------------------------------------------------------
+
+
+def test_single_worker_trial_holds_its_worker_resources():
+    pgf = trial_resources(TrialResources(workers=1, cpus_per_worker=2, gpus_per_worker=0.25))
+    assert pgf.bundles == [{"CPU": 2.0, "GPU": 0.25}]
+
+
+def test_multi_worker_trial_leaves_cpus_to_its_worker_group():
+    pgf = trial_resources(TrialResources(workers=2, cpus_per_worker=1))
+    assert pgf.bundles == [{"memory": float(DRIVER_MEMORY)}]
+    assert pgf.required_resources.get("CPU", 0) == 0
+
+
+def test_scaling_config_allows_fractional_gpus():
+    sc = scaling_config(TrialResources(workers=4, cpus_per_worker=1, gpus_per_worker=0.25))
+    assert sc.num_workers == 4 and sc.use_gpu
+    assert sc.resources_per_worker == {"CPU": 1.0, "GPU": 0.25}
+    assert not scaling_config(TrialResources(workers=2)).use_gpu
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(workers=0), "workers per trial must be an integer >= 1, got 0"),
+    (dict(workers=1.5), "workers per trial must be an integer >= 1, got 1.5"),
+    (dict(cpus_per_worker=0), "cpus per worker must be > 0, got 0"),
+    (dict(gpus_per_worker=-1), "gpus per worker must be 0, a fraction in (0, 1] or a whole number, got -1"),
+    (dict(gpus_per_worker=1.5), "gpus per worker must be 0, a fraction in (0, 1] or a whole number, got 1.5"),
+])
+def test_bad_resources_are_rejected_with_the_value(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        TrialResources(**kwargs)
+    assert str(err.value) == message
+
+
+def test_a_trial_that_can_never_fit_is_refused_before_it_waits_forever():
+    with pytest.raises(ValueError, match=r"one trial needs 1 GPU \(4 workers x 0.25\) but the Ray cluster has 0"):
+        check_fits(TrialResources(workers=4, gpus_per_worker=0.25), {"CPU": 8.0})
+    assert max_concurrent_trials(TrialResources(workers=2), {"CPU": 5.0}) == 2
+    assert max_concurrent_trials(TrialResources(workers=1, gpus_per_worker=0.25), {"CPU": 16.0, "GPU": 1.0}) == 4
+
+
+# --- finding the best checkpoint -------------------------------------------------------
+
+
+def _write_checkpoint(folder: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, CHECKPOINT_FILE)
+    with open(path, "wb") as handle:
+        handle.write(b"weights")
+    return path
+
+
+def test_best_checkpoint_is_found_from_tune_and_from_train_rows(tmp_path):
+    trial_dir = tmp_path / "exp" / "pipeline_trial_abc_00000"
+    train_dir = tmp_path / "exp" / train_run_name("abc_00000")
+    trial_dir.mkdir(parents=True)
+    tune_ckpt = _write_checkpoint(str(trial_dir / "checkpoint_000000"))
+    train_ckpt = _write_checkpoint(str(train_dir / checkpoint_dir_name(3)))
+    rows = [
+        {"epoch": 1, "val_macro_f1": 0.4, "checkpoint_dir_name": "checkpoint_000000"},
+        {"epoch": 2, "val_macro_f1": 0.3},
+        {"epoch": 3, "val_macro_f1": 0.6, "checkpoint_path": str(train_dir / checkpoint_dir_name(3))},
+        {"epoch": 4, "val_macro_f1": 0.6, "checkpoint_path": str(train_dir / checkpoint_dir_name(4))},  # deleted
+        {"epoch": 5, "val_macro_f1": 0.9},  # better, but no checkpoint
+    ]
+    (trial_dir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert best_checkpoint_path(str(trial_dir)) == train_ckpt
+    assert best_checkpoint_path(str(trial_dir), metric="epoch", mode="min") == tune_ckpt
+
+
+def test_missing_checkpoint_names_the_trial_folder(tmp_path):
+    (tmp_path / "result.json").write_text(json.dumps({"epoch": 1, "val_macro_f1": 0.5}) + "\n")
+    with pytest.raises(ValueError, match=r"no reported epoch with metric 'val_macro_f1' has a checkpoint"):
+        best_checkpoint_path(str(tmp_path))
+    with pytest.raises(ValueError, match=r"not a Tune trial folder \(no result.json\)"):
+        best_checkpoint_path(str(tmp_path / "nowhere"))
+
+
+# --- Ray: object store and whole trials -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_workers_map_the_dataset_read_only_from_the_object_store(ray_cluster):
+    data = tiny_dataset()
+    got = put_dataset(data).get()
+    images = got.splits["train"].images
+    assert not images.flags.writeable and not images.flags.owndata  # a view of the shared buffer
+    np.testing.assert_array_equal(images, data.splits["train"].images)
+
+
+def _run_trial(workers: int, storage: str, param_space: dict):
+    from ray import tune
+
+    data = tiny_dataset()
+    ref = put_dataset(data)
+    tuner = tune.Tuner(
+        make_trainable(ref, TrialResources(workers=workers, cpus_per_worker=1)),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric="val_macro_f1", mode="max"),
+        run_config=tune.RunConfig(storage_path=storage, name=f"w{workers}", verbose=0),
+    )
+    grid = tuner.fit()
+    for split in ("train", "unlabeled"):  # nothing wrote into the shared arrays
+        np.testing.assert_array_equal(ref.get().splits[split].images, data.splits[split].images)
+    return data, grid
+
+
+def _check_full_trial(result, data: Dataset) -> dict:
+    from fer.checkpoint import load_checkpoint
+
+    assert result.error is None, result.error
+    frame = result.metrics_dataframe
+    epochs = frame["epoch"].tolist()
+    assert epochs == [1, 2] and list(frame["stage"]) == ["teacher", "student"]
+    assert all(b > a for a, b in zip(epochs, epochs[1:]))
+    path = best_checkpoint_path(result)
+    ckpt = load_checkpoint(path)
+    assert ckpt["classes"] == data.classes and ckpt["config"]["image_size"] == 24
+    best_row = frame.loc[frame["epoch"] == ckpt["epoch"]].iloc[0]
+    assert ckpt["metrics"]["val_macro_f1"] == pytest.approx(best_row["val_macro_f1"])
+    assert best_row["val_macro_f1"] == pytest.approx(frame["val_macro_f1"].max())
+    events = os.listdir(os.path.join(result.path, "tensorboard"))
+    assert any(name.startswith("events.out.tfevents") for name in events)
+    return ckpt
+
+
+@pytest.mark.slow
+def test_single_worker_trial_runs_both_stages_in_a_tuner(ray_cluster, tmp_path):
+    from ray import tune
+
+    space = {**TINY, "lr": tune.grid_search([3e-3, -1.0])}  # the second trial is invalid
+    data, grid = _run_trial(1, str(tmp_path), space)
+    good = next(r for r in grid if r.config["lr"] > 0)
+    bad = next(r for r in grid if r.config["lr"] < 0)
+    _check_full_trial(good, data)
+    assert good.checkpoint is not None  # reported straight to Tune
+    assert "lr=-1.0 is outside the allowed range" in str(bad.error)
+
+
+@pytest.mark.slow
+def test_two_worker_trial_runs_the_pipeline_in_one_worker_group(ray_cluster, tmp_path):
+    import torch
+
+    from fer.checkpoint import model_from_checkpoint
+    from fer.evaluate import predict_logits
+    from fer.metrics import compute_metrics
+
+    data, grid = _run_trial(2, str(tmp_path), dict(TINY))
+    result = grid[0]
+    ckpt = _check_full_trial(result, data)
+    trial_id = result.metrics["trial_id"]
+    train_dir = os.path.join(str(tmp_path), "w2", train_run_name(trial_id))
+    assert best_checkpoint_path(result).startswith(train_dir + os.sep)  # named by trial id
+    # The reported validation F1 (all-reduced over both ranks' shards) is the full split's.
+    model = model_from_checkpoint(ckpt)
+    val = data.splits["val"]
+    with torch.no_grad():
+        logits = predict_logits(model, val.images, image_size=24, amp=False)
+    full = compute_metrics(val.labels, logits.argmax(1).numpy(), data.classes)
+    assert ckpt["metrics"]["val_macro_f1"] == pytest.approx(full["macro_f1"], abs=1e-9)

@@ -1,0 +1,98 @@
+"""Where a trial's checkpoints go and how to find its best one again.
+
+A trial reports a checkpoint only for an epoch that is its stage's best so far. Two ways
+they land in storage, and `best_checkpoint_path` reads both from the trial's own results
+(`result.json`, one line per reported epoch), so it works for trials ASHA stopped midway:
+
+- single-worker trials report through `ray.tune.report`: Tune copies the checkpoint to
+  `<trial dir>/checkpoint_000NNN` and writes its name as `checkpoint_dir_name`;
+- multi-worker trials report through a nested Ray Train run, named `train-<trial id>`
+  under the experiment folder. Tune never sees those checkpoints (`Result.checkpoint` is
+  None); Ray's `TuneReportCallback` adds their storage path as `checkpoint_path`, and
+  the folders are named by global epoch: `<experiment>/train-<trial id>/checkpoint_epoch_0003`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Callable
+
+from fer.checkpoint import save_checkpoint
+
+CHECKPOINT_FILE = "checkpoint.pt"  # the torch-saved checkpoint dict inside every checkpoint folder
+RESULTS_FILE = "result.json"  # Tune's per-trial log of reported metrics (JsonLoggerCallback)
+
+
+def train_run_name(trial_id: str) -> str:
+    """Name of a trial's Ray Train run: the trial id, never a timestamp. Ray's default name
+    has one-second resolution, and reusing a name silently restores the old run."""
+    return f"train-{trial_id}"
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    return f"checkpoint_epoch_{int(epoch):04d}"
+
+
+def report_with_checkpoint(send: Callable[..., None], make: Callable[[str], Any],
+                           metrics: dict[str, Any], checkpoint: dict[str, Any], **kwargs: Any) -> None:
+    """Save the checkpoint dict to a temporary folder and report it; both Tune and Train
+    copy the folder to storage before `send` returns, so the folder can go right after."""
+    with tempfile.TemporaryDirectory(prefix="fer-ckpt-") as tmp:
+        save_checkpoint(checkpoint, os.path.join(tmp, CHECKPOINT_FILE))
+        send(metrics, checkpoint=make(tmp), **kwargs)
+
+
+def best_checkpoint_path(result_or_trial_dir: Any, metric: str = "val_macro_f1", mode: str = "max") -> str:
+    """Path of the `checkpoint.pt` of the trial's best reported epoch that has a checkpoint.
+
+    Accepts a `ray.tune.Result` or a trial folder (the one holding `result.json`). Ties go
+    to the earlier epoch. Raises ValueError naming the trial folder if none is found.
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    trial_dir, rows = _reported_rows(result_or_trial_dir)
+    best_path, best_value = None, None
+    for row in rows:
+        path = _row_checkpoint(row, trial_dir)
+        value = row.get(metric)
+        if path is None or not isinstance(value, (int, float)) or math.isnan(value):
+            continue
+        better = best_value is None or (value > best_value if mode == "max" else value < best_value)
+        if better and os.path.isfile(path):
+            best_path, best_value = path, value
+    if best_path is None:
+        raise ValueError(
+            f"{trial_dir}: no reported epoch with metric {metric!r} has a checkpoint on disk "
+            f"(looked at {len(rows)} reported results in {RESULTS_FILE})")
+    return best_path
+
+
+def _reported_rows(source: Any) -> tuple[str, list[dict[str, Any]]]:
+    if isinstance(source, (str, os.PathLike)):
+        trial_dir = os.fspath(source)
+        results = os.path.join(trial_dir, RESULTS_FILE)
+        if not os.path.isfile(results):
+            raise ValueError(f"{trial_dir}: not a Tune trial folder (no {RESULTS_FILE})")
+        with open(results, encoding="utf-8") as handle:
+            rows = [json.loads(line) for line in handle if line.strip()]
+        return trial_dir, rows
+    frame = getattr(source, "metrics_dataframe", None)
+    if frame is None or not hasattr(source, "path"):
+        raise ValueError(f"expected a ray.tune.Result or a trial folder, got {type(source).__name__}")
+    rows = [{k: v for k, v in row.items() if not _is_missing(v)} for row in frame.to_dict("records")]
+    return source.path, rows
+
+
+def _row_checkpoint(row: dict[str, Any], trial_dir: str) -> str | None:
+    if row.get("checkpoint_path"):  # nested Ray Train run (TuneReportCallback)
+        return os.path.join(row["checkpoint_path"], CHECKPOINT_FILE)
+    if row.get("checkpoint_dir_name"):  # ray.tune.report in the trial's own process
+        return os.path.join(trial_dir, row["checkpoint_dir_name"], CHECKPOINT_FILE)
+    return None
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))

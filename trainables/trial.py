@@ -1,0 +1,108 @@
+"""The Tune trial: one search config in, the whole two-stage pipeline run, every epoch reported.
+
+Ray at the edge, as in Ray's `doc/source/train/doc_code/train_tune_interop.py`: the
+Tune function trainable below is the driver; with several workers it starts ONE Ray
+Train `TorchTrainer` for the whole pipeline (stage 1, distributed pseudo-labelling,
+stage 2), so a trial pays for one worker-group start, not one per stage. With one
+worker it runs the pipeline in its own process: measured on a 2-core machine (see
+benchmarks/trial_overhead.py) that is the only way to stay near Tune's own per-trial
+cost, while a 2-worker group takes about 20 s to start and tear down, and Train's
+local mode (`num_workers=0`) still adds about 4 s and cannot report inside Tune.
+
+    trainable = make_trainable(dataset, TrialResources(workers=2, cpus_per_worker=1))
+    tuner = tune.Tuner(trainable, param_space={"lr": tune.loguniform(1e-4, 1e-2), ...},
+                       tune_config=tune.TuneConfig(metric="val_macro_f1", mode="max",
+                                                   scheduler=ASHAScheduler(time_attr="epoch")))
+    best = best_checkpoint_path(tuner.fit().get_best_result())
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import pyarrow.fs
+import ray
+from ray import tune
+
+from fer.config import TrialConfig, apply_overrides
+from trainables.checkpoints import train_run_name
+from trainables.resources import TrialResources, scaling_config, trial_resources
+from trainables.worker import DataRef, RankJob, detect_device, run_rank, train_worker, tune_report
+
+
+def pipeline_trial(config: dict[str, Any], data: DataRef,
+                   resources: TrialResources = TrialResources()) -> None:
+    """Tune function trainable. `config` holds TrialConfig field overrides (the sampled
+    search parameters plus any fixed values); `data` and `resources` come through
+    `tune.with_parameters` (use `make_trainable`)."""
+    started = time.time()
+    trial_id = tune.get_context().get_trial_id()
+    cfg = apply_overrides(TrialConfig(), config, source=f"trial {trial_id} config")
+    job = RankJob(cfg=cfg, data=data, trial_dir=trial_folder(),
+                  threads=max(1, int(resources.cpus_per_worker)), started=started)
+    if resources.workers == 1:
+        run_rank(job, 0, tune_report, detect_device(in_train_worker=False))
+    else:
+        run_worker_group(job, resources, trial_id)
+
+
+def run_worker_group(job: RankJob, resources: TrialResources, trial_id: str) -> None:
+    """One TorchTrainer for the whole pipeline; its reports reach Tune via TuneReportCallback."""
+    import ray.train
+    import ray.train.torch
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    storage = _storage()
+    trainer = ray.train.torch.TorchTrainer(
+        _per_worker,
+        train_loop_config={"job": job},
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if resources.gpus_per_worker else "gloo"),
+        scaling_config=scaling_config(resources),
+        run_config=ray.train.RunConfig(
+            name=train_run_name(trial_id),
+            storage_path=storage.experiment_fs_path,  # <experiment>/train-<trial id>/checkpoint_epoch_NNNN
+            storage_filesystem=storage.storage_filesystem,
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()  # a worker's exception (e.g. NaN loss) is raised here and errors the trial
+
+
+def _per_worker(loop_config: dict[str, Any]) -> None:
+    train_worker(loop_config["job"])
+
+
+def put_dataset(dataset: Any) -> DataRef:
+    """Put the decoded data set into the object store once, on the driver."""
+    return DataRef(ray.put(dataset))
+
+
+def make_trainable(data: Any, resources: TrialResources = TrialResources()) -> Callable[..., Any]:
+    """`pipeline_trial` with the data reference and resources bound: give it to `tune.Tuner`.
+    `data` is a `fer.data.Dataset` (put into the object store here, once) or a `DataRef`."""
+    ref = data if isinstance(data, DataRef) else put_dataset(data)
+    bound = tune.with_parameters(pipeline_trial, data=ref, resources=resources)
+    return tune.with_resources(bound, trial_resources(resources))
+
+
+def trial_folder() -> str:
+    """The trial's folder in experiment storage when that is a local (or mounted) file
+    system, so TensorBoard logs land there as they are written; otherwise Tune's local
+    trial folder, which reaches storage with `tune.SyncConfig(sync_artifacts=True)`."""
+    storage = _storage()
+    if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        path = storage.trial_fs_path
+    else:
+        path = tune.get_context().get_trial_dir()
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _storage() -> Any:
+    # Ray has no public accessor for the trial's StorageContext (storage path, file system,
+    # experiment and trial folder names); ray.train._internal.session.get_storage is it.
+    from ray.train._internal.session import get_storage
+
+    return get_storage()

@@ -1,0 +1,124 @@
+"""What every rank runs: the whole fer pipeline, with Ray reporting at its epoch ends.
+
+`run_rank` is shared by both ways a trial trains: in Tune's own trial process (one
+worker, reports through `ray.tune.report`) and as the per-worker function of a Ray Train
+`TorchTrainer` (several workers, `torch.distributed` already initialised by Ray Train,
+reports through `ray.train.report`). The pipeline itself is plain PyTorch and learns its
+rank from `torch.distributed`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+import torch
+
+from fer.config import TrialConfig
+from trainables.checkpoints import checkpoint_dir_name, report_with_checkpoint
+
+TIMING_FILE = "trial_timing.json"  # wall-clock marks of the trial (rank 0), for overhead checks
+TENSORBOARD_DIR = "tensorboard"
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """An object-store reference to a `fer.data.Dataset`, put there once by the driver.
+
+    Wrapped because `tune.with_parameters` `ray.put`s its arguments and refuses a bare
+    ObjectRef; wrapped, the reference itself travels to the trial and on to every Train
+    worker, and each of them maps the arrays read-only out of the object store (zero-copy
+    on its node) instead of receiving a pickled copy.
+    """
+
+    ref: ray.ObjectRef
+
+    def get(self) -> Any:
+        return ray.get(self.ref)
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """Everything a rank needs, picklable (the Train worker function's config)."""
+
+    cfg: TrialConfig
+    data: DataRef
+    trial_dir: str  # where rank 0 writes TensorBoard logs, pipeline outputs and timings
+    threads: int  # torch intra-op threads: the CPUs the rank was given
+    started: float  # wall-clock time the trial function was entered
+
+
+def detect_device(in_train_worker: bool) -> torch.device:
+    """The GPU Ray assigned to this process if CUDA sees one, else CPU: detected, not assumed."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if in_train_worker:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()  # the local rank's GPU
+    return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
+
+
+def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict | None], None],
+             device: torch.device) -> None:
+    """Run the pipeline on this rank; rank 0 alone writes TensorBoard logs and outputs."""
+    from fer.pipeline import run_pipeline
+
+    torch.set_num_threads(job.threads)
+    data = job.data.get()
+    writer = _make_writer(job.trial_dir) if rank == 0 else None
+    marks = {"trial_start": job.started, "pipeline_start": time.time()}
+    try:
+        run_pipeline(job.cfg, data, device=device, report=report,
+                     out_dir=job.trial_dir if rank == 0 else None, writer=writer, progress=False)
+    finally:
+        if writer is not None:
+            writer.close()
+    marks["pipeline_end"] = time.time()
+    if rank == 0:
+        with open(os.path.join(job.trial_dir, TIMING_FILE), "w", encoding="utf-8") as handle:
+            json.dump(marks, handle)
+
+
+def train_worker(job: RankJob) -> None:
+    """Ray Train per-worker function of a multi-worker trial."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    run_rank(job, rank, train_report(rank), detect_device(in_train_worker=True))
+
+
+def train_report(rank: int) -> Callable[[dict[str, Any], dict | None], None]:
+    """`report(metrics, checkpoint)` for a Train worker. Every rank reports every epoch (Ray
+    Train waits for all of them); only rank 0 uploads the checkpoint, and only rank 0's
+    metrics reach Tune, which is right because fit all-reduces validation over ranks."""
+    import ray.train
+
+    def report(metrics: dict[str, Any], checkpoint: dict | None) -> None:
+        if checkpoint is None or rank != 0:
+            ray.train.report(metrics)
+            return
+        report_with_checkpoint(ray.train.report, ray.train.Checkpoint.from_directory, metrics, checkpoint,
+                               checkpoint_dir_name=checkpoint_dir_name(metrics["epoch"]))
+
+    return report
+
+
+def tune_report(metrics: dict[str, Any], checkpoint: dict | None) -> None:
+    """`report(metrics, checkpoint)` for a single-worker trial, straight to Tune."""
+    from ray import tune
+
+    if checkpoint is None:
+        tune.report(metrics)
+        return
+    report_with_checkpoint(tune.report, tune.Checkpoint.from_directory, metrics, checkpoint)
+
+
+def _make_writer(trial_dir: str) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.path.join(trial_dir, TENSORBOARD_DIR))
