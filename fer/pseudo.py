@@ -30,12 +30,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-@torch.no_grad()
 def predict_logits(
     model: nn.Module,
     images: np.ndarray,
@@ -45,32 +39,19 @@ def predict_logits(
     device: torch.device | str | None = None,
     tta: bool = False,
 ) -> np.ndarray:
-    """Logits (N, K) float32 of uint8 images (N, H, W, C), in batches.
+    """Logits (N, K) float32 of uint8 images (N, H, W, C), via `fer.evaluate.predict_logits`.
 
-    With `tta` the logits are averaged over `fer.transforms.tta_views` (identity, flip,
-    shifted crops); averaging logits rather than probabilities keeps temperature
-    scaling and post-hoc offsets meaningful on the result.
+    With `tta` these are the log of the probabilities averaged over
+    `fer.transforms.tta_views`, so softmax / temperature still apply to them.
     """
-    from fer.transforms import make_eval_transform, tta_views
+    from fer.evaluate import predict_logits as evaluate_logits
 
     net = _unwrap(model)
-    device = torch.device(device) if device is not None else _model_device(net)
-    transform = make_eval_transform(image_size)
-    was_training = net.training
-    net.eval()
-    out = []
-    try:
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
-            batch = batch.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W), still uint8
-            views = tta_views(batch, image_size) if tta else [transform(batch)]
-            logits = torch.stack([net(view.to(device).float()).float() for view in views])
-            out.append(logits.mean(0).cpu())
-    finally:
-        net.train(was_training)
-    if not out:
+    logits = evaluate_logits(net, images, image_size=image_size, batch_size=batch_size,
+                             device=device, tta=tta)
+    if len(images) == 0:
         return np.zeros((0, _num_outputs(net)), dtype=np.float32)
-    return torch.cat(out).numpy().astype(np.float32)
+    return logits.numpy().astype(np.float32)
 
 
 def _num_outputs(net: nn.Module) -> int:
@@ -116,10 +97,13 @@ def gather_rows(local: np.ndarray, local_indices: np.ndarray, total: int) -> np.
         return out
     pieces: list = [None] * ranks[1]
     torch.distributed.all_gather_object(pieces, (np.asarray(local_indices), local))
-    out = np.empty((total,) + local.shape[1:], dtype=local.dtype)
+    # a rank with an empty shard may hold a (0, 0) array: take the row shape from the others
+    shape_from = max((rows for _, rows in pieces), key=len)
+    out = np.empty((total,) + shape_from.shape[1:], dtype=shape_from.dtype)
     seen = np.zeros(total, dtype=bool)
     for indices, rows in pieces:
-        out[indices] = rows
+        if len(indices):
+            out[indices] = rows
         seen[indices] = True
     if not seen.all():
         raise RuntimeError(f"gather_rows: {int((~seen).sum())} of {total} rows missing after all_gather")

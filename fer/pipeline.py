@@ -1,0 +1,186 @@
+"""The two-stage pipeline of one trial: teacher -> pseudo-labels -> student -> post-hoc rule.
+
+    stage 1  fit on the labelled train split (stage="teacher", epochs 1..cfg.epochs)
+    pseudo   the teacher labels the unlabeled pool (temperature-scaled on val, optional
+             TTA), a selection rule keeps some (fer.pseudo), pseudo_labeled.csv written
+    stage 2  fit on train + kept pool images (stage="student", global epochs continue at
+             cfg.epochs + 1), pseudo-labelled samples weighted by cfg.pseudo_weight,
+             initialised from the teacher or from scratch
+    post-hoc per-class logit offsets fitted on val macro-F1 (fer.posthoc), stored in the
+             final checkpoint
+
+This is self-training in the style of Noisy Student (Xie et al. 2020): the student sees
+stronger augmentation (cfg.student_augment) than the teacher did. The final model is the
+stage whose best epoch has the higher validation macro-F1 (the student on ties), the same
+rule Tune applies to the reported checkpoints. Under torch.distributed every rank calls
+`run_pipeline`; pool and validation predictions are sharded and gathered, so all ranks
+take the same decisions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fer.config import TrialConfig
+from fer.posthoc import fit_offsets, macro_f1
+from fer.pseudo import (
+    fit_temperature,
+    predict_logits_sharded,
+    select_pseudo_labels,
+    summarize_selection,
+    write_pseudo_csv,
+)
+
+
+@dataclass
+class PipelineResult:
+    model: nn.Module  # the final model (best epoch of the final stage), eval mode
+    checkpoint: dict[str, Any]  # its checkpoint dict, with "posthoc_offsets" filled in
+    metrics: dict[str, Any]  # summary: per-stage best val macro-F1, post-hoc, pseudo-labels
+    teacher: Any  # fer.train.FitResult of stage 1
+    student: Any = None  # fer.train.FitResult of stage 2, None when it was skipped
+    pseudo: dict[str, Any] | None = None  # selection summary (kept per class, precision)
+    history: list[dict[str, Any]] = field(default_factory=list)  # every epoch, both stages
+    checkpoint_path: str | None = None  # out_dir/best.pt when out_dir was given (rank 0)
+
+
+def _is_main() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _say(message: str) -> None:
+    if _is_main():
+        print(message, flush=True)
+
+
+def _predict(cfg: TrialConfig, model: nn.Module, images: np.ndarray, device: Any, tta: bool) -> np.ndarray:
+    """Logits of `images`, each DDP rank on its shard, gathered in order on every rank."""
+    return predict_logits_sharded(model, images, image_size=cfg.image_size,
+                                  batch_size=max(256, cfg.batch_size), device=device, tta=tta)
+
+
+def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any = None,
+                 out_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Teacher labels the pool; returns (kept pool indices, labels, summary).
+
+    Temperature scaling (Guo et al. 2017) is fitted on the validation logits first, so
+    cfg.pseudo_threshold applies to calibrated confidences rather than the teacher's
+    usually over-confident raw softmax.
+    """
+    pool, val = data.splits["unlabeled"], data.splits["val"]
+    temperature = 1.0
+    if cfg.pseudo_temperature:
+        temperature = fit_temperature(_predict(cfg, teacher, val.images, device, cfg.pseudo_tta), val.labels)
+    logits = _predict(cfg, teacher, pool.images, device, cfg.pseudo_tta)
+    probs = torch.softmax(torch.from_numpy(logits) / temperature, dim=1).numpy()
+    indices, labels, confidences = select_pseudo_labels(
+        probs, selection=cfg.pseudo_selection, threshold=cfg.pseudo_threshold,
+        class_counts=data.class_counts("train"), crest_alpha=cfg.crest_alpha)
+    truth = pool.labels[indices] if pool.labels is not None else None
+    summary, table = summarize_selection(labels, data.classes, truth, pool_size=len(pool.images))
+    summary.update(temperature=temperature, selection=cfg.pseudo_selection,
+                   threshold=cfg.pseudo_threshold, tta=cfg.pseudo_tta)
+    _say(f"pseudo-labels ({cfg.pseudo_selection}, threshold {cfg.pseudo_threshold}, "
+         f"temperature {temperature:.3f}):\n{table}")
+    if out_dir is not None and _is_main():
+        os.makedirs(out_dir, exist_ok=True)
+        write_pseudo_csv(os.path.join(out_dir, "pseudo_labeled.csv"), indices, labels, confidences,
+                         data.classes)
+        with open(os.path.join(out_dir, "pseudo_summary.json"), "w", encoding="utf-8") as handle:
+            json.dump(summary, handle, indent=2)
+    return indices, labels, summary
+
+
+def _student_inputs(cfg: TrialConfig, data: Any, indices: np.ndarray,
+                    labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train + kept pool images, their labels, per-sample loss weights and class counts."""
+    train, pool = data.splits["train"], data.splits["unlabeled"]
+    images = np.concatenate([train.images, pool.images[indices]])
+    all_labels = np.concatenate([train.labels, labels]).astype(np.int64)
+    weights = np.concatenate([np.ones(len(train.labels), dtype=np.float32),
+                              np.full(len(labels), cfg.pseudo_weight, dtype=np.float32)])
+    counts = np.bincount(all_labels, minlength=len(data.classes)).astype(np.int64)
+    return images, all_labels, weights, counts
+
+
+def run_pipeline(cfg: TrialConfig, data: Any, *, device: Any = None, report: Any = None,
+                 out_dir: str | None = None, writer: Any = None, progress: bool = True) -> PipelineResult:
+    """Run stage 1, pseudo-labelling, stage 2 and the post-hoc rule; see the module docstring.
+
+    `report(metrics, checkpoint)` goes to both fits, so its "epoch" runs 1..epochs and then
+    epochs+1..epochs+student_epochs. With out_dir, rank 0 writes pseudo_labeled.csv,
+    pseudo_summary.json and best.pt (the final checkpoint, offsets included).
+    """
+    from fer.checkpoint import save_checkpoint
+    from fer.train import fit
+
+    train, val = data.splits["train"], data.splits["val"]
+    common = dict(device=device, report=report, writer=writer, progress=progress)
+    teacher = fit(cfg, train.images, train.labels, val, data.classes, counts=data.class_counts("train"),
+                  stage="teacher", epoch_offset=0, **common)
+    history = list(teacher.history)
+    metrics: dict[str, Any] = {"teacher_val_macro_f1": teacher.best_metrics["val_macro_f1"],
+                               "teacher_best_epoch": teacher.best_epoch}
+    student, summary = None, None
+    skip = _stage2_skip_reason(cfg, data)
+    if skip is None:
+        indices, labels, summary = pseudo_label(cfg, teacher.model, data, device=device, out_dir=out_dir)
+        metrics["pseudo_kept"] = summary["kept"]
+        metrics["pseudo_precision"] = summary.get("precision")
+        if len(indices) == 0:
+            skip = f"no pool image reached the pseudo-label threshold {cfg.pseudo_threshold}"
+    if skip is None:
+        images, all_labels, weights, counts = _student_inputs(cfg, data, indices, labels)
+        init = teacher.model.state_dict() if cfg.student_init == "teacher" else None
+        student = fit(cfg, images, all_labels, val, data.classes, counts=counts, stage="student",
+                      sample_weight=weights, init_state=init, epoch_offset=cfg.epochs, **common)
+        history += student.history
+        metrics.update(student_val_macro_f1=student.best_metrics["val_macro_f1"],
+                       student_best_epoch=student.best_epoch)
+    else:
+        _say(f"{skip}: stage 2 skipped")
+    final = student if student is not None and \
+        student.best_metrics["val_macro_f1"] >= teacher.best_metrics["val_macro_f1"] else teacher
+    metrics["final_stage"] = "student" if final is student else "teacher"
+
+    checkpoint, posthoc = _apply_posthoc(cfg, final, val, device)
+    metrics.update(posthoc)
+    checkpoint["metrics"].update(pipeline=dict(metrics), pseudo=summary)
+    path = None
+    if out_dir is not None and _is_main():
+        path = save_checkpoint(checkpoint, os.path.join(out_dir, "best.pt"))
+    return PipelineResult(model=final.model, checkpoint=checkpoint, metrics=metrics, teacher=teacher,
+                          student=student, pseudo=summary, history=history, checkpoint_path=path)
+
+
+def _stage2_skip_reason(cfg: TrialConfig, data: Any) -> str | None:
+    pool = data.splits.get("unlabeled")
+    if pool is None or len(pool.images) == 0:
+        return "no unlabeled pool"
+    if cfg.student_epochs == 0:
+        return "student_epochs=0"
+    return None
+
+
+def _apply_posthoc(cfg: TrialConfig, final: Any, val: Any, device: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit cfg.posthoc offsets on the final model's val logits; checkpoint copy with them set."""
+    counts = np.asarray(final.checkpoint["class_counts"])
+    logits = _predict(cfg, final.model, val.images, device, tta=False)
+    offsets = fit_offsets(logits, val.labels, counts, cfg.posthoc)
+    checkpoint = dict(final.checkpoint, metrics=dict(final.checkpoint["metrics"]),
+                      posthoc_offsets=[float(v) for v in offsets])
+    summary = {
+        "posthoc": cfg.posthoc,
+        "posthoc_offsets": checkpoint["posthoc_offsets"],
+        "val_macro_f1_raw": macro_f1(val.labels, logits),
+        "val_macro_f1_posthoc": macro_f1(val.labels, logits, offsets),
+    }
+    return checkpoint, summary

@@ -1,0 +1,143 @@
+"""run_pipeline: stage 2 skipped without a pool, both stages with one, DDP-sharded pseudo-labels."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fer.train
+from fer.checkpoint import load_checkpoint
+from fer.config import TrialConfig
+from fer.data import Dataset, Split
+from fer.pipeline import run_pipeline
+
+CLASSES = ["a", "b", "c", "d"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(name, num_classes, in_channels=1, dropout=0.0, pretrained=None):
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, num_classes))
+
+
+@pytest.fixture(autouse=True)
+def _tiny_net(monkeypatch):
+    monkeypatch.setattr(fer.train, "build_model", tiny_model)
+
+
+def make_split(n, seed, size=16, k=4, labelled=True):
+    """Noise images with a bright bar whose row band encodes the class; imbalanced 8:4:2:1."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(k, size=n, p=np.array([8, 4, 2, 1]) / 15)
+    images = rng.integers(0, 80, (n, size, size, 1)).astype(np.uint8)
+    band = size // k
+    for i, label in enumerate(labels):
+        images[i, label * band:(label + 1) * band, 2:size - 2] = 230
+    return Split(images, labels.astype(np.int64) if labelled else None)
+
+
+def make_data(pool=True, pool_labels=True):
+    splits = {"train": make_split(80, 1), "val": make_split(40, 2), "test": make_split(40, 3)}
+    if pool:
+        splits["unlabeled"] = make_split(60, 4, labelled=pool_labels)
+    return Dataset(CLASSES, splits, "test data")
+
+
+def tiny_cfg(**overrides):
+    base = dict(image_size=16, batch_size=32, epochs=2, student_epochs=2, augment="none",
+                student_augment="weak", dropout=0.0, warmup_epochs=0, amp=False, lr=3e-3,
+                pseudo_threshold=0.3)
+    base.update(overrides)
+    return TrialConfig(**base)
+
+
+def test_no_pool_skips_stage_two_with_one_line(capsys, tmp_path):
+    epochs = []
+    result = run_pipeline(tiny_cfg(), make_data(pool=False), out_dir=str(tmp_path), progress=False,
+                          report=lambda metrics, ckpt: epochs.append(metrics["epoch"]))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "stage 2" in line]
+    assert lines == ["no unlabeled pool: stage 2 skipped"]
+    assert result.student is None and result.metrics["final_stage"] == "teacher"
+    assert epochs == [1, 2]
+    assert result.checkpoint["posthoc_offsets"] is not None
+    assert not os.path.exists(tmp_path / "pseudo_labeled.csv")
+    assert load_checkpoint(str(tmp_path / "best.pt"))["posthoc_offsets"] == result.checkpoint["posthoc_offsets"]
+
+
+def test_student_epochs_zero_skips_stage_two(capsys):
+    result = run_pipeline(tiny_cfg(student_epochs=0), make_data(), progress=False)
+    assert "student_epochs=0: stage 2 skipped" in capsys.readouterr().out
+    assert result.student is None
+
+
+@pytest.mark.parametrize("selection", ["threshold", "crest"])
+def test_pool_runs_stage_two_with_global_epochs(tmp_path, selection):
+    reports = []
+    cfg = tiny_cfg(pseudo_selection=selection, student_init="teacher", pseudo_weight=0.5)
+    result = run_pipeline(cfg, make_data(), out_dir=str(tmp_path), progress=False,
+                          report=lambda metrics, ckpt: reports.append((metrics["epoch"], metrics["stage"])))
+    assert reports == [(1, "teacher"), (2, "teacher"), (3, "student"), (4, "student")]
+    assert [m["epoch"] for m in result.history] == [1, 2, 3, 4]
+    assert result.student is not None
+    assert result.metrics["student_val_macro_f1"] == result.student.best_metrics["val_macro_f1"]
+    assert result.metrics["final_stage"] in ("teacher", "student")
+    with open(tmp_path / "pseudo_labeled.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == result.pseudo["kept"] > 0
+    assert all(0 <= int(row["pool_index"]) < 60 for row in rows)
+    assert 0.0 <= result.pseudo["precision"] <= 1.0  # the pool's true labels are known here
+    assert os.path.exists(tmp_path / "pseudo_summary.json")
+    ckpt = load_checkpoint(str(tmp_path / "best.pt"))
+    assert ckpt["stage"] == result.metrics["final_stage"]
+    assert len(ckpt["posthoc_offsets"]) == 4
+    assert ckpt["metrics"]["pipeline"]["teacher_val_macro_f1"] == result.metrics["teacher_val_macro_f1"]
+
+
+def test_pool_without_true_labels_reports_no_precision():
+    result = run_pipeline(tiny_cfg(student_epochs=1, student_init="scratch"),
+                          make_data(pool_labels=False), progress=False)
+    assert "precision" not in result.pseudo
+    assert result.metrics["pseudo_precision"] is None
+
+
+def test_nothing_kept_skips_stage_two(capsys):
+    result = run_pipeline(tiny_cfg(pseudo_threshold=1.0, pseudo_temperature=False, epochs=1),
+                          make_data(), progress=False)
+    assert "no pool image reached the pseudo-label threshold 1.0: stage 2 skipped" in capsys.readouterr().out
+    assert result.student is None and result.metrics["pseudo_kept"] == 0
+
+
+def _ddp_worker(rank, world, store, out, cfg_kwargs):
+    fer.train.build_model = tiny_model  # spawned processes do not inherit the monkeypatch
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        result = run_pipeline(TrialConfig(**cfg_kwargs), make_data(), progress=False,
+                              out_dir=os.path.join(out, f"rank{rank}"))
+        torch.save({"kept": result.pseudo["kept"], "offsets": result.checkpoint["posthoc_offsets"],
+                    "epochs": [m["epoch"] for m in result.history]}, os.path.join(out, f"r{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_agree_on_pseudo_labels_and_offsets(tmp_path):
+    cfg = tiny_cfg(epochs=1, student_epochs=1, pseudo_threshold=0.0)  # keep the whole pool
+    kwargs = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path), kwargs), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"r{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0 == r1 and r0["epochs"] == [1, 2]
+    assert r0["kept"] == 60  # every pool row came back from the two shards
+    assert os.path.exists(tmp_path / "rank0" / "pseudo_labeled.csv")
+    assert not os.path.exists(tmp_path / "rank1" / "pseudo_labeled.csv")  # rank 0 writes
