@@ -176,11 +176,14 @@ def parse_pixel_rows(rows: list, path: str | os.PathLike, lines: np.ndarray,
         values.append(result[0])
         counts.append(result[1])
     count = np.concatenate(counts)
-    expected = int(np.bincount(count).argmax())  # the count most rows agree on
+    # the expected count is the square number most rows agree on
+    seen, freq = np.unique(count, return_counts=True)
+    square = (seen > 0) & (np.round(np.sqrt(seen)) ** 2 == seen)
+    if not square.any():
+        raise DataError(f"{path}: line {lines[0]}: found {count[0]} pixel values; expected a square "
+                        f"image's worth (e.g. 2304 = 48x48), the same in every row")
+    expected = int(seen[square][freq[square].argmax()])
     side = int(round(expected ** 0.5))
-    if side * side != expected or expected == 0:
-        raise DataError(f"{path}: most rows hold {expected} pixel values, which is not a square "
-                        f"image (expected e.g. 2304 = 48x48)")
     bad = np.flatnonzero(count != expected)
     if len(bad):
         row = int(bad[0])
