@@ -26,7 +26,7 @@ from trainables import (
     train_run_name,
     trial_resources,
 )
-from trainables.checkpoints import checkpoint_dir_name
+from trainables.checkpoints import FINAL_CHECKPOINT, checkpoint_dir_name
 from trainables.resources import DRIVER_MEMORY
 
 CLASSES = ["Angry", "Happy", "Sad"]
@@ -120,6 +120,10 @@ def test_best_checkpoint_is_found_from_tune_and_from_train_rows(tmp_path):
     (trial_dir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert best_checkpoint_path(str(trial_dir)) == train_ckpt
     assert best_checkpoint_path(str(trial_dir), metric="epoch", mode="min") == tune_ckpt
+    # A finished pipeline's final checkpoint (post-hoc offsets included) wins.
+    (trial_dir / FINAL_CHECKPOINT).write_bytes(b"final")
+    assert best_checkpoint_path(str(trial_dir)) == str(trial_dir / FINAL_CHECKPOINT)
+    assert best_checkpoint_path(str(trial_dir), final=False) == train_ckpt
 
 
 def test_missing_checkpoint_names_the_trial_folder(tmp_path):
@@ -167,9 +171,11 @@ def _check_full_trial(result, data: Dataset) -> dict:
     epochs = frame["epoch"].tolist()
     assert epochs == [1, 2] and list(frame["stage"]) == ["teacher", "student"]
     assert all(b > a for a, b in zip(epochs, epochs[1:]))
-    path = best_checkpoint_path(result)
-    ckpt = load_checkpoint(path)
+    final = load_checkpoint(best_checkpoint_path(result))  # the finished pipeline's best.pt
+    assert final["posthoc_offsets"] is not None and len(final["posthoc_offsets"]) == len(data.classes)
+    ckpt = load_checkpoint(best_checkpoint_path(result, final=False))  # the best reported epoch
     assert ckpt["classes"] == data.classes and ckpt["config"]["image_size"] == 24
+    assert (ckpt["epoch"], ckpt["stage"]) == (final["epoch"], final["stage"])
     best_row = frame.loc[frame["epoch"] == ckpt["epoch"]].iloc[0]
     assert ckpt["metrics"]["val_macro_f1"] == pytest.approx(best_row["val_macro_f1"])
     assert best_row["val_macro_f1"] == pytest.approx(frame["val_macro_f1"].max())
@@ -204,7 +210,7 @@ def test_two_worker_trial_runs_the_pipeline_in_one_worker_group(ray_cluster, tmp
     ckpt = _check_full_trial(result, data)
     trial_id = result.metrics["trial_id"]
     train_dir = os.path.join(str(tmp_path), "w2", train_run_name(trial_id))
-    assert best_checkpoint_path(result).startswith(train_dir + os.sep)  # named by trial id
+    assert best_checkpoint_path(result, final=False).startswith(train_dir + os.sep)  # named by trial id
     # The reported validation F1 (all-reduced over both ranks' shards) is the full split's.
     model = model_from_checkpoint(ckpt)
     val = data.splits["val"]

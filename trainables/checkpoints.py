@@ -24,6 +24,9 @@ from fer.checkpoint import save_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the torch-saved checkpoint dict inside every checkpoint folder
 RESULTS_FILE = "result.json"  # Tune's per-trial log of reported metrics (JsonLoggerCallback)
+# The final checkpoint fer.pipeline.run_pipeline writes into the trial folder when the whole
+# pipeline finished: the better stage's best epoch, with the post-hoc offsets filled in.
+FINAL_CHECKPOINT = "best.pt"
 
 
 def train_run_name(trial_id: str) -> str:
@@ -45,22 +48,30 @@ def report_with_checkpoint(send: Callable[..., None], make: Callable[[str], Any]
         send(metrics, checkpoint=make(tmp), **kwargs)
 
 
-def best_checkpoint_path(result_or_trial_dir: Any, metric: str = "val_macro_f1", mode: str = "max") -> str:
-    """Path of the `checkpoint.pt` of the trial's best reported epoch that has a checkpoint.
+def best_checkpoint_path(result_or_trial_dir: Any, metric: str = "val_macro_f1", mode: str = "max",
+                         *, final: bool = True) -> str:
+    """Path of the trial's best checkpoint file (loadable with fer.checkpoint.load_checkpoint).
 
-    Accepts a `ray.tune.Result` or a trial folder (the one holding `result.json`). Ties go
-    to the earlier epoch. Raises ValueError naming the trial folder if none is found.
+    Accepts a `ray.tune.Result` or a trial folder (the one holding `result.json`). With
+    `final` and the pipeline's own criterion (val_macro_f1, max), a finished pipeline's
+    `best.pt` (post-hoc offsets included) wins; otherwise, e.g. for a trial ASHA stopped,
+    the best reported epoch that has a checkpoint, ties going to the later epoch (the
+    student, as fer.pipeline decides). Raises ValueError naming the
+    trial folder if there is none.
     """
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     trial_dir, rows = _reported_rows(result_or_trial_dir)
+    if final and metric == "val_macro_f1" and mode == "max" and \
+            os.path.isfile(os.path.join(trial_dir, FINAL_CHECKPOINT)):
+        return os.path.join(trial_dir, FINAL_CHECKPOINT)
     best_path, best_value = None, None
     for row in rows:
         path = _row_checkpoint(row, trial_dir)
         value = row.get(metric)
         if path is None or not isinstance(value, (int, float)) or math.isnan(value):
             continue
-        better = best_value is None or (value > best_value if mode == "max" else value < best_value)
+        better = best_value is None or (value >= best_value if mode == "max" else value <= best_value)
         if better and os.path.isfile(path):
             best_path, best_value = path, value
     if best_path is None:
