@@ -1,0 +1,118 @@
+"""Checkpoints are plain dicts: weights plus everything needed to rebuild and explain them.
+
+Like torchvision's `references/classification/train.py` (which stores `"args"` in every
+checkpoint), a checkpoint carries the trial config and the class names, so evaluation and
+export need no flags. Only tensors, numbers, strings, lists and dicts go in, so
+`torch.load(..., weights_only=True)` can read it back without unpickling code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fer.config import TrialConfig
+
+CHECKPOINT_KEYS = (
+    "model", "config", "classes", "class_counts", "epoch", "stage", "metrics",
+    "model_name", "in_channels", "posthoc_offsets",
+)
+
+
+def make_checkpoint(
+    state: dict[str, torch.Tensor],
+    cfg: TrialConfig,
+    classes: list[str],
+    counts: np.ndarray | list[int],
+    *,
+    epoch: int,
+    stage: str,
+    metrics: dict[str, Any],
+    in_channels: int,
+    posthoc_offsets: list[float] | None = None,
+) -> dict[str, Any]:
+    """Build the checkpoint dict of the module contract (weights are not copied)."""
+    return {
+        "model": state,
+        "config": asdict(cfg),
+        "classes": list(classes),
+        "class_counts": [int(c) for c in np.asarray(counts).tolist()],
+        "epoch": int(epoch),
+        "stage": str(stage),
+        "metrics": _plain(metrics),
+        "model_name": cfg.model,
+        "in_channels": int(in_channels),
+        "posthoc_offsets": None if posthoc_offsets is None else [float(v) for v in posthoc_offsets],
+    }
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars/arrays -> Python numbers/lists, so weights_only loading accepts them."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> str:
+    """Write atomically (temp file in the same folder, then os.replace): a reader never
+    sees a half-written checkpoint, even when a trial is killed mid-save."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(ckpt, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint on CPU with weights_only=True; a bad file raises ValueError naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip/pickle errors differ by torch version; all mean "unreadable"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: not a fer checkpoint (expected a dict, got {type(ckpt).__name__})")
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a fer checkpoint, missing keys: {', '.join(missing)}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild the network named in the checkpoint, load its weights, put it in eval mode."""
+    from fer.models import build_model
+
+    model = build_model(
+        ckpt["model_name"],
+        num_classes=len(ckpt["classes"]),
+        in_channels=int(ckpt["in_channels"]),
+        dropout=float(ckpt["config"].get("dropout", 0.0)),
+        pretrained=None,  # the weights come from the checkpoint itself
+    )
+    model.load_state_dict(ckpt["model"])
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,203 @@
+"""Evaluate a trained model on a split: metrics JSON, per-class table, confusion PNG.
+
+`predict_logits` is the one batched inference loop (the trainer's validation and the
+pseudo-labeller use it too); `evaluate_model` adds the metrics; `main` is the CLI:
+
+    python -m fer.evaluate --checkpoint runs/x/best.pt [--data PATH] [--split val|test] [--tta]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed-precision dtype for `device`, or None for full precision (CPU).
+
+    bfloat16 where the GPU supports it: same exponent range as float32, so no loss
+    scaling is needed and no overflow to inf; float16 (with a GradScaler) otherwise.
+    """
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast for `dtype`, or a no-op when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def to_nchw(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, C) array -> (N, C, H, W) tensor view sharing its memory (no copy)."""
+    with warnings.catch_warnings():
+        # Arrays from Ray's object store are read-only (zero-copy); nothing writes to them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        data = torch.from_numpy(images)
+    if data.shape[-1] == 1:  # plain NCHW strides: with one channel, a permuted view would look
+        return data.squeeze(-1).unsqueeze(1)  # channels_last to conv, and DDP warns about grad strides
+    return data.permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: np.ndarray,
+    *,
+    image_size: int,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    tta: bool = False,
+    amp: bool = True,
+) -> torch.Tensor:
+    """Logits (N, K) float32 on CPU for uint8 images (N, H, W, C), model in eval mode.
+
+    With `tta` the logits are averaged over `fer.transforms.tta_views` (identity, flip,
+    shifted crops), as fer.pseudo does: averaged logits keep temperature scaling and
+    post-hoc offsets meaningful.
+    """
+    from fer.transforms import make_eval_transform, tta_views
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    dtype = autocast_dtype(device) if amp else None
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    transform = make_eval_transform(image_size)
+    data = to_nchw(images)
+    outputs = []
+    for start in range(0, len(data), batch_size):
+        batch = data[start:start + batch_size].to(device, non_blocking=True)
+        views = tta_views(batch, image_size) if tta else [transform(batch)]
+        logits = 0.0
+        for view in views:
+            with autocast(device, dtype):
+                logits = logits + model(view.contiguous(memory_format=memory_format)).float()
+        outputs.append(logits / len(views))
+    model.train(was_training)
+    if not outputs:
+        return torch.empty(0, 0)
+    return torch.cat(outputs).cpu()
+
+
+def evaluate_model(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    *,
+    image_size: int,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    tta: bool = False,
+    offsets: list[float] | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics (fer.metrics.compute_metrics) and softmax probabilities (N, K).
+
+    `offsets` (a checkpoint's post-hoc logit offsets) shift the logits before argmax;
+    the returned probabilities are the unshifted ones, so ECE measures the model itself.
+    """
+    from fer.metrics import compute_metrics
+
+    if device is not None:
+        model.to(device)
+    logits = predict_logits(model, images, image_size=image_size, batch_size=batch_size,
+                            device=device, tta=tta)
+    probs = logits.softmax(dim=1).numpy()
+    decision = logits if offsets is None else logits + torch.tensor(offsets, dtype=logits.dtype)
+    preds = decision.argmax(dim=1).numpy()
+    metrics = compute_metrics(np.asarray(labels), preds, classes, probs=probs)
+    return metrics, probs
+
+
+def write_report(metrics: dict[str, Any], classes: list[str], out_dir: str, name: str) -> tuple[str, str]:
+    """Write `<name>_metrics.json` and `<name>_confusion.png` into out_dir; return both paths."""
+    from fer.metrics import plot_confusion
+
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, f"{name}_metrics.json")
+    png_path = os.path.join(out_dir, f"{name}_confusion.png")
+    with open(json_path, "w", encoding="utf-8") as handle:
+        json.dump(to_jsonable(metrics), handle, indent=2)
+    plot_confusion(np.asarray(metrics["confusion"]), classes, png_path)
+    return json_path, png_path
+
+
+def to_jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def evaluate_checkpoint(path: str, *, data: str | None = None, split: str = "test",
+                        out_dir: str | None = None, tta: bool = False,
+                        batch_size: int = 256, device: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint and its data set, evaluate one split, write the report files."""
+    from fer.checkpoint import load_checkpoint, model_from_checkpoint
+    from fer.data import load_dataset
+    from fer.metrics import format_per_class_table
+
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    dataset = load_dataset(data if data is not None else cfg.get("data"),
+                           load_size=int(cfg.get("load_size", 128)))
+    if split not in dataset.splits:
+        raise ValueError(f"{dataset.source}: no {split!r} split; available: {', '.join(dataset.splits)}")
+    if list(dataset.classes) != list(ckpt["classes"]):
+        raise ValueError(f"{path}: checkpoint classes {ckpt['classes']} differ from the data set's "
+                         f"{dataset.classes} ({dataset.source})")
+    part = dataset.splits[split]
+    if part.labels is None:
+        raise ValueError(f"{dataset.source}: split {split!r} has no labels to evaluate against")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model_from_checkpoint(ckpt, device)
+    metrics, _ = evaluate_model(model, part.images, part.labels, list(ckpt["classes"]),
+                                image_size=int(cfg["image_size"]), batch_size=batch_size,
+                                device=device, tta=tta, offsets=ckpt.get("posthoc_offsets"))
+    metrics.update(split=split, checkpoint=os.path.abspath(path), data=dataset.source, tta=tta,
+                   posthoc_offsets=ckpt.get("posthoc_offsets"))
+    out_dir = out_dir or os.path.dirname(os.path.abspath(path))
+    json_path, png_path = write_report(metrics, list(ckpt["classes"]), out_dir, split)
+    print(format_per_class_table(metrics))
+    print(f"wrote {json_path} and {png_path}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fer.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a .pt file written by fer.train")
+    parser.add_argument("--data", default=None, help="data path (default: the checkpoint config's)")
+    parser.add_argument("--split", default="test", choices=["val", "test"])
+    parser.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
+    parser.add_argument("--tta", action="store_true", help="average over fer.transforms.tta_views")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    args = parser.parse_args(argv)
+    try:
+        evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, out_dir=args.out,
+                            tta=args.tta, batch_size=args.batch_size, device=args.device)
+    except ValueError as err:  # user errors (bad path, bad data, class mismatch): one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

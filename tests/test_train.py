@@ -1,0 +1,187 @@
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fer.train
+from fer.checkpoint import CHECKPOINT_KEYS, load_checkpoint, model_from_checkpoint, save_checkpoint
+from fer.config import TrialConfig
+from fer.data import Split
+from fer.evaluate import predict_logits
+from fer.metrics import compute_metrics
+from fer.train import _Dist, _batch_bounds, _rank_indices, fit, main
+
+CLASSES = ["Angry", "Happy", "Sad", "No DR"]  # a space on purpose: metric keys get sanitised
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: keep each test to one
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_images(n: int, size: int = 16, seed: int = 0, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Noise images with a bright horizontal bar whose row band encodes the class."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    images = rng.integers(0, 80, (n, size, size, 1)).astype(np.uint8)
+    band = size // k
+    for i, label in enumerate(labels):
+        images[i, label * band:(label + 1) * band, 2:size - 2] = 230
+    return images, labels.astype(np.int64)
+
+
+def tiny_cfg(**overrides) -> TrialConfig:
+    base = dict(image_size=16, batch_size=32, epochs=1, augment="none", dropout=0.0, warmup_epochs=0,
+                amp=False, lr=3e-3)
+    base.update(overrides)
+    return TrialConfig(**base)
+
+
+def run_fit(cfg: TrialConfig, n_train: int = 96, n_val: int = 40, **kwargs):
+    x, y = make_images(n_train, cfg.image_size, seed=1)
+    xv, yv = make_images(n_val, cfg.image_size, seed=2)
+    return fit(cfg, x, y, Split(xv, yv), CLASSES, counts=np.bincount(y, minlength=4), progress=False, **kwargs)
+
+
+def tiny_model(name, num_classes, in_channels=1, dropout=0.0, pretrained=None):
+    """A BatchNorm-free net: DDP's averaged gradients then equal the global batch's exactly
+    (BatchNorm would normalise each rank's half batch with its own statistics)."""
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, num_classes))
+
+
+def test_reports_every_epoch_with_global_epoch_and_best_checkpoint():
+    calls = []
+    result = run_fit(tiny_cfg(student_epochs=2), report=lambda m, c: calls.append((m, c)), epoch_offset=3,
+                     stage="student")
+    assert [m["epoch"] for m, _ in calls] == [4, 5]
+    first, ckpt = calls[0]
+    assert ckpt is not None and set(ckpt) == set(CHECKPOINT_KEYS)
+    assert ckpt["stage"] == "student" and ckpt["epoch"] == 4 and ckpt["classes"] == CLASSES
+    for key in ("stage", "train_loss", "lr", "val_macro_f1", "val_balanced_accuracy", "val_accuracy",
+                "val_kappa", "val_f1_Angry", "val_f1_No_DR"):
+        assert key in first, key
+    assert result.best_epoch in (4, 5) and len(result.history) == 2
+    assert not result.model.training
+    assert calls[1][1] is None or calls[1][0]["val_macro_f1"] > first["val_macro_f1"]
+
+
+def test_same_seed_same_weights_on_cpu():
+    cfg = tiny_cfg(augment="weak", dropout=0.2, batch_size=48)
+    a = run_fit(cfg).model.state_dict()
+    b = run_fit(cfg).model.state_dict()
+    c = run_fit(tiny_cfg(augment="weak", dropout=0.2, batch_size=48, seed=1)).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_nan_loss_raises_naming_the_epoch(monkeypatch):
+    class NanLoss(nn.Module):
+        def forward(self, logits, targets, sample_weight=None):
+            return logits.sum() * float("nan")
+
+    monkeypatch.setattr(fer.train, "build_loss", lambda cfg, counts: NanLoss())
+    with pytest.raises(FloatingPointError, match="loss became NaN at epoch 3"):
+        run_fit(tiny_cfg(), epoch_offset=2)
+
+
+def test_patience_stops_after_epochs_without_improvement(monkeypatch):
+    fixed = np.diag([10, 10, 10, 10])
+    monkeypatch.setattr(fer.train, "validate", lambda *args, **kwargs: (fixed, 1.0))
+    result = run_fit(tiny_cfg(epochs=6, patience=2))
+    assert len(result.history) == 3 and result.stopped_early and result.best_epoch == 1
+
+
+def test_short_training_beats_chance():
+    cfg = tiny_cfg(epochs=4, batch_size=16, augment="weak", lr=5e-3)
+    result = run_fit(cfg, n_train=192, n_val=64)
+    assert result.best_metrics["val_macro_f1"] > 0.5  # chance is about 0.25 for 4 classes
+
+
+def test_checkpoint_round_trip(tmp_path):
+    result = run_fit(tiny_cfg())
+    path = save_checkpoint(result.checkpoint, tmp_path / "best.pt")
+    ckpt = load_checkpoint(path)
+    assert ckpt["classes"] == CLASSES and ckpt["config"]["image_size"] == 16
+    model = model_from_checkpoint(ckpt)
+    x, _ = make_images(8, 16, seed=5)
+    torch.testing.assert_close(predict_logits(model, x, image_size=16), predict_logits(result.model, x, image_size=16))
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match=r"missing\.pt: checkpoint file not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"bad\.pt: not a readable checkpoint"):
+        load_checkpoint(bad)
+
+
+@pytest.mark.parametrize("n", [7, 8, 9])
+def test_rank_shards_equal_length_and_covering(n):
+    order = np.arange(n)[::-1].copy()
+    parts = [_rank_indices(order, _Dist(rank=r, world=2)) for r in range(2)]
+    assert len(parts[0]) == len(parts[1]) == math.ceil(n / 2)
+    assert set(np.concatenate(parts)) == set(order)
+
+
+def test_trailing_single_image_batch_dropped():
+    assert _batch_bounds(33, 16) == [(0, 16), (16, 32)]
+    assert _batch_bounds(34, 16) == [(0, 16), (16, 32), (32, 34)]
+
+
+def test_cli_unknown_key_is_one_line_error(tmp_path, capsys):
+    assert main(["--set", "bogus_key=1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'bogus_key'" in err and "Valid keys:" in err and "batch_size" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _ddp_worker(rank, world, store, out, cfg_kwargs, data):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        fer.train.build_model = tiny_model
+        x, y, xv, yv = data
+        reports = []
+        result = fit(TrialConfig(**cfg_kwargs), x, y, Split(xv, yv), CLASSES, counts=np.bincount(y, minlength=4),
+                     report=lambda m, c: reports.append(m), progress=False)
+        preds = predict_logits(result.model, xv, image_size=cfg_kwargs["image_size"]).argmax(1).numpy()
+        torch.save({"state": result.model.state_dict(), "reports": reports, "cm": result.best_confusion,
+                    "best": result.best_metrics, "full": compute_metrics(yv, preds, CLASSES)},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_match_one_process_on_the_global_batch(tmp_path, monkeypatch):
+    x, y = make_images(64, 16, seed=1)
+    xv, yv = make_images(21, 16, seed=2)  # odd: the ranks' validation blocks differ in size
+    base = dict(image_size=16, epochs=2, augment="none", dropout=0.0, warmup_epochs=0, optimizer="sgd",
+                momentum=0.0, weight_decay=0.0, grad_clip=0.0, lr=0.5, amp=False)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path), {**base, "batch_size": 8},
+                                (x, y, xv, yv)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+    monkeypatch.setattr(fer.train, "build_model", tiny_model)
+    single = fit(TrialConfig(**base, batch_size=16), x, y, Split(xv, yv), CLASSES,
+                 counts=np.bincount(y, minlength=4), progress=False)
+    for key, value in single.model.state_dict().items():
+        torch.testing.assert_close(ranks[0]["state"][key], value, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ranks[1]["state"][key], ranks[0]["state"][key])
+    for rank in ranks:  # every rank reports metrics of the WHOLE validation split
+        assert np.array_equal(rank["cm"], np.asarray(rank["full"]["confusion"]))
+        assert rank["best"]["val_macro_f1"] == pytest.approx(rank["full"]["macro_f1"])
+        assert rank["cm"].sum() == len(yv)
+    assert [m["epoch"] for m in ranks[0]["reports"]] == [1, 2]
+    timing = ("train_seconds", "train_images_per_s")
+    same = [{k: v for k, v in m.items() if k not in timing} for m in ranks[0]["reports"]]
+    assert same == [{k: v for k, v in m.items() if k not in timing} for m in ranks[1]["reports"]]
