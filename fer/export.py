@@ -1,0 +1,386 @@
+"""Export a checkpoint to ONNX that takes raw pixels and returns calibrated class scores.
+
+    python -m fer.export --checkpoint runs/x/best.pt --out deploy/ [--int8] [--data PATH]
+
+The graph's input is `pixels`: uint8, (batch, H, W, C) -- channels last, exactly the
+layout of `fer.data.Split.images` and of an image array from PIL/OpenCV with a batch axis
+added -- with H, W, C fixed to the data set's image shape and a dynamic batch axis.
+Inside the graph: cast to float, scale to [0, 1], bilinear resize to the model's
+`image_size` (when it differs), normalise with `fer.transforms` MEAN/STD, run the
+network, add the checkpoint's post-hoc offsets (`fer.posthoc`). The output `scores`
+(batch, K) float32: argmax is the decision, softmax gives probabilities.
+
+Written to --out: model.onnx, parity.json (onnxruntime vs PyTorch on >= 64 real images:
+max |score difference| and top-1 agreement), model_card.json (classes, input spec,
+metrics, config, sha256, ONNX Runtime CPU latency) and, with --int8, model.int8.onnx
+(static QDQ quantization calibrated on real images) with its accuracy and macro-F1
+change against fp32. TensorFlow / TFLite export is out of scope.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+
+PARITY_TOLERANCE = 1e-4  # max |score difference|, fp32 onnxruntime vs PyTorch
+MIN_PARITY_IMAGES = 64
+OPSET = 18  # Resize with antialias needs opset >= 18
+
+
+class DeployModel(nn.Module):
+    """uint8 pixels (B, H, W, C) -> network logits + post-hoc offsets (B, K)."""
+
+    def __init__(self, model: nn.Module, *, image_size: int, input_hw: tuple[int, int],
+                 offsets: list[float] | np.ndarray | None, num_classes: int) -> None:
+        from fer.transforms import MEAN, STD
+
+        super().__init__()
+        self.model = model.eval()
+        self.image_size = int(image_size)
+        self.resize = tuple(input_hw) != (self.image_size, self.image_size)
+        # antialias only changes a downscale; leaving it off for upscales keeps the graph
+        # exportable by the TorchScript exporter as well (aten::_upsample_bilinear2d_aa is not)
+        self.antialias = self.resize and min(input_hw) > self.image_size
+        channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+        mean = torch.as_tensor(MEAN, dtype=torch.float32).flatten()
+        std = torch.as_tensor(STD, dtype=torch.float32).flatten()
+        self.register_buffer("mean", mean.expand(channels).clone().view(1, -1, 1, 1))
+        self.register_buffer("std", std.expand(channels).clone().view(1, -1, 1, 1))
+        offsets = np.zeros(num_classes) if offsets is None else np.asarray(offsets)
+        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.float32).view(1, -1))
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`fer.transforms.make_eval_transform` on channels-last uint8 input.
+
+        Identical when no resize is needed. When one is, the graph resizes in float;
+        torchvision resizes the uint8 tensor with a fixed-point kernel, so the two can
+        differ by one gray level per pixel (no ONNX op reproduces that kernel).
+        """
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        if self.resize:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False, antialias=self.antialias)
+        return (x - self.mean) / self.std
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(self.preprocess(pixels)) + self.offsets
+
+
+def build_deploy_model(ckpt: dict[str, Any], input_hw: tuple[int, int]) -> DeployModel:
+    """The checkpoint's network (eval mode, CPU) wrapped with preprocessing and offsets."""
+    from fer.checkpoint import model_from_checkpoint
+
+    model = model_from_checkpoint(ckpt, "cpu")
+    return DeployModel(model, image_size=int(ckpt["config"]["image_size"]), input_hw=input_hw,
+                       offsets=ckpt.get("posthoc_offsets"), num_classes=len(ckpt["classes"])).eval()
+
+
+def export_onnx(module: DeployModel, sample: torch.Tensor, path: str) -> str:
+    """Write `module` to ONNX with a dynamic batch axis; returns the exporter used.
+
+    The TorchScript exporter goes first: it takes seconds on these CNNs where the dynamo
+    exporter (torch.export + onnxscript) takes most of a minute on two cores. Dynamo is
+    used when the TorchScript one cannot express the graph (an antialiased downscale,
+    aten::_upsample_bilinear2d_aa) or fails.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    names = {"input_names": ["pixels"], "output_names": ["scores"], "opset_version": OPSET}
+    errors = []
+    if not module.antialias:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+                torch.onnx.export(module, (sample,), path, dynamo=False,
+                                  dynamic_axes={"pixels": {0: "batch"}, "scores": {0: "batch"}},
+                                  **names)
+            return "torchscript"
+        except Exception as err:
+            errors.append(f"torchscript: {type(err).__name__}: {str(err).splitlines()[0]}")
+    try:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        torch.onnx.export(module, (sample,), path, dynamo=True, dynamic_shapes={"pixels": {0: batch}},
+                          external_data=False, verbose=False, **names)
+        return "dynamo"
+    except Exception as err:
+        errors.append(f"dynamo: {type(err).__name__}: {str(err).splitlines()[0]}")
+    raise RuntimeError(f"ONNX export of {type(module.model).__name__} failed: {'; '.join(errors)}")
+
+
+def _session(path: str, threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: str, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Scores (N, K) from onnxruntime on CPU for uint8 images (N, H, W, C)."""
+    session = _session(path)
+    name = session.get_inputs()[0].name
+    out = [session.run(None, {name: np.ascontiguousarray(images[i:i + batch_size])})[0]
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out).astype(np.float32)
+
+
+@torch.no_grad()
+def run_torch(module: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    out = [module(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size]))).numpy()
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out).astype(np.float32)
+
+
+def check_parity(module: DeployModel, onnx_path: str, images: np.ndarray,
+                 tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
+    """onnxruntime vs PyTorch on the same raw images: max |diff| and identical top-1."""
+    reference = run_torch(module, images)
+    scores = run_onnx(onnx_path, images)
+    max_diff = float(np.abs(scores - reference).max()) if len(images) else 0.0
+    agree = scores.argmax(1) == reference.argmax(1)
+    return {
+        "images": int(len(images)),
+        "max_abs_score_diff": max_diff,
+        "tolerance": tolerance,
+        "top1_identical": bool(agree.all()),
+        "top1_agreement": float(agree.mean()) if len(images) else 1.0,
+        "passed": bool(max_diff <= tolerance and agree.all() and len(images) >= MIN_PARITY_IMAGES),
+    }
+
+
+def quantize_int8(onnx_path: str, out_path: str, calib_images: np.ndarray) -> str:
+    """Static INT8 quantization (QDQ, per-channel weights, MinMax activation ranges
+    calibrated on real images) with onnxruntime.quantization; returns out_path."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quant_pre_process, quantize_static)
+
+    class ImageReader(CalibrationDataReader):
+        """Feeds the calibration images a batch at a time."""
+
+        def __init__(self) -> None:
+            self.batches = iter([{"pixels": np.ascontiguousarray(calib_images[i:i + 32])}
+                                 for i in range(0, len(calib_images), 32)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    reader = ImageReader()
+    prepared = out_path + ".prep.onnx"
+    try:  # shape inference + graph optimisation, as onnxruntime recommends before quantizing
+        quant_pre_process(onnx_path, prepared, skip_symbolic_shape=True)
+        source = prepared
+    except Exception as err:
+        print(f"int8: quant_pre_process failed ({type(err).__name__}: {err}); quantizing the "
+              f"model as exported")
+        source = onnx_path
+    try:
+        quantize_static(source, out_path, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    finally:
+        if os.path.exists(prepared):
+            os.unlink(prepared)
+    return out_path
+
+
+def measure_latency(onnx_path: str, image: np.ndarray, runs: int = 50, threads: int = 1) -> dict[str, Any]:
+    """Median ONNX Runtime CPU latency of one image (batch 1) over `runs` timed runs."""
+    session = _session(onnx_path, threads)
+    name = session.get_inputs()[0].name
+    feed = {name: np.ascontiguousarray(image[None])}
+    for _ in range(5):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return {"batch": 1, "median_ms": statistics.median(times), "runs": runs,
+            "provider": "CPUExecutionProvider", "intra_op_threads": threads}
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _scores(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str, float]:
+    return {
+        "accuracy": float(accuracy_score(labels, pred)),
+        "macro_f1": float(f1_score(labels, pred, labels=list(range(num_classes)),
+                                   average="macro", zero_division=0)),
+    }
+
+
+def _input_spec(images: np.ndarray, image_size: int) -> dict[str, Any]:
+    from fer.transforms import MEAN, STD
+
+    _, height, width, channels = images.shape
+    return {
+        "name": "pixels", "dtype": "uint8", "layout": "NHWC",
+        "shape": ["batch", int(height), int(width), int(channels)],
+        "values": "raw pixels 0..255",
+        "preprocessing_in_graph": f"float /255, bilinear resize to {image_size}x{image_size}"
+                                  f" when needed, (x - {MEAN}) / {STD}",
+    }
+
+
+def export_checkpoint(ckpt_path_or_dict: str | dict[str, Any], out_dir: str, *, images: np.ndarray,
+                      labels: np.ndarray | None = None, int8: bool = False,
+                      calib_images: np.ndarray | None = None, latency_runs: int = 50,
+                      data_source: str | None = None) -> dict[str, Any]:
+    """Export, check parity, optionally quantize, write the model card; returns the card.
+
+    `images` (uint8, N >= 64, (N, H, W, C)) are real images for the parity check and, with
+    `labels`, the fp32 / INT8 metrics; `calib_images` calibrate INT8 (default: `images`).
+    """
+    from fer.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path_or_dict) if isinstance(ckpt_path_or_dict, (str, os.PathLike)) \
+        else ckpt_path_or_dict
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"export: images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+    if images.shape[-1] != int(ckpt["in_channels"]):
+        raise ValueError(f"export: images have {images.shape[-1]} channels, the checkpoint's model "
+                         f"takes {ckpt['in_channels']}")
+    classes = list(ckpt["classes"])
+    os.makedirs(out_dir, exist_ok=True)
+    module = build_deploy_model(ckpt, images.shape[1:3])
+    onnx_path = os.path.join(out_dir, "model.onnx")
+    exporter = export_onnx(module, torch.from_numpy(images[:2].copy()), onnx_path)
+
+    parity = check_parity(module, onnx_path, images)
+    parity.update(exporter=exporter, data=data_source)
+    _write_json(os.path.join(out_dir, "parity.json"), parity)
+    print(f"parity (onnxruntime vs PyTorch, {parity['images']} images): max |score diff| "
+          f"{parity['max_abs_score_diff']:.2e} (tolerance {PARITY_TOLERANCE:g}), top-1 identical: "
+          f"{parity['top1_identical']} -> {'PASSED' if parity['passed'] else 'FAILED'}")
+
+    metrics: dict[str, Any] = {"checkpoint": ckpt.get("metrics", {})}
+    fp32_scores = run_onnx(onnx_path, images)
+    if labels is not None:
+        offsets = module.offsets.numpy()
+        metrics["onnx_fp32"] = _scores(labels, fp32_scores.argmax(1), len(classes))
+        metrics["onnx_fp32_without_offsets"] = _scores(labels, (fp32_scores - offsets).argmax(1),
+                                                       len(classes))
+        metrics["images"] = int(len(labels))
+    card: dict[str, Any] = {
+        "file": "model.onnx", "sha256": sha256_file(onnx_path), "format": f"onnx opset {OPSET}",
+        "exporter": exporter, "classes": classes, "input": _input_spec(images, module.image_size),
+        "output": {"name": "scores", "dtype": "float32", "shape": ["batch", len(classes)],
+                   "meaning": "logits + post-hoc offsets; argmax = class, softmax = probabilities"},
+        "posthoc": ckpt["config"].get("posthoc"), "posthoc_offsets": ckpt.get("posthoc_offsets"),
+        "metrics": metrics, "parity": parity, "latency": measure_latency(onnx_path, images[0], latency_runs),
+        "config": ckpt["config"], "source": {"epoch": ckpt.get("epoch"), "stage": ckpt.get("stage"),
+                                             "data": data_source},
+    }
+    if int8:
+        card["int8"] = _export_int8(onnx_path, out_dir, images, labels, fp32_scores,
+                                    calib_images if calib_images is not None else images,
+                                    len(classes), latency_runs)
+    _write_json(os.path.join(out_dir, "model_card.json"), card)
+    print(f"latency (ORT CPU, batch 1, 1 thread): {card['latency']['median_ms']:.2f} ms/image; "
+          f"wrote {onnx_path} and model_card.json")
+    return card
+
+
+def _export_int8(onnx_path: str, out_dir: str, images: np.ndarray, labels: np.ndarray | None,
+                 fp32_scores: np.ndarray, calib_images: np.ndarray, num_classes: int,
+                 latency_runs: int) -> dict[str, Any]:
+    int8_path = quantize_int8(onnx_path, os.path.join(out_dir, "model.int8.onnx"), calib_images)
+    int8_scores = run_onnx(int8_path, images)
+    result: dict[str, Any] = {
+        "file": "model.int8.onnx", "sha256": sha256_file(int8_path),
+        "quantization": "static QDQ int8, per-channel weights, MinMax calibration",
+        "calibration_images": int(len(calib_images)),
+        "top1_agreement_with_fp32": float((int8_scores.argmax(1) == fp32_scores.argmax(1)).mean()),
+        "latency": measure_latency(int8_path, images[0], latency_runs),
+    }
+    if labels is not None:
+        fp32 = _scores(labels, fp32_scores.argmax(1), num_classes)
+        quant = _scores(labels, int8_scores.argmax(1), num_classes)
+        result.update(metrics=quant, accuracy_change=quant["accuracy"] - fp32["accuracy"],
+                      macro_f1_change=quant["macro_f1"] - fp32["macro_f1"])
+    line = f"int8: top-1 agreement with fp32 {result['top1_agreement_with_fp32']:.3f}"
+    if labels is not None:
+        line += (f", accuracy change {result['accuracy_change']:+.4f}, macro-F1 change "
+                 f"{result['macro_f1_change']:+.4f}")
+    print(line + f"; wrote {int8_path}")
+    return result
+
+
+def _write_json(path: str, value: dict[str, Any]) -> None:
+    def plain(obj: Any) -> Any:  # numpy values -> Python ones
+        return obj.tolist() if isinstance(obj, (np.ndarray, np.generic)) else str(obj)
+
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2, default=plain)
+
+
+def export_images(dataset, minimum: int = MIN_PARITY_IMAGES) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Real images for the checks: the whole test split, topped up from val then train
+    when it has fewer than `minimum`."""
+    parts = [("test", dataset.splits["test"])] if "test" in dataset.splits else []
+    for name in ("val", "train"):
+        have = sum(len(part.images) for _, part in parts)
+        if have < minimum and name in dataset.splits:
+            part = dataset.splits[name]
+            keep = slice(0, minimum - have)
+            parts.append((name, type(part)(part.images[keep],
+                                           None if part.labels is None else part.labels[keep])))
+    images = np.concatenate([part.images for _, part in parts])
+    known = all(part.labels is not None for _, part in parts)
+    labels = np.concatenate([part.labels for _, part in parts]) if known else None
+    return images, labels, "+".join(name for name, _ in parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fer.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a .pt file written by fer.train")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--int8", action="store_true", help="also write a static INT8 model")
+    parser.add_argument("--data", default=None, help="data for the checks (default: the checkpoint config's)")
+    parser.add_argument("--latency-runs", type=int, default=50)
+    args = parser.parse_args(argv)
+    try:
+        from fer.checkpoint import load_checkpoint
+        from fer.data import load_dataset
+
+        ckpt = load_checkpoint(args.checkpoint)
+        cfg = ckpt["config"]
+        dataset = load_dataset(args.data if args.data is not None else cfg.get("data"),
+                               load_size=int(cfg.get("load_size", 128)))
+        if list(dataset.classes) != list(ckpt["classes"]):
+            raise ValueError(f"{args.checkpoint}: checkpoint classes {ckpt['classes']} differ from "
+                             f"the data set's {dataset.classes} ({dataset.source})")
+        images, labels, splits = export_images(dataset)
+        train = dataset.splits["train"].images
+        calib = train[np.linspace(0, len(train) - 1, min(256, len(train))).astype(int)]
+        card = export_checkpoint(ckpt, args.out, images=images, labels=labels, int8=args.int8,
+                                 calib_images=calib, latency_runs=args.latency_runs,
+                                 data_source=f"{dataset.source} [{splits}]")
+    except ValueError as err:  # user errors: missing/corrupt checkpoint, bad data path
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0 if card["parity"]["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
