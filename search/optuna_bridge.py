@@ -7,12 +7,17 @@ a finished run. Here every epoch is reported at its global `epoch` as an interme
 value, a trial that ended before `max_t` is told PRUNED (Optuna then takes its last
 intermediate value, and TPE ranks pruned trials below complete ones of more steps),
 and a complete trial is told its best epoch's value: the checkpoint that is kept.
+
+"Stopped early" is asked of the scheduler when one is bound (`PersistentASHA.stopped_early`),
+because a trial can also end before `max_t` on its own (stage 2 skipped when no pool image
+reaches the pseudo-label threshold, or `patience`); without one, ending before `max_t` counts.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import pickle
 from typing import Any
 
 import optuna
@@ -34,11 +39,26 @@ def _finite(value: Any) -> bool:
 class PruningOptunaSearch(OptunaSearch):
     """OptunaSearch reporting per-epoch intermediate values and PRUNED for early stops."""
 
-    def __init__(self, *args: Any, max_t: int, time_attr: str = "epoch", **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, max_t: int, time_attr: str = "epoch", scheduler: Any = None, **kwargs: Any
+    ) -> None:
         self._max_t = int(max_t)
         self._time_attr = time_attr
+        self._scheduler = scheduler  # anything with a `stopped_early` set of trial ids
         self._reported: dict[str, dict[int, float]] = {}
         super().__init__(*args, **kwargs)
+
+    def save(self, checkpoint_path: str) -> None:
+        # The scheduler is saved by Tune with the tuner (one pickle, so the link survives
+        # Tuner.restore); a copy here would cut it on restore.
+        state = {k: v for k, v in self.__dict__.items() if k != "_scheduler"}
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(state, handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        scheduler = self._scheduler
+        super().restore(checkpoint_path)
+        self._scheduler = scheduler
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._report(trial_id, result)
@@ -70,15 +90,18 @@ class PruningOptunaSearch(OptunaSearch):
     def final_state(
         self, trial_id: str, result: dict | None, error: bool
     ) -> tuple[TrialState, float | None]:
-        """FAIL for errors and NaN, PRUNED before max_t, else COMPLETE with the best epoch's value."""
+        """FAIL for errors and NaN, PRUNED when stopped early, else COMPLETE with the best epoch's value."""
         reported = self._reported.get(trial_id, {})
         last = result.get(self.metric) if result else None
         if error or (last is not None and not _finite(last)):
             return TrialState.FAIL, None
         if not reported:
             return TrialState.PRUNED, None
-        step = max(reported)
-        if step < self._max_t:
+        if self._scheduler is not None:
+            stopped = trial_id in self._scheduler.stopped_early
+        else:
+            stopped = max(reported) < self._max_t
+        if stopped:
             return TrialState.PRUNED, None
         best = max(reported.values()) if self._mode == "max" else min(reported.values())
         return TrialState.COMPLETE, best

@@ -100,3 +100,18 @@ def test_nan_result_fails_the_trial(tmp_path):
     searcher.suggest("nan")
     searcher.on_trial_complete("nan", {"epoch": 4, "val_macro_f1": float("nan")})
     assert stored_trials(db)[0].state == TrialState.FAIL
+
+
+def test_trial_ending_early_on_its_own_is_complete_when_asha_did_not_stop_it(tmp_path):
+    """E.g. stage 2 skipped because no pool image reached the pseudo-label threshold."""
+    db = tmp_path / "optuna.db"
+    scheduler = type("Sched", (), {"stopped_early": {"stopped"}})()
+    searcher = make_searcher(db)
+    searcher._scheduler = scheduler
+    for trial_id in ("short", "stopped"):
+        searcher.suggest(trial_id)
+        searcher.on_trial_result(trial_id, {"epoch": 1, "val_macro_f1": 0.3})
+        searcher.on_trial_complete(trial_id, {"epoch": 2, "val_macro_f1": 0.35})
+    short, stopped = stored_trials(db)
+    assert short.state == TrialState.COMPLETE and short.value == pytest.approx(0.35)
+    assert stopped.state == TrialState.PRUNED

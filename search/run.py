@@ -1,0 +1,414 @@
+"""Search a YAML space with Ray Tune, Optuna TPE and ASHA; evaluate and export the winner.
+
+    python -m search.run --space imbalance.yaml
+    python -m search.run --space smoke --smoke                 # CI's tiny budget
+    python -m search.run --resume --name imbalance             # continue after Ctrl-C
+    python -m search.run --address auto --storage s3://bucket/fer --workers-per-trial 2
+
+Everything the user can get wrong (flags, the space file, the data) is checked before
+Ray starts. The experiment folder `<storage>/<name>` then holds the trials (TensorBoard
+logs inside), the Optuna study (optuna.db), ASHA's rungs, and at the end trials.csv,
+best_config.yaml, importance.csv and curves.png; the winner alone is evaluated once on
+the test split and exported to ONNX (`fer.export`) into --export-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from search.space import SMOKE_BUDGET, Space, SpaceError, load_space
+
+DEFAULT_STORAGE = "runs"
+DEFAULT_SPACE = "imbalance"
+LOCAL_MIRROR = Path("~/.cache/fer-search/experiments").expanduser()  # reports + study for URI storage
+
+
+class UsageError(ValueError):
+    """Bad command-line, space or data input: reported in one line before Ray starts."""
+
+
+@dataclass
+class Plan:
+    """Everything validated, before Ray starts."""
+
+    space: Space
+    data_path: str | None
+    dataset: Any  # fer.data.Dataset
+    name: str
+    storage: str  # local absolute folder or a URI
+    experiment: str  # storage/name (a path or a URI)
+    local_dir: Path  # where optuna.db and the reports live (the experiment folder when local)
+    export_dir: Path
+    resources: Any  # trainables.TrialResources
+    num_samples: int
+    max_concurrent: int
+    max_failures: int
+    address: str | None
+    dashboard_host: str
+    resume: bool
+    smoke: bool
+
+    @property
+    def study_path(self) -> Path:
+        from search.report import STUDY_FILE
+
+        return self.local_dir / STUDY_FILE
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _gpu_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0, a fraction like 0.25, or a whole number, got {text!r}") from None
+    if value < 0 or (value > 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"expected 0, a fraction in (0, 1] or a whole number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m search.run",
+        description="Hyperparameter search over a YAML space: Ray Tune runs the trials, Optuna TPE "
+        "proposes them (the space's baseline first), ASHA stops weak ones early; the winner is "
+        "evaluated once on the test split and exported to ONNX.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n")[1],
+    )
+    add = parser.add_argument
+    add("--space", default=None, metavar="NAME_OR_PATH",
+        help=f"search space: a YAML file, or a name in spaces/ (default: {DEFAULT_SPACE}; "
+        "with --resume, the one the experiment started with)")
+    add("--data", default=None, metavar="PATH",
+        help="FER2013 CSV, split folder or DR folder (default: the embedded demo data)")
+    add("--num-samples", type=_positive_int, default=None, metavar="N",
+        help="number of trials (default: the space's run.num_samples)")
+    add("--max-concurrent", type=_positive_int, default=None, metavar="N",
+        help="most trials at once (default: the space's run.max_concurrent, lowered to what the cluster fits)")
+    add("--workers-per-trial", type=_positive_int, default=1, metavar="N",
+        help="data-parallel workers per trial; 1 trains in the trial's own process, more start a "
+        "Ray Train worker group (DDP) per trial (default: 1)")
+    add("--cpus-per-worker", type=_positive_float, default=1.0, metavar="C",
+        help="CPUs each worker reserves, also its torch thread count (default: 1)")
+    add("--gpus-per-worker", type=_gpu_fraction, default=0.0, metavar="G",
+        help="GPUs each worker reserves; fractions share a GPU, e.g. 0.25 = four workers per GPU (default: 0)")
+    add("--address", default=None, metavar="ADDR",
+        help="join an existing Ray cluster ('auto' or host:port); default: start a local one")
+    add("--storage", default=DEFAULT_STORAGE, metavar="DIR_OR_URI",
+        help=f"where experiments live: a local folder or a URI such as s3://bucket/path; on a "
+        f"multi-node cluster it must be storage every node reaches (default: ./{DEFAULT_STORAGE})")
+    add("--name", default=None,
+        help="experiment name, the folder under --storage (default: the space's name, +'-smoke' with --smoke)")
+    add("--resume", action="store_true",
+        help="continue the experiment --name after an interruption: finished trials are kept, "
+        "unfinished ones continue from their last checkpoint, errored ones stay errored")
+    add("--seed", type=_nonneg_int, default=None,
+        help="seed of the searcher (TPE) and of every trial's training (default: the space's searcher.seed)")
+    add("--smoke", action="store_true",
+        help=f"tiny budget for CI: {', '.join(f'{k}={v}' for k, v in SMOKE_BUDGET.items())}")
+    add("--export-dir", default=None, metavar="DIR",
+        help="where the winner's ONNX model goes (default: <experiment>/export)")
+    add("--max-failures", type=_nonneg_int, default=1, metavar="N",
+        help="retries of a trial whose process or worker dies, from its last checkpoint (default: 1)")
+    add("--dashboard-host", default="127.0.0.1", metavar="HOST",
+        help="interface the Ray dashboard binds to on a local cluster (default: 127.0.0.1, this machine only)")
+    return parser
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _experiment_exists(experiment: str) -> bool:
+    if is_uri(experiment):
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(experiment)
+        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    return Path(experiment).exists()
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Validate flags, space and data; raises UsageError / SpaceError / DataError before Ray."""
+    from fer.data import load_dataset
+    from search.report import read_spec
+    from trainables import TrialResources
+
+    storage = args.storage if is_uri(args.storage) else str(Path(args.storage).expanduser().resolve())
+    saved: dict[str, Any] = {}
+    if args.resume:
+        if not args.name:
+            raise UsageError("--resume needs --name: the experiment to continue")
+        experiment = f"{storage.rstrip('/')}/{args.name}"
+        local_dir = Path(experiment) if not is_uri(storage) else LOCAL_MIRROR / args.name
+        if not _experiment_exists(experiment) or not (local_dir / "search_spec.json").is_file():
+            raise UsageError(f"--resume: no experiment {args.name!r} under {storage} (looked for {experiment})")
+        saved = read_spec(local_dir)
+        if args.space and str(load_space(args.space).path) != saved["space_path"]:
+            raise UsageError(
+                f"--resume: experiment {args.name!r} searched {saved['space_path']}, not {args.space}; "
+                "drop --space to continue it"
+            )
+        if args.data is not None and args.data != saved["data"]:
+            raise UsageError(f"--resume: experiment {args.name!r} used --data {saved['data']}, not {args.data}")
+
+    space = load_space(saved.get("space_path") or args.space or DEFAULT_SPACE)
+    smoke = args.smoke or saved.get("smoke", False)
+    if smoke:
+        space = space.with_budget(**SMOKE_BUDGET)
+    seed = args.seed if args.seed is not None else saved.get("seed")
+    if seed is not None:
+        space = dataclasses.replace(space, seed=seed)
+        if not any(p.name == "seed" for p in space.parameters):
+            space.fixed = {**space.fixed, "seed": seed}
+
+    name = args.name or (space.name + ("-smoke" if smoke else ""))
+    experiment = f"{storage.rstrip('/')}/{name}"
+    local_dir = Path(experiment) if not is_uri(storage) else LOCAL_MIRROR / name
+    if not args.resume and _experiment_exists(experiment):
+        raise UsageError(
+            f"experiment {experiment} exists: continue it with --resume --name {name}, "
+            "or start another with --name NEW"
+        )
+    try:
+        resources = TrialResources(
+            workers=args.workers_per_trial,
+            cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+    data_path = saved.get("data", args.data)
+    if data_path is not None and not is_uri(data_path):
+        data_path = str(Path(data_path).expanduser().resolve())
+    dataset = load_dataset(data_path, load_size=int(space.fixed.get("load_size", 128)))
+    for split in ("train", "val", "test"):
+        if split not in dataset.splits or len(dataset.splits[split].images) == 0:
+            raise UsageError(f"{dataset.source}: the search needs a non-empty {split!r} split")
+    pool = dataset.splits.get("unlabeled")
+    if (pool is None or len(pool.images) == 0) and space.fixed.get("student_epochs", 1) != 0:
+        # Without a pool stage 2 is skipped; ASHA's horizon must be stage 1 alone.
+        print(f"note: {dataset.source} has no unlabeled pool: stage 2 off, ASHA max_t = epochs")
+        space = space.with_budget(student_epochs=0)
+
+    export_dir = Path(args.export_dir).expanduser().resolve() if args.export_dir else local_dir / "export"
+    return Plan(
+        space=space,
+        data_path=data_path,
+        dataset=dataset,
+        name=name,
+        storage=storage,
+        experiment=experiment,
+        local_dir=local_dir,
+        export_dir=export_dir,
+        resources=resources,
+        num_samples=args.num_samples or saved.get("num_samples") or space.num_samples,
+        max_concurrent=args.max_concurrent or saved.get("max_concurrent") or space.max_concurrent,
+        max_failures=args.max_failures,
+        address=args.address,
+        dashboard_host=args.dashboard_host,
+        resume=args.resume,
+        smoke=smoke,
+    )
+
+
+def spec_of(plan: Plan) -> dict[str, Any]:
+    """What --resume and search.export need to know about how the search started."""
+    return {
+        "space_path": str(plan.space.path),
+        "data": plan.data_path,
+        "smoke": plan.smoke,
+        "seed": plan.space.seed,
+        "num_samples": plan.num_samples,
+        "max_concurrent": plan.max_concurrent,
+        "metric": plan.space.metric,
+        "mode": plan.space.mode,
+        "time_attr": plan.space.time_attr,
+        "max_t": plan.space.max_t,
+        "stage1_epochs": int(plan.space.fixed.get("epochs", 0)),
+        "baseline": plan.space.baseline_point(),
+        "params": [p.name for p in plan.space.parameters],
+        "study_name": plan.name,
+        "experiment": plan.experiment,
+        "resources": dataclasses.asdict(plan.resources),
+    }
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def start_ray(plan: Plan) -> str | None:
+    """Start (or join) the cluster; returns the dashboard URL when there is one."""
+    import ray
+
+    # Ray hides Train runs from the dashboard's Train view unless this is set.
+    env = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
+    os.environ.update(env)
+    if ray.is_initialized():  # e.g. a test session's cluster
+        return None
+    if plan.address:
+        context = ray.init(address=plan.address, runtime_env={"env_vars": env})
+    else:
+        context = ray.init(
+            include_dashboard=True, dashboard_host=plan.dashboard_host, runtime_env={"env_vars": env}
+        )
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def fit_concurrency(plan: Plan) -> int:
+    """The requested concurrency, lowered to the number of trials the cluster can hold."""
+    import ray
+
+    from trainables import max_concurrent_trials
+
+    fits = max_concurrent_trials(plan.resources, ray.cluster_resources())  # raises if one trial never fits
+    if fits < plan.max_concurrent:
+        print(f"note: the cluster holds {fits} trial(s) at once; --max-concurrent {plan.max_concurrent} lowered")
+    return min(fits, plan.max_concurrent)
+
+
+def build_tuner(plan: Plan, trainable: Any, max_concurrent: int) -> Any:
+    from ray import tune
+
+    from search.asha import PersistentASHA
+    from search.optuna_bridge import PruningOptunaSearch, open_study_storage
+
+    space = plan.space
+    scheduler = PersistentASHA(
+        time_attr=space.time_attr,
+        max_t=space.max_t,
+        grace_period=space.grace_period,
+        reduction_factor=space.reduction_factor,
+    )
+    searcher = PruningOptunaSearch(
+        space=space,
+        metric=space.metric,
+        mode=space.mode,
+        points_to_evaluate=[space.baseline_point()],
+        sampler=space.build_sampler(),
+        storage=open_study_storage(str(plan.study_path)),
+        study_name=plan.name,
+        max_t=space.max_t,
+        time_attr=space.time_attr,
+        scheduler=scheduler,
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=space.metric,
+            mode=space.mode,
+            search_alg=searcher,  # Tune wraps it in a ConcurrencyLimiter(max_concurrent_trials)
+            scheduler=scheduler,
+            num_samples=plan.num_samples,
+            max_concurrent_trials=max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=plan.storage,
+            failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+        ),
+    )
+
+
+def run_search(plan: Plan) -> None:
+    """Start or resume the Tuner and wait for it; Ctrl-C returns with the state saved."""
+    from ray import tune
+
+    from search.report import write_spec
+    from trainables import make_trainable
+
+    max_concurrent = fit_concurrency(plan)
+    trainable = make_trainable(plan.dataset, plan.resources)
+    if plan.resume:
+        tuner = tune.Tuner.restore(
+            plan.experiment, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        )
+    else:
+        plan.local_dir.mkdir(parents=True, exist_ok=True)
+        write_spec(plan.local_dir, spec_of(plan))
+        tuner = build_tuner(plan, trainable, max_concurrent)
+    tuner.fit()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def print_start(plan: Plan, dashboard: str | None) -> None:
+    print(plan.space.summary())
+    print(
+        f"data: {plan.dataset.source} ({', '.join(f'{k} {len(v.images)}' for k, v in plan.dataset.splits.items())})"
+    )
+    print(f"experiment: {plan.experiment}  ({plan.num_samples} trials, up to {plan.max_concurrent} at once)")
+    if dashboard:
+        print(f"Ray dashboard: {dashboard}  (Train runs appear in its Train view)")
+    print(f"TensorBoard:   tensorboard --logdir {plan.experiment}")
+    print(f"Optuna study:  optuna-dashboard sqlite:///{plan.study_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from fer.data import DataError
+
+    try:
+        plan = make_plan(args)
+    except (UsageError, SpaceError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    started = time.time()
+    dashboard = start_ray(plan)
+    print_start(plan, dashboard)
+    try:
+        run_search(plan)
+    except ValueError as err:  # e.g. a trial that can never fit on this cluster
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from search.finish import finish
+
+    return finish(plan, wall_s=time.time() - started)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
