@@ -1,0 +1,115 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from fer import synth
+
+SCALE = 0.2
+
+
+@pytest.fixture(scope="module")
+def frame() -> pd.DataFrame:
+    return synth.generate(seed=0, scale=SCALE)
+
+
+def counts(frame: pd.DataFrame, usage: str) -> np.ndarray:
+    rows = frame[frame["Usage"] == usage]
+    return np.bincount(rows["emotion"].to_numpy(), minlength=len(synth.CLASSES))
+
+
+def test_same_seed_gives_identical_frame(frame):
+    pd.testing.assert_frame_equal(frame, synth.generate(seed=0, scale=SCALE))
+
+
+def test_different_seed_gives_different_frame(frame):
+    other = synth.generate(seed=1, scale=SCALE)
+    assert len(other) == len(frame)
+    assert not other["pixels"].equals(frame["pixels"])
+
+
+def test_columns_and_pixel_format(frame):
+    assert list(frame.columns) == ["emotion", "pixels", "Usage"]
+    assert set(frame["Usage"]) == {"Training", "PublicTest", "PrivateTest", "Unlabeled"}
+    assert frame["emotion"].dtype.kind == "i"
+    assert frame["emotion"].between(0, len(synth.CLASSES) - 1).all()
+    for text in frame["pixels"].iloc[::50]:
+        assert "  " not in text and text == text.strip()
+        values = np.array(text.split(" "), dtype=np.int64)
+        assert values.shape == (48 * 48,)
+        assert values.min() >= 0 and values.max() <= 255
+        assert values.std() > 5  # a drawn face, not a flat image
+
+
+def test_classes_are_fer2013_order():
+    assert synth.CLASSES == ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
+
+
+@pytest.mark.parametrize("scale", [0.2, 1.0])
+def test_training_mix_follows_fer2013(scale):
+    train = synth.split_counts(scale)["train"]
+    expected = synth.FER_TRAIN_COUNTS * synth.TRAIN_FRACTION * scale
+    assert np.all(np.abs(train - expected) <= 0.5)  # within rounding
+    if scale == 1.0:
+        assert 2900 <= train.sum() <= 3100
+        assert train[1] >= 40  # Disgust keeps enough images to learn from
+    assert train[3] / train[1] == pytest.approx(16.5, rel=0.15)  # Disgust : Happy about 1 : 16
+
+
+def test_frame_counts_match_split_counts(frame):
+    expected = synth.split_counts(SCALE)
+    for name, usage in synth.USAGES.items():
+        np.testing.assert_array_equal(counts(frame, usage), expected[name])
+
+
+def test_val_and_test_are_balanced():
+    split = synth.split_counts(1.0)
+    for name in ("val", "test"):
+        assert split[name].min() >= 60  # a stable Disgust F1
+        assert split[name].max() <= 1.5 * split[name].min()
+
+
+def test_unlabeled_pool_keeps_true_labels_and_training_mix(frame):
+    pool = counts(frame, "Unlabeled")
+    assert pool.sum() > 0 and (pool > 0).all()
+    np.testing.assert_array_equal(pool, counts(frame, "Training"))
+
+
+def test_classes_differ_on_average():
+    # Mean faces per class must differ more than two halves of the same class do.
+    arrays = synth.generate_arrays(seed=0, scale=0.5)
+    labels, images = arrays["train"]
+    images = images.reshape(len(images), -1).astype(np.float64)
+    images -= images.mean(axis=1, keepdims=True)
+    means = [images[labels == k] for k in (3, 5)]  # Happy, Surprise
+    between = np.abs(means[0].mean(0) - means[1].mean(0)).mean()
+    within = np.abs(means[0][::2].mean(0) - means[0][1::2].mean(0)).mean()
+    assert between > 1.5 * within
+
+
+def test_bad_scale_raises():
+    with pytest.raises(ValueError, match="scale must be > 0, got 0"):
+        synth.split_counts(0)
+
+
+def test_write_csv_roundtrips(tmp_path):
+    path = synth.write_csv(str(tmp_path / "out"), seed=3, scale=0.05)
+    assert path.endswith("fer2013_demo.csv")
+    read = pd.read_csv(path)
+    pd.testing.assert_frame_equal(read, synth.generate(seed=3, scale=0.05))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fer2013_demo.csv"]
+
+
+def test_cli_writes_csv_preview_and_prints_counts(tmp_path, capsys):
+    preview = tmp_path / "preview.png"
+    assert synth.main(["--out", str(tmp_path), "--seed", "1", "--scale", "0.05", "--preview", str(preview)]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "fer2013_demo.csv") in out
+    for word in ["Training", "PublicTest", "PrivateTest", "Unlabeled", *synth.CLASSES]:
+        assert word in out
+    assert preview.stat().st_size > 1000
+
+
+def test_cli_rejects_bad_scale(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        synth.main(["--out", str(tmp_path), "--scale", "-1"])
+    assert "--scale must be > 0" in capsys.readouterr().err
