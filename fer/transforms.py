@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,25 +58,40 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 # Geometry: one affine per image.
 
 
-def _uniform(n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
-    return torch.empty(n, device=device).uniform_(low, high)
+# Random parameters are drawn on the CPU from torch's global generator (so one seed gives
+# the same augmentation on any device) and reach the batch's device in one copy: the
+# dozens of tiny parameter ops would otherwise each cost a kernel launch on a GPU.
 
 
-def _crop_flip_affine(n: int, device: torch.device, scale=(0.8, 1.0), ratio=(0.9, 1.1), degrees=10.0) -> torch.Tensor:
+def _uniform(n: int, low: float, high: float) -> torch.Tensor:
+    return torch.empty(n).uniform_(low, high)
+
+
+def _send(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Move CPU tensors (first dim n) to `device` as float32, in one pinned async copy."""
+    if device.type == "cpu":
+        return [t.float() for t in tensors]
+    flat = torch.cat([t.reshape(len(t), -1).float() for t in tensors], dim=1)
+    moved = flat.pin_memory().to(device, non_blocking=True)
+    widths = [t[0].numel() if len(t) else 0 for t in tensors]
+    return [part.reshape(t.shape) for part, t in zip(moved.split(widths, dim=1), tensors)]
+
+
+def _crop_flip_affine(n: int, scale=(0.8, 1.0), ratio=(0.9, 1.1), degrees=10.0) -> torch.Tensor:
     """(n, 2, 3) matrices mapping output to input coordinates ([-1, 1], grid_sample's).
 
     A random resized crop keeping 80-100% of the area (aspect 0.9-1.1), a rotation of
     up to `degrees` and a horizontal flip with probability 0.5: small enough to keep a
     48x48 face recognisable.
     """
-    area = _uniform(n, *scale, device)
-    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), device)
+    area = _uniform(n, *scale)
+    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]))
     w = torch.sqrt(area * log_r.exp()).clamp(max=1.0)
     h = torch.sqrt(area / log_r.exp()).clamp(max=1.0)
-    cx = (torch.rand(n, device=device) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, device=device) * 2 - 1) * (1 - h)
-    angle = _uniform(n, -degrees, degrees, device) * (math.pi / 180)
-    flip = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
+    cx = (torch.rand(n) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n) * 2 - 1) * (1 - h)
+    angle = _uniform(n, -degrees, degrees) * (math.pi / 180)
+    flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
     cos, sin = angle.cos(), angle.sin()
     row0 = torch.stack([w * flip * cos, -h * sin, cx], dim=1)
     row1 = torch.stack([w * flip * sin, h * cos, cy], dim=1)
@@ -90,7 +106,8 @@ def _warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 def _compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Affine `first` applied to coordinates already mapped by `second` (3x3 product)."""
-    pad = torch.tensor([0.0, 0.0, 1.0], device=first.device).expand(len(first), 1, 3)
+    pad = first.new_zeros(len(first), 1, 3)
+    pad[..., 2] = 1.0
     return (torch.cat([first, pad], 1) @ torch.cat([second, pad], 1))[:, :2]
 
 
@@ -181,7 +198,7 @@ _OP_NAMES = list(TRIVIAL_OPS)
 def _geometric_affine(op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """(n, 2, 3) matrices of the geometric TrivialAugment ops (identity for the others)."""
     n = len(op)
-    theta = torch.zeros(n, 2, 3, device=m.device)
+    theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
     is_op = {name: op == _OP_NAMES.index(name) for name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")}
     theta[:, 0, 1] = torch.where(is_op["ShearX"], m, theta[:, 0, 1])
@@ -196,43 +213,65 @@ def _geometric_affine(op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return _compose(theta, rot)
 
 
-def _draw_trivial(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+class _TrivialDraw(NamedTuple):
+    op: torch.Tensor  # (n,) op index per image
+    magnitude: torch.Tensor  # (n,) signed magnitude
+    order: torch.Tensor  # image indices sorted by op
+    counts: list[int]  # images per op
+
+
+def _draw_trivial(n: int) -> _TrivialDraw:
     """Per image: an op index and a signed magnitude drawn uniformly up to the op's max."""
-    op = torch.randint(len(_OP_NAMES), (n,), device=device)
-    top = torch.tensor([TRIVIAL_OPS[k][1] for k in _OP_NAMES], device=device)[op]
-    signed = torch.tensor([TRIVIAL_OPS[k][2] for k in _OP_NAMES], device=device)[op]
-    sign = torch.where(signed & (torch.rand(n, device=device) < 0.5), -1.0, 1.0)
-    return op, torch.rand(n, device=device) * top * sign
+    op = torch.randint(len(_OP_NAMES), (n,))
+    top = torch.tensor([TRIVIAL_OPS[k][1] for k in _OP_NAMES])[op]
+    signed = torch.tensor([TRIVIAL_OPS[k][2] for k in _OP_NAMES])[op]
+    sign = torch.where(signed & (torch.rand(n) < 0.5), -1.0, 1.0)
+    magnitude = torch.rand(n) * top * sign
+    order = torch.argsort(op, stable=True)
+    return _TrivialDraw(op, magnitude, order, torch.bincount(op, minlength=len(_OP_NAMES)).tolist())
 
 
-def _apply_photometric(images: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    out = images
-    for index, name in enumerate(_OP_NAMES):
+def _apply_photometric(
+    images: torch.Tensor, magnitude: torch.Tensor, order: torch.Tensor, counts: list[int]
+) -> torch.Tensor:
+    """Each photometric op on the rows that drew it (`order` groups the rows by op)."""
+    out, start = images, 0
+    for name, count in zip(_OP_NAMES, counts):
+        rows = order[start : start + count]
+        start += count
         fn = TRIVIAL_OPS[name][0]
-        if fn is None or fn is _identity:
-            continue
-        rows = (op == index).nonzero().squeeze(1)
-        if len(rows):
-            out = out.index_copy(0, rows, fn(images[rows], m[rows]))
+        if count and fn is not None and fn is not _identity:
+            out = out.index_copy(0, rows, fn(images[rows], magnitude[rows]))
     return out
 
 
-def random_erase(images: torch.Tensor, p: float = 0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3), value: float = 0.0) -> torch.Tensor:
-    """One rectangle per image with probability p (v2.RandomErasing's defaults), vectorised."""
-    n, _, height, width = images.shape
-    device = images.device
-    area = _uniform(n, *scale, device) * height * width
-    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), device)
+def _draw_erase(n: int, height: int, width: int, p: float = 0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3)) -> torch.Tensor:
+    """(n, 4) rectangles [top, left, bottom, right); empty when the image is not erased."""
+    area = _uniform(n, *scale) * height * width
+    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]))
     h = torch.sqrt(area * log_r.exp()).round().clamp(1, height)
     w = torch.sqrt(area / log_r.exp()).round().clamp(1, width)
-    top = (torch.rand(n, device=device) * (height - h + 1)).floor()
-    left = (torch.rand(n, device=device) * (width - w + 1)).floor()
-    on = (torch.rand(n, device=device) < p).view(n, 1, 1)
-    rows = torch.arange(height, device=device).view(1, height, 1)
-    cols = torch.arange(width, device=device).view(1, 1, width)
-    mask = on & (rows >= top.view(n, 1, 1)) & (rows < (top + h).view(n, 1, 1))
-    mask = mask & (cols >= left.view(n, 1, 1)) & (cols < (left + w).view(n, 1, 1))
+    top = (torch.rand(n) * (height - h + 1)).floor()
+    left = (torch.rand(n) * (width - w + 1)).floor()
+    on = torch.rand(n) < p
+    return torch.stack([top, left, torch.where(on, top + h, top), left + w], dim=1)
+
+
+def _erase(images: torch.Tensor, boxes: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+    n, _, height, width = images.shape
+    top, left, bottom, right = (boxes[:, i].view(n, 1, 1) for i in range(4))
+    rows = torch.arange(height, device=images.device).view(1, height, 1)
+    cols = torch.arange(width, device=images.device).view(1, 1, width)
+    mask = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
     return images.masked_fill(mask[:, None], value)
+
+
+def random_erase(
+    images: torch.Tensor, p: float = 0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3), value: float = 0.0
+) -> torch.Tensor:
+    """One rectangle per image with probability p (v2.RandomErasing's defaults), vectorised."""
+    (boxes,) = _send(images.device, _draw_erase(len(images), *images.shape[-2:], p, scale, ratio))
+    return _erase(images, boxes, value)
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,16 +284,19 @@ def _none(batch: torch.Tensor, size: int) -> torch.Tensor:
 
 def _weak(batch: torch.Tensor, size: int) -> torch.Tensor:
     images = _to_float(_resize(batch, size))
-    return normalize(_warp(images, _crop_flip_affine(len(images), images.device)))
+    (theta,) = _send(images.device, _crop_flip_affine(len(images)))
+    return normalize(_warp(images, theta))
 
 
 def _strong(batch: torch.Tensor, size: int) -> torch.Tensor:
     images = _to_float(_resize(batch, size))
-    n, device = len(images), images.device
-    op, m = _draw_trivial(n, device)
-    theta = _compose(_crop_flip_affine(n, device), _geometric_affine(op, m))
-    images = _apply_photometric(_warp(images, theta), op, m)
-    return random_erase(normalize(images))
+    n = len(images)
+    draw = _draw_trivial(n)
+    theta = _compose(_crop_flip_affine(n), _geometric_affine(draw.op, draw.magnitude))
+    boxes = _draw_erase(n, size, size)
+    theta, magnitude, order, boxes = _send(images.device, theta, draw.magnitude, draw.order, boxes)
+    images = _apply_photometric(_warp(images, theta), magnitude, order.long(), draw.counts)
+    return _erase(normalize(images), boxes)
 
 
 AUGMENTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
@@ -273,7 +315,8 @@ def get_augment(kind: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
 def make_train_transform(kind: str, image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 (B, C, H, W) -> normalised float32 (B, C, S, S), random per image.
 
-    Randomness comes from torch's global generator on the batch's device (seed it).
+    Randomness comes from torch's global CPU generator (torch.manual_seed), whatever the
+    batch's device.
     """
     fn = get_augment(kind)
 

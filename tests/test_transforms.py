@@ -88,7 +88,8 @@ def test_photometric_ops_match_torchvision(name, channels):
 
 def test_every_trivial_op_is_drawn():
     torch.manual_seed(0)
-    op, m = T._draw_trivial(2000, torch.device("cpu"))
+    op, m, order, counts = T._draw_trivial(2000)
+    assert sum(counts) == 2000 and (op[order].diff() >= 0).all()
     assert set(op.tolist()) == set(range(len(TRIVIAL_OPS)))
     tops = torch.tensor([v[1] for v in TRIVIAL_OPS.values()])
     assert (m.abs() <= tops[op] + 1e-6).all()
