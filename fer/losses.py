@@ -99,12 +99,12 @@ def class_weights(scheme: str, counts: np.ndarray, beta: float = 0.999) -> torch
 def log_prior(counts: np.ndarray) -> torch.Tensor:
     """log of the training class frequencies, float32.
 
-    A class with zero samples gets the prior of half a sample, 0.5 / N, so the log is
-    finite (-log 2N, e.g. -10.6 for N = 20k) instead of -inf.
+    A class with zero samples counts as half a sample, so its log prior is finite
+    (about -log 2N, e.g. -10.6 for N = 20k) instead of -inf. Same rule as
+    `fer.posthoc.log_prior`, so training-time and post-hoc adjustments agree.
     """
-    counts = _check_counts(counts)
-    prior = np.maximum(counts, 0.5) / counts.sum()
-    return torch.as_tensor(np.log(prior), dtype=torch.float32)
+    counts = np.maximum(_check_counts(counts), 0.5)
+    return torch.as_tensor(np.log(counts / counts.sum()), dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------

@@ -132,7 +132,8 @@ def test_logit_adjusted_shifts_by_log_prior(loss, tau):
 def test_log_prior_zero_class_finite():
     lp = log_prior(np.array([10, 0, 10]))
     assert torch.isfinite(lp).all()
-    assert lp[1].item() == pytest.approx(np.log(0.5 / 20))
+    assert lp[1].item() == pytest.approx(np.log(0.5 / 20.5))
+    assert lp.exp().sum().item() == pytest.approx(1.0)
 
 
 def test_sample_weight_reduction():
