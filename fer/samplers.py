@@ -24,8 +24,12 @@ from collections.abc import Callable
 import numpy as np
 
 
-def _rng(*keys: int) -> np.random.Generator:
-    return np.random.default_rng([int(k) % 2**64 for k in keys])
+# Stream tags: every random stream below has its own tag, so no two can coincide.
+_SHUFFLE, _CAP, _CAP_FILL, _SHARE = range(4)
+
+
+def _rng(tag: int, seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([tag] + [int(k) % 2**64 for k in (seed, *keys)])
 
 
 def _class_members(labels: np.ndarray) -> list[np.ndarray]:
@@ -47,10 +51,10 @@ def _capped_class(members: np.ndarray, cap: int, seed: int, epoch: int, k: int) 
         return members
     epochs_per_cycle = -(-n // cap)
     cycle, step = divmod(epoch, epochs_per_cycle)
-    perm = _rng(seed, k, cycle).permutation(n)
+    perm = _rng(_CAP, seed, k, cycle).permutation(n)
     chosen = perm[step * cap : (step + 1) * cap]
     if len(chosen) < cap:  # last epoch of a cycle: top up from this cycle's earlier images
-        fill = _rng(seed, k, cycle, 1).choice(perm[: step * cap], cap - len(chosen), replace=False)
+        fill = _rng(_CAP_FILL, seed, k, cycle).choice(perm[: step * cap], cap - len(chosen), replace=False)
         chosen = np.concatenate([chosen, fill])
     return members[chosen]
 
@@ -88,7 +92,7 @@ def _by_share(members: list[np.ndarray], epoch: int, class_cap: int, seed: int, 
     sizes = np.array([len(m) for m in members], dtype=np.float64)
     share = np.where(sizes > 0, sizes**power, 0.0)
     draws = _allocate(_epoch_size(sizes, class_cap), share)
-    rng = _rng(seed, epoch, 2)
+    rng = _rng(_SHARE, seed, epoch)
     return np.concatenate([_draw(m, d, rng) for m, d in zip(members, draws) if d > 0])
 
 
@@ -124,7 +128,7 @@ def epoch_indices(
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
     indices = fn(_class_members(labels), epoch, class_cap, seed)
-    return _rng(seed, epoch).permutation(indices.astype(np.int64))
+    return _rng(_SHUFFLE, seed, epoch).permutation(indices.astype(np.int64))
 
 
 def shard(indices: np.ndarray, rank: int, world_size: int, *, pad: bool = False) -> np.ndarray:
