@@ -21,10 +21,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import json
+import mmap
 import os
 import re
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,54 +97,97 @@ class Dataset:
 _PAD = b"\n\n\n\n"  # lets the parser look three bytes back from the first separator
 
 
+class _Workspace(threading.local):
+    """Per-thread scratch arrays reused from chunk to chunk: fresh multi-megabyte temporaries
+    cost a page fault every 4 KB, which here is more than all the arithmetic on them."""
+
+    size = 0
+
+    def reserve(self, nbytes: int) -> "_Workspace":
+        if nbytes > self.size:
+            self.size = n = nbytes + nbytes // 4 + 64
+            self.blob = bytearray(n)
+            self.mask = np.empty(n, bool)
+            self.digits = np.empty((3, n // 2 + 4), np.uint8)  # a token takes >= 2 bytes
+            self.flags = np.empty((2, n // 2 + 4), bool)
+        return self
+
+
+_WORKSPACE = _Workspace()
+
+
 def _parse_chunk(rows: list) -> tuple[np.ndarray, np.ndarray] | None:
     """Parse pixel strings (bytes-like, digits separated by spaces) into uint8 values.
 
-    Returns (values, per-row counts), or None when anything is unusual (a byte other than
-    a digit or a space, an empty or over-long token, a value above 255): the caller then
-    re-parses the chunk slowly to name the offending row. The fast path looks only at the
-    separators: the three bytes before each separator are the token's digits.
+    Returns (per-row counts, values) -- values live in this thread's workspace until its next
+    call -- or None when anything is unusual (a byte other than a digit or a space, an empty
+    or over-long token, a value above 255): the caller then re-parses the chunk slowly to
+    name the offending row. Only the separators are located; the three bytes before each
+    separator are the token's ones, tens and hundreds digits.
     """
-    blob = _PAD + b"\n".join(rows) + b"\n"
-    a = np.frombuffer(blob, np.uint8, offset=3)  # a[0] is the separator before row 0
-    sep = np.flatnonzero(a < 48)  # spaces and row newlines ('0' is 48)
+    ws = _WORKSPACE.reserve(sum(len(r) for r in rows) + len(rows) + len(_PAD))
+    buf, view = ws.blob, memoryview(ws.blob)
+    view[:4] = _PAD
+    p = 4
+    for row in rows:  # one copy into a reused buffer (b"\n".join would allocate fresh pages)
+        n = len(row)
+        view[p:p + n] = row
+        p += n
+        buf[p] = 10
+        p += 1
+    blob = np.frombuffer(buf, np.uint8, count=p)
+    a = blob[3:]  # a[0] is the separator before row 0
+    mask = ws.mask[:len(a)]
+    np.less(a, 48, out=mask)  # spaces and row newlines ('0' is 48)
+    sep = mask.nonzero()[0]
+    np.equal(a, 32, out=mask)
     # rows hold no newline, so every separator must be a space or one of our len(rows)+1 newlines
-    if a.max() > 57 or len(sep) != np.count_nonzero(a == 32) + len(rows) + 1:
+    if a.max() > 57 or len(sep) != np.count_nonzero(mask) + len(rows) + 1:
         return None  # a byte that is neither a digit nor a space
     ends = sep[1:]  # each separator closes the token before it
-    d1 = np.frombuffer(blob, np.uint8, offset=2).take(ends)  # last digit
-    d2 = np.frombuffer(blob, np.uint8, offset=1).take(ends)  # tens, if a digit
-    d3 = np.frombuffer(blob, np.uint8, offset=0).take(ends)  # hundreds, if a digit
+    m = len(ends)
+    d1, d2, d3 = ws.digits[0, :m], ws.digits[1, :m], ws.digits[2, :m]
+    blob[2:].take(ends, out=d1, mode="clip")  # last digit ("clip": no bounds-check buffering)
+    blob[1:].take(ends, out=d2, mode="clip")  # tens, if a digit
+    blob.take(ends, out=d3, mode="clip")  # hundreds, if a digit
     if d1.min() < 48:
         return None  # an empty token: two separators in a row, or a leading/trailing space
-    has2 = d2 >= 48
-    has3 = d3 >= 48
+    has2, has3 = ws.flags[0, :m], ws.flags[1, :m]
+    np.greater_equal(d2, 48, out=has2)
+    np.greater_equal(d3, 48, out=has3)
     has3 &= has2
-    n_digits = len(a) - len(sep)
-    if len(ends) + int(np.count_nonzero(has2)) + int(np.count_nonzero(has3)) != n_digits:
+    if m + np.count_nonzero(has2) + np.count_nonzero(has3) != len(a) - len(sep):
         return None  # a token with four or more digits
     d1 -= 48
     d2 -= 48
     d2 *= has2
     d2 *= 10
-    d1 += d2  # 0..99
+    d1 += d2  # ones and tens, 0..99
     d3 -= 48
-    d3 *= has3  # 0..9 hundreds
-    if d3.max() > 2 or np.any((d3 == 2) & (d1 > 55)):
-        return None  # a value above 255
-    d3 *= 100  # at most 200, fits uint8
+    d3 *= has3  # hundreds digit
+    top = d3.max()
+    if top > 2:
+        return None  # a value above 299
+    if top == 2:
+        np.equal(d3, 2, out=has2)
+        np.greater(d1, 55, out=has3)
+        has2 &= has3
+        if has2.any():
+            return None  # a value in 256..299
+    d3 *= 100
     d1 += d3
-    lengths = np.fromiter((len(r) + 1 for r in rows), np.int64, len(rows))
-    row_ends = np.cumsum(lengths)  # position in `a` of each row's newline
-    counts = np.diff(np.searchsorted(ends, row_ends), prepend=0)
-    counts[0] += 1  # searchsorted(ends, end of row 0) counts row 0's tokens minus one
-    return d1, counts
+    row_ends = np.cumsum(np.fromiter((len(r) + 1 for r in rows), np.int64, len(rows)))
+    counts = np.diff(np.searchsorted(ends, row_ends), prepend=-1)  # tokens up to each newline
+    return counts, d1
 
 
 def _parse_row_slow(row: str, where: str) -> np.ndarray:
     """Parse one pixel string with full checks; raise DataError naming `where`."""
     values = []
     for token in row.split():
+        if "," in token:
+            raise DataError(f"{where}: too many comma-separated fields (a comma inside the pixels "
+                            f"field: {token[:24]!r})")
         if not token.isdigit() or not token.isascii():
             raise DataError(f"{where}: non-numeric pixel value {token[:20]!r} "
                             f"(expected integers 0..255 separated by spaces)")
@@ -151,63 +198,85 @@ def _parse_row_slow(row: str, where: str) -> np.ndarray:
     return np.array(values, np.uint8)
 
 
+def _parse_chunk_slow(rows: list, path: str | os.PathLike, lines: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    per_row = [_parse_row_slow(bytes(r).decode("latin-1"), f"{path}: line {line}")
+               for r, line in zip(rows, lines)]
+    return np.array([len(v) for v in per_row]), np.concatenate(per_row)
+
+
+def _expected_count(counts: np.ndarray, path: str | os.PathLike, lines: np.ndarray) -> int:
+    """The square pixel count most rows agree on (2304 = 48x48 for FER2013)."""
+    seen, freq = np.unique(counts, return_counts=True)
+    square = (seen > 0) & (np.round(np.sqrt(seen)) ** 2 == seen)
+    if not square.any():
+        raise DataError(f"{path}: line {lines[0]}: found {counts[0]} pixel values; expected a square "
+                        f"image's worth (e.g. 2304 = 48x48), the same in every row")
+    return int(seen[square][freq[square].argmax()])
+
+
 def parse_pixel_rows(rows: list, path: str | os.PathLike, lines: np.ndarray,
                      workers: int | None = None) -> np.ndarray:
     """Parse FER pixel strings into a uint8 array (N, S, S, 1).
 
     rows: bytes-like pixel strings; lines: the 1-based file line of each row (for errors).
-    Every row must hold the same square number of values (2304 = 48x48 for FER2013).
+    Every row must hold the same square number of values, the one most of the first rows hold.
     """
-    chunks = [rows[i:i + CHUNK_ROWS] for i in range(0, len(rows), CHUNK_ROWS)]
+    if not rows:
+        return np.zeros((0, 0, 0, 1), np.uint8)
+    size = CHUNK_ROWS
+    starts = range(0, len(rows), size)
+    first = _parse_chunk(rows[:size]) or _parse_chunk_slow(rows[:size], path, lines[:size])
+    expected = _expected_count(first[0], path, lines[:size])
+    out = np.empty(len(rows) * expected, np.uint8)
+
+    def fill(start: int) -> bool:
+        chunk = rows[start:start + size]
+        parsed = _parse_chunk(chunk)
+        if parsed is None or not (parsed[0] == expected).all():
+            return False
+        out[start * expected:(start + len(chunk)) * expected] = parsed[1]
+        return True
+
     workers = workers or min(4, os.cpu_count() or 1)
     # numpy releases the GIL in the heavy calls, so threads overlap chunks on several cores
-    if workers > 1 and len(chunks) > 1:
+    if workers > 1 and len(starts) > 1:
         with ThreadPoolExecutor(workers) as pool:
-            parsed = list(pool.map(_parse_chunk, chunks))
+            done = list(pool.map(fill, starts))
     else:
-        parsed = [_parse_chunk(c) for c in chunks]
-    values, counts = [], []
-    for i, result in enumerate(parsed):
-        if result is None:  # something unusual: parse row by row to find and name it
-            first = i * CHUNK_ROWS
-            per_row = [_parse_row_slow(bytes(r).decode("latin-1"), f"{path}: line {lines[first + j]}")
-                       for j, r in enumerate(chunks[i])]
-            result = (np.concatenate(per_row), np.array([len(v) for v in per_row]))
-        values.append(result[0])
-        counts.append(result[1])
-    count = np.concatenate(counts)
-    # the expected count is the square number most rows agree on
-    seen, freq = np.unique(count, return_counts=True)
-    square = (seen > 0) & (np.round(np.sqrt(seen)) ** 2 == seen)
-    if not square.any():
-        raise DataError(f"{path}: line {lines[0]}: found {count[0]} pixel values; expected a square "
-                        f"image's worth (e.g. 2304 = 48x48), the same in every row")
-    expected = int(seen[square][freq[square].argmax()])
+        done = [fill(start) for start in starts]
+    for start, ok in zip(starts, done):
+        if ok:
+            continue  # something unusual in this chunk: parse it row by row to name the row
+        where = lines[start:start + size]
+        counts, values = _parse_chunk_slow(rows[start:start + size], path, where)
+        bad = np.flatnonzero(counts != expected)
+        if len(bad):
+            side = int(round(expected ** 0.5))
+            raise DataError(f"{path}: line {where[bad[0]]}: expected {expected} pixel values "
+                            f"({side}x{side}, like the other rows), found {counts[bad[0]]}")
+        out[start * expected:start * expected + len(values)] = values
     side = int(round(expected ** 0.5))
-    bad = np.flatnonzero(count != expected)
-    if len(bad):
-        row = int(bad[0])
-        raise DataError(f"{path}: line {lines[row]}: expected {expected} pixel values "
-                        f"({side}x{side}, like the other rows), found {count[row]}")
-    return np.concatenate(values).reshape(len(rows), side, side, 1)
+    return out.reshape(len(rows), side, side, 1)
 
 
 # --------------------------------------------------------------------------------------
 # CSV files (FER2013 and split folders)
 # --------------------------------------------------------------------------------------
 
-def _read_text_bytes(path: Path) -> bytes:
-    """File bytes with a UTF-8 BOM, CRs and field quotes removed (FER fields hold no commas)."""
+def read_text_bytes(path: Path):
+    """The file's bytes: a read-only memory map, or a cleaned copy when it has a UTF-8 BOM, CRs
+    or field quotes (removed: FER fields never hold commas, so the quotes carry nothing)."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise DataError(f"{path}: empty file (expected a header line, then one row a line)")
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise DataError(f"{path}: cannot read file: {e}") from e
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if b"\r" in data:
-        data = data.replace(b"\r", b"")
-    if b'"' in data:
-        data = data.replace(b'"', b"")
+    if data[:3] == b"\xef\xbb\xbf" or data.find(b"\r") >= 0 or data.find(b'"') >= 0:
+        text = data[:]
+        data.close()
+        return text.removeprefix(b"\xef\xbb\xbf").replace(b"\r", b"").replace(b'"', b"")
     return data
 
 
@@ -215,10 +284,11 @@ def read_csv_columns(path: Path, required: list[str], optional: Iterable[str] = 
                      ) -> tuple[dict[str, list], np.ndarray]:
     """Read a comma-separated file into {column: list of raw field bytes} + 1-based line numbers.
 
-    The `pixels` column comes back as zero-copy memoryviews. A hand loop over `bytes.find`
-    (memchr speed) is faster here than pandas, whose C tokenizer copies 300 MB of pixel text.
+    The `pixels` column comes back as zero-copy memoryviews. A hand loop over `find`/`rfind`
+    (memchr speed; the long pixels field is scanned once, for the newline) is faster here than
+    pandas, whose C tokenizer copies 300 MB of pixel text into Python strings.
     """
-    data = _read_text_bytes(path)
+    data = read_text_bytes(path)
     n = len(data)
     head_end = data.find(b"\n")
     head_end = n if head_end < 0 else head_end
@@ -228,44 +298,65 @@ def read_csv_columns(path: Path, required: list[str], optional: Iterable[str] = 
         if column not in names:
             raise DataError(f"{path}: line 1: missing required column {column!r}; found columns "
                             f"{','.join(names)}, expected {','.join(list(required) + list(optional))}")
-    index = [names.index(c) for c in wanted]
     ncols = len(names)
-    fields: list[list] = [[] for _ in wanted]
-    lines: list[int] = []
-    view = memoryview(data)
-    find = data.find
+    # The pixels field is found by commas counted from the line start (fields left of it) and
+    # from the line end (fields right of it); memchr then checks it holds no further comma.
+    left = names.index("pixels") if "pixels" in names else ncols - 1
+    right = ncols - 1 - left
+    heads, tails, pixel_spans, lines = [], [], [], []
+    find, rfind = data.find, data.rfind
     pos, lineno = head_end + 1, 1
     while pos < n:
         lineno += 1
         end = find(b"\n", pos)
-        end = n if end < 0 else end
+        if end < 0:
+            end = n
         if end - pos < 8 and not data[pos:end].strip():  # blank line
             pos = end + 1
             continue
-        bounds = [pos]
-        for _ in range(ncols - 1):
-            comma = find(b",", bounds[-1], end)
-            if comma < 0:
-                raise DataError(f"{path}: line {lineno}: expected {ncols} comma-separated fields "
-                                f"({','.join(names)}), found {len(bounds)}")
-            bounds.append(comma + 1)
-        if find(b",", bounds[-1], end) >= 0:
+        start = pos
+        for _ in range(left):
+            start = find(b",", start, end) + 1
+            if start == 0:
+                break
+        stop = end
+        for _ in range(right):
+            stop = rfind(b",", start, stop)
+            if stop < 0:
+                break
+        if start == 0 or stop < 0 or find(b",", start, stop) >= 0:
+            found = data[pos:end].count(b",") + 1
             raise DataError(f"{path}: line {lineno}: expected {ncols} comma-separated fields "
-                            f"({','.join(names)}), found more")
-        bounds.append(end + 1)
-        for out, k in zip(fields, index):
-            out.append(view[bounds[k]:bounds[k + 1] - 1])
+                            f"({','.join(names)}), found {found}")
+        heads.append(data[pos:start])
+        tails.append(data[stop:end])
+        pixel_spans.append((start, stop))
         lines.append(lineno)
         pos = end + 1
-    columns = {}
-    for name, values in zip(wanted, fields):
-        columns[name] = values if name == "pixels" else [bytes(v).strip() for v in values]
+    view = memoryview(data)
+    columns: dict[str, list] = {}
+    for name in wanted:
+        k = names.index(name)
+        if name == "pixels":
+            columns[name] = [view[a:b] for a, b in pixel_spans]
+        elif k < left:  # "3," -> b"3"
+            columns[name] = [h.split(b",")[k].strip() for h in heads]
+        else:  # ",Training" -> b"Training"
+            columns[name] = [t.split(b",")[k - left].strip() for t in tails]
     return columns, np.array(lines, np.int64)
 
 
 def parse_labels(values: list[bytes], path: Path, lines: np.ndarray, num_classes: int,
                  allow_empty: bool = False) -> np.ndarray:
     """Integer labels in 0..num_classes-1; empty fields become -1 when `allow_empty`."""
+    text = np.array(values, dtype=bytes) if values else np.zeros(0, "S1")
+    empty = text == b""
+    try:  # numpy parses the byte strings in C; any oddity falls through to the named checks
+        labels = np.where(empty, b"-1", text).astype(np.int64)
+        if (labels[~empty] >= 0).all() and (labels < num_classes).all() and (allow_empty or not empty.any()):
+            return labels
+    except (ValueError, OverflowError):
+        pass
     labels = np.empty(len(values), np.int64)
     for i, v in enumerate(values):
         if not v:
@@ -285,34 +376,43 @@ def parse_labels(values: list[bytes], path: Path, lines: np.ndarray, num_classes
     return labels
 
 
+def split_codes(usage: list[bytes], path: Path, lines: np.ndarray) -> np.ndarray:
+    """Usage strings -> index into FER_USAGE's splits (train, val, test, unlabeled)."""
+    text = np.array(usage, dtype=bytes) if usage else np.zeros(0, "S1")
+    seen, inverse = np.unique(text, return_inverse=True)
+    codes = np.empty(len(seen), np.int64)
+    for j, value in enumerate(seen):
+        name = value.decode("utf-8", "replace")
+        if name not in FER_USAGE:
+            line = lines[np.flatnonzero(inverse == j)[0]]
+            raise DataError(f"{path}: line {line}: unknown Usage {name!r} "
+                            f"(expected one of {', '.join(FER_USAGE)})")
+        codes[j] = list(FER_USAGE).index(name)
+    return codes[inverse.ravel()]
+
+
 def decode_fer_csv(path: Path, load_size: int = 0) -> tuple[list[str], dict[str, Split]]:
     """FER2013 CSV: Usage Training/PublicTest/PrivateTest -> train/val/test; rows with an empty
     emotion or Usage 'Unlabeled' form the unlabeled pool (their emotion, when given, is kept
     as held-out truth)."""
     columns, lines = read_csv_columns(path, ["emotion", "pixels", "Usage"])
     labels = parse_labels(columns["emotion"], path, lines, len(FER_CLASSES), allow_empty=True)
-    usage = columns["Usage"]
-    names = np.empty(len(usage), object)
-    for i, u in enumerate(usage):
-        split = FER_USAGE.get(u.decode("utf-8", "replace"))
-        if split is None:
-            raise DataError(f"{path}: line {lines[i]}: unknown Usage {u.decode('utf-8', 'replace')!r} "
-                            f"(expected one of {', '.join(FER_USAGE)})")
-        names[i] = split
-    names[labels < 0] = "unlabeled"
-    images = parse_pixel_rows(columns["pixels"], path, lines)
+    codes = split_codes(columns["Usage"], path, lines)
+    codes[labels < 0] = list(FER_USAGE.values()).index("unlabeled")
+    # parse the rows grouped by split, so every split is a contiguous view of one array
+    order = np.argsort(codes, kind="stable")
+    pixels = columns["pixels"]
+    images = parse_pixel_rows([pixels[i] for i in order], path, lines[order])
+    bounds = np.searchsorted(codes[order], np.arange(len(FER_USAGE) + 1))
     splits = {}
-    for split, usage_name in zip(SPLITS, FER_USAGE):
-        rows = np.flatnonzero(names == split)
-        if len(rows) == 0:
+    for k, (usage_name, split) in enumerate(FER_USAGE.items()):
+        rows = order[bounds[k]:bounds[k + 1]]
+        if len(rows) == 0 and split != "unlabeled":
             raise DataError(f"{path}: the {split} split is empty: no labelled rows with Usage "
                             f"{usage_name!r} (expected rows for each of Training, PublicTest, PrivateTest)")
-        splits[split] = Split(np.ascontiguousarray(images[rows]), labels[rows])
-    rows = np.flatnonzero(names == "unlabeled")
-    if len(rows):
-        held_out = labels[rows]
-        splits["unlabeled"] = Split(np.ascontiguousarray(images[rows]),
-                                    held_out if held_out.min() >= 0 else None)
+        if len(rows):
+            held = labels[rows]
+            splits[split] = Split(images[bounds[k]:bounds[k + 1]], None if held.min() < 0 else held)
     return list(FER_CLASSES), splits
 
 
@@ -488,7 +588,46 @@ def source_files(path: Path, layout: str) -> list[Path]:
     return files
 
 
-def cache_key(parts: Iterable[bytes], files: Iterable[Path], root: Path | None = None) -> str:
+# A digest is reused from the memo only while the file's identity and ctime are unchanged and
+# the file had been quiet this long when it was hashed: the "racy git" rule, so a write in the
+# same timestamp tick as the hashing can never keep a stale digest (the kernel sets ctime on
+# every write and no user can set it).
+DIGEST_SETTLE_S = 2.0
+DIGEST_MEMO = "digests.json"
+
+
+class DigestMemo:
+    """sha256 digests of large source files, remembered by (device, inode, size, mtime, ctime)
+    in the cache folder, so a cached reload of a 300 MB CSV does not re-read it."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / DIGEST_MEMO
+        try:
+            self.entries: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.changed = False
+
+    def digest(self, file: Path) -> bytes:
+        st = file.stat()
+        stamp = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        name = str(file.resolve())
+        entry = self.entries.get(name)
+        if entry is not None and entry[:5] == stamp:
+            return bytes.fromhex(entry[5])
+        digest = file_digest(file)
+        if st.st_size >= 1 << 16 and time.time() - st.st_ctime >= DIGEST_SETTLE_S:
+            self.entries[name] = stamp + [digest.hex()]
+            self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if self.changed:
+            atomic_write(self.path, lambda f: f.write(json.dumps(self.entries).encode()))
+
+
+def cache_key(parts: Iterable[bytes], files: Iterable[Path], root: Path | None = None,
+              memo: DigestMemo | None = None) -> str:
     """sha256 over the parts and every file's relative name and content."""
     key = hashlib.sha256(b"fer-search data cache v%d\0" % CACHE_VERSION)
     for part in parts:
@@ -496,7 +635,7 @@ def cache_key(parts: Iterable[bytes], files: Iterable[Path], root: Path | None =
     for file in files:
         if root is not None:  # in a folder the names matter too; a single file is just content
             key.update(file.relative_to(root).as_posix().encode() + b"\0")
-        key.update(file_digest(file))
+        key.update(memo.digest(file) if memo is not None else file_digest(file))
     return key.hexdigest()
 
 
@@ -511,26 +650,30 @@ def file_digest(path: Path) -> bytes:
     return digest.digest()
 
 
+def atomic_write(path: Path, write: Callable) -> None:
+    """Write via a temp file in the same folder and os.replace: never a half-written `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FER_CACHE_DIR") or Path.home() / ".cache" / "fer-search")
 
 
 def save_cache(path: Path, classes: list[str], splits: dict[str, Split]) -> None:
-    """Write atomically: a temp file in the same folder, then os.replace."""
     arrays = {"classes": np.array(classes, dtype=str)}
     for name, split in splits.items():
         arrays[f"{name}_images"] = split.images
         if split.labels is not None:
             arrays[f"{name}_labels"] = split.labels
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def read_cache(path: Path) -> tuple[list[str], dict[str, Split]] | None:
@@ -580,11 +723,12 @@ def load_dataset(path: str | os.PathLike | None = None, *, load_size: int = 128,
     if load_size < 1:
         raise ValueError(f"load_size must be a positive integer, got {load_size}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    memo = DigestMemo(cache)
     if path is None:
         source = f"embedded demo data (seed {EMBEDDED_SEED})"
         layout = "embedded"
         parts, files = embedded_key()
-        key = cache_key(parts, files)
+        key = cache_key(parts, files, memo=memo)
         decode: Callable[[], tuple[list[str], dict[str, Split]]] = decode_embedded
     else:
         root = Path(path)
@@ -593,7 +737,7 @@ def load_dataset(path: str | os.PathLike | None = None, *, load_size: int = 128,
         files = source_files(root, layout)
         # load_size only changes DR images; FER keys ignore it so one cache serves every size
         size = b"size %d" % load_size if layout == "dr_folder" else b""
-        key = cache_key([layout.encode(), size], files, root if root.is_dir() else None)
+        key = cache_key([layout.encode(), size], files, root if root.is_dir() else None, memo)
 
         def decode() -> tuple[list[str], dict[str, Split]]:
             return LAYOUTS[layout](root, load_size)
@@ -603,6 +747,7 @@ def load_dataset(path: str | os.PathLike | None = None, *, load_size: int = 128,
     if cached is None:
         cached = decode()  # raises DataError before anything is written
         save_cache(file, *cached)
+    memo.save()
     classes, splits = cached
     warn_missing_classes(classes, splits, source)
     return Dataset(classes=classes, splits=splits, source=source)

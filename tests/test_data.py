@@ -229,7 +229,7 @@ def test_fer_csv_structure_errors(tmp_path):
     with pytest.raises(DataError, match=r"bad\.csv: line 3: expected 3 comma-separated fields \(emotion,pixels,Usage\), found 2"):
         load_dataset(path, cache_dir=tmp_path)
     path.write_text("emotion,pixels,Usage\n1," + GOOD + ",Training,x\n")
-    with pytest.raises(DataError, match=r"bad\.csv: line 2: expected 3 comma-separated fields .*found more"):
+    with pytest.raises(DataError, match=r"bad\.csv: line 2: expected 3 comma-separated fields \(emotion,pixels,Usage\), found 4"):
         load_dataset(path, cache_dir=tmp_path)
     with pytest.raises(DataError, match=r"bad\.csv: the test split is empty: no labelled rows with Usage 'PrivateTest'"):
         load_dataset(fer_case(tmp_path, drop_usage="PrivateTest"), cache_dir=tmp_path)
