@@ -24,7 +24,6 @@ import importlib.util
 import json
 import mmap
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -497,11 +496,9 @@ def load_images(paths: list[Path], size: int, where: list[str]) -> np.ndarray:
     return out
 
 
-def decode_dr_folder(root: Path, load_size: int = 128) -> tuple[list[str], dict[str, Split]]:
-    """train/ val/ test/ image folders with train.txt val.txt test.txt lists, optional
-    unlabeled/ folder (and unlabeled.txt for held-out labels), optional classes.txt."""
-    classes = read_classes(root / "classes.txt")
-    listed: dict[str, tuple[Path, list[tuple[int, str, str]]]] = {}
+def read_dr_lists(root: Path) -> dict[str, tuple[Path, list[tuple[int, str, str]]]]:
+    """{split: (list file, entries)} for train/val/test (required) and unlabeled (optional)."""
+    listed = {}
     for split in SPLITS + ("unlabeled",):
         path = root / f"{split}.txt"
         if split == "unlabeled" and not path.is_file():
@@ -513,34 +510,56 @@ def decode_dr_folder(root: Path, load_size: int = 128) -> tuple[list[str], dict[
         if not entries:
             raise DataError(f"{path}: no images listed (the {split} split is empty)")
         listed[split] = (path, entries)
-    labels: dict[str, np.ndarray] = {}
-    for split, (path, entries) in listed.items():
-        values = []
-        for lineno, _, text in entries:
-            try:
-                values.append(int(text))
-            except ValueError:
-                raise DataError(f"{path}: line {lineno}: label {text!r} is not an integer") from None
-        labels[split] = np.array(values, np.int64)
+    return listed
+
+
+def parse_list_labels(path: Path, entries: list[tuple[int, str, str]]) -> np.ndarray:
+    values = []
+    for lineno, _, text in entries:
+        try:
+            values.append(int(text))
+        except ValueError:
+            raise DataError(f"{path}: line {lineno}: label {text!r} is not an integer") from None
+    return np.array(values, np.int64)
+
+
+def check_label_range(path: Path, entries: list[tuple[int, str, str]], labels: np.ndarray,
+                      classes: list[str]) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
+    if len(bad):
+        raise DataError(f"{path}: line {entries[bad[0]][0]}: label {labels[bad[0]]} outside the class "
+                        f"range 0..{len(classes) - 1} ({len(classes)} classes)")
+
+
+def locate_images(root: Path, split: str, path: Path, entries: list[tuple[int, str, str]]
+                  ) -> tuple[list[Path], list[str]]:
+    """Listed names are looked up in the split's folder, then in the root."""
+    files, where = [], []
+    for lineno, name, _ in entries:
+        file = next((d / name for d in (root / split, root) if (d / name).is_file()), None)
+        if file is None:
+            raise DataError(f"{path}: line {lineno}: image file {name!r} not found in "
+                            f"{root / split} or {root}")
+        files.append(file)
+        where.append(f"{path}: line {lineno}")
+    return files, where
+
+
+def decode_dr_folder(root: Path, load_size: int = 128) -> tuple[list[str], dict[str, Split]]:
+    """train/ val/ test/ image folders with train.txt val.txt test.txt lists, optional
+    unlabeled/ folder (and unlabeled.txt for held-out labels), optional classes.txt.
+    Without classes.txt the classes are the five DR grades, or "0".."K-1" past label 4."""
+    listed = read_dr_lists(root)
+    labels = {split: parse_list_labels(path, entries) for split, (path, entries) in listed.items()}
+    classes = read_classes(root / "classes.txt")
     if classes is None:
         top = max(int(v.max()) for v in labels.values())
         classes = list(DR_CLASSES) if top < len(DR_CLASSES) else [str(k) for k in range(top + 1)]
     for split, (path, entries) in listed.items():
-        bad = np.flatnonzero((labels[split] < 0) | (labels[split] >= len(classes)))
-        if len(bad):
-            lineno = entries[bad[0]][0]
-            raise DataError(f"{path}: line {lineno}: label {labels[split][bad[0]]} outside the class "
-                            f"range 0..{len(classes) - 1} ({len(classes)} classes)")
+        check_label_range(path, entries, labels[split], classes)
     splits = {}
-    for split, (path, entries) in listed.items():
-        files, where = [], []
-        for lineno, name, _ in entries:
-            file = next((d / name for d in (root / split, root) if (d / name).is_file()), None)
-            if file is None:
-                raise DataError(f"{path}: line {lineno}: image file {name!r} not found in "
-                                f"{root / split} or {root}")
-            files.append(file)
-            where.append(f"{path}: line {lineno}")
+    for split, (path, entries) in listed.items():  # all lists are valid before any image is read
+        files, where = locate_images(root, split, path, entries)
         splits[split] = Split(load_images(files, load_size, where), labels[split])
     pool_dir = root / "unlabeled"
     if "unlabeled" not in splits and pool_dir.is_dir():
@@ -657,6 +676,7 @@ def atomic_write(path: Path, write: Callable) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache folder may be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -713,6 +733,21 @@ def warn_missing_classes(classes: list[str], splits: dict[str, Split], source: s
                           f"from train", stacklevel=3)
 
 
+def describe_source(path: str | os.PathLike | None, load_size: int, memo: DigestMemo
+                    ) -> tuple[str, str, str, Callable[[], tuple[list[str], dict[str, Split]]]]:
+    """(source, layout, cache key, decode function) of a `--data` path or the embedded data."""
+    if path is None:
+        parts, files = embedded_key()
+        return (f"embedded demo data (seed {EMBEDDED_SEED})", "embedded", cache_key(parts, files, memo=memo),
+                decode_embedded)
+    root = Path(path)
+    layout = detect_layout(root)
+    # load_size only changes DR images; FER keys ignore it, so one entry serves every size
+    size = b"size %d" % load_size if layout == "dr_folder" else b""
+    key = cache_key([layout.encode(), size], source_files(root, layout), root if root.is_dir() else None, memo)
+    return os.fspath(path), layout, key, lambda: LAYOUTS[layout](root, load_size)
+
+
 def load_dataset(path: str | os.PathLike | None = None, *, load_size: int = 128,
                  cache_dir: str | os.PathLike | None = None) -> Dataset:
     """Load a FER2013 CSV, a split folder, a DR folder, or (None) the embedded demo data.
@@ -724,30 +759,19 @@ def load_dataset(path: str | os.PathLike | None = None, *, load_size: int = 128,
         raise ValueError(f"load_size must be a positive integer, got {load_size}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     memo = DigestMemo(cache)
-    if path is None:
-        source = f"embedded demo data (seed {EMBEDDED_SEED})"
-        layout = "embedded"
-        parts, files = embedded_key()
-        key = cache_key(parts, files, memo=memo)
-        decode: Callable[[], tuple[list[str], dict[str, Split]]] = decode_embedded
-    else:
-        root = Path(path)
-        source = os.fspath(path)
-        layout = detect_layout(root)
-        files = source_files(root, layout)
-        # load_size only changes DR images; FER keys ignore it so one cache serves every size
-        size = b"size %d" % load_size if layout == "dr_folder" else b""
-        key = cache_key([layout.encode(), size], files, root if root.is_dir() else None, memo)
-
-        def decode() -> tuple[list[str], dict[str, Split]]:
-            return LAYOUTS[layout](root, load_size)
-
+    source, layout, key, decode = describe_source(path, load_size, memo)
     file = cache / f"{layout}-{key[:32]}.npz"
     cached = read_cache(file) if file.is_file() else None
     if cached is None:
         cached = decode()  # raises DataError before anything is written
-        save_cache(file, *cached)
-    memo.save()
+        try:
+            save_cache(file, *cached)
+        except OSError as e:  # a read-only or full disk costs speed, not the run
+            warnings.warn(f"could not write the data cache {file}: {e}", stacklevel=2)
+    try:
+        memo.save()
+    except OSError:
+        pass  # the memo only saves re-hashing time
     classes, splits = cached
     warn_missing_classes(classes, splits, source)
     return Dataset(classes=classes, splits=splits, source=source)
