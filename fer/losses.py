@@ -211,7 +211,10 @@ def get_loss_builder(name: str) -> Callable[[TrialConfig, torch.Tensor, np.ndarr
 
 def build_loss(cfg: TrialConfig, counts: np.ndarray) -> nn.Module:
     """The training loss of `cfg` (loss, class_weights, cb_beta, focal_gamma,
-    label_smoothing, la_tau) for a training split with these per-class counts."""
+    label_smoothing, la_tau) for a training split with these per-class counts.
+
+    label_smoothing applies to ce, logit_adjusted and balanced_softmax, not to focal.
+    """
     builder = get_loss_builder(cfg.loss)
     weight = class_weights(cfg.class_weights, counts, cfg.cb_beta)
     return builder(cfg, weight, np.asarray(counts))

@@ -78,3 +78,19 @@ def test_local_weights_wrong_architecture(tmp_path):
 def test_local_weights_missing_file(tmp_path):
     with pytest.raises(ValueError, match=r"nope.pth.*no such file"):
         build_model("resnet18", num_classes=7, pretrained=str(tmp_path / "nope.pth"))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_imagenet_weights_enum_exists(name):
+    # The lookup only; get_state_dict would download, which tests never do.
+    weights = tvm.get_model_weights(name).DEFAULT
+    assert weights.meta["num_params"] > 0
+
+
+def test_imagenet_path_adapts_like_a_file(monkeypatch):
+    source = tvm.mobilenet_v3_small(weights=None)
+    monkeypatch.setattr("fer.models._imagenet_state_dict", lambda name: source.state_dict())
+    model = build_model("mobilenet_v3_small", num_classes=3, in_channels=1, pretrained="imagenet")
+    conv = first_conv_name(model) + ".weight"
+    torch.testing.assert_close(model.state_dict()[conv], source.state_dict()[conv].sum(1, keepdim=True))
+    assert model.classifier[3].out_features == 3
