@@ -51,7 +51,7 @@ class DataError(ValueError):
     """Bad input data; the message names the file, the row or line, and what was expected."""
 
 
-@dataclass
+@dataclass(eq=False)  # arrays have no single truth value for ==
 class Split:
     images: np.ndarray  # uint8 (N, H, W, C), C-contiguous; C = 1 (FER) or 3 (DR)
     labels: np.ndarray | None  # int64 (N,); for "unlabeled" the held-out true labels or None
@@ -60,7 +60,7 @@ class Split:
         return len(self.images)
 
 
-@dataclass
+@dataclass(eq=False)
 class Dataset:
     classes: list[str]
     splits: dict[str, Split]  # "train", "val", "test" and optionally "unlabeled"
@@ -93,7 +93,7 @@ class Dataset:
 # FER pixel strings: vectorised parser
 # --------------------------------------------------------------------------------------
 
-_PAD = b"\n\n\n\n"  # lets the parser look three bytes back from the first separator
+_PAD = b"    "  # lets the parser look three bytes back from the first separator
 
 
 class _Workspace(threading.local):
@@ -128,35 +128,33 @@ def _parse_chunk(rows: list) -> tuple[np.ndarray, np.ndarray] | None:
     buf, view = ws.blob, memoryview(ws.blob)
     view[:4] = _PAD
     p = 4
-    for row in rows:  # one copy into a reused buffer (b"\n".join would allocate fresh pages)
+    for row in rows:  # one copy into a reused buffer (b" ".join would allocate fresh pages)
         n = len(row)
         view[p:p + n] = row
         p += n
-        buf[p] = 10
+        buf[p] = 32  # rows end with a space too; their ends are known by position
         p += 1
     blob = np.frombuffer(buf, np.uint8, count=p)
-    a = blob[3:]  # a[0] is the separator before row 0
+    a = blob[3:]  # a[0] is the space before row 0
+    if a.max() > 57:
+        return None  # a letter or other byte above '9'
     mask = ws.mask[:len(a)]
-    np.less(a, 48, out=mask)  # spaces and row newlines ('0' is 48)
-    sep = mask.nonzero()[0]
     np.equal(a, 32, out=mask)
-    # rows hold no newline, so every separator must be a space or one of our len(rows)+1 newlines
-    if a.max() > 57 or len(sep) != np.count_nonzero(mask) + len(rows) + 1:
-        return None  # a byte that is neither a digit nor a space
-    ends = sep[1:]  # each separator closes the token before it
+    sep = mask.nonzero()[0]
+    ends = sep[1:]  # each space closes the token before it
     m = len(ends)
     d1, d2, d3 = ws.digits[0, :m], ws.digits[1, :m], ws.digits[2, :m]
     blob[2:].take(ends, out=d1, mode="clip")  # last digit ("clip": no bounds-check buffering)
     blob[1:].take(ends, out=d2, mode="clip")  # tens, if a digit
     blob.take(ends, out=d3, mode="clip")  # hundreds, if a digit
     if d1.min() < 48:
-        return None  # an empty token: two separators in a row, or a leading/trailing space
+        return None  # an empty token (two spaces in a row, or a leading/trailing space) or a sign
     has2, has3 = ws.flags[0, :m], ws.flags[1, :m]
     np.greater_equal(d2, 48, out=has2)
     np.greater_equal(d3, 48, out=has3)
     has3 &= has2
     if m + np.count_nonzero(has2) + np.count_nonzero(has3) != len(a) - len(sep):
-        return None  # a token with four or more digits
+        return None  # a token of four or more bytes, or a byte below '0' other than a space
     d1 -= 48
     d2 -= 48
     d2 *= has2
@@ -176,7 +174,7 @@ def _parse_chunk(rows: list) -> tuple[np.ndarray, np.ndarray] | None:
     d3 *= 100
     d1 += d3
     row_ends = np.cumsum(np.fromiter((len(r) + 1 for r in rows), np.int64, len(rows)))
-    counts = np.diff(np.searchsorted(ends, row_ends), prepend=-1)  # tokens up to each newline
+    counts = np.diff(np.searchsorted(ends, row_ends), prepend=-1)  # tokens up to each row end
     return counts, d1
 
 
