@@ -1,3 +1,4 @@
+import json
 import math
 import os
 
@@ -48,7 +49,8 @@ def tiny_cfg(**overrides) -> TrialConfig:
 def run_fit(cfg: TrialConfig, n_train: int = 96, n_val: int = 40, **kwargs):
     x, y = make_images(n_train, cfg.image_size, seed=1)
     xv, yv = make_images(n_val, cfg.image_size, seed=2)
-    return fit(cfg, x, y, Split(xv, yv), CLASSES, counts=np.bincount(y, minlength=4), progress=False, **kwargs)
+    return fit(cfg, x, y, Split(xv, yv), CLASSES, counts=np.bincount(y, minlength=4), progress=False,
+               device="cpu", **kwargs)
 
 
 def tiny_model(name, num_classes, in_channels=1, dropout=0.0, pretrained=None):
@@ -153,7 +155,7 @@ def _ddp_worker(rank, world, store, out, cfg_kwargs, data):
         x, y, xv, yv = data
         reports = []
         result = fit(TrialConfig(**cfg_kwargs), x, y, Split(xv, yv), CLASSES, counts=np.bincount(y, minlength=4),
-                     report=lambda m, c: reports.append(m), progress=False)
+                     report=lambda m, c: reports.append(m), progress=False, device="cpu")
         preds = predict_logits(result.model, xv, image_size=cfg_kwargs["image_size"]).argmax(1).numpy()
         torch.save({"state": result.model.state_dict(), "reports": reports, "cm": result.best_confusion,
                     "best": result.best_metrics, "full": compute_metrics(yv, preds, CLASSES)},
@@ -173,7 +175,7 @@ def test_ddp_two_ranks_match_one_process_on_the_global_batch(tmp_path, monkeypat
 
     monkeypatch.setattr(fer.train, "build_model", tiny_model)
     single = fit(TrialConfig(**base, batch_size=16), x, y, Split(xv, yv), CLASSES,
-                 counts=np.bincount(y, minlength=4), progress=False)
+                 counts=np.bincount(y, minlength=4), progress=False, device="cpu")
     for key, value in single.model.state_dict().items():
         torch.testing.assert_close(ranks[0]["state"][key], value, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(ranks[1]["state"][key], ranks[0]["state"][key])
@@ -185,3 +187,20 @@ def test_ddp_two_ranks_match_one_process_on_the_global_batch(tmp_path, monkeypat
     timing = ("train_seconds", "train_images_per_s")
     same = [{k: v for k, v in m.items() if k not in timing} for m in ranks[0]["reports"]]
     assert same == [{k: v for k, v in m.items() if k not in timing} for m in ranks[1]["reports"]]
+
+
+def test_cli_trains_and_writes_checkpoint_metrics_tensorboard_png(tmp_path, monkeypatch, capsys):
+    from fer.synth import write_csv
+
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    csv = write_csv(str(tmp_path / "data"), seed=0, scale=0.02)
+    out = tmp_path / "run"
+    argv = ["--data", csv, "--epochs", "1", "--set", "image_size=24", "--set", "batch_size=32",
+            "--out", str(out), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    assert load_checkpoint(out / "best.pt")["config"]["image_size"] == 24
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["best_epoch"] == 1 and "val_macro_f1" in summary["val"] and "macro_f1" in summary["test"]
+    assert (out / "val_confusion.png").stat().st_size > 0
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tb"))
+    assert "best epoch 1: val macro-F1" in capsys.readouterr().out
