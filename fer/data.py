@@ -181,7 +181,7 @@ def _parse_chunk(rows: list) -> tuple[np.ndarray, np.ndarray] | None:
 def _parse_row_slow(row: str, where: str) -> np.ndarray:
     """Parse one pixel string with full checks; raise DataError naming `where`."""
     values = []
-    for token in row.split():
+    for token in row.replace('"', " ").split():  # a quoted field in an unquoted file
         if "," in token:
             raise DataError(f"{where}: too many comma-separated fields (a comma inside the pixels "
                             f"field: {token[:24]!r})")
@@ -261,8 +261,10 @@ def parse_pixel_rows(rows: list, path: str | os.PathLike, lines: np.ndarray,
 # --------------------------------------------------------------------------------------
 
 def read_text_bytes(path: Path):
-    """The file's bytes: a read-only memory map, or a cleaned copy when it has a UTF-8 BOM, CRs
-    or field quotes (removed: FER fields never hold commas, so the quotes carry nothing)."""
+    """The file's bytes: a read-only memory map, or a cleaned copy when it has a UTF-8 BOM, CRLF
+    line ends or quoted fields (quotes removed: FER fields never hold commas, so they carry
+    nothing). This is judged on the first two lines, as writers keep it uniform; a stray CR
+    or quoted field further on still parses, on the slower path."""
     try:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
@@ -270,7 +272,9 @@ def read_text_bytes(path: Path):
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise DataError(f"{path}: cannot read file: {e}") from e
-    if data[:3] == b"\xef\xbb\xbf" or data.find(b"\r") >= 0 or data.find(b'"') >= 0:
+    second_end = data.find(b"\n", data.find(b"\n") + 1)
+    head = data[:second_end if second_end > 0 else len(data)]
+    if head.startswith(b"\xef\xbb\xbf") or b"\r" in head or b'"' in head:
         text = data[:]
         data.close()
         return text.removeprefix(b"\xef\xbb\xbf").replace(b"\r", b"").replace(b'"', b"")
@@ -300,7 +304,7 @@ def read_csv_columns(path: Path, required: list[str], optional: Iterable[str] = 
     # from the line end (fields right of it); memchr then checks it holds no further comma.
     left = names.index("pixels") if "pixels" in names else ncols - 1
     right = ncols - 1 - left
-    heads, tails, pixel_spans, lines = [], [], [], []
+    firsts, starts, stops, lasts, lines = [], [], [], [], []
     find, rfind = data.find, data.rfind
     pos, lineno = head_end + 1, 1
     while pos < n:
@@ -325,28 +329,31 @@ def read_csv_columns(path: Path, required: list[str], optional: Iterable[str] = 
             found = data[pos:end].count(b",") + 1
             raise DataError(f"{path}: line {lineno}: expected {ncols} comma-separated fields "
                             f"({','.join(names)}), found {found}")
-        heads.append(data[pos:start])
-        tails.append(data[stop:end])
-        pixel_spans.append((start, stop))
+        firsts.append(pos)
+        starts.append(start)
+        stops.append(stop)
+        lasts.append(end)
         lines.append(lineno)
         pos = end + 1
     view = memoryview(data)
     columns: dict[str, list] = {}
-    for name in wanted:
+    for name in wanted:  # raw field bytes, unstripped: the label and Usage parsers strip
         k = names.index(name)
         if name == "pixels":
-            columns[name] = [view[a:b] for a, b in pixel_spans]
+            columns[name] = [view[a:b] for a, b in zip(starts, stops)]
         elif k < left:  # "3," -> b"3"
-            columns[name] = [h.split(b",")[k].strip() for h in heads]
+            heads = [data[a:b - 1] for a, b in zip(firsts, starts)]
+            columns[name] = heads if left == 1 else [h.split(b",")[k] for h in heads]
         else:  # ",Training" -> b"Training"
-            columns[name] = [t.split(b",")[k - left].strip() for t in tails]
+            tails = [data[a + 1:b] for a, b in zip(stops, lasts)]
+            columns[name] = tails if right == 1 else [t.split(b",")[k - left - 1] for t in tails]
     return columns, np.array(lines, np.int64)
 
 
 def parse_labels(values: list[bytes], path: Path, lines: np.ndarray, num_classes: int,
                  allow_empty: bool = False) -> np.ndarray:
     """Integer labels in 0..num_classes-1; empty fields become -1 when `allow_empty`."""
-    text = np.array(values, dtype=bytes) if values else np.zeros(0, "S1")
+    text = np.char.strip(np.array(values, dtype=bytes), b' \t"') if values else np.zeros(0, "S1")
     empty = text == b""
     try:  # numpy parses the byte strings in C; any oddity falls through to the named checks
         labels = np.where(empty, b"-1", text).astype(np.int64)
@@ -356,6 +363,7 @@ def parse_labels(values: list[bytes], path: Path, lines: np.ndarray, num_classes
         pass
     labels = np.empty(len(values), np.int64)
     for i, v in enumerate(values):
+        v = v.strip(b' \t"')
         if not v:
             if not allow_empty:
                 raise DataError(f"{path}: line {lines[i]}: empty label (expected an integer "
@@ -379,7 +387,7 @@ def split_codes(usage: list[bytes], path: Path, lines: np.ndarray) -> np.ndarray
     seen, inverse = np.unique(text, return_inverse=True)
     codes = np.empty(len(seen), np.int64)
     for j, value in enumerate(seen):
-        name = value.decode("utf-8", "replace")
+        name = value.decode("utf-8", "replace").strip(' \t"')
         if name not in FER_USAGE:
             line = lines[np.flatnonzero(inverse == j)[0]]
             raise DataError(f"{path}: line {line}: unknown Usage {name!r} "

@@ -159,6 +159,20 @@ def test_crlf_bom_and_spaced_header(tmp_path):
     np.testing.assert_array_equal(data.splits["train"].images, images["train"])
 
 
+def test_fully_quoted_csv(tmp_path):
+    import csv
+
+    rows, images = fer_rows({"train": [0, 1, 2], "val": [1], "test": [2]})
+    path = tmp_path / "quoted.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, quoting=csv.QUOTE_ALL)
+        writer.writerow(["emotion", "pixels", "Usage"])
+        writer.writerows(rows)
+    data = load_dataset(path, cache_dir=tmp_path)
+    np.testing.assert_array_equal(data.splits["train"].images, images["train"])
+    assert data.splits["train"].labels.tolist() == [0, 1, 2]
+
+
 def test_parser_matches_naive_parse_on_fer_size_rows():
     images = np.random.default_rng(1).integers(0, 256, size=(600, 48 * 48), dtype=np.uint8)
     images[0, :5] = [0, 9, 10, 99, 100]
