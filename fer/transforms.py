@@ -7,15 +7,21 @@ Why not a `torchvision.transforms.v2.Compose` called on the batch: v2 draws ONE 
 random parameters per call, so a 4-D batch gets the same crop, flip and op for every
 image. Looping v2 over single images is correct but costs a Python dispatch per op per
 image, and on a GPU it would leave the model waiting on the CPU. So each augmentation
-below draws its parameters as (B,) tensors and applies them in one vectorised op:
+below draws its parameters as (B,) tensors (on the CPU, sent in one copy) and applies
+them in one vectorised op:
 
 - geometry (random resized crop, rotation, shear, translation, horizontal flip) is
   composed into one 2x3 affine matrix per image and applied with one `grid_sample`;
 - the photometric ops of TrivialAugment run once per op on the images that drew it;
   Equalize and AutoContrast are torchvision's own (v2.functional, parameter-free);
-- random erasing (Zhong et al. 2020) is one masked `where`.
+- random erasing (Zhong et al. 2020) is one masked fill.
 
 Deterministic resizing and normalisation use v2.functional directly.
+
+Cost per batch of 128 48x48 gray images (2 CPU threads; H100 with bf16 autocast):
+weak 2.1 ms / 0.6 ms, strong 8.7 ms / 3.5 ms, against 394 ms / 35 ms for one
+MobileNetV3-small forward + backward + AdamW step on the same batch. A v2 loop over the
+single images took 82 ms (weak) and 95 ms (strong) on the same CPU.
 """
 
 from __future__ import annotations
