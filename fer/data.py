@@ -107,8 +107,8 @@ class _Workspace(threading.local):
             self.size = n = nbytes + nbytes // 4 + 64
             self.blob = bytearray(n)
             self.mask = np.empty(n, bool)
-            self.digits = np.empty((3, n // 2 + 4), np.uint8)  # a token takes >= 2 bytes
-            self.flags = np.empty((2, n // 2 + 4), bool)
+            self.digits = np.empty((3, n), np.uint8)  # at most one token per byte
+            self.flags = np.empty((2, n), bool)
         return self
 
 

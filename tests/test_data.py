@@ -140,6 +140,7 @@ VALUES = [0, 1, 9, 10, 99, 100, 199, 200, 249, 250, 255, 7, 42, 128, 64, 3]
 @pytest.mark.parametrize("text", [
     "  ".join(map(str, VALUES)),  # double spaces
     " " + " ".join(map(str, VALUES)) + " ",  # leading and trailing spaces
+    " ".join(map(str, VALUES)) + " " * 2000,  # far more spaces than digits
     " ".join(f"{v:03d}" for v in VALUES),  # leading zeros
     '"' + " ".join(map(str, VALUES)) + '"',  # a quoted field
 ])
