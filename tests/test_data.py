@@ -428,3 +428,14 @@ def test_cli_table(tmp_path, capsys):
     assert happy.split()[1:3] == ["3", "33.3%"]  # 3 of the 9 training images
     assert main([str(tmp_path / "nope.csv"), "--cache-dir", str(tmp_path)]) == 2
     assert "nope.csv: no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_cli_every_layout(layout, tmp_path, capsys):
+    path, _ = BUILDERS[layout](tmp_path)
+    assert main([str(path), "--load-size", "8", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    classes = DR_CLASSES if layout == "dr_folder" else FER_CLASSES
+    assert all(any(line.startswith(name) for line in out.splitlines()) for name in classes)
+    pool = next(line for line in out.splitlines() if line.startswith("unlabeled "))
+    assert pool.split()[1] == str(len(LABELS["unlabeled"]))
