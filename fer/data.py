@@ -6,14 +6,16 @@ Three layouts are read (see `LAYOUTS`):
   * a DR-grading folder (`train/ val/ test/` images + `train.txt val.txt test.txt`).
 No path means the embedded demo data of `fer.synth` (seed 0), read through the FER CSV path.
 
-Every source is decoded once and cached on disk as one uncompressed `.npz`, keyed by the
-content hash of its files, `load_size` and `CACHE_VERSION`; the arrays are uint8 and
-C-contiguous, so a trial driver can `ray.put` a `Dataset` once and every trial shares it
-zero-copy (this module never imports ray).
+Every source is decoded once and cached on disk as one uncompressed `.npz` (written
+atomically), keyed by the sha256 of its files, `load_size` (DR only) and `CACHE_VERSION`; a
+small digest memo spares re-hashing a settled 300 MB CSV on every reload. The arrays are
+uint8 and C-contiguous, so a trial driver can `ray.put` a `Dataset` once and every trial
+shares it zero-copy (this module never imports ray).
 
 FER pixel strings are parsed with a vectorised byte-level parser (`parse_pixel_rows`)
-instead of the usual per-row `np.array(row.split())`: about 2.3 bytes of text per pixel
-and 35,887 x 2,304 pixels make that loop the slowest part of every FER script.
+instead of the usual per-row `np.array(row.split())`: 35,887 x 2,304 pixels at about 3.6
+bytes of text each make that loop the slowest part of every FER script
+(`benchmarks/data_decode.py` measures both).
 """
 
 from __future__ import annotations
@@ -797,7 +799,7 @@ def format_table(data: Dataset) -> str:
             "none" if split.labels is None else "yes")
         out.append(f"{name:<10} {len(split):>8}  {kind}")
     shown = [n for n, s in data.splits.items() if s.labels is not None]
-    width = max(12, max(len(c) for c in data.classes) + 1)
+    width = max(12, max(len(name) for name in data.classes) + 1)
     out += ["", f"{'class':<{width}}" + "".join(f"{n:>16}" for n in shown)]
     counts = {n: data.class_counts(n) for n in shown}
     for k, name in enumerate(data.classes):
