@@ -116,22 +116,8 @@ def fit(
     ddp = _dist_info(device)
     in_channels = int(train_images.shape[-1])
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
-    model = build_model(cfg.model, num_classes=len(classes), in_channels=in_channels, dropout=cfg.dropout,
-                        pretrained=None if init_state is not None else cfg.pretrained)
-    if init_state is not None:
-        model.load_state_dict(init_state)
-    model.to(device)
     channels_last = cfg.channels_last and device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    net = model
-    if ddp.world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    # A different augmentation/dropout stream per rank, reproducible for a given seed.
-    torch.manual_seed(cfg.seed + 7919 * (ddp.rank + 1))
-
+    model, net = _build_model(cfg, len(classes), in_channels, init_state, device, channels_last, ddp)
     criterion = build_loss(cfg, np.asarray(counts)).to(device)
     optimizer = build_optimizer(cfg, model)
     source = _TrainSource(train_images, train_labels, sample_weight, device)
@@ -166,12 +152,11 @@ def fit(
                                  val_loss=val_loss, seconds=seconds, images=seen * ddp.world)
         history.append(metrics)
         checkpoint = None
-        if metrics["val_macro_f1"] > best["f1"]:
-            best = {"f1": metrics["val_macro_f1"], "epoch": epoch,
-                    "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
-            checkpoint = make_checkpoint(best["state"], cfg, classes, counts, epoch=global_epoch, stage=stage,
-                                         metrics={**metrics, "val_confusion": cm.tolist()},
-                                         in_channels=in_channels)
+        if metrics["val_macro_f1"] > best["f1"]:  # ties keep the earlier epoch
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best = {"f1": metrics["val_macro_f1"], "epoch": epoch, "state": state}
+            checkpoint = make_checkpoint(state, cfg, classes, counts, epoch=global_epoch, stage=stage,
+                                         metrics={**metrics, "val_confusion": cm.tolist()}, in_channels=in_channels)
             result.best_metrics, result.best_epoch, result.checkpoint = metrics, global_epoch, checkpoint
             result.best_confusion = cm
         if bar is not None:
@@ -187,6 +172,25 @@ def fit(
     model.load_state_dict(best["state"])
     model.eval()
     return result
+
+
+def _build_model(cfg: TrialConfig, num_classes: int, in_channels: int, init_state: dict | None,
+                 device: torch.device, channels_last: bool, ddp: _Dist) -> tuple[nn.Module, nn.Module]:
+    """The plain model and the module to train through (the DDP wrapper when distributed)."""
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
+    model = build_model(cfg.model, num_classes=num_classes, in_channels=in_channels, dropout=cfg.dropout,
+                        pretrained=None if init_state is not None else cfg.pretrained)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = model
+    if ddp.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # A different augmentation/dropout stream per rank, reproducible for a given seed.
+    torch.manual_seed(cfg.seed + 7919 * (ddp.rank + 1))
+    return model, net
 
 
 class _TrainSource:
@@ -534,7 +538,8 @@ def _print_summary(summary: dict[str, Any], out_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fer.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=None, help="FER2013 CSV, split folder or DR folder (default: embedded demo data)")
+    parser.add_argument("--data", default=None,
+                        help="FER2013 CSV, split folder or DR folder (default: embedded demo data)")
     parser.add_argument("--config", default=None, help="YAML file of TrialConfig overrides")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config field")
     parser.add_argument("--epochs", type=int, default=None, help="shorthand for --set epochs=N")
