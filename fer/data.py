@@ -121,9 +121,9 @@ def _parse_chunk(rows: list) -> tuple[np.ndarray, np.ndarray] | None:
     """Parse pixel strings (bytes-like, digits separated by spaces) into uint8 values.
 
     Returns (per-row counts, values) -- values live in this thread's workspace until its next
-    call -- or None when anything is unusual (a byte other than a digit or a space, an empty
-    or over-long token, a value above 255): the caller then re-parses the chunk slowly to
-    name the offending row. Only the separators are located; the three bytes before each
+    call -- or None when anything is unusual (a byte other than a digit or a space, an
+    over-long token, a value above 255): the caller then re-parses the chunk slowly to name
+    the offending row. Only the separators are located; the three bytes before each
     separator are the token's ones, tens and hundreds digits.
     """
     ws = _WORKSPACE.reserve(sum(len(r) for r in rows) + len(rows) + len(_PAD))
@@ -149,14 +149,21 @@ def _parse_chunk(rows: list) -> tuple[np.ndarray, np.ndarray] | None:
     blob[2:].take(ends, out=d1, mode="clip")  # last digit ("clip": no bounds-check buffering)
     blob[1:].take(ends, out=d2, mode="clip")  # tens, if a digit
     blob.take(ends, out=d3, mode="clip")  # hundreds, if a digit
-    if d1.min() < 48:
-        return None  # an empty token (two spaces in a row, or a leading/trailing space) or a sign
+    row_ends = np.cumsum(np.fromiter((len(r) + 1 for r in rows), np.int64, len(rows)))
+    last = np.searchsorted(ends, row_ends)  # index in `ends` of each row's final space
+    if d1.min() >= 48:
+        counts = np.diff(last, prepend=-1)
+    else:  # empty tokens: runs of spaces, or leading/trailing spaces -- drop them
+        keep = d1 >= 48
+        d1, d2, d3 = d1[keep], d2[keep], d3[keep]
+        counts = np.diff(np.cumsum(keep)[last], prepend=0)
+        m = len(d1)
     has2, has3 = ws.flags[0, :m], ws.flags[1, :m]
     np.greater_equal(d2, 48, out=has2)
     np.greater_equal(d3, 48, out=has3)
     has3 &= has2
     if m + np.count_nonzero(has2) + np.count_nonzero(has3) != len(a) - len(sep):
-        return None  # a token of four or more bytes, or a byte below '0' other than a space
+        return None  # a token of four or more bytes, or a byte below '0' other than a space (sign)
     d1 -= 48
     d2 -= 48
     d2 *= has2
@@ -175,8 +182,6 @@ def _parse_chunk(rows: list) -> tuple[np.ndarray, np.ndarray] | None:
             return None  # a value in 256..299
     d3 *= 100
     d1 += d3
-    row_ends = np.cumsum(np.fromiter((len(r) + 1 for r in rows), np.int64, len(rows)))
-    counts = np.diff(np.searchsorted(ends, row_ends), prepend=-1)  # tokens up to each row end
     return counts, d1
 
 

@@ -158,6 +158,16 @@ def test_crlf_bom_and_spaced_header(tmp_path):
     np.testing.assert_array_equal(data.splits["train"].images, images["train"])
 
 
+def test_icml_column_order(tmp_path):
+    """icml_face_data.csv, a common FER2013 copy: `emotion, Usage, pixels` with spaced names."""
+    rows, images = fer_rows({"train": [0, 1, 2], "val": [1], "test": [2]})
+    path = tmp_path / "icml.csv"
+    path.write_text("emotion, Usage, pixels\n" + "".join(f"{e}, {u}, {p}\n" for e, p, u in rows))
+    data = load_dataset(path, cache_dir=tmp_path)
+    np.testing.assert_array_equal(data.splits["train"].images, images["train"])
+    assert data.splits["val"].labels.tolist() == [1]
+
+
 def test_fully_quoted_csv(tmp_path):
     import csv
 
