@@ -248,9 +248,10 @@ def parse_pixel_rows(rows: list, path: str | os.PathLike, lines: np.ndarray,
             done = list(pool.map(fill, starts))
     else:
         done = [fill(start) for start in starts]
-    for start, ok in zip(starts, done):
+    for start, ok in zip(starts, done):  # in file order, so the first bad row is named
         if ok:
-            continue  # something unusual in this chunk: parse it row by row to name the row
+            continue
+        # something unusual in this chunk: parse it row by row, raising for the offending row
         where = lines[start:start + size]
         counts, values = _parse_chunk_slow(rows[start:start + size], path, where)
         bad = np.flatnonzero(counts != expected)
