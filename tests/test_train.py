@@ -76,6 +76,15 @@ def test_reports_every_epoch_with_global_epoch_and_best_checkpoint():
     assert calls[1][1] is None or calls[1][0]["val_macro_f1"] > first["val_macro_f1"]
 
 
+def test_three_channel_images_and_sample_weights():
+    x, y = make_images(64, 16, seed=1)
+    x3 = np.ascontiguousarray(np.repeat(x, 3, axis=-1))
+    xv, yv = make_images(24, 16, seed=2)
+    result = fit(tiny_cfg(), x3, y, Split(np.repeat(xv, 3, axis=-1), yv), CLASSES, counts=np.bincount(y, minlength=4),
+                 sample_weight=np.full(len(y), 0.5, dtype=np.float32), progress=False, device="cpu")
+    assert result.checkpoint["in_channels"] == 3 and math.isfinite(result.history[0]["train_loss"])
+
+
 def test_same_seed_same_weights_on_cpu():
     cfg = tiny_cfg(augment="weak", dropout=0.2, batch_size=48)
     a = run_fit(cfg).model.state_dict()
@@ -103,8 +112,8 @@ def test_patience_stops_after_epochs_without_improvement(monkeypatch):
 
 
 def test_short_training_beats_chance():
-    cfg = tiny_cfg(epochs=4, batch_size=16, augment="weak", lr=5e-3)
-    result = run_fit(cfg, n_train=192, n_val=64)
+    cfg = tiny_cfg(epochs=2, batch_size=16, augment="weak", lr=5e-3)
+    result = run_fit(cfg, n_train=128, n_val=48)
     assert result.best_metrics["val_macro_f1"] > 0.5  # chance is about 0.25 for 4 classes
 
 
