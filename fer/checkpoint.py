@@ -45,19 +45,19 @@ def make_checkpoint(
         "class_counts": [int(c) for c in np.asarray(counts).tolist()],
         "epoch": int(epoch),
         "stage": str(stage),
-        "metrics": _plain(metrics),
+        "metrics": to_plain(metrics),
         "model_name": cfg.model,
         "in_channels": int(in_channels),
         "posthoc_offsets": None if posthoc_offsets is None else [float(v) for v in posthoc_offsets],
     }
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars/arrays -> Python numbers/lists, so weights_only loading accepts them."""
+def to_plain(value: Any) -> Any:
+    """numpy scalars/arrays -> Python numbers/lists (weights_only loading and JSON accept them)."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):

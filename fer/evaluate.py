@@ -123,27 +123,16 @@ def evaluate_model(
 
 def write_report(metrics: dict[str, Any], classes: list[str], out_dir: str, name: str) -> tuple[str, str]:
     """Write `<name>_metrics.json` and `<name>_confusion.png` into out_dir; return both paths."""
+    from fer.checkpoint import to_plain
     from fer.metrics import plot_confusion
 
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, f"{name}_metrics.json")
     png_path = os.path.join(out_dir, f"{name}_confusion.png")
     with open(json_path, "w", encoding="utf-8") as handle:
-        json.dump(to_jsonable(metrics), handle, indent=2)
+        json.dump(to_plain(metrics), handle, indent=2)
     plot_confusion(np.asarray(metrics["confusion"]), classes, png_path)
     return json_path, png_path
-
-
-def to_jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def evaluate_checkpoint(path: str, *, data: str | None = None, split: str = "test",

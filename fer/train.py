@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fer.checkpoint import make_checkpoint, save_checkpoint
+from fer.checkpoint import make_checkpoint, save_checkpoint, to_plain
 from fer.config import TrialConfig, apply_overrides, load_config_file, parse_set_args
 from fer.evaluate import autocast, autocast_dtype, predict_logits, to_nchw
 from fer.losses import build_loss
@@ -496,7 +496,7 @@ def train_main(cfg: TrialConfig, out_dir: str, *, device: str | None = None, pro
     from torch.utils.tensorboard import SummaryWriter
 
     from fer.data import load_dataset
-    from fer.evaluate import evaluate_model, to_jsonable, write_report
+    from fer.evaluate import evaluate_model, write_report
 
     data = load_dataset(cfg.data, load_size=cfg.load_size)
     train, val = data.splits["train"], data.splits["val"]
@@ -521,7 +521,7 @@ def train_main(cfg: TrialConfig, out_dir: str, *, device: str | None = None, pro
         write_report(test_metrics, data.classes, out_dir, "test")
         summary["test"] = {k: test_metrics[k] for k in ("macro_f1", "balanced_accuracy", "accuracy", "kappa")}
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as handle:
-        json.dump(to_jsonable(summary), handle, indent=2)
+        json.dump(to_plain(summary), handle, indent=2)
     _print_summary(summary, out_dir)
     return summary
 
