@@ -26,6 +26,10 @@ class PersistentASHA(AsyncHyperBandScheduler):
     """AsyncHyperBandScheduler that saves and reloads its rung history."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Ray's default stops a trial the moment it reports epoch max_t, which kills the
+        # pipeline before its post-hoc step writes the final checkpoint (best.pt); a
+        # trial that reaches max_t is done anyway, so let it return on its own.
+        kwargs.setdefault("stop_last_trials", False)
         super().__init__(*args, **kwargs)
         self._state_dir: str | None = None
         self._stopped: set[str] = set()

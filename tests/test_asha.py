@@ -105,3 +105,13 @@ def test_trial_stopped_before_the_interruption_stays_stopped(tmp_path):
     # A restored trial replaying an epoch from its last checkpoint is stopped again.
     decision = restored.on_trial_result(None, make_trial(victim, tmp_path), {"epoch": 1, "val_macro_f1": 0.99})
     assert decision == TrialScheduler.STOP
+
+
+def test_trial_reaching_max_t_is_left_to_finish_its_pipeline(tmp_path):
+    """Stopping at max_t would kill the trial before fer.pipeline writes best.pt."""
+    scheduler = make(PersistentASHA)
+    trial = make_trial("solo", tmp_path)
+    scheduler.on_trial_add(None, trial)
+    for epoch in range(1, MAX_T + 1):
+        decision = scheduler.on_trial_result(None, trial, {"epoch": epoch, "val_macro_f1": 0.5})
+    assert decision == TrialScheduler.CONTINUE
