@@ -121,110 +121,132 @@ def sample_params(labels: np.ndarray, rng: np.random.Generator) -> dict[str, np.
     return p
 
 
+# Per-face parameters shaped (N, 1, 1) so they broadcast over the (N, 48, 48) pixel grid.
+Columns = dict[str, np.ndarray]
+Num = float | np.ndarray
+
+
 def ramp(d: np.ndarray, px: np.ndarray) -> np.ndarray:
     """Anti-aliased coverage from a signed distance (negative inside), about a pixel wide."""
     return np.clip(0.5 - d / px, 0.0, 1.0)
 
 
-def ellipse_sd(x: np.ndarray, y: np.ndarray, cx, cy, a, b) -> np.ndarray:
+def ellipse_sd(x: np.ndarray, y: np.ndarray, cx: Num, cy: Num, a: Num, b: Num) -> np.ndarray:
     """Approximate signed distance to an axis-aligned ellipse."""
     r = np.sqrt(((x - cx) / a) ** 2 + ((y - cy) / b) ** 2)
     return (r - 1.0) * np.minimum(a, b)
 
 
-def segment_sd(x, y, x0, y0, x1, y1, half_width) -> np.ndarray:
+def segment_sd(
+    x: np.ndarray, y: np.ndarray, x0: Num, y0: Num, x1: Num, y1: Num, half_width: Num
+) -> np.ndarray:
     """Signed distance to a thick line segment (a capsule)."""
     dx, dy = x1 - x0, y1 - y0
     t = np.clip(((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy), 0.0, 1.0)
     return np.hypot(x - x0 - t * dx, y - y0 - t * dy) - half_width
 
 
-def paint(img: np.ndarray, coverage: np.ndarray, value) -> np.ndarray:
+def paint(img: np.ndarray, coverage: np.ndarray, value: Num) -> np.ndarray:
+    """Blend `value` over `img` where the shape covers the pixel."""
     return img + coverage * (value - img)
 
 
-def face_coordinates(p: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def face_coordinates(c: Columns) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pixel centres mapped into each face's own frame (inverse of rotate, scale, shift)."""
     u = (np.arange(SIZE, dtype=np.float32) + 0.5) / SIZE * 2.0 - 1.0
     gy, gx = np.meshgrid(u, u, indexing="ij")
-    col = lambda k: p[k][:, None, None].astype(np.float32)  # noqa: E731
-    cos, sin, s = np.cos(col("angle")), np.sin(col("angle")), col("scale")
-    x0, y0 = gx[None] - col("shift_x"), gy[None] - col("shift_y")
+    cos, sin, s = np.cos(c["angle"]), np.sin(c["angle"]), c["scale"]
+    x0, y0 = gx[None] - c["shift_x"], gy[None] - c["shift_y"]
     x = (cos * x0 + sin * y0) / s
     y = (-sin * x0 + cos * y0) / s
     px = (2.0 / SIZE) / s  # one pixel in face units
     return x, y, px
 
 
-def draw_brows(img, x, y, px, p, col):
+def draw_brows(
+    img: np.ndarray, x: np.ndarray, y: np.ndarray, px: np.ndarray, c: Columns
+) -> np.ndarray:
+    """Brows: height, inner-end slope (frown / worry) and arch (FACS AU1, AU2, AU4)."""
     ax = np.abs(x)
-    base = col("eye_y") - 0.17 - col("brow_raise")
+    base = c["eye_y"] - 0.17 - c["brow_raise"]
     t = (ax - 0.10) / 0.30  # 0 at the inner end, 1 at the outer end
-    centre = base + col("brow_slope") * (0.5 - t) * 2.0 - col("brow_arch") * 4.0 * t * (1.0 - t)
-    slope = -col("brow_slope") * 2.0 / 0.30 - col("brow_arch") * 4.0 * (1.0 - 2.0 * t) / 0.30
+    centre = base + c["brow_slope"] * (0.5 - t) * 2.0 - c["brow_arch"] * 4.0 * t * (1.0 - t)
+    slope = -c["brow_slope"] * 2.0 / 0.30 - c["brow_arch"] * 4.0 * (1.0 - 2.0 * t) / 0.30
     d_line = np.abs(y - centre) / np.sqrt(1.0 + slope**2) - 0.03
     d_ends = np.maximum(0.10 - ax, ax - 0.40)
     cov = ramp(np.maximum(d_line, d_ends), px)
-    return paint(img, cov, col("skin") * col("feature_dark") * 0.8)
+    return paint(img, cov, c["skin"] * c["feature_dark"] * 0.8)
 
 
-def draw_eyes(img, x, y, px, p, col):
+def draw_eyes(
+    img: np.ndarray, x: np.ndarray, y: np.ndarray, px: np.ndarray, c: Columns
+) -> np.ndarray:
+    """Eyes: lid opening from squint (Happy, Angry) to wide (Surprise, Fear; FACS AU5)."""
     ax = np.abs(x)
-    half_h = 0.018 + 0.045 * col("eye_open")
-    cx, cy = col("eye_gap"), col("eye_y")
-    white = np.minimum(col("skin") * 1.25 + 20.0, 250.0)
+    half_h = 0.018 + 0.045 * c["eye_open"]
+    cx, cy = c["eye_gap"], c["eye_y"]
+    white = np.minimum(c["skin"] * 1.25 + 20.0, 250.0)
     sd = ellipse_sd(ax, y, cx, cy, 0.10, half_h)
-    img = paint(img, ramp(np.abs(sd) - 0.012, px), col("skin") * col("feature_dark"))
+    img = paint(img, ramp(np.abs(sd) - 0.012, px), c["skin"] * c["feature_dark"])
     img = paint(img, ramp(sd + 0.012, px), white)
     iris = np.maximum(ellipse_sd(ax, y, cx, cy, 0.045, 0.045), sd + 0.01)
-    return paint(img, ramp(iris, px), col("skin") * col("feature_dark") * 0.5)
+    return paint(img, ramp(iris, px), c["skin"] * c["feature_dark"] * 0.5)
 
 
-def draw_nose(img, x, y, px, p, col):
-    dark = col("skin") * (1.0 - 0.35 * (1.0 - col("feature_dark")))
+def draw_nose(
+    img: np.ndarray, x: np.ndarray, y: np.ndarray, px: np.ndarray, c: Columns
+) -> np.ndarray:
+    """Nose line, nostrils and, for Disgust, wrinkles across the bridge."""
+    dark = c["skin"] * (1.0 - 0.35 * (1.0 - c["feature_dark"]))
     img = paint(img, ramp(segment_sd(x, y, 0.0, -0.02, 0.03, 0.17, 0.012), px) * 0.5, dark)
     nostrils = ellipse_sd(np.abs(x), y, 0.055, 0.2, 0.03, 0.018)
-    img = paint(img, ramp(nostrils, px) * 0.8, col("skin") * col("feature_dark"))
-    # Disgust: wrinkles across the bridge of the nose (AU9, nose wrinkler).
+    img = paint(img, ramp(nostrils, px) * 0.8, c["skin"] * c["feature_dark"])
+    # Disgust: wrinkles across the bridge of the nose (FACS AU9, nose wrinkler; Ekman & Friesen 1978).
     ax = np.abs(x)
-    w = col("wrinkle")
+    w = c["wrinkle"]
     for k in range(2):
         off = 0.05 * k
         d = segment_sd(ax, y, 0.03, -0.03 + off, 0.13, 0.03 + off, 0.011)
-        img = paint(img, ramp(d, px) * w, col("skin") * col("feature_dark"))
+        img = paint(img, ramp(d, px) * w, c["skin"] * c["feature_dark"])
     return img
 
 
-def draw_mouth(img, x, y, px, p, col):
-    w = col("mouth_width")
+def draw_mouth(
+    img: np.ndarray, x: np.ndarray, y: np.ndarray, px: np.ndarray, c: Columns
+) -> np.ndarray:
+    """Mouth: curve, opening, width and a one-sided raised upper lip."""
+    w = c["mouth_width"]
     xn = np.clip(x / w, -1.0, 1.0)
     lid = 1.0 - xn**2
-    # Centre line: corners up for +curve; a raised upper lip lifts one side (AU10).
-    mid = col("mouth_y") + col("mouth_drop") - col("mouth_curve") * (xn**2 - 0.3) - col("lip_raise") * np.clip(xn, 0, 1)
-    upper = mid - col("mouth_open") * 0.4 * lid - 0.5 * np.abs(col("lip_raise")) * lid
-    lower = mid + col("mouth_open") * lid
+    # Centre line: corners up for +curve; a raised upper lip lifts one side (FACS AU10,
+    # upper lip raiser, often one-sided in disgust). The side is random, so a horizontal
+    # flip keeps the label.
+    mid = c["mouth_y"] + c["mouth_drop"] - c["mouth_curve"] * (xn**2 - 0.3)
+    mid = mid - c["lip_raise"] * np.clip(xn, 0, 1)
+    upper = mid - c["mouth_open"] * 0.4 * lid - 0.5 * np.abs(c["lip_raise"]) * lid
+    lower = mid + c["mouth_open"] * lid
     thick = 0.018
     d = np.maximum.reduce([upper - thick - y, y - lower - thick, np.abs(x) - w])
-    img = paint(img, ramp(d, px), col("skin") * col("feature_dark") * 0.6)
+    img = paint(img, ramp(d, px), c["skin"] * c["feature_dark"] * 0.6)
     return img
 
 
 def render(p: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """Render faces for parameter rows; returns uint8 (N, 48, 48)."""
-    col = lambda k: p[k][:, None, None].astype(np.float32)  # noqa: E731
-    x, y, px = face_coordinates(p)
-    img = np.broadcast_to(col("background"), x.shape).astype(np.float32)
-    img = paint(img, ramp(ellipse_sd(x, y, 0.0, -0.2, col("face_w") * 1.12, col("face_h")), px), col("hair"))
-    img = paint(img, ramp(ellipse_sd(x, y, 0.0, 0.0, col("face_w"), col("face_h")), px), col("skin"))
+    c = {k: v[:, None, None].astype(np.float32) for k, v in p.items()}
+    x, y, px = face_coordinates(c)
+    img = np.broadcast_to(c["background"], x.shape).astype(np.float32)
+    img = paint(img, ramp(ellipse_sd(x, y, 0.0, -0.2, c["face_w"] * 1.12, c["face_h"]), px), c["hair"])
+    img = paint(img, ramp(ellipse_sd(x, y, 0.0, 0.0, c["face_w"], c["face_h"]), px), c["skin"])
     # Hair fringe: covers the forehead above a random hairline.
-    fringe = np.maximum(y - col("hair_line"), ellipse_sd(x, y, 0.0, -0.2, col("face_w") * 1.12, col("face_h")))
-    img = paint(img, ramp(fringe, px), col("hair"))
+    fringe = np.maximum(y - c["hair_line"], ellipse_sd(x, y, 0.0, -0.2, c["face_w"] * 1.12, c["face_h"]))
+    img = paint(img, ramp(fringe, px), c["hair"])
     for draw in (draw_brows, draw_eyes, draw_nose, draw_mouth):
-        img = draw(img, x, y, px, p, col)
+        img = draw(img, x, y, px, c)
     img = blur(img, p["blur"])
-    light = 1.0 + col("light_x") * x + col("light_y") * y
-    img = (img * light - 128.0) * col("contrast") + 128.0
-    img = img + rng.normal(0.0, 1.0, img.shape).astype(np.float32) * col("noise")
+    light = 1.0 + c["light_x"] * x + c["light_y"] * y
+    img = (img * light - 128.0) * c["contrast"] + 128.0
+    img = img + rng.normal(0.0, 1.0, img.shape).astype(np.float32) * c["noise"]
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -241,7 +263,9 @@ def blur(img: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     return img
 
 
-def make_split(counts: np.ndarray, rng: np.random.Generator, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def make_split(
+    counts: np.ndarray, rng: np.random.Generator, chunk: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
     """Shuffled labels with exactly `counts` per class, and their rendered faces."""
     labels = rng.permutation(np.repeat(np.arange(len(counts)), counts))
     params = sample_params(labels, rng)
@@ -273,7 +297,8 @@ def generate(seed: int = 0, scale: float = 1.0) -> pd.DataFrame:
     """
     frames = []
     for name, (labels, images) in generate_arrays(seed, scale).items():
-        frames.append(pd.DataFrame({"emotion": labels, "pixels": format_pixels(images), "Usage": USAGES[name]}))
+        columns = {"emotion": labels, "pixels": format_pixels(images), "Usage": USAGES[name]}
+        frames.append(pd.DataFrame(columns))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -101,7 +101,8 @@ def test_write_csv_roundtrips(tmp_path):
 
 def test_cli_writes_csv_preview_and_prints_counts(tmp_path, capsys):
     preview = tmp_path / "preview.png"
-    assert synth.main(["--out", str(tmp_path), "--seed", "1", "--scale", "0.05", "--preview", str(preview)]) == 0
+    argv = ["--out", str(tmp_path), "--seed", "1", "--scale", "0.05", "--preview", str(preview)]
+    assert synth.main(argv) == 0
     out = capsys.readouterr().out
     assert str(tmp_path / "fer2013_demo.csv") in out
     for word in ["Training", "PublicTest", "PrivateTest", "Unlabeled", *synth.CLASSES]:
