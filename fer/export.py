@@ -163,8 +163,14 @@ def check_parity(module: DeployModel, onnx_path: str, images: np.ndarray,
 
 
 def quantize_int8(onnx_path: str, out_path: str, calib_images: np.ndarray) -> str:
-    """Static INT8 quantization (QDQ, per-channel weights, MinMax activation ranges
-    calibrated on real images) with onnxruntime.quantization; returns out_path."""
+    """Static INT8 quantization with onnxruntime.quantization; returns out_path.
+
+    QDQ format, uint8 activations with int8 per-channel weights (onnxruntime's
+    recommended U8S8 pairing on x86 CPUs), MinMax ranges calibrated on real images. Only
+    Conv/Gemm/MatMul are quantized: on the demo MobileNetV3 also quantizing the
+    elementwise ops (hardswish, squeeze-excite products, the in-graph preprocessing) cut
+    top-1 agreement with fp32 from 0.86 to 0.77 and was slower.
+    """
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quant_pre_process, quantize_static)
 
@@ -189,7 +195,8 @@ def quantize_int8(onnx_path: str, out_path: str, calib_images: np.ndarray) -> st
         source = onnx_path
     try:
         quantize_static(source, out_path, reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                        op_types_to_quantize=["Conv", "Gemm", "MatMul"],
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     finally:
         if os.path.exists(prepared):
             os.unlink(prepared)
@@ -308,7 +315,8 @@ def _export_int8(onnx_path: str, out_dir: str, images: np.ndarray, labels: np.nd
     int8_scores = run_onnx(int8_path, images)
     result: dict[str, Any] = {
         "file": "model.int8.onnx", "sha256": sha256_file(int8_path),
-        "quantization": "static QDQ int8, per-channel weights, MinMax calibration",
+        "quantization": "static QDQ, uint8 activations / int8 per-channel weights, Conv/Gemm/MatMul, "
+                        "MinMax calibration",
         "calibration_images": int(len(calib_images)),
         "top1_agreement_with_fp32": float((int8_scores.argmax(1) == fp32_scores.argmax(1)).mean()),
         "latency": measure_latency(int8_path, images[0], latency_runs),
@@ -322,7 +330,7 @@ def _export_int8(onnx_path: str, out_dir: str, images: np.ndarray, labels: np.nd
     if labels is not None:
         line += (f", accuracy change {result['accuracy_change']:+.4f}, macro-F1 change "
                  f"{result['macro_f1_change']:+.4f}")
-    print(line + f"; wrote {int8_path}")
+    print(line + f"; {result['latency']['median_ms']:.2f} ms/image; wrote {int8_path}")
     return result
 
 
