@@ -335,11 +335,10 @@ def _export_int8(onnx_path: str, out_dir: str, images: np.ndarray, labels: np.nd
 
 
 def _write_json(path: str, value: dict[str, Any]) -> None:
-    def plain(obj: Any) -> Any:  # numpy values -> Python ones
-        return obj.tolist() if isinstance(obj, (np.ndarray, np.generic)) else str(obj)
+    from fer.checkpoint import to_plain
 
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2, default=plain)
+        json.dump(to_plain(value), handle, indent=2)
 
 
 def export_images(dataset, minimum: int = MIN_PARITY_IMAGES) -> tuple[np.ndarray, np.ndarray | None, str]:
