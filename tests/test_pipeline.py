@@ -15,6 +15,7 @@ from fer.checkpoint import load_checkpoint
 from fer.config import TrialConfig
 from fer.data import Dataset, Split
 from fer.pipeline import run_pipeline
+from fer.pseudo import SELECTIONS
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -82,7 +83,7 @@ def test_student_epochs_zero_skips_stage_two(capsys):
     assert result.student is None
 
 
-@pytest.mark.parametrize("selection", ["threshold", "crest"])
+@pytest.mark.parametrize("selection", list(SELECTIONS))
 def test_pool_runs_stage_two_with_global_epochs(tmp_path, selection):
     reports = []
     cfg = tiny_cfg(pseudo_selection=selection, student_init="teacher", pseudo_weight=0.5)

@@ -132,3 +132,23 @@ def test_csv_and_summary(tmp_path):
     assert "precision" in text and "of 10 pool images" in text
     no_truth, text = summarize_selection(np.array([2]), classes)
     assert "precision" not in no_truth and "precision" not in text
+
+
+def test_predict_pool_probabilities_and_temperature():
+    from torch import nn
+
+    from fer.pseudo import gather_rows, predict_pool
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    images = np.random.default_rng(0).integers(0, 256, (10, 12, 12, 1), dtype=np.uint8)
+    probs = predict_pool(model, images, image_size=12, batch_size=4)
+    assert probs.shape == (10, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    hot = predict_pool(model, images, image_size=12, temperature=0.1)
+    flat = predict_pool(model, images, image_size=12, temperature=10.0)
+    assert hot.max(1).mean() > probs.max(1).mean() > flat.max(1).mean()
+    np.testing.assert_array_equal(hot.argmax(1), probs.argmax(1))  # temperature keeps the argmax
+    assert predict_pool(model, images, image_size=12, tta=True).shape == (10, 3)
+    assert predict_pool(model, images[:0], image_size=12).shape == (0, 3)
+    # without torch.distributed, gather_rows just puts rows back at their indices
+    np.testing.assert_array_equal(gather_rows(np.array([[1], [2]]), np.array([1, 0]), 2), [[2], [1]])
