@@ -1,9 +1,9 @@
 """Images/s of fer.train.fit's loop vs a bare PyTorch loop doing the same work, in one run.
 
 Both loops train the same model (same seed), batch size, data, augmentation, loss,
-optimizer, gradient clipping and (on CUDA) autocast + channels_last; the bare loop just
-has none of fit's bookkeeping (sampler, shards, scheduler, loss accumulation, progress,
-per-epoch validation). fit's number is its own per-epoch training time
+optimizer (fused AdamW), gradient clipping and (on CUDA) autocast + channels_last; the
+bare loop just has none of fit's bookkeeping (sampler, shards, scheduler, loss
+accumulation, progress, per-epoch validation). fit's number is its own per-epoch training time
 (`train_images_per_s`, which excludes validation); the first epoch of each is warm-up
 and not counted. The two alternate `--repeats` times and the best of each is kept, so
 a noisy shared machine penalises neither. Goal: ratio >= 0.9.
@@ -44,7 +44,7 @@ def bare_loop(cfg: TrialConfig, images: np.ndarray, labels: np.ndarray, classes:
     if cuda:
         model.to(memory_format=torch.channels_last)
     criterion = build_loss(cfg, np.bincount(labels, minlength=classes)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     dtype = autocast_dtype(device) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     transform = make_train_transform(cfg.augment, cfg.image_size)
