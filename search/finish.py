@@ -26,6 +26,30 @@ from search.report import (
 )
 
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+REPORT_FILES = (TRIALS_CSV, BEST_CONFIG, IMPORTANCE_CSV, CURVES_PNG, SUMMARY_JSON, "test_metrics.json",
+                "test_confusion.png", "search_spec.json", "optuna.db")
+
+
+def sync_down(plan: Any) -> str:
+    """The experiment as a local folder: itself, or for URI storage a copy in plan.local_dir."""
+    if "://" not in plan.storage:
+        return plan.experiment
+    import pyarrow.fs
+
+    pyarrow.fs.copy_files(plan.experiment, str(plan.local_dir), use_threads=True)
+    return str(plan.local_dir)
+
+
+def sync_up(plan: Any) -> None:
+    """For URI storage, put the reports next to the trials."""
+    if "://" not in plan.storage:
+        return
+    import pyarrow.fs
+
+    for name in REPORT_FILES:
+        local = plan.local_dir / name
+        if local.is_file():
+            pyarrow.fs.copy_files(str(local), f"{plan.experiment.rstrip('/')}/{name}")
 
 
 def evaluate_on_test(record: TrialRecord, dataset: Any, metric: str, mode: str, out_dir: Path) -> dict[str, Any]:
@@ -62,7 +86,8 @@ def write_reports(plan: Any, records: list[TrialRecord], winner: TrialRecord | N
 
 def finish(plan: Any, wall_s: float) -> int:
     space = plan.space
-    records = collect_trials(plan.experiment, space.metric, space.time_attr, space.max_t, space.baseline_point())
+    experiment = sync_down(plan)
+    records = collect_trials(experiment, space.metric, space.time_attr, space.max_t, space.baseline_point())
     winner = pick_winner(records, space.mode)
     importance = write_reports(plan, records, winner)
     stopped = sum(r.stopped_early for r in records)
@@ -78,6 +103,7 @@ def finish(plan: Any, wall_s: float) -> int:
             f"results so far in {plan.local_dir}.\ncontinue with: python -m search.run --resume "
             f"--name {plan.name} --storage {plan.storage}"
         )
+        sync_up(plan)
         return 130
     if winner is None:
         print("no trial reported a validation metric; nothing to export")
@@ -87,6 +113,7 @@ def finish(plan: Any, wall_s: float) -> int:
     card = export_trial(winner, plan.export_dir, plan.dataset, space.metric, space.mode)
     summary = summarize(plan, records, winner, baseline, test, card, wall_s)
     (plan.local_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=str))
+    sync_up(plan)
     print_summary(summary)
     return 0
 

@@ -243,8 +243,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         local_dir=local_dir,
         export_dir=export_dir,
         resources=resources,
-        num_samples=args.num_samples or saved.get("num_samples") or space.num_samples,
-        max_concurrent=args.max_concurrent or saved.get("max_concurrent") or space.max_concurrent,
+        # A resumed search keeps the budget it started with (Tuner.restore does too).
+        num_samples=saved.get("num_samples") or args.num_samples or space.num_samples,
+        max_concurrent=saved.get("max_concurrent") or args.max_concurrent or space.max_concurrent,
         max_failures=args.max_failures,
         address=args.address,
         dashboard_host=args.dashboard_host,
@@ -309,6 +310,11 @@ def fit_concurrency(plan: Plan) -> int:
     return min(fits, plan.max_concurrent)
 
 
+def trial_name(trial: Any) -> str:
+    """Trial folders and table rows named by trial id alone: no timestamp, no config dump."""
+    return f"trial_{trial.trial_id}"
+
+
 def build_tuner(plan: Plan, trainable: Any, max_concurrent: int) -> Any:
     from ray import tune
 
@@ -343,6 +349,8 @@ def build_tuner(plan: Plan, trainable: Any, max_concurrent: int) -> Any:
             scheduler=scheduler,
             num_samples=plan.num_samples,
             max_concurrent_trials=max_concurrent,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
         ),
         run_config=tune.RunConfig(
             name=plan.name,

@@ -175,7 +175,7 @@ def interrupt_when(condition, timeout_s: float = 300.0):
 
 def finished_trials(experiment: Path) -> list[Path]:
     """Trial folders whose pipeline wrote its final checkpoint."""
-    return [p for p in experiment.glob("pipeline_trial_*") if (p / "best.pt").is_file()]
+    return [p for p in experiment.glob("trial_*") if (p / "best.pt").is_file()]
 
 
 @pytest.mark.slow
@@ -197,3 +197,28 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
     for name, results in done.items():  # finished before the interruption: not run again
         assert (experiment / name / "result.json").read_text() == results
     assert len(stored_states(experiment, "resumed")) == 3
+
+
+FAILING_SPACE = """\
+fixed: {model: mobilenet_v3_small, epochs: 1, student_epochs: 0, image_size: 32, batch_size: 128}
+parameters:
+  pretrained: {choice: [null, /nonexistent/weights.pth]}  # the second trial draws the missing file
+searcher: {seed: 0, n_startup_trials: 2, baseline: {pretrained: null}}
+scheduler: {grace_period: 1}
+run: {num_samples: 2, max_concurrent: 2}
+"""
+
+
+@pytest.mark.slow
+def test_trial_that_raises_is_recorded_and_the_search_goes_on(ray_cluster, tmp_path, capsys):
+    space = tmp_path / "failing.yaml"
+    space.write_text(FAILING_SPACE)
+    code, out, err = run_cli(
+        ["--space", space, "--storage", tmp_path / "runs", "--max-failures", "0"], capsys
+    )
+    assert code == 0, out[-3000:] + err[-3000:]
+    frame, summary = check_outputs(tmp_path / "runs" / "failing", trials=2)
+    failed = frame[frame["status"] == "ERROR"]
+    assert len(failed) == 1 and "no such file" in failed["error"].iloc[0]
+    assert summary["winner"]["trial_id"] == frame[frame["baseline"]]["trial_id"].iloc[0]
+    assert sorted(stored_states(tmp_path / "runs" / "failing", "failing")) == ["COMPLETE", "FAIL"]
