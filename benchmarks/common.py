@@ -1,0 +1,314 @@
+"""Shared pieces of the search benchmarks: budgets, data, one Tune search, tables, JSON.
+
+Every benchmark takes `--budget small|full`. `full` is the product's default search
+(spaces/imbalance.yaml on the embedded demo data); `small` keeps the same space and
+searcher but shrinks the data (fer.synth scale), the image side, the epochs and the trial
+count so a comparison finishes in minutes on a shared 2-core machine. Small-budget
+numbers show the mechanics and the ratios, not the final macro-F1.
+
+A search is built from the product's public pieces (search.space, search.optuna_bridge,
+search.asha, trainables) exactly as `search.run.build_tuner` builds it, with the
+searcher's sampler and the scheduler swappable, because the comparisons need random
+search and FIFO next to TPE + ASHA in one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RAY_LOCK = os.environ.get("FER_RAY_LOCK", "/tmp/ray.lock")  # one local Ray cluster at a time per machine
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How big a benchmark run is; None keeps the space's own value."""
+
+    scale: float | None  # fer.synth scale of the demo data; None = the embedded data as search.run loads it
+    image_size: int | None
+    batch_size: int | None
+    epochs: int | None  # stage 1
+    student_epochs: int | None  # stage 2
+    grace_period: int | None  # ASHA
+    num_samples: int | None
+    max_concurrent: int | None
+
+
+BUDGETS: dict[str, Budget] = {
+    # ~750 training images at 32 px, 3 + 2 epochs, 6 trials: minutes on 2 busy cores.
+    "small": Budget(scale=0.25, image_size=32, batch_size=64, epochs=3, student_epochs=2, grace_period=2,
+                    num_samples=6, max_concurrent=2),
+    # spaces/imbalance.yaml as `python -m search.run --space imbalance.yaml` runs it.
+    "full": Budget(scale=None, image_size=None, batch_size=None, epochs=None, student_epochs=None,
+                   grace_period=None, num_samples=None, max_concurrent=None),
+}
+
+
+def get_budget(name: str) -> Budget:
+    if name not in BUDGETS:
+        raise ValueError(f"unknown budget {name!r}; valid budgets: {', '.join(BUDGETS)}")
+    return BUDGETS[name]
+
+
+# --------------------------------------------------------------------------- data and space
+
+
+def load_data(budget: Budget) -> Any:
+    """The embedded demo data (fer.data's cache) or, for a scale, the same generator smaller."""
+    from fer import synth
+    from fer.data import EMBEDDED_SEED, Dataset, Split, load_dataset
+
+    if budget.scale is None:
+        return load_dataset(None)
+    arrays = synth.generate_arrays(EMBEDDED_SEED, budget.scale)
+    splits = {name: Split(np.ascontiguousarray(images[..., None]), labels.astype(np.int64))
+              for name, (labels, images) in arrays.items()}
+    return Dataset(classes=list(synth.CLASSES), splits=splits,
+                   source=f"embedded demo data (seed {EMBEDDED_SEED}, scale {budget.scale})")
+
+
+def load_budget_space(budget: Budget, seed: int = 0, space_name: str = "imbalance") -> Any:
+    """spaces/<space_name>.yaml with the budget applied and every trial seeded (as search.run --seed)."""
+    from search.space import load_space
+
+    space = load_space(space_name)
+    stage_epochs = {k: v for k, v in (("epochs", budget.epochs), ("student_epochs", budget.student_epochs))
+                    if v is not None}
+    run = {k: v for k, v in (("num_samples", budget.num_samples), ("max_concurrent", budget.max_concurrent),
+                             ("grace_period", budget.grace_period)) if v is not None}
+    space = space.with_budget(**stage_epochs, **run)
+    fixed = dict(space.fixed, seed=seed)
+    for key in ("image_size", "batch_size"):
+        if getattr(budget, key) is not None:
+            fixed[key] = getattr(budget, key)
+    return dataclasses.replace(space, seed=seed, fixed=fixed)
+
+
+def rarest_classes(data: Any, k: int = 2) -> list[str]:
+    """The k classes with the fewest training images (Disgust first on FER-like data)."""
+    counts = data.class_counts("train")
+    return [data.classes[i] for i in np.argsort(counts, kind="stable")[:k]]
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+@contextlib.contextmanager
+def ray_lock() -> Iterator[None]:
+    """Hold the machine-wide Ray lock file: several people start local clusters on this
+    machine and two at once make `ray.init` find "multiple active Ray instances".
+    flock(2) is what `flock(1)` takes, so this waits for `flock /tmp/ray.lock CMD` runs."""
+    with open(RAY_LOCK, "a+") as handle:
+        waited = time.time()
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if time.time() - waited > 1:
+            print(f"(waited {time.time() - waited:.0f} s for {RAY_LOCK})", flush=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int | None = None) -> Iterator[None]:
+    """A private local Ray cluster, under the lock for its lifetime only."""
+    import ray
+
+    with ray_lock():
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 configure_logging=False, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+class NoScheduler:
+    """What PruningOptunaSearch asks a scheduler: which trials it stopped early. FIFO stops none."""
+
+    stopped_early: set = frozenset()
+
+
+SEARCH_VARIANTS: dict[str, dict[str, str]] = {
+    "tpe_asha": {"sampler": "tpe", "scheduler": "asha", "label": "Optuna TPE + ASHA (default)"},
+    "random_fifo": {"sampler": "random", "scheduler": "fifo", "label": "random, no early stopping"},
+    "tpe_fifo": {"sampler": "tpe", "scheduler": "fifo", "label": "Optuna TPE, no early stopping"},
+}
+
+
+def get_variant(name: str) -> dict[str, str]:
+    if name not in SEARCH_VARIANTS:
+        raise ValueError(f"unknown search variant {name!r}; valid: {', '.join(SEARCH_VARIANTS)}")
+    return SEARCH_VARIANTS[name]
+
+
+def make_epoch_log() -> Any:
+    """A Tune callback recording (wall time, trial, epoch, metric) of every reported epoch."""
+    from ray.tune import Callback
+
+    class EpochLog(Callback):
+        def __init__(self) -> None:
+            self.events: list[dict[str, Any]] = []
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            if "epoch" in result and "val_macro_f1" in result:
+                self.events.append({"t": time.time(), "trial_id": trial.trial_id, "epoch": int(result["epoch"]),
+                                    "value": float(result["val_macro_f1"]),
+                                    "images_per_s": result.get("train_images_per_s")})
+
+    return EpochLog()
+
+
+def build_search_tuner(space: Any, variant: str, trainable: Any, storage: str, name: str,
+                       callbacks: list) -> Any:
+    """search.run.build_tuner with the sampler and scheduler of `variant`."""
+    from ray import tune
+
+    from search.asha import PersistentASHA
+    from search.optuna_bridge import PruningOptunaSearch, open_study_storage
+    from search.run import trial_name
+
+    spec = get_variant(variant)
+    space = dataclasses.replace(space, sampler=spec["sampler"])
+    if spec["scheduler"] == "asha":
+        scheduler = PersistentASHA(time_attr=space.time_attr, max_t=space.max_t,
+                                   grace_period=space.grace_period, reduction_factor=space.reduction_factor)
+        tune_scheduler, stopper = scheduler, scheduler
+    else:
+        tune_scheduler, stopper = None, NoScheduler()
+    os.makedirs(os.path.join(storage, name), exist_ok=True)
+    searcher = PruningOptunaSearch(
+        space=space, metric=space.metric, mode=space.mode, points_to_evaluate=[space.baseline_point()],
+        sampler=space.build_sampler(),
+        storage=open_study_storage(os.path.join(storage, name, "optuna.db")),
+        study_name=name, max_t=space.max_t, time_attr=space.time_attr, scheduler=stopper)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=tune_scheduler,
+            num_samples=space.num_samples, max_concurrent_trials=space.max_concurrent,
+            trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
+def run_search(space: Any, variant: str, data_ref: Any, data: Any, storage: str,
+               evaluate_test: bool = True) -> dict[str, Any]:
+    """One search; returns per-trial curves, the epoch timeline, wall time and the winner."""
+    from search.finish import evaluate_on_test
+    from search.report import collect_trials, pick_winner
+    from trainables import TrialResources, make_trainable
+
+    log = make_epoch_log()
+    trainable = make_trainable(data_ref, TrialResources(workers=1, cpus_per_worker=1))
+    tuner = build_search_tuner(space, variant, trainable, storage, variant, [log])
+    started = time.time()
+    tuner.fit()
+    wall = time.time() - started
+    experiment = os.path.join(storage, variant)
+    records = collect_trials(experiment, space.metric, space.time_attr, space.max_t, space.baseline_point())
+    winner = pick_winner(records, space.mode)
+    out: dict[str, Any] = {
+        "variant": variant, "label": get_variant(variant)["label"], "wall_s": wall,
+        "trials": [{"trial_id": r.trial_id, "baseline": r.baseline, "status": r.status,
+                    "stopped_early": r.stopped_early, "epochs_run": r.epochs_run,
+                    "best_val": r.best(space.mode)[1], "curve": r.curve, "error": r.error,
+                    "params": {p.name: r.config.get(p.name) for p in space.parameters if p.name in r.config}}
+                   for r in records],
+        "events": [dict(e, t=e["t"] - started) for e in log.events],
+        "total_epochs": sum(r.epochs_run for r in records),
+        "stopped_early": sum(r.stopped_early for r in records),
+        "errored": sum(r.status == "ERROR" for r in records),
+    }
+    if winner is not None:
+        out["winner"] = {"trial_id": winner.trial_id, "best_val": winner.best(space.mode)[1],
+                         "config": {k: v for k, v in winner.config.items()}}
+        if evaluate_test:
+            with tempfile.TemporaryDirectory(prefix="bench-test-") as tmp:
+                test = evaluate_on_test(winner, data, space.metric, space.mode, Path(tmp))
+            out["winner"]["test_macro_f1"] = float(test["macro_f1"])
+    return out
+
+
+def epochs_to_reach(events: list[dict[str, Any]], target: float) -> int | None:
+    """Epochs the search had spent (all trials, in wall-clock order) when one first reported >= target."""
+    seen: set[tuple[str, int]] = set()
+    for event in sorted(events, key=lambda e: e["t"]):
+        key = (event["trial_id"], event["epoch"])
+        if key in seen:
+            continue
+        seen.add(key)
+        if event["value"] >= target:
+            return len(seen)
+    return None
+
+
+# --------------------------------------------------------------------------- output
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "load_avg_1_5_15": [round(v, 2) for v in load]}
+
+
+def format_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A plain-text table, columns padded to their widest cell; floats to 4 significant places."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h))
+              for i, h in enumerate(header)]
+    line = lambda values: "  ".join(str(v).ljust(w) for v, w in zip(values, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def save_json(name: str, budget: str, payload: dict[str, Any], path: str | None = None) -> Path:
+    """benchmarks/results/<name>_<budget>.json unless a path is given; returns the path."""
+    target = Path(path) if path else RESULTS_DIR / f"{name}_{budget}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(payload, benchmark=name, budget=budget, machine=machine(),
+                   finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    target.write_text(json.dumps(payload, indent=2, default=_plain))
+    return target
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def add_common_args(parser: Any) -> None:
+    parser.add_argument("--budget", choices=list(BUDGETS), default="small",
+                        help="small: tiny data, few epochs and trials (minutes); full: the default search")
+    parser.add_argument("--seed", type=int, default=0, help="searcher and training seed")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="where the raw results go (default: benchmarks/results/<name>_<budget>.json)")

@@ -1,0 +1,176 @@
+"""benchmarks/: run_all's parsing and table building, and the pure helpers of the search benchmarks.
+
+No benchmark is run here and nothing is timed: the parsers are fed lines in the exact
+format the scripts print, the table builders made-up results.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+run_all = load("run_all")
+common = load("common")
+
+DATA_DECODE_OUT = """CSV: 3000 rows x 2304 pixels, 21 MB (written in 0.4 s)
+naive per-row parse (pandas.read_csv + np.array(row.split())):      1.812 s
+fer.data decoder (decode_fer_csv), median of 1:                      0.101 s  (0.101)
+load_dataset, empty cache (hash + decode + cache write):             0.150 s
+load_dataset, cached reload, median of 1:                            0.012 s  (0.012)
+speed-up of the decoder over the naive parse: 17.9x (first load 12.1x); same pixels: True
+"""
+THROUGHPUT_OUT = """device cpu, mobilenet_v3_small 48px, batch 64, 256 images x 1 timed epochs, augment weak, threads 2
+bare loop :     412.5 images/s  (runs: 412.5)
+fer.fit   :     398.0 images/s  (runs: 398.0)
+ratio fit/bare: 0.965 (ok the 0.9 goal)
+"""
+OVERHEAD_OUT = """mobilenet_v3_small 32px, batch 64, 128 train images, 1+1 epochs, 1 CPU and 1 thread per rank, 2 cores
+bare, no Ray: PyTorch loop 301.2 images/s; fer pipeline 3.10 s (fit 280.0 images/s)
+1 worker: fixed overhead per trial 1.52 s (first trial start 4.10 s, last teardown 0.80 s, in-pipeline extra +0.30 s)
+    training throughput in trial 290.0 images/s = 0.96 x bare loop, 1.04 x bare fit (1 rank x 1 thread)
+2 workers: fixed overhead per trial 19.80 s (first trial start 22.00 s, last teardown 3.00 s)
+    training throughput in trial 450.0 images/s = 1.49 x bare loop, 1.61 x bare fit (2 ranks x 1 thread)
+Ray Train local mode (num_workers=0): an empty fit inside a trial takes 4.12 s (import included); ...
+"""
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("data_decode", DATA_DECODE_OUT, [
+        ("naive per-row parse", "1.812 s"), ("fer.data decoder", "0.101 s"),
+        ("load_dataset, empty cache", "0.150 s"), ("load_dataset, cached reload, median of 1", "0.012 s"),
+        ("decoder speed-up over naive parse", "17.9x (same pixels: True)")]),
+    ("train_throughput", THROUGHPUT_OUT, [
+        ("bare loop images/s", "412.5"), ("fer.fit images/s", "398.0"), ("fit / bare loop", "0.965")]),
+    ("trial_overhead", OVERHEAD_OUT, [
+        ("bare pipeline (no Ray)", "3.10 s, loop 301.2 images/s"),
+        ("1 worker(s): fixed overhead per trial", "1.52 s"),
+        ("  throughput in trial / bare loop", "0.96 (290.0 images/s)"),
+        ("2 worker(s): fixed overhead per trial", "19.80 s"),
+        ("  throughput in trial / bare loop", "1.49 (450.0 images/s)"),
+        ("Ray Train local mode, empty fit", "4.12 s")]),
+])
+def test_text_parsers(name, text, expected):
+    assert run_all.rows_for(name, text, None) == expected
+
+
+SEARCH_PAYLOAD = {"runs": [
+    {"label": "Optuna TPE + ASHA (default)", "total_epochs": 20, "wall_s": 100.4, "epochs_to_target": 7,
+     "winner": {"best_val": 0.41, "test_macro_f1": 0.39}},
+    {"label": "random, no early stopping", "total_epochs": 30, "wall_s": 150.0, "epochs_to_target": None,
+     "winner": None},
+]}
+IMBALANCE_PAYLOAD = {"rarest": ["Disgust", "Surprise"], "results": {
+    "baseline": {"val_macro_f1": 0.3, "test_macro_f1": 0.28, "test_f1_Disgust": 0.0, "test_f1_Surprise": 0.5},
+}}
+
+
+@pytest.mark.parametrize("name, payload, expected", [
+    ("search_efficiency", SEARCH_PAYLOAD, [
+        ("Optuna TPE + ASHA (default)", "20 epochs, 100 s, best val 0.410, winner test 0.390, 7 epochs to 98% of best"),
+        ("random, no early stopping", "30 epochs, 150 s, best val -, winner test -, not reached epochs to 98% of best"),
+    ]),
+    ("imbalance", IMBALANCE_PAYLOAD, [
+        ("baseline", "val 0.300, test 0.280; test F1 Disgust 0.000, Surprise 0.500")]),
+    ("gpu_sharing", {"skipped": True, "reason": "torch.cuda.is_available() is False"}, [
+        ("SKIPPED", "no GPU (torch.cuda.is_available() is False)")]),
+])
+def test_json_readers(name, payload, expected):
+    assert run_all.rows_for(name, "", payload) == expected
+
+
+def test_build_table_one_row_per_measure_and_failures():
+    results = [
+        {"name": "train_throughput", "rc": 0, "seconds": 12.0, "rows": run_all.parse_train_throughput(THROUGHPUT_OUT)},
+        {"name": "trial_overhead", "rc": 1, "seconds": 3.0, "rows": [], "output": "x\nRuntimeError: boom"},
+        {"name": "gpu_sharing", "rc": 0, "seconds": None, "rows": []},
+    ]
+    lines = run_all.build_table(results).splitlines()
+    assert lines[0].split() == ["benchmark", "measure", "value"]
+    assert lines[2].startswith("train_throughput (12 s)") and lines[2].rstrip().endswith("412.5")
+    assert lines[3].startswith(" ") and "fer.fit images/s" in lines[3]
+    assert "FAILED (exit 1)" in lines[5] and "RuntimeError: boom" in lines[5]
+    assert "no numbers found" in lines[6]
+
+
+@pytest.mark.parametrize("name", list(run_all.BENCHMARKS))
+def test_every_benchmark_has_a_script_and_a_command(name):
+    bench = run_all.get_benchmark(name)
+    assert (BENCH_DIR / bench.script).is_file()
+    for budget in ("small", "full"):
+        cmd = run_all.command(name, budget)
+        assert cmd[cmd.index(next(c for c in cmd if c.endswith(bench.script)))].endswith(bench.script)
+        if bench.read_json is not None:
+            assert cmd[-4:] == ["--budget", budget, "--json", str(run_all.json_path(name, budget))]
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'; valid: data_decode, train_throughput"):
+        run_all.split_names("data_decode,nope")
+    with pytest.raises(ValueError, match="unknown budget 'huge'; valid budgets: small, full"):
+        common.get_budget("huge")
+    with pytest.raises(ValueError, match="unknown search variant 'grid'; valid: tpe_asha, random_fifo, tpe_fifo"):
+        common.get_variant("grid")
+
+
+def test_epochs_to_reach_counts_epochs_in_wall_clock_order():
+    events = [  # two trials interleaved; trial b re-reports epoch 1 after a retry
+        {"t": 1.0, "trial_id": "a", "epoch": 1, "value": 0.1},
+        {"t": 2.0, "trial_id": "b", "epoch": 1, "value": 0.2},
+        {"t": 2.5, "trial_id": "b", "epoch": 1, "value": 0.2},
+        {"t": 3.0, "trial_id": "a", "epoch": 2, "value": 0.3},
+        {"t": 4.0, "trial_id": "b", "epoch": 2, "value": 0.5},
+    ]
+    assert common.epochs_to_reach(list(reversed(events)), 0.3) == 3
+    assert common.epochs_to_reach(events, 0.45) == 4
+    assert common.epochs_to_reach(events, 0.9) is None
+
+
+def test_search_efficiency_table_uses_the_best_of_all_searches():
+    se = load("search_efficiency")
+    runs = [
+        {"label": "A", "trials": [{}] * 2, "stopped_early": 1, "total_epochs": 3, "wall_s": 10.0,
+         "winner": {"best_val": 0.5, "test_macro_f1": 0.45},
+         "events": [{"t": 1, "trial_id": "a", "epoch": 1, "value": 0.2},
+                    {"t": 2, "trial_id": "a", "epoch": 2, "value": 0.5}]},
+        {"label": "B", "trials": [{}] * 2, "stopped_early": 0, "total_epochs": 4, "wall_s": 12.0,
+         "winner": {"best_val": 0.4, "test_macro_f1": 0.41},
+         "events": [{"t": 1, "trial_id": "b", "epoch": 1, "value": 0.4}]},
+    ]
+    header, rows = se.summarize(runs)
+    assert header[-1] == "epochs to 98% of best"
+    assert [r[-1] for r in rows] == [2, "not reached"]  # target 0.49: only A gets there
+
+
+def test_format_table_pads_columns_and_shows_missing_values():
+    text = common.format_table(["a", "bb"], [[1.23456, None], ["long cell", 3]])
+    assert text.splitlines() == ["a          bb", "---------  --", "1.235      -", "long cell  3"]
+
+
+def test_gpu_space_is_a_valid_search_space(tmp_path):
+    import yaml
+
+    from search.space import load_space
+
+    gpu = load("gpu_sharing")
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(gpu.space_yaml(False, 4, gpu.GPU_BUDGETS["small"], 0)))
+    space = load_space(str(path))
+    assert space.fixed["amp"] is False and space.grace_period == space.max_t == gpu.GPU_BUDGETS["small"]["epochs"]
+    assert gpu.steady_rate([{"epoch": 1, "train_images_per_s": 10.0, "train_seconds": 1.0},
+                            {"epoch": 2, "train_images_per_s": 100.0, "train_seconds": 2.0},
+                            {"epoch": 3, "train_images_per_s": 200.0, "train_seconds": 1.0}]) == pytest.approx(400 / 3)
