@@ -301,6 +301,17 @@ class _Reader:
         return getattr(cfg, name)
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message (caret drawing, '<unicode string>') as one line."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if "constructor for the tag" in problem:
+        # safe_load builds only plain data; a python/object tag would run code (CVE-2017-18342).
+        problem += " (spaces are plain YAML data read with yaml.safe_load; Python tags are refused)"
+    return f"not valid YAML: {where}{problem}"
+
+
 def load_space(name_or_path: str | os.PathLike) -> Space:
     """Read and validate a space file; raises SpaceError before anything starts."""
     path = resolve_space_path(str(name_or_path))
@@ -310,7 +321,7 @@ def load_space(name_or_path: str | os.PathLike) -> Space:
         data = yaml.safe_load(text)
         node = yaml.compose(text)
     except yaml.YAMLError as err:
-        raise SpaceError(f"{source}: not valid YAML: {err}") from None
+        raise SpaceError(f"{source}: {yaml_problem(err)}") from None
     reader = _Reader(source, _node_lines(node) if node is not None else {})
     data = reader.mapping(data, (), TOP_KEYS)
     return _parse(reader, data)
