@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         card = export_checkpoint(ckpt, args.out, images=images, labels=labels, int8=args.int8,
                                  calib_images=calib, latency_runs=args.latency_runs,
                                  data_source=f"{dataset.source} [{splits}]")
-    except ValueError as err:  # user errors: missing/corrupt checkpoint, bad data path
+    except (ValueError, OSError) as err:  # user errors: bad checkpoint or data path, unwritable --out
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0 if card["parity"]["passed"] else 1

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             _, value = record.best(spec["mode"])
             print(f"rank {rank}: trial {record.trial_id}, best {spec['metric']} {value:.4f} -> {target}")
             export_trial(record, target, dataset, spec["metric"], spec["mode"])
-    except (ValueError, DataError, FileNotFoundError) as err:
+    except (ValueError, DataError, OSError) as err:  # OSError: an unwritable or full --out
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

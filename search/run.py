@@ -171,6 +171,7 @@ def _experiment_exists(experiment: str) -> bool:
 def make_plan(args: argparse.Namespace) -> Plan:
     """Validate flags, space and data; raises UsageError / SpaceError / DataError before Ray."""
     from fer.data import load_dataset
+    from search.preflight import folder_problem
     from search.report import read_spec
     from trainables import TrialResources
 
@@ -233,6 +234,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         space = space.with_budget(student_epochs=0)
 
     export_dir = Path(args.export_dir).expanduser().resolve() if args.export_dir else local_dir / "export"
+    for flag, folder in (("--storage", storage), ("--export-dir", str(export_dir))):
+        problem = None if is_uri(folder) else folder_problem(folder)
+        if problem:  # unwritable, a file, or a nearly full disk: refuse before Ray starts
+            raise UsageError(f"{flag} {folder}: {problem}")
     return Plan(
         space=space,
         data_path=data_path,

@@ -1,0 +1,50 @@
+"""Checks on where a search will write, made before Ray starts.
+
+A search that cannot write its experiment folder otherwise fails minutes later, inside
+Ray, as a traceback from a trial or from Tune's own state files; a full disk fails
+mid-trial while a checkpoint is being copied. Both are cheaper to refuse up front.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Free space a search needs at the start. A mobilenet_v3_small checkpoint is about 6 MB and
+# Tune keeps every reported one (each stage's best so far), so even a --smoke search of two
+# trials writes about 40 MB with its study, logs and ONNX export.
+MIN_FREE_BYTES = 64 * 2**20
+
+
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself or its deepest ancestor that exists."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def folder_problem(folder: str | os.PathLike, min_free: int | None = None) -> str | None:
+    """Why `folder` (created on demand) cannot take a search's output, or None if it can.
+
+    Writes and removes one temporary file in the deepest existing ancestor: permission
+    bits alone do not tell (root ignores them; a read-only mount does not show in them).
+    Creates nothing that stays.
+    """
+    base = existing_ancestor(Path(folder))
+    if not base.is_dir():
+        return f"{base} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fer-write-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"cannot write in {base} ({err.strerror or err})"
+    free = shutil.disk_usage(base).free
+    min_free = MIN_FREE_BYTES if min_free is None else min_free
+    if free < min_free:
+        return (f"only {free / 2**20:.1f} MB free in {base}; a search needs at least "
+                f"{min_free / 2**20:.0f} MB for checkpoints, logs and the export")
+    return None

@@ -1,0 +1,253 @@
+"""Faults a long search meets, injected: storage that cannot be written or is full, corrupt
+or hostile checkpoints, a trial whose loss turns NaN, a trial process killed mid-trial,
+the driver killed mid-search. Each ends in a clear one-line error (exit code 2) or in a
+search that goes on and completes.
+
+The fast tests need no Ray. The slow ones share the session's Ray cluster
+(tests/conftest.py); the killed driver joins it as a subprocess with `--address`, so no
+second local cluster is started on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fer import export as fer_export
+from fer.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from fer.config import TrialConfig
+from fer.data import FER_CLASSES
+from search import export as search_export
+from search import run as search_run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# --------------------------------------------------------------------------- helpers
+
+
+def run_main(main, argv, capsys) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    """The stderr of a refused command: no traceback, the last line the error."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), err
+    return lines[-1]
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A small tmpfs at `path` (needs root / CAP_SYS_ADMIN; the test is skipped otherwise)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def tiny_fer_csv(path: Path, side: int = 8) -> Path:
+    rng = np.random.default_rng(0)
+    rows = []
+    for usage, n in (("Training", 28), ("PublicTest", 14), ("PrivateTest", 14)):
+        for i in range(n):
+            pixels = " ".join(map(str, rng.integers(0, 256, side * side)))
+            rows.append(f"{i % 7},{pixels},{usage}")
+    path.write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    from fer.models import build_model
+
+    cfg = TrialConfig(model="mobilenet_v3_small", image_size=32)
+    model = build_model(cfg.model, num_classes=7, in_channels=1)
+    ckpt = make_checkpoint(model.state_dict(), cfg, FER_CLASSES, [4] * 7, epoch=1, stage="teacher",
+                           metrics={"val_macro_f1": 0.1}, in_channels=1)
+    return Path(save_checkpoint(ckpt, path))
+
+
+class Payload:
+    """Unpickling this would run code: pickle calls `Path.touch(marker)`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+# --------------------------------------------------------------------------- storage (no Ray)
+
+
+def refused_storage(tmp_path, capsys, monkeypatch, storage: Path, *extra) -> str:
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(search_run, "start_ray", lambda plan: pytest.fail("Ray started"))
+    argv = ["--space", "smoke", "--smoke", "--data", tiny_fer_csv(tmp_path / "faces.csv"),
+            "--storage", storage, *extra]
+    code, _, err = run_main(search_run.main, argv, capsys)
+    assert code == 2, err
+    return one_error_line(err)
+
+
+def test_storage_that_is_a_file_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    (tmp_path / "runs").write_text("")
+    line = refused_storage(tmp_path, capsys, monkeypatch, tmp_path / "runs")
+    assert "--storage" in line and "runs is a file, not a folder" in line
+
+
+def test_unwritable_storage_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    target = tmp_path / "ro"
+    if os.geteuid() == 0:  # root ignores permission bits: a read-only mount is the real thing
+        guard = tmpfs(target, "ro,size=1m")
+    else:
+        target.mkdir()
+        target.chmod(0o500)
+        guard = contextlib.nullcontext()
+    with guard:
+        line = refused_storage(tmp_path, capsys, monkeypatch, target / "runs")
+    assert "--storage" in line and f"cannot write in {target}" in line
+    assert "Read-only file system" in line or "Permission denied" in line
+
+
+def test_full_storage_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    with tmpfs(tmp_path / "small", "size=1m") as small:
+        line = refused_storage(tmp_path, capsys, monkeypatch, small / "runs")
+        assert not (small / "runs").exists()
+    assert "MB free in" in line and "needs at least 64 MB" in line
+
+
+def test_unwritable_export_dir_is_refused_before_ray(tmp_path, capsys, monkeypatch):
+    (tmp_path / "deploy").write_text("")
+    line = refused_storage(tmp_path, capsys, monkeypatch, tmp_path / "runs",
+                           "--export-dir", tmp_path / "deploy" / "onnx")
+    assert "--export-dir" in line and "deploy is a file, not a folder" in line
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- checkpoints (no Ray)
+
+
+def test_pickled_object_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"evil.pt: not a readable checkpoint \(UnpicklingError: Weights only"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()  # weights_only=True never called Path.touch
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "empty", "not a dict", "missing keys",
+                                    "pickled object", "missing file"])
+def test_export_of_a_bad_checkpoint_is_one_line_exit_2(damage, tmp_path, capsys):
+    path = tmp_path / "best.pt"
+    if damage == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "truncated":
+        data = tiny_checkpoint(tmp_path / "good.pt").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "not a dict":
+        torch.save([torch.zeros(2)], path)
+    elif damage == "missing keys":
+        torch.save({"model": {}}, path)
+    elif damage == "pickled object":
+        torch.save({"model": Payload(tmp_path / "pwned")}, path)
+    code, _, err = run_main(fer_export.main, ["--checkpoint", path, "--out", tmp_path / "out"], capsys)
+    assert code == 2
+    line = one_error_line(err)
+    assert str(path) in line
+    expected = {"missing file": "checkpoint file not found", "not a dict": "expected a dict",
+                "missing keys": "missing keys: config, classes"}.get(damage, "not a readable checkpoint")
+    assert expected in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "pwned").exists()
+
+
+def test_export_to_an_unwritable_folder_is_one_line_exit_2(tmp_path, capsys):
+    checkpoint = tiny_checkpoint(tmp_path / "good.pt")
+    (tmp_path / "deploy").write_text("")  # a file where the output folder should go
+    argv = ["--checkpoint", checkpoint, "--out", tmp_path / "deploy" / "onnx",
+            "--data", tiny_fer_csv(tmp_path / "faces.csv")]
+    code, _, err = run_main(fer_export.main, argv, capsys)
+    assert code == 2
+    assert "deploy" in one_error_line(err)
+
+
+def test_search_export_of_a_folder_that_is_no_experiment(tmp_path, capsys):
+    code, _, err = run_main(search_export.main, ["--experiment", tmp_path], capsys)
+    assert code == 2
+    assert "not a search.run experiment folder (no search_spec.json)" in one_error_line(err)
+
+
+# --------------------------------------------------------------------------- security (no Ray)
+
+
+def test_dashboard_binds_to_localhost_unless_asked(tmp_path):
+    parser = search_run.build_parser()
+    assert parser.parse_args([]).dashboard_host == "127.0.0.1"
+    assert parser.parse_args(["--dashboard-host", "0.0.0.0"]).dashboard_host == "0.0.0.0"
+
+
+def test_start_ray_passes_the_dashboard_host(monkeypatch):
+    import ray
+
+    seen = {}
+
+    class Context:
+        dashboard_url = "127.0.0.1:8265"
+
+    def fake_init(**kwargs):
+        seen.update(kwargs)
+        return Context()
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    plan = type("P", (), {"address": None, "dashboard_host": "127.0.0.1"})()
+    assert search_run.start_ray(plan) == "http://127.0.0.1:8265"
+    assert seen["dashboard_host"] == "127.0.0.1"
+
+
+def test_yaml_readers_use_safe_load_only():
+    """No yaml.load / unsafe Loader anywhere in the product: YAML is data (STYLE.md)."""
+    offenders = []
+    for folder in ("fer", "search", "trainables", "spaces"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            for bad in ("yaml.load(", "yaml.unsafe_load", "yaml.full_load", "Loader=yaml.Loader",
+                        "yaml.UnsafeLoader", "yaml.FullLoader"):
+                if bad in text:
+                    offenders.append(f"{path.relative_to(ROOT)}: {bad}")
+    assert not offenders
+
+
+def test_checkpoint_loads_are_weights_only():
+    """Every torch.load in the product passes weights_only=True."""
+    offenders = []
+    for folder in ("fer", "search", "trainables"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if "torch.load(" in line and "weights_only=True" not in line:
+                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders
