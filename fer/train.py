@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         train_main(cfg, args.out, device=args.device, progress=not args.no_progress)
-    except (ValueError, FloatingPointError) as err:  # user-causable: bad key/value/path/data, divergence
+    except (ValueError, FloatingPointError, OSError) as err:  # user-causable: bad input, divergence, unwritable --out
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
