@@ -306,6 +306,9 @@ def yaml_problem(err: yaml.YAMLError) -> str:
     mark = getattr(err, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and start is not None and start is not mark:
+        problem += f" ({context} from line {start.line + 1}, column {start.column + 1})"
     if "constructor for the tag" in problem:
         # safe_load builds only plain data; a python/object tag would run code (CVE-2017-18342).
         problem += " (spaces are plain YAML data read with yaml.safe_load; Python tags are refused)"
