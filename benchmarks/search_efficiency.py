@@ -47,14 +47,15 @@ def summarize(runs: list[dict], fraction: float = TARGET_FRACTION) -> tuple[list
     """The comparison table: one row per search, the 98% target from the best of all of them."""
     best = max((r["winner"]["best_val"] for r in runs if r.get("winner")), default=None)
     target = None if best is None else fraction * best
-    header = ["search", "trials", "stopped early", "epochs", "wall s", "best val F1", "winner test F1",
+    header = ["search", "trials", "stopped early", "ended < max_t", "epochs", "wall s", "best val F1", "winner test F1",
               f"epochs to {fraction:.0%} of best"]
     rows = []
     for run in runs:
         winner = run.get("winner") or {}
         reach = epochs_to_reach(run["events"], target) if target is not None else None
         run["epochs_to_target"] = reach
-        rows.append([run["label"], len(run["trials"]), run["stopped_early"], run["total_epochs"],
+        rows.append([run["label"], len(run["trials"]), run["stopped_early"], run.get("ended_before_max_t"),
+                     run["total_epochs"],
                      round(run["wall_s"], 1), winner.get("best_val"), winner.get("test_macro_f1"),
                      reach if reach is not None else "not reached"])
     return header, rows
