@@ -4,10 +4,13 @@ Ray at the edge, as in Ray's `doc/source/train/doc_code/train_tune_interop.py`: 
 Tune function trainable below is the driver; with several workers it starts ONE Ray
 Train `TorchTrainer` for the whole pipeline (stage 1, distributed pseudo-labelling,
 stage 2), so a trial pays for one worker-group start, not one per stage. With one
-worker it runs the pipeline in its own process: measured on a 2-core machine (see
-benchmarks/trial_overhead.py) that is the only way to stay near Tune's own per-trial
-cost, while a 2-worker group takes about 20 s to start and tear down, and Train's
-local mode (`num_workers=0`) still adds about 4 s and cannot report inside Tune.
+worker it runs the pipeline in its own process and reports with `ray.tune.report`.
+Measured with benchmarks/trial_overhead.py on a busy 2-core machine: a fresh
+single-worker trial starts its pipeline ~5-10 s after Tune launches it (actor start and
+imports); with `TuneConfig(reuse_actors=True)` later trials start in ~0.02 s. Ray
+Train's local mode (`num_workers=0`) would add ~3 s per trial (an empty fit, import
+included) and refuses `ray.train.report` inside Tune. A 2-worker trial costs ~20-35 s
+to start and tear down its worker group (controller, cleaner and worker processes).
 
     trainable = make_trainable(dataset, TrialResources(workers=2, cpus_per_worker=1))
     tuner = tune.Tuner(trainable, param_space={"lr": tune.loguniform(1e-4, 1e-2), ...},
@@ -30,6 +33,8 @@ from fer.config import TrialConfig, apply_overrides
 from trainables.checkpoints import train_run_name
 from trainables.resources import TrialResources, scaling_config, trial_resources
 from trainables.worker import DataRef, RankJob, detect_device, run_rank, train_worker, tune_report
+
+HEALTH_CHECK_INTERVAL_S = "0.5"  # Ray Train controller poll period for multi-worker trials
 
 
 def pipeline_trial(config: dict[str, Any], data: DataRef,
@@ -55,6 +60,10 @@ def run_worker_group(job: RankJob, resources: TrialResources, trial_id: str) -> 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     storage = _storage()
+    # The controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s) and a
+    # worker's report waits in a queue of one until polled, so the default adds up to 2 s to
+    # short epochs and to every teardown. Ray Train passes the variable on to its controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     trainer = ray.train.torch.TorchTrainer(
         _per_worker,
         train_loop_config={"job": job},
