@@ -168,31 +168,51 @@ def _experiment_exists(experiment: str) -> bool:
     return Path(experiment).exists()
 
 
+def resumed_spec(args: argparse.Namespace, storage: str) -> dict[str, Any]:
+    """How experiment --name started; --space / --data may only repeat it."""
+    from search.report import SPEC_FILE, read_spec
+
+    if not args.name:
+        raise UsageError("--resume needs --name: the experiment to continue")
+    experiment = f"{storage.rstrip('/')}/{args.name}"
+    local_dir = Path(experiment) if not is_uri(storage) else LOCAL_MIRROR / args.name
+    if not _experiment_exists(experiment) or not (local_dir / SPEC_FILE).is_file():
+        raise UsageError(f"--resume: no experiment {args.name!r} under {storage} (looked for {experiment})")
+    saved = read_spec(local_dir)
+    if args.space and str(load_space(args.space).path) != saved["space_path"]:
+        raise UsageError(
+            f"--resume: experiment {args.name!r} searched {saved['space_path']}, not {args.space}; "
+            "drop --space to continue it"
+        )
+    if args.data is not None and args.data != saved["data"]:
+        raise UsageError(f"--resume: experiment {args.name!r} used --data {saved['data']}, not {args.data}")
+    return saved
+
+
+def load_search_data(data_path: str | None, space: Space) -> tuple[Any, Space]:
+    """The data set (fer.data.load_dataset raises DataError naming file and line) and the
+    space, with stage 2 switched off when the data has no unlabeled pool."""
+    from fer.data import load_dataset
+
+    dataset = load_dataset(data_path, load_size=int(space.fixed.get("load_size", 128)))
+    for split in ("train", "val", "test"):
+        if split not in dataset.splits or len(dataset.splits[split].images) == 0:
+            raise UsageError(f"{dataset.source}: the search needs a non-empty {split!r} split")
+    pool = dataset.splits.get("unlabeled")
+    if (pool is None or len(pool.images) == 0) and space.fixed.get("student_epochs", 1) != 0:
+        # Without a pool stage 2 is skipped; ASHA's horizon must be stage 1 alone.
+        print(f"note: {dataset.source} has no unlabeled pool: stage 2 off, ASHA max_t = epochs")
+        space = space.with_budget(student_epochs=0)
+    return dataset, space
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     """Validate flags, space and data; raises UsageError / SpaceError / DataError before Ray."""
-    from fer.data import load_dataset
     from search.preflight import folder_problem
-    from search.report import read_spec
     from trainables import TrialResources
 
     storage = args.storage if is_uri(args.storage) else str(Path(args.storage).expanduser().resolve())
-    saved: dict[str, Any] = {}
-    if args.resume:
-        if not args.name:
-            raise UsageError("--resume needs --name: the experiment to continue")
-        experiment = f"{storage.rstrip('/')}/{args.name}"
-        local_dir = Path(experiment) if not is_uri(storage) else LOCAL_MIRROR / args.name
-        if not _experiment_exists(experiment) or not (local_dir / "search_spec.json").is_file():
-            raise UsageError(f"--resume: no experiment {args.name!r} under {storage} (looked for {experiment})")
-        saved = read_spec(local_dir)
-        if args.space and str(load_space(args.space).path) != saved["space_path"]:
-            raise UsageError(
-                f"--resume: experiment {args.name!r} searched {saved['space_path']}, not {args.space}; "
-                "drop --space to continue it"
-            )
-        if args.data is not None and args.data != saved["data"]:
-            raise UsageError(f"--resume: experiment {args.name!r} used --data {saved['data']}, not {args.data}")
-
+    saved = resumed_spec(args, storage) if args.resume else {}
     space = load_space(saved.get("space_path") or args.space or DEFAULT_SPACE)
     smoke = args.smoke or saved.get("smoke", False)
     if smoke:
@@ -223,15 +243,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     data_path = saved.get("data", args.data)
     if data_path is not None and not is_uri(data_path):
         data_path = str(Path(data_path).expanduser().resolve())
-    dataset = load_dataset(data_path, load_size=int(space.fixed.get("load_size", 128)))
-    for split in ("train", "val", "test"):
-        if split not in dataset.splits or len(dataset.splits[split].images) == 0:
-            raise UsageError(f"{dataset.source}: the search needs a non-empty {split!r} split")
-    pool = dataset.splits.get("unlabeled")
-    if (pool is None or len(pool.images) == 0) and space.fixed.get("student_epochs", 1) != 0:
-        # Without a pool stage 2 is skipped; ASHA's horizon must be stage 1 alone.
-        print(f"note: {dataset.source} has no unlabeled pool: stage 2 off, ASHA max_t = epochs")
-        space = space.with_budget(student_epochs=0)
+    dataset, space = load_search_data(data_path, space)
 
     export_dir = Path(args.export_dir).expanduser().resolve() if args.export_dir else local_dir / "export"
     for flag, folder in (("--storage", storage), ("--export-dir", str(export_dir))):

@@ -102,12 +102,12 @@ def test_seed_reaches_searcher_and_trials(tmp_path):
 # --------------------------------------------------------------------------- end to end
 
 
-def check_outputs(experiment: Path, trials: int):
+def check_outputs(experiment: Path, trials: int, params=("loss", "lr")):
     frame = pd.read_csv(experiment / "trials.csv")
     assert len(frame) == trials
     assert set(frame["status"]) <= {"TERMINATED", "ERROR"}
     assert frame["baseline"].sum() == 1
-    assert {"loss", "lr", "best_val_macro_f1", "epochs_run", "stopped_early", "error"} <= set(frame.columns)
+    assert {*params, "best_val_macro_f1", "epochs_run", "stopped_early", "error"} <= set(frame.columns)
     best = load_config_file(str(experiment / "best_config.yaml"))
     assert isinstance(apply_overrides(TrialConfig(), best, "best_config.yaml"), TrialConfig)
     assert (experiment / "curves.png").stat().st_size > 0
@@ -217,7 +217,7 @@ def test_trial_that_raises_is_recorded_and_the_search_goes_on(ray_cluster, tmp_p
         ["--space", space, "--storage", tmp_path / "runs", "--max-failures", "0"], capsys
     )
     assert code == 0, out[-3000:] + err[-3000:]
-    frame, summary = check_outputs(tmp_path / "runs" / "failing", trials=2)
+    frame, summary = check_outputs(tmp_path / "runs" / "failing", trials=2, params=("pretrained",))
     failed = frame[frame["status"] == "ERROR"]
     assert len(failed) == 1 and "no such file" in failed["error"].iloc[0]
     assert summary["winner"]["trial_id"] == frame[frame["baseline"]]["trial_id"].iloc[0]
