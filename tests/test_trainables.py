@@ -21,6 +21,7 @@ from trainables import (
     check_fits,
     make_trainable,
     max_concurrent_trials,
+    process_group_backend,
     put_dataset,
     scaling_config,
     train_run_name,
@@ -71,6 +72,12 @@ def test_scaling_config_allows_fractional_gpus():
     assert sc.num_workers == 4 and sc.use_gpu
     assert sc.resources_per_worker == {"CPU": 1.0, "GPU": 0.25}
     assert not scaling_config(TrialResources(workers=2)).use_gpu
+
+
+@pytest.mark.parametrize("gpus, backend", [(0, "gloo"), (0.25, "gloo"), (1, "nccl"), (2, "nccl")])
+def test_nccl_only_when_each_rank_has_whole_gpus(gpus, backend):
+    # ranks sharing one GPU make NCCL fail with "Duplicate GPU detected" (ray-project/ray#48012)
+    assert process_group_backend(TrialResources(workers=2, gpus_per_worker=gpus)) == backend
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -5,6 +5,7 @@ from trainables.resources import (
     TrialResources,
     check_fits,
     max_concurrent_trials,
+    process_group_backend,
     scaling_config,
     trial_resources,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "make_trainable",
     "max_concurrent_trials",
     "pipeline_trial",
+    "process_group_backend",
     "put_dataset",
     "run_worker_group",
     "scaling_config",

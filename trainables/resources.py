@@ -67,6 +67,13 @@ def scaling_config(res: TrialResources) -> ScalingConfig:
                          resources_per_worker=worker_bundle(res))
 
 
+def process_group_backend(res: TrialResources) -> str:
+    """NCCL when every rank has whole GPUs of its own, else gloo. Ranks holding fractions of
+    a GPU can land on the same device, which NCCL refuses ("Duplicate GPU detected",
+    ray-project/ray#48012); gloo all-reduces CUDA tensors too, only slower."""
+    return "nccl" if res.gpus_per_worker >= 1 else "gloo"
+
+
 def check_fits(res: TrialResources, cluster: dict[str, float]) -> None:
     """Raise before any trial starts if one trial can never be placed on `cluster`
     (e.g. `ray.cluster_resources()`); otherwise it would wait forever."""

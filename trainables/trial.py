@@ -31,7 +31,7 @@ from ray import tune
 
 from fer.config import TrialConfig, apply_overrides
 from trainables.checkpoints import train_run_name
-from trainables.resources import TrialResources, scaling_config, trial_resources
+from trainables.resources import TrialResources, process_group_backend, scaling_config, trial_resources
 from trainables.worker import DataRef, RankJob, detect_device, run_rank, train_worker, tune_report
 
 HEALTH_CHECK_INTERVAL_S = "0.5"  # Ray Train controller poll period for multi-worker trials
@@ -67,7 +67,7 @@ def run_worker_group(job: RankJob, resources: TrialResources, trial_id: str) -> 
     trainer = ray.train.torch.TorchTrainer(
         _per_worker,
         train_loop_config={"job": job},
-        torch_config=ray.train.torch.TorchConfig(backend="nccl" if resources.gpus_per_worker else "gloo"),
+        torch_config=ray.train.torch.TorchConfig(backend=process_group_backend(resources)),
         scaling_config=scaling_config(resources),
         run_config=ray.train.RunConfig(
             name=train_run_name(trial_id),
