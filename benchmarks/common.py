@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RAY_LOCK = os.environ.get("FER_RAY_LOCK", "/tmp/ray.lock")  # one local Ray cluster at a time per machine
+LOCK_HELD_ENV = "FER_RAY_LOCK_HELD"  # set by run_all for its children while it holds RAY_LOCK
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,9 @@ def ray_lock() -> Iterator[None]:
     """Hold the machine-wide Ray lock file: several people start local clusters on this
     machine and two at once make `ray.init` find "multiple active Ray instances".
     flock(2) is what `flock(1)` takes, so this waits for `flock /tmp/ray.lock CMD` runs."""
+    if os.environ.get(LOCK_HELD_ENV) == RAY_LOCK:  # a parent (run_all) holds it for us
+        yield
+        return
     with open(RAY_LOCK, "a+") as handle:
         waited = time.time()
         fcntl.flock(handle, fcntl.LOCK_EX)
