@@ -48,3 +48,15 @@ def folder_problem(folder: str | os.PathLike, min_free: int | None = None) -> st
         return (f"only {free / 2**20:.1f} MB free in {base}; a search needs at least "
                 f"{min_free / 2**20:.0f} MB for checkpoints, logs and the export")
     return None
+
+
+def storage_failure(experiment: str, err: BaseException) -> str:
+    """One line for a search that stopped because its storage failed mid-run (a full disk
+    shows up inside Tune as OSError, or as EOFError when Tune reads back a file it could
+    only write empty)."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    line = f"writing to {experiment} failed: {type(err).__name__}: {first}"
+    if "://" not in experiment:
+        base = existing_ancestor(Path(experiment))
+        line += f" ({shutil.disk_usage(base).free / 2**20:.1f} MB free in {base})"
+    return line + "; make room, then continue with --resume"

@@ -416,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from fer.data import DataError
+    from search.preflight import storage_failure
 
     try:
         plan = make_plan(args)
@@ -430,9 +431,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # e.g. a trial that can never fit on this cluster
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (OSError, EOFError) as err:  # storage full or gone mid-search (tests/test_faults.py)
+        print(f"error: {storage_failure(plan.experiment, err)}", file=sys.stderr)
+        return 2
     from search.finish import finish
 
-    return finish(plan, wall_s=time.time() - started)
+    try:
+        return finish(plan, wall_s=time.time() - started)
+    except OSError as err:  # the reports or the export could not be written
+        print(f"error: {storage_failure(plan.experiment, err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
