@@ -225,3 +225,24 @@ def test_two_worker_trial_runs_the_pipeline_in_one_worker_group(ray_cluster, tmp
         logits = predict_logits(model, val.images, image_size=24, amp=False)
     full = compute_metrics(val.labels, logits.argmax(1).numpy(), data.classes)
     assert ckpt["metrics"]["val_macro_f1"] == pytest.approx(full["macro_f1"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_a_stopped_trials_placement_group_is_released(ray_cluster, tmp_path):
+    """What release_on_stop does when ASHA stops a multi-worker trial: the id the Train
+    controller recorded is removed, so the next trial's workers can be placed."""
+    from types import SimpleNamespace
+
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from trainables.release import RecordPlacementGroup, remove_recorded
+
+    pg = placement_group([{"CPU": 1}])
+    ray.get(pg.ready(), timeout=60)
+    path = str(tmp_path / "pg")
+    state = SimpleNamespace(placement_group_handle=SimpleNamespace(placement_group=pg))
+    RecordPlacementGroup(path).after_worker_group_start(SimpleNamespace(get_worker_group_state=lambda: state))
+    assert remove_recorded(path) and not os.path.exists(path)
+    assert placement_group_table(pg)["state"] == "REMOVED"
+    assert not remove_recorded(path)  # nothing recorded any more: a no-op

@@ -22,6 +22,7 @@ to start and tear down its worker group (controller, cleaner and worker processe
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -31,6 +32,7 @@ from ray import tune
 
 from fer.config import TrialConfig, apply_overrides
 from trainables.checkpoints import train_run_name
+from trainables.release import RecordPlacementGroup, release_on_stop, remove_recorded
 from trainables.resources import TrialResources, process_group_backend, scaling_config, trial_resources
 from trainables.worker import DataRef, RankJob, detect_device, run_rank, train_worker, tune_report
 
@@ -64,6 +66,8 @@ def run_worker_group(job: RankJob, resources: TrialResources, trial_id: str) -> 
     # worker's report waits in a queue of one until polled, so the default adds up to 2 s to
     # short epochs and to every teardown. Ray Train passes the variable on to its controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
+    placement_file = os.path.join(tempfile.gettempdir(), f"fer-train-pg-{trial_id}-{os.getpid()}")
+    release_on_stop(placement_file)  # ASHA's stop must free the workers' CPUs/GPUs (release.py)
     trainer = ray.train.torch.TorchTrainer(
         _per_worker,
         train_loop_config={"job": job},
@@ -73,10 +77,13 @@ def run_worker_group(job: RankJob, resources: TrialResources, trial_id: str) -> 
             name=train_run_name(trial_id),
             storage_path=storage.experiment_fs_path,  # <experiment>/train-<trial id>/checkpoint_epoch_NNNN
             storage_filesystem=storage.storage_filesystem,
-            callbacks=[TuneReportCallback()],
+            callbacks=[TuneReportCallback(), RecordPlacementGroup(placement_file)],
         ),
     )
-    trainer.fit()  # a worker's exception (e.g. NaN loss) is raised here and errors the trial
+    try:
+        trainer.fit()  # a worker's exception (e.g. NaN loss) is raised here and errors the trial
+    finally:
+        remove_recorded(placement_file)  # normally already gone with the worker group
 
 
 def _per_worker(loop_config: dict[str, Any]) -> None:
