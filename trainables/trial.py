@@ -10,7 +10,8 @@ single-worker trial starts its pipeline ~5-10 s after Tune launches it (actor st
 imports); with `TuneConfig(reuse_actors=True)` later trials start in ~0.02 s. Ray
 Train's local mode (`num_workers=0`) would add ~3 s per trial (an empty fit, import
 included) and refuses `ray.train.report` inside Tune. A 2-worker trial costs ~20-35 s
-to start and tear down its worker group (controller, cleaner and worker processes).
+to start and tear down its worker group (controller, cleaner and worker processes);
+when ASHA stops it, its placement group is released at once (trainables/release.py).
 
     trainable = make_trainable(dataset, TrialResources(workers=2, cpus_per_worker=1))
     tuner = tune.Tuner(trainable, param_space={"lr": tune.loguniform(1e-4, 1e-2), ...},
