@@ -4,6 +4,11 @@
 pseudo-labeller use it too); `evaluate_model` adds the metrics; `main` is the CLI:
 
     python -m fer.evaluate --checkpoint runs/x/best.pt [--data PATH] [--split val|test] [--tta]
+                           [--csv evaluations.csv] [--bootstrap 1000]
+
+Besides the metrics JSON and confusion PNG it reports a bootstrap 95% confidence interval
+for macro-F1, the metrics with and without the checkpoint's post-hoc offsets, and appends
+one row per run to a CSV so several checkpoints can be compared side by side.
 """
 
 from __future__ import annotations
@@ -108,17 +113,76 @@ def evaluate_model(
     `offsets` (a checkpoint's post-hoc logit offsets) shift the logits before argmax;
     the returned probabilities are the unshifted ones, so ECE measures the model itself.
     """
-    from fer.metrics import compute_metrics
-
     if device is not None:
         model.to(device)
     logits = predict_logits(model, images, image_size=image_size, batch_size=batch_size,
                             device=device, tta=tta)
+    metrics, probs, _ = metrics_from_logits(logits, labels, classes, offsets)
+    return metrics, probs
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: np.ndarray, classes: list[str],
+                        offsets: list[float] | None = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """(metrics, softmax probabilities, predictions) of logits shifted by `offsets`."""
+    from fer.metrics import compute_metrics
+
     probs = logits.softmax(dim=1).numpy()
     decision = logits if offsets is None else logits + torch.tensor(offsets, dtype=logits.dtype)
     preds = decision.argmax(dim=1).numpy()
     metrics = compute_metrics(np.asarray(labels), preds, classes, probs=probs)
-    return metrics, probs
+    return metrics, probs, preds
+
+
+def bootstrap_macro_f1(labels: np.ndarray, preds: np.ndarray, num_classes: int, *,
+                       samples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of macro-F1 (Efron & Tibshirani 1993).
+
+    The split's images are resampled with replacement `samples` times and macro-F1
+    (sklearn, all classes) recomputed on each; the interval is the central `level` mass.
+    It shows how much of a difference between two checkpoints the test set can resolve.
+    """
+    from sklearn.metrics import f1_score
+
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    if len(labels) == 0 or samples < 1:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    classes = list(range(num_classes))
+    scores = np.empty(samples)
+    for b in range(samples):
+        pick = rng.integers(0, len(labels), len(labels))
+        scores[b] = f1_score(labels[pick], preds[pick], labels=classes, average="macro", zero_division=0)
+    low, high = np.percentile(scores, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
+CSV_COLUMNS = ["checkpoint", "data", "split", "tta", "images", "model", "stage", "epoch", "posthoc",
+               "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "macro_f1_without_offsets",
+               "accuracy", "balanced_accuracy", "weighted_f1", "kappa", "ece"]
+
+
+def append_results_csv(path: str, row: dict[str, Any]) -> str:
+    """Append one evaluation as a row of `path` (created with a header when missing).
+
+    A file written with other columns is rewritten with the union of both, so rows from
+    older runs stay readable next to new ones.
+    """
+    import pandas as pd
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    new = pd.DataFrame([{key: row.get(key) for key in CSV_COLUMNS}])
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        try:
+            old = pd.read_csv(path)
+        except (pd.errors.ParserError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: exists but is not a readable results CSV ({err})") from None
+        if list(old.columns) == CSV_COLUMNS:
+            new.to_csv(path, mode="a", header=False, index=False)
+            return path
+        new = pd.concat([old, new], ignore_index=True)
+    new.to_csv(path, index=False)
+    return path
 
 
 def write_report(metrics: dict[str, Any], classes: list[str], out_dir: str, name: str) -> tuple[str, str]:
@@ -137,8 +201,14 @@ def write_report(metrics: dict[str, Any], classes: list[str], out_dir: str, name
 
 def evaluate_checkpoint(path: str, *, data: str | None = None, split: str = "test",
                         out_dir: str | None = None, tta: bool = False,
-                        batch_size: int = 256, device: str | None = None) -> dict[str, Any]:
-    """Load a checkpoint and its data set, evaluate one split, write the report files."""
+                        batch_size: int = 256, device: str | None = None,
+                        csv_path: str | None = None, bootstrap: int = 1000) -> dict[str, Any]:
+    """Load a checkpoint and its data set, evaluate one split, write the report files.
+
+    Metrics use the checkpoint's post-hoc offsets when it has them ("without_offsets"
+    holds the plain argmax ones); `bootstrap` resamples give macro_f1_ci95; with
+    `csv_path` one row is appended there.
+    """
     from fer.checkpoint import load_checkpoint, model_from_checkpoint
     from fer.data import load_dataset
     from fer.metrics import format_per_class_table
@@ -157,15 +227,27 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, split: str = "tes
         raise ValueError(f"{dataset.source}: split {split!r} has no labels to evaluate against")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model_from_checkpoint(ckpt, device)
-    metrics, _ = evaluate_model(model, part.images, part.labels, list(ckpt["classes"]),
-                                image_size=int(cfg["image_size"]), batch_size=batch_size,
-                                device=device, tta=tta, offsets=ckpt.get("posthoc_offsets"))
+    classes, offsets = list(ckpt["classes"]), ckpt.get("posthoc_offsets")
+    logits = predict_logits(model, part.images, image_size=int(cfg["image_size"]),
+                            batch_size=batch_size, device=device, tta=tta)
+    metrics, _, preds = metrics_from_logits(logits, part.labels, classes, offsets)
+    plain, _, _ = metrics_from_logits(logits, part.labels, classes, None)
+    low, high = bootstrap_macro_f1(part.labels, preds, len(classes), samples=bootstrap)
     metrics.update(split=split, checkpoint=os.path.abspath(path), data=dataset.source, tta=tta,
-                   posthoc_offsets=ckpt.get("posthoc_offsets"))
+                   posthoc_offsets=offsets, macro_f1_ci95=[low, high], bootstrap_samples=bootstrap,
+                   without_offsets={k: plain[k] for k in ("macro_f1", "accuracy", "balanced_accuracy", "kappa")})
     out_dir = out_dir or os.path.dirname(os.path.abspath(path))
     json_path, png_path = write_report(metrics, list(ckpt["classes"]), out_dir, split)
     print(format_per_class_table(metrics))
+    print(f"{split} macro-F1 {metrics['macro_f1']:.4f} (95% CI {low:.4f}-{high:.4f}, {bootstrap} bootstrap "
+          f"resamples); without post-hoc offsets {plain['macro_f1']:.4f}" + ("; TTA" if tta else ""))
     print(f"wrote {json_path} and {png_path}")
+    if csv_path:
+        row = {**metrics, "images": len(part.labels), "model": ckpt["model_name"], "stage": ckpt["stage"],
+               "epoch": ckpt["epoch"], "posthoc": cfg.get("posthoc") if offsets is not None else "none",
+               "macro_f1_ci_low": low, "macro_f1_ci_high": high,
+               "macro_f1_without_offsets": plain["macro_f1"]}
+        print(f"appended a row to {append_results_csv(csv_path, row)}")
     return metrics
 
 
@@ -178,10 +260,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", action="store_true", help="average over fer.transforms.tta_views")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--csv", default=None,
+                        help="append a row of results to this CSV; point several runs at one file to "
+                             "compare checkpoints (default: evaluations.csv in the output folder)")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap resamples for the macro-F1 95%% CI (0 = none)")
     args = parser.parse_args(argv)
+    out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     try:
-        evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, out_dir=args.out,
-                            tta=args.tta, batch_size=args.batch_size, device=args.device)
+        evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, out_dir=out_dir,
+                            tta=args.tta, batch_size=args.batch_size, device=args.device,
+                            csv_path=args.csv or os.path.join(out_dir, "evaluations.csv"),
+                            bootstrap=args.bootstrap)
     except ValueError as err:  # user errors (bad path, bad data, class mismatch): one line
         print(f"error: {err}", file=sys.stderr)
         return 2

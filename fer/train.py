@@ -7,6 +7,10 @@ trains on its shard of every epoch and all-reduces the validation confusion matr
 every rank reports metrics over the WHOLE validation split.
 
     python -m fer.train [--data PATH] [--config FILE.yaml] [--set key=value ...] --out DIR
+
+The CLI runs the whole pipeline of a trial (`fer.pipeline.run_pipeline`: teacher ->
+pseudo-labels -> student -> post-hoc offsets); stage 2 is skipped when the data set has no
+unlabeled pool or student_epochs is 0.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fer.checkpoint import make_checkpoint, save_checkpoint, to_plain
+from fer.checkpoint import make_checkpoint, to_plain
 from fer.config import TrialConfig, apply_overrides, load_config_file, parse_set_args
 from fer.evaluate import autocast, autocast_dtype, predict_logits, to_nchw
 from fer.losses import build_loss
@@ -497,34 +501,43 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
 
 
 def train_main(cfg: TrialConfig, out_dir: str, *, device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Load the data, train stage 1, write best.pt, metrics.json, tb/ and the confusion PNG."""
+    """Load the data, run the pipeline, write best.pt (with post-hoc offsets), metrics.json,
+    pseudo_labeled.csv, tb/ and the confusion PNGs; test metrics of both stages."""
     from torch.utils.tensorboard import SummaryWriter
 
     from fer.data import load_dataset
     from fer.evaluate import evaluate_model, write_report
+    from fer.pipeline import run_pipeline
 
     data = load_dataset(cfg.data, load_size=cfg.load_size)
-    train, val = data.splits["train"], data.splits["val"]
     os.makedirs(out_dir, exist_ok=True)
     writer = SummaryWriter(os.path.join(out_dir, "tb"))
     try:
-        result = fit(cfg, train.images, train.labels, val, data.classes, counts=data.class_counts("train"),
-                     device=device, writer=writer, progress=progress)
+        result = run_pipeline(cfg, data, device=device, out_dir=out_dir, writer=writer, progress=progress)
     finally:
         writer.close()
-    ckpt_path = save_checkpoint(result.checkpoint, os.path.join(out_dir, "best.pt"))
-    summary: dict[str, Any] = {"data": data.source, "best_epoch": result.best_epoch, "checkpoint": ckpt_path,
-                               "config": result.checkpoint["config"], "val": result.best_metrics,
-                               "history": result.history}
-    val_metrics, _ = evaluate_model(result.model, val.images, val.labels, data.classes,
-                                    image_size=cfg.image_size, device=device)
-    write_report(val_metrics, data.classes, out_dir, "val")
+    ckpt, stage = result.checkpoint, result.metrics["final_stage"]
+    final = result.student if stage == "student" else result.teacher
+    summary: dict[str, Any] = {"data": data.source, "best_epoch": ckpt["epoch"], "final_stage": stage,
+                               "checkpoint": result.checkpoint_path, "config": ckpt["config"],
+                               "val": final.best_metrics, "pipeline": result.metrics,
+                               "pseudo": result.pseudo, "history": result.history}
+
+    def evaluate(model: nn.Module, split: str, offsets: list[float] | None) -> dict[str, Any]:
+        part = data.splits[split]
+        metrics, _ = evaluate_model(model, part.images, part.labels, data.classes,
+                                    image_size=cfg.image_size, device=device, offsets=offsets)
+        return metrics
+
+    write_report(evaluate(result.model, "val", ckpt["posthoc_offsets"]), data.classes, out_dir, "val")
     if "test" in data.splits and data.splits["test"].labels is not None:
-        test = data.splits["test"]
-        test_metrics, _ = evaluate_model(result.model, test.images, test.labels, data.classes,
-                                         image_size=cfg.image_size, device=device)
+        test_metrics = evaluate(result.model, "test", ckpt["posthoc_offsets"])
         write_report(test_metrics, data.classes, out_dir, "test")
         summary["test"] = {k: test_metrics[k] for k in ("macro_f1", "balanced_accuracy", "accuracy", "kappa")}
+        for name, fitted in (("teacher", result.teacher), ("student", result.student)):
+            if fitted is not None:  # each stage's best weights, plain argmax
+                summary[f"{name}_test_macro_f1"] = evaluate(fitted.model, "test", None)["macro_f1"]
+        summary["test_without_offsets_macro_f1"] = summary[f"{stage}_test_macro_f1"]
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as handle:
         json.dump(to_plain(summary), handle, indent=2)
     _print_summary(summary, out_dir)
@@ -532,13 +545,26 @@ def train_main(cfg: TrialConfig, out_dir: str, *, device: str | None = None, pro
 
 
 def _print_summary(summary: dict[str, Any], out_dir: str) -> None:
-    val = summary["val"]
-    line = (f"best epoch {summary['best_epoch']}: val macro-F1 {val['val_macro_f1']:.4f}, "
-            f"balanced acc {val['val_balanced_accuracy']:.4f}, acc {val['val_accuracy']:.4f}")
+    pipe = summary["pipeline"]
+    for name in ("teacher", "student"):
+        if f"{name}_val_macro_f1" in pipe:
+            line = (f"{name}: best val macro-F1 {pipe[f'{name}_val_macro_f1']:.4f} "
+                    f"(epoch {pipe[f'{name}_best_epoch']})")
+            if f"{name}_test_macro_f1" in summary:
+                line += f", test macro-F1 {summary[f'{name}_test_macro_f1']:.4f}"
+            print(line)
+    if summary.get("pseudo"):
+        pseudo = summary["pseudo"]
+        precision = "" if pseudo.get("precision") is None else f", precision {pseudo['precision']:.3f}"
+        print(f"pseudo-labels: kept {pseudo['kept']} of {pseudo.get('pool_size', '?')}{precision}")
+    line = (f"best epoch {summary['best_epoch']}: val macro-F1 {pipe['val_macro_f1_raw']:.4f} "
+            f"({summary['final_stage']}; {pipe['val_macro_f1_posthoc']:.4f} with post-hoc {pipe['posthoc']} offsets)")
     if "test" in summary:
-        line += f"; test macro-F1 {summary['test']['macro_f1']:.4f}"
+        line += (f"; test macro-F1 {summary['test']['macro_f1']:.4f} "
+                 f"({summary['test_without_offsets_macro_f1']:.4f} without offsets)")
     print(line)
-    print(f"wrote {out_dir}/best.pt, metrics.json, val_confusion.png, tb/")
+    print(f"wrote {out_dir}/best.pt, metrics.json, val_confusion.png, tb/"
+          + (", pseudo_labeled.csv" if summary.get("pseudo") else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

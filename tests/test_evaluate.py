@@ -85,3 +85,61 @@ def test_cli_missing_checkpoint_is_one_line_error(tmp_path, capsys):
     assert main(["--checkpoint", str(missing)]) == 2
     err = capsys.readouterr().err
     assert f"{missing}: checkpoint file not found" in err and "Traceback" not in err
+
+
+# --- bootstrap CI, offsets, results CSV (issue 4) -------------------------------------
+
+
+def test_bootstrap_interval_contains_the_point_estimate_and_narrows_with_n():
+    from sklearn.metrics import f1_score
+
+    from fer.evaluate import bootstrap_macro_f1
+
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (100, 1600):
+        y = rng.integers(0, 4, n)
+        pred = np.where(rng.random(n) < 0.7, y, rng.integers(0, 4, n))
+        low, high = bootstrap_macro_f1(y, pred, 4, samples=300)
+        assert low <= f1_score(y, pred, average="macro") <= high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 4x the images, about half the width
+    assert bootstrap_macro_f1(y, pred, 4, samples=50) == bootstrap_macro_f1(y, pred, 4, samples=50)
+
+
+def test_cli_reports_ci_offsets_tta_and_appends_csv_rows(checkpoint, tmp_path, capsys):
+    csv_path = tmp_path / "compare.csv"
+    args = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "r"), "--csv", str(csv_path),
+            "--bootstrap", "50"]
+    assert main(args) == 0
+    assert main(args + ["--tta"]) == 0
+    printed = capsys.readouterr().out
+    assert "95% CI" in printed and "without post-hoc offsets" in printed
+    import pandas as pd
+
+    rows = pd.read_csv(csv_path)
+    assert len(rows) == 2 and rows["tta"].tolist() == [False, True]
+    assert (rows["macro_f1_ci_low"] <= rows["macro_f1"]).all() and (rows["macro_f1"] <= rows["macro_f1_ci_high"]).all()
+    metrics = json.loads((tmp_path / "r" / "test_metrics.json").read_text())
+    assert len(metrics["macro_f1_ci95"]) == 2 and "macro_f1" in metrics["without_offsets"]
+
+
+def test_cli_default_csv_lands_in_the_output_folder(checkpoint, tmp_path):
+    assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "r"), "--bootstrap", "10"]) == 0
+    assert (tmp_path / "r" / "evaluations.csv").exists()
+
+
+def test_offsets_from_the_checkpoint_change_metrics(tmp_path):
+    from fer.evaluate import evaluate_checkpoint
+
+    csv = write_csv(str(tmp_path / "d"), seed=0, scale=0.02)
+    cfg = TrialConfig(data=str(csv), image_size=24)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 7, in_channels=1)
+    offsets = [0.0, 50.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # everything becomes Disgust
+    ckpt = make_checkpoint(model.state_dict(), cfg, FER_CLASSES, np.ones(7, dtype=np.int64), epoch=1,
+                           stage="student", metrics={}, in_channels=1, posthoc_offsets=offsets)
+    path = save_checkpoint(ckpt, tmp_path / "best.pt")
+    metrics = evaluate_checkpoint(str(path), out_dir=str(tmp_path / "r"), bootstrap=10)
+    assert np.asarray(metrics["confusion"])[:, 1].sum() == np.asarray(metrics["confusion"]).sum()
+    assert "macro_f1" in metrics["without_offsets"]

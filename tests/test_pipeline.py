@@ -1,6 +1,7 @@
 """run_pipeline: stage 2 skipped without a pool, both stages with one, DDP-sharded pseudo-labels."""
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -142,3 +143,23 @@ def test_ddp_ranks_agree_on_pseudo_labels_and_offsets(tmp_path):
     assert r0["kept"] == 60  # every pool row came back from the two shards
     assert os.path.exists(tmp_path / "rank0" / "pseudo_labeled.csv")
     assert not os.path.exists(tmp_path / "rank1" / "pseudo_labeled.csv")  # rank 0 writes
+
+
+def test_train_cli_runs_both_stages_and_reports_each(tmp_path, monkeypatch, capsys):
+    from fer.synth import write_csv
+
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    csv_path = write_csv(str(tmp_path / "data"), seed=0, scale=0.03)  # has an Unlabeled pool
+    out = tmp_path / "run"
+    args = ["--data", csv_path, "--out", str(out), "--no-progress", "--set", "image_size=16",
+            "--set", "epochs=1", "--set", "student_epochs=1", "--set", "pseudo_threshold=0.0",
+            "--set", "batch_size=32", "--set", "amp=false"]
+    assert fer.train.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "teacher: best val macro-F1" in printed and "student: best val macro-F1" in printed
+    assert "test macro-F1" in printed
+    summary = json.loads((out / "metrics.json").read_text())
+    assert {"teacher_test_macro_f1", "student_test_macro_f1", "test"} <= set(summary)
+    assert summary["pipeline"]["student_best_epoch"] == 2
+    assert load_checkpoint(str(out / "best.pt"))["posthoc_offsets"] is not None
+    assert (out / "pseudo_labeled.csv").exists()
