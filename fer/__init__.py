@@ -49,14 +49,19 @@ _EXPORTS: dict[str, str] = {
     "PipelineResult": "fer.pipeline",
     "SELECTIONS": "fer.pseudo",
     "select_pseudo_labels": "fer.pseudo",
+    "predict_pool": "fer.pseudo",
+    "fit_temperature": "fer.pseudo",
+    "summarize_selection": "fer.pseudo",
     "POSTHOC": "fer.posthoc",
     "fit_offsets": "fer.posthoc",
+    "apply_offsets": "fer.posthoc",
     # checkpoints, evaluation, export
     "save_checkpoint": "fer.checkpoint",
     "load_checkpoint": "fer.checkpoint",
     "model_from_checkpoint": "fer.checkpoint",
     "evaluate_model": "fer.evaluate",
     "evaluate_checkpoint": "fer.evaluate",
+    "bootstrap_macro_f1": "fer.evaluate",
     "export_checkpoint": "fer.export",
 }
 
