@@ -155,5 +155,5 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"{s['trials']} trials, {s['stopped_early']} stopped early, {s['errored']} errored, "
           f"{s['wall_s'] / 60:.1f} min")
     print(f"experiment: {s['experiment']}  ({TRIALS_CSV}, {BEST_CONFIG}, {IMPORTANCE_CSV}, {CURVES_PNG}, "
-          f"test.json, optuna.db)")
+          f"test_metrics.json, optuna.db)")
     print(f"ONNX model: {s['export']['dir']}/model.onnx (parity {'passed' if s['export']['parity_passed'] else 'FAILED'})")
