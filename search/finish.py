@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from search.export import export_trial, trial_checkpoint
 from search.report import (
     BEST_CONFIG,
@@ -16,7 +14,6 @@ from search.report import (
     SUMMARY_JSON,
     TRIALS_CSV,
     TrialRecord,
-    bootstrap_macro_f1,
     collect_trials,
     pick_winner,
     plot_curves,
@@ -55,22 +52,17 @@ def sync_up(plan: Any) -> None:
 def evaluate_on_test(record: TrialRecord, dataset: Any, metric: str, mode: str, out_dir: Path) -> dict[str, Any]:
     """The only read of the test split in a search: the winner, once, with a bootstrap CI."""
     from fer.checkpoint import load_checkpoint, model_from_checkpoint
-    from fer.evaluate import evaluate_model, write_report
+    from fer.evaluate import bootstrap_macro_f1, metrics_from_logits, predict_logits, write_report
 
     path = trial_checkpoint(record, metric, mode)
     ckpt = load_checkpoint(path)
     test = dataset.splits["test"]
     classes = list(ckpt["classes"])
     model = model_from_checkpoint(ckpt, "cpu")
-    offsets = ckpt.get("posthoc_offsets")
-    metrics, probs = evaluate_model(
-        model, test.images, test.labels, classes, image_size=int(ckpt["config"]["image_size"]),
-        device="cpu", offsets=offsets,
-    )
-    # argmax(log softmax + offsets) == argmax(logits + offsets): the checkpoint's decision rule.
-    decision = np.log(np.clip(probs, 1e-30, None)) + (np.asarray(offsets) if offsets is not None else 0.0)
-    point, low, high = bootstrap_macro_f1(np.asarray(test.labels), decision.argmax(1), len(classes))
-    metrics.update(split="test", checkpoint=path, macro_f1_ci95=[low, high], bootstrap_macro_f1=point)
+    logits = predict_logits(model, test.images, image_size=int(ckpt["config"]["image_size"]), device="cpu")
+    metrics, _, preds = metrics_from_logits(logits, test.labels, classes, ckpt.get("posthoc_offsets"))
+    low, high = bootstrap_macro_f1(test.labels, preds, len(classes))
+    metrics.update(split="test", checkpoint=path, macro_f1_ci95=[low, high])
     write_report(metrics, classes, str(out_dir), "test")
     return metrics
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from fer.config import TrialConfig, apply_overrides
@@ -245,21 +244,3 @@ def plot_curves(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def bootstrap_macro_f1(
-    y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, samples: int = 1000, seed: int = 0
-) -> tuple[float, float, float]:
-    """Macro-F1 and its 95% percentile bootstrap interval over test images (Efron & Tibshirani 1993)."""
-    from sklearn.metrics import f1_score
-
-    labels = list(range(num_classes))
-    point = f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
-    rng = np.random.default_rng(seed)
-    n = len(y_true)
-    draws = [
-        f1_score(y_true[idx], y_pred[idx], labels=labels, average="macro", zero_division=0)
-        for idx in (rng.integers(0, n, n) for _ in range(samples))
-    ]
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return float(point), float(low), float(high)
