@@ -368,6 +368,11 @@ def build_tuner(plan: Plan, trainable: Any, max_concurrent: int) -> Any:
             max_concurrent_trials=max_concurrent,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
+            # A single-worker trial trains in its own process: reusing that process saves
+            # ~5 s of actor start per trial (benchmarks/trial_overhead.py), which is most of
+            # the fixed cost of the many trials ASHA stops after a few epochs. Multi-worker
+            # trials start a Ray Train worker group anyway, so there is nothing to reuse.
+            reuse_actors=plan.resources.workers == 1,
         ),
         run_config=tune.RunConfig(
             name=plan.name,
