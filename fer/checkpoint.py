@@ -9,6 +9,7 @@ export need no flags. Only tensors, numbers, strings, lists and dicts go in, so
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import asdict
 from typing import Any
@@ -91,14 +92,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip/pickle errors differ by torch version; all mean "unreadable"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first})") from None
+        raise ValueError(f"{path}: {_load_problem(err)}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: not a fer checkpoint (expected a dict, got {type(ckpt).__name__})")
     missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
     if missing:
         raise ValueError(f"{path}: not a fer checkpoint, missing keys: {', '.join(missing)}")
     return ckpt
+
+
+def _load_problem(err: Exception) -> str:
+    """torch.load's error in one line. torch's own text for a refused pickle is a page that
+    suggests weights_only=False; that advice is exactly what must not be followed here."""
+    text = str(err)
+    hostile = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if hostile:
+        return (f"refused: the file pickles Python objects ({hostile.group(1)}), which could run code "
+                f"when loaded; a fer checkpoint holds only tensors, numbers, strings, lists and dicts "
+                f"(read with torch.load(weights_only=True))")
+    detail = re.search(r"Unsupported operand \S+", text)
+    first = detail.group(0) if detail else (text.strip().splitlines() or [type(err).__name__])[0]
+    if first.startswith("Weights only load failed"):
+        first = "not a torch checkpoint"
+    return f"not a readable checkpoint ({type(err).__name__}: {first})"
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device | None = None) -> nn.Module:

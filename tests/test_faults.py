@@ -154,7 +154,8 @@ def test_unwritable_export_dir_is_refused_before_ray(tmp_path, capsys, monkeypat
 def test_pickled_object_checkpoint_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"model": Payload(marker)}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match=r"evil.pt: not a readable checkpoint \(UnpicklingError: Weights only"):
+    with pytest.raises(ValueError, match=r"evil.pt: refused: the file pickles Python objects \(getattr\), "
+                                         r"which could run code"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()  # weights_only=True never called Path.touch
 
@@ -177,7 +178,8 @@ def test_export_or_evaluation_of_a_bad_checkpoint_is_one_line_exit_2(damage, tmp
     elif damage == "pickled object":
         torch.save({"model": Payload(tmp_path / "pwned")}, path)
     expected = {"missing file": "checkpoint file not found", "not a dict": "expected a dict",
-                "missing keys": "missing keys: config, classes"}.get(damage, "not a readable checkpoint")
+                "missing keys": "missing keys: config, classes",
+                "pickled object": "refused: the file pickles Python objects"}.get(damage, "not a readable checkpoint")
     for main in (fer_export.main, fer_evaluate.main):
         code, _, err = run_main(main, ["--checkpoint", path, "--out", tmp_path / "out"], capsys)
         assert code == 2
