@@ -51,12 +51,12 @@ def folder_problem(folder: str | os.PathLike, min_free: int | None = None) -> st
 
 
 def storage_failure(experiment: str, err: BaseException) -> str:
-    """One line for a search that stopped because its storage failed mid-run (a full disk
-    shows up inside Tune as OSError, or as EOFError when Tune reads back a file it could
-    only write empty)."""
+    """One line for a search that stopped on a storage error mid-run (a full disk shows up
+    inside Tune as OSError, or as EOFError / UnpicklingError when Tune reads back a file it
+    could only write in part)."""
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    line = f"writing to {experiment} failed: {type(err).__name__}: {first}"
+    line = f"the search stopped on a storage error in {experiment}: {type(err).__name__}: {first}"
     if "://" not in experiment:
         base = existing_ancestor(Path(experiment))
         line += f" ({shutil.disk_usage(base).free / 2**20:.1f} MB free in {base})"
-    return line + "; make room, then continue with --resume"
+    return line + "; fix the storage, then continue with --resume"

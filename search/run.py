@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -436,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # e.g. a trial that can never fit on this cluster
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (OSError, EOFError) as err:  # storage full or gone mid-search (tests/test_faults.py)
+    except (OSError, EOFError, pickle.UnpicklingError) as err:  # storage full mid-search: Tune reads back
+        # the truncated files it wrote (tests/test_faults.py)
         print(f"error: {storage_failure(plan.experiment, err)}", file=sys.stderr)
         return 2
     from search.finish import finish

@@ -436,5 +436,5 @@ def test_checkpoint_folder_filling_up_mid_search_errors_the_trial_not_the_search
                                                     "--max-failures", "0"], capsys)
     assert code == 2, out[-3000:] + err[-3000:]
     line = [line for line in err.strip().splitlines() if line.strip()][-1]
-    assert line.startswith(f"error: writing to {small / 'runs' / 'one'} failed:"), err[-3000:]
-    assert "MB free in" in line and line.endswith("make room, then continue with --resume")
+    assert line.startswith(f"error: the search stopped on a storage error in {small / 'runs' / 'one'}: "), err[-3000:]
+    assert "MB free in" in line and line.endswith("fix the storage, then continue with --resume")
