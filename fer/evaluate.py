@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                             tta=args.tta, batch_size=args.batch_size, device=args.device,
                             csv_path=args.csv or os.path.join(out_dir, "evaluations.csv"),
                             bootstrap=args.bootstrap)
-    except ValueError as err:  # user errors (bad path, bad data, class mismatch): one line
+    except (ValueError, OSError) as err:  # user errors (bad path/data, class mismatch, unwritable --out): one line
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

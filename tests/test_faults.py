@@ -188,12 +188,13 @@ def test_export_or_evaluation_of_a_bad_checkpoint_is_one_line_exit_2(damage, tmp
     assert not (tmp_path / "out").exists() and not (tmp_path / "pwned").exists()
 
 
-def test_export_to_an_unwritable_folder_is_one_line_exit_2(tmp_path, capsys):
+@pytest.mark.parametrize("main", [fer_export.main, fer_evaluate.main], ids=["export", "evaluate"])
+def test_export_or_evaluation_into_an_unwritable_folder_is_one_line_exit_2(main, tmp_path, capsys):
     checkpoint = tiny_checkpoint(tmp_path / "good.pt")
     (tmp_path / "deploy").write_text("")  # a file where the output folder should go
     argv = ["--checkpoint", checkpoint, "--out", tmp_path / "deploy" / "onnx",
             "--data", tiny_fer_csv(tmp_path / "faces.csv")]
-    code, _, err = run_main(fer_export.main, argv, capsys)
+    code, _, err = run_main(main, argv, capsys)
     assert code == 2
     assert "deploy" in one_error_line(err)
 
