@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "proposes them (the space's baseline first), ASHA stops weak ones early; the winner is "
         "evaluated once on the test split and exported to ONNX.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # '--num-sample 3' must be an error, not a silent '--num-samples'
         epilog=__doc__.split("\n\n")[1],
     )
     add = parser.add_argument

@@ -204,6 +204,9 @@ CASES: dict[str, Case] = {
     "cli: unknown flag": (
         lambda t: ["--trials", "3"],
         ["unrecognized arguments: --trials 3"]),
+    "cli: abbreviated flag": (
+        lambda t: ["--num-sample", "3"],
+        ["unrecognized arguments: --num-sample 3"]),
     "cli: resume without a name": (
         lambda t: ["--resume"],
         ["--resume needs --name"]),
