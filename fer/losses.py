@@ -13,6 +13,7 @@ pseudo-labelled images, like the lambda of FixMatch (Sohn et al. 2020).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -111,15 +112,16 @@ def log_prior(counts: np.ndarray) -> torch.Tensor:
 # Losses
 
 
-class WeightedLoss(nn.Module):
+class WeightedLoss(nn.Module, abc.ABC):
     """Shared reduction: per-class weights times optional sample weights (module docstring)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("weight", weight.float())
 
+    @abc.abstractmethod
     def per_sample(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Unreduced loss of each sample; each loss below defines it."""
 
     def forward(
         self, logits: torch.Tensor, targets: torch.Tensor, sample_weight: torch.Tensor | None = None
