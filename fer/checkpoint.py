@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fer.config import TrialConfig
+from fer.data import atomic_write
 
 CHECKPOINT_KEYS = (
     "model", "config", "classes", "class_counts", "epoch", "stage", "metrics",
@@ -70,17 +71,7 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> str:
     """Write atomically (temp file in the same folder, then os.replace): a reader never
     sees a half-written checkpoint, even when a trial is killed mid-save."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(ckpt, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(Path(path), lambda handle: torch.save(ckpt, handle))
     return path
 
 

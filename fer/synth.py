@@ -25,11 +25,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from fer.data import atomic_write
 
 CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
 SIZE = 48
@@ -307,15 +309,7 @@ def write_csv(out_dir: str, seed: int = 0, scale: float = 1.0) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, CSV_NAME)
     frame = generate(seed, scale)
-    fd, tmp = tempfile.mkstemp(prefix=".fer2013_demo.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            frame.to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(Path(path), lambda handle: handle.write(frame.to_csv(index=False).encode()))
     return path
 
 
