@@ -214,14 +214,18 @@ def build_search_tuner(space: Any, variant: str, trainable: Any, storage: str, n
 
 
 def run_search(space: Any, variant: str, data_ref: Any, data: Any, storage: str,
-               evaluate_test: bool = True) -> dict[str, Any]:
-    """One search; returns per-trial curves, the epoch timeline, wall time and the winner."""
+               evaluate_test: bool = True, cpus_per_trial: float = 1.0,
+               gpus_per_trial: float = 0.0) -> dict[str, Any]:
+    """One search; returns per-trial curves, the epoch timeline, wall time and the winner.
+    Each trial is one worker with `cpus_per_trial` CPUs (its torch threads) and
+    `gpus_per_trial` of a GPU (0.25: four trials share one)."""
     from search.finish import evaluate_on_test
     from search.report import collect_trials, pick_winner
     from trainables import TrialResources, make_trainable
 
     log = make_epoch_log()
-    trainable = make_trainable(data_ref, TrialResources(workers=1, cpus_per_worker=1))
+    trainable = make_trainable(data_ref, TrialResources(workers=1, cpus_per_worker=cpus_per_trial,
+                                                        gpus_per_worker=gpus_per_trial))
     tuner = build_search_tuner(space, variant, trainable, storage, variant, [log])
     started = time.time()
     tuner.fit()
@@ -236,6 +240,7 @@ def run_search(space: Any, variant: str, data_ref: Any, data: Any, storage: str,
             record.stopped_early = False
     out: dict[str, Any] = {
         "variant": variant, "label": get_variant(variant)["label"], "wall_s": wall,
+        "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
         "trials": [{"trial_id": r.trial_id, "baseline": r.baseline, "status": r.status,
                     "stopped_early": r.stopped_early, "epochs_run": r.epochs_run,
                     "best_val": r.best(space.mode)[1], "curve": r.curve, "error": r.error,

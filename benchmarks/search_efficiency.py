@@ -2,6 +2,8 @@
 
     python benchmarks/search_efficiency.py --budget small     # ~10 min on 2 busy cores
     python benchmarks/search_efficiency.py --budget full      # spaces/imbalance.yaml as is (~3 x 10 min idle)
+    python benchmarks/search_efficiency.py --budget full --gpus-per-trial 0.25 --cpus-per-trial 4 \
+        --max-concurrent 4                                    # on one GPU: four trials share it
 
 On the embedded demo data, with the same space, trial count, concurrency and seed (the
 space's baseline evaluated first in each), it runs one after the other:
@@ -14,16 +16,22 @@ and reports total epochs spent, wall time, best val macro-F1, the winner's test 
 (the winner's checkpoint read once on test, as search.run does), and how many epochs
 each search had spent (all trials, wall-clock order) when a trial first reached 98% of
 the best val macro-F1 any of the three found. The script takes /tmp/ray.lock itself
-while its Ray cluster runs.
+while its Ray cluster runs. The JSON is rewritten after each search, so a run cut off
+part-way keeps the searches that finished.
+
+--cpus-per-trial / --gpus-per-trial / --max-concurrent apply to all three searches alike
+(defaults: 1 CPU, no GPU, the space's max_concurrent).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -66,37 +74,62 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     parser.add_argument("--variants", default=",".join(SEARCH_VARIANTS),
                         help=f"comma-separated, from {', '.join(SEARCH_VARIANTS)}")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="C",
+                        help="CPUs (= torch threads) per trial, every search alike (default 1)")
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="G",
+                        help="GPU fraction per trial, every search alike (0.25: four share one GPU; default 0)")
+    parser.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                        help="trials at once, every search alike (default: the space's)")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for name in variants:
         if name not in SEARCH_VARIANTS:
             parser.error(f"unknown variant {name!r}; valid: {', '.join(SEARCH_VARIANTS)}")
+    if not args.cpus_per_trial > 0:
+        parser.error(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
+    if not 0 <= args.gpus_per_trial <= 1:
+        parser.error(f"--gpus-per-trial must be in [0, 1], got {args.gpus_per_trial}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        parser.error(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
 
     from trainables import put_dataset
 
     budget = get_budget(args.budget)
     space = load_budget_space(budget, seed=args.seed)
+    if args.max_concurrent is not None:
+        space = dataclasses.replace(space, max_concurrent=args.max_concurrent)
     data = load_data(budget)
     print(f"budget {args.budget}: {data.source}, train {len(data.splits['train'].images)} images, "
           f"{space.num_samples} trials x up to {space.max_t} epochs, {space.max_concurrent} at once, "
-          f"image {space.fixed['image_size']} px, ASHA grace {space.grace_period}, seed {args.seed}")
+          f"image {space.fixed['image_size']} px, ASHA grace {space.grace_period}, seed {args.seed}, "
+          f"{args.cpus_per_trial:g} CPU + {args.gpus_per_trial:g} GPU per trial")
     started = time.time()
-    runs = []
+    runs: list[dict] = []
+    path = None
     with ray_session(), tempfile.TemporaryDirectory(prefix="bench-search-") as storage:
         ref = put_dataset(data)
         for name in variants:
-            run = run_search(space, name, ref, data, storage)
+            run = run_search(space, name, ref, data, storage, cpus_per_trial=args.cpus_per_trial,
+                             gpus_per_trial=args.gpus_per_trial)
             print(f"  {run['label']}: {run['wall_s']:.0f} s, {run['total_epochs']} epochs", flush=True)
             runs.append(run)
+            path = write_results(args, space, data, runs, started)
     header, rows = summarize(runs)
     print(format_table(header, rows))
-    path = save_json("search_efficiency", args.budget, {
-        "space": str(space.path), "num_samples": space.num_samples, "max_t": space.max_t,
-        "max_concurrent": space.max_concurrent, "seed": args.seed, "data": data.source,
-        "total_wall_s": time.time() - started, "target_fraction": TARGET_FRACTION,
-        "table": {"header": header, "rows": rows}, "runs": runs}, args.json)
     print(f"raw results: {path}")
     return 0
+
+
+def write_results(args: argparse.Namespace, space: Any, data: Any, runs: list[dict], started: float) -> Path:
+    """The JSON of the searches done so far (rewritten after each one)."""
+    header, rows = summarize(runs)
+    return save_json("search_efficiency", args.budget, {
+        "space": str(space.path), "num_samples": space.num_samples, "max_t": space.max_t,
+        "max_concurrent": space.max_concurrent, "cpus_per_trial": args.cpus_per_trial,
+        "gpus_per_trial": args.gpus_per_trial, "seed": args.seed, "data": data.source,
+        "total_wall_s": time.time() - started, "target_fraction": TARGET_FRACTION,
+        "variants_done": [r["variant"] for r in runs],
+        "table": {"header": header, "rows": rows}, "runs": runs}, args.json)
 
 
 if __name__ == "__main__":
