@@ -80,7 +80,7 @@ def run_bare(cfg: TrialConfig, data: Dataset) -> tuple[float, list[dict]]:
 
     rows: list[dict] = []
     start = time.time()
-    run_pipeline(cfg, data, report=lambda m, c: rows.append(dict(m)), progress=False)
+    run_pipeline(cfg, data, report=lambda m, c, s: rows.append(dict(m)), progress=False)
     return time.time() - start, rows
 
 

@@ -69,7 +69,7 @@ def run_optuna_loop(space: Any, data: Any, threads: int) -> dict[str, Any]:
         record = {"number": trial.number, "params": dict(trial.params), "curve": curve, "pruned": False}
         trials.append(record)
 
-        def report(metrics: dict[str, Any], checkpoint: Any) -> None:
+        def report(metrics: dict[str, Any], checkpoint: Any, state: Any) -> None:
             curve.append((int(metrics["epoch"]), float(metrics[space.metric])))
             trial.report(float(metrics[space.metric]), int(metrics["epoch"]))
             if trial.should_prune():

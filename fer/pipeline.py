@@ -15,6 +15,13 @@ stage whose best epoch has the higher validation macro-F1 (the student on ties),
 rule Tune applies to the reported checkpoints. Under torch.distributed every rank calls
 `run_pipeline`; pool and validation predictions are sharded and gathered, so all ranks
 take the same decisions.
+
+Resuming: `report(metrics, checkpoint, state)` gets, every epoch, the state that
+`run_pipeline(..., resume=state)` continues from after that epoch: the stage, fit's own
+state (`fer.train.fit`), and in stage 2 the teacher's result and the pseudo-label
+selection, so a resumed trial neither retrains the teacher nor re-selects. A run resumed
+from any epoch ends with the same model as the uninterrupted run (CPU; on GPU up to
+non-deterministic kernels).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fer.checkpoint import to_plain
 from fer.config import TrialConfig
 from fer.posthoc import fit_offsets, macro_f1
 from fer.pseudo import (
@@ -69,7 +77,7 @@ def _predict(cfg: TrialConfig, model: nn.Module, images: np.ndarray, device: Any
 
 def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any = None,
                  out_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Teacher labels the pool; returns (kept pool indices, labels, summary).
+    """Teacher labels the pool; returns (kept pool indices, labels, summary, confidences).
 
     Temperature scaling (Guo et al. 2017) is fitted on the validation logits first, so
     cfg.pseudo_threshold applies to calibrated confidences rather than the teacher's
@@ -90,13 +98,18 @@ def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any
                    threshold=cfg.pseudo_threshold, tta=cfg.pseudo_tta)
     _say(f"pseudo-labels ({cfg.pseudo_selection}, threshold {cfg.pseudo_threshold}, "
          f"temperature {temperature:.3f}):\n{table}")
-    if out_dir is not None and _is_main():
-        os.makedirs(out_dir, exist_ok=True)
-        write_pseudo_csv(os.path.join(out_dir, "pseudo_labeled.csv"), indices, labels, confidences,
-                         data.classes)
-        with open(os.path.join(out_dir, "pseudo_summary.json"), "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2)
-    return indices, labels, summary
+    _write_pseudo(out_dir, indices, labels, confidences, summary, data.classes)
+    return indices, labels, summary, confidences
+
+
+def _write_pseudo(out_dir: str | None, indices: np.ndarray, labels: np.ndarray, confidences: np.ndarray,
+                  summary: dict[str, Any], classes: list[str]) -> None:
+    if out_dir is None or not _is_main():
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    write_pseudo_csv(os.path.join(out_dir, "pseudo_labeled.csv"), indices, labels, confidences, classes)
+    with open(os.path.join(out_dir, "pseudo_summary.json"), "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
 
 
 def _student_inputs(cfg: TrialConfig, data: Any, indices: np.ndarray,
@@ -112,27 +125,43 @@ def _student_inputs(cfg: TrialConfig, data: Any, indices: np.ndarray,
 
 
 def run_pipeline(cfg: TrialConfig, data: Any, *, device: Any = None, report: Any = None,
-                 out_dir: str | None = None, writer: Any = None, progress: bool = True) -> PipelineResult:
+                 out_dir: str | None = None, writer: Any = None, progress: bool = True,
+                 resume: dict[str, Any] | None = None) -> PipelineResult:
     """Run stage 1, pseudo-labelling, stage 2 and the post-hoc rule; see the module docstring.
 
-    `report(metrics, checkpoint)` goes to both fits, so its "epoch" runs 1..epochs and then
-    epochs+1..epochs+student_epochs. With out_dir, rank 0 writes pseudo_labeled.csv,
-    pseudo_summary.json and best.pt (the final checkpoint, offsets included).
+    `report(metrics, checkpoint, state)` goes to both fits, so its "epoch" runs 1..epochs
+    and then epochs+1..epochs+student_epochs; `state` is what `resume` takes to continue
+    after that epoch. With out_dir, rank 0 writes pseudo_labeled.csv, pseudo_summary.json
+    and best.pt (the final checkpoint, offsets included).
     """
     from fer.checkpoint import save_checkpoint
     from fer.train import fit
 
+    stage = _check_pipeline_resume(resume, cfg)
     train, val = data.splits["train"], data.splits["val"]
-    common = dict(device=device, report=report, writer=writer, progress=progress)
-    teacher = fit(cfg, train.images, train.labels, val, data.classes, counts=data.class_counts("train"),
-                  stage="teacher", epoch_offset=0, **common)
+    common = dict(device=device, writer=writer, progress=progress)
+    if stage == "student":
+        teacher = _teacher_from_state(resume["teacher"], device)
+    else:
+        teacher = fit(cfg, train.images, train.labels, val, data.classes, counts=data.class_counts("train"),
+                      stage="teacher", epoch_offset=0, report=_stage_report(report, {"stage": "teacher"}),
+                      resume=resume["fit"] if stage == "teacher" else None, **common)
     history = list(teacher.history)
     metrics: dict[str, Any] = {"teacher_val_macro_f1": teacher.best_metrics["val_macro_f1"],
                                "teacher_best_epoch": teacher.best_epoch}
     student, summary = None, None
     skip = _stage2_skip_reason(cfg, data)
     if skip is None:
-        indices, labels, summary = pseudo_label(cfg, teacher.model, data, device=device, out_dir=out_dir)
+        if stage == "student":
+            pseudo = resume["pseudo"]
+            indices, labels, confidences = (np.asarray(pseudo[k], dtype=dtype) for k, dtype in
+                                            (("indices", np.int64), ("labels", np.int64),
+                                             ("confidences", np.float32)))
+            summary = pseudo["summary"]
+            _write_pseudo(out_dir, indices, labels, confidences, summary, data.classes)
+        else:
+            indices, labels, summary, confidences = pseudo_label(cfg, teacher.model, data, device=device,
+                                                                 out_dir=out_dir)
         metrics["pseudo_kept"] = summary["kept"]
         metrics["pseudo_precision"] = summary.get("precision")
         if len(indices) == 0:
@@ -140,8 +169,14 @@ def run_pipeline(cfg: TrialConfig, data: Any, *, device: Any = None, report: Any
     if skip is None:
         images, all_labels, weights, counts = _student_inputs(cfg, data, indices, labels)
         init = teacher.model.state_dict() if cfg.student_init == "teacher" else None
+        carried = {"stage": "student", "teacher": _teacher_state(teacher),
+                   "pseudo": {"indices": indices.tolist(), "labels": labels.tolist(),
+                              "confidences": np.asarray(confidences, dtype=np.float64).tolist(),
+                              "summary": to_plain(summary)}}
         student = fit(cfg, images, all_labels, val, data.classes, counts=counts, stage="student",
-                      sample_weight=weights, init_state=init, epoch_offset=cfg.epochs, **common)
+                      sample_weight=weights, init_state=init, epoch_offset=cfg.epochs,
+                      report=_stage_report(report, carried),
+                      resume=resume["fit"] if stage == "student" else None, **common)
         history += student.history
         metrics.update(student_val_macro_f1=student.best_metrics["val_macro_f1"],
                        student_best_epoch=student.best_epoch)
@@ -159,6 +194,43 @@ def run_pipeline(cfg: TrialConfig, data: Any, *, device: Any = None, report: Any
         path = save_checkpoint(checkpoint, os.path.join(out_dir, "best.pt"))
     return PipelineResult(model=final.model, checkpoint=checkpoint, metrics=metrics, teacher=teacher,
                           student=student, pseudo=summary, history=history, checkpoint_path=path)
+
+
+def _stage_report(report: Any, carried: dict[str, Any]) -> Any:
+    """fit's report, with the pipeline's own part of the resume state added."""
+    if report is None:
+        return None
+    return lambda metrics, checkpoint, state: report(metrics, checkpoint, {**carried, "fit": state})
+
+
+def _check_pipeline_resume(resume: dict[str, Any] | None, cfg: TrialConfig) -> str | None:
+    """The stage a resume state continues in (None: start from scratch)."""
+    if resume is None:
+        return None
+    stage = resume.get("stage")
+    if stage not in ("teacher", "student") or "fit" not in resume or \
+            (stage == "student" and not {"teacher", "pseudo"} <= set(resume)):
+        raise ValueError(f"not a pipeline resume state (stage {stage!r}, keys {sorted(resume)})")
+    if stage == "student" and cfg.student_epochs == 0:
+        raise ValueError("resume state is in stage 2 but student_epochs is 0")
+    return stage
+
+
+def _teacher_state(teacher: Any) -> dict[str, Any]:
+    """What stage 2 keeps of stage 1 to resume without retraining the teacher."""
+    return {"checkpoint": teacher.checkpoint, "best_epoch": teacher.best_epoch,
+            "best_metrics": teacher.best_metrics, "history": teacher.history,
+            "best_confusion": np.asarray(teacher.best_confusion).tolist()}
+
+
+def _teacher_from_state(state: dict[str, Any], device: Any) -> Any:
+    from fer.checkpoint import model_from_checkpoint
+    from fer.train import FitResult, resolve_device
+
+    model = model_from_checkpoint(state["checkpoint"], resolve_device(device))
+    return FitResult(model=model, best_metrics=dict(state["best_metrics"]), best_epoch=int(state["best_epoch"]),
+                     history=[dict(m) for m in state["history"]], checkpoint=state["checkpoint"],
+                     best_confusion=np.asarray(state["best_confusion"], dtype=np.int64))
 
 
 def _stage2_skip_reason(cfg: TrialConfig, data: Any) -> str | None:

@@ -40,7 +40,10 @@ from fer.models import build_model
 from fer.samplers import epoch_indices, shard
 from fer.transforms import make_train_transform
 
-Report = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
+# report(metrics, checkpoint, state): every epoch, on every rank. `checkpoint` is the
+# contract dict when the epoch is the stage's best so far, else None; `state` is what
+# `fit(..., resume=state)` needs to go on after this epoch (see `fit`).
+Report = Callable[[dict[str, Any], "dict[str, Any] | None", dict[str, Any]], None]
 
 # fused=True: one kernel for all parameters instead of a Python loop over them; on CPU
 # this cut MobileNetV3-small's AdamW step from ~35 ms to ~6 ms (2 cores).
@@ -102,6 +105,7 @@ def fit(
     progress: bool = True,
     epochs: int | None = None,
     augment: str | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train one stage and return the best epoch (by validation macro-F1).
 
@@ -111,8 +115,15 @@ def fit(
     `init_state` is a state dict to start from (the student starting from the teacher).
     `epochs`/`augment` default to cfg.epochs/cfg.augment, or to cfg.student_epochs/
     cfg.student_augment when stage == "student".
-    `report(metrics, checkpoint)` is called once per epoch on every rank; the checkpoint
-    is the contract's dict when this epoch is the stage's best so far, else None.
+    `report(metrics, checkpoint, state)` is called once per epoch on every rank; the
+    checkpoint is the contract's dict when this epoch is the stage's best so far, else
+    None. `state` holds the current weights, optimizer, scheduler and grad-scaler states,
+    the step count, the history and the best epoch so far (weights, metrics, confusion):
+    plain tensors, numbers, lists and dicts (torch.save/weights_only-loadable), referencing
+    live tensors, so save it before training goes on. `fit(..., resume=state)` continues
+    after that epoch and ends exactly as the uninterrupted run would: augmentation and
+    dropout are reseeded at every epoch start from (seed, rank, epoch), the sampler's
+    order already is a function of the epoch.
     """
     student = stage == "student"
     epochs = epochs if epochs is not None else (cfg.student_epochs if student else cfg.epochs)
@@ -123,6 +134,9 @@ def fit(
     in_channels = int(train_images.shape[-1])
 
     channels_last = cfg.channels_last and device.type == "cuda"
+    if resume is not None:
+        _check_resume(resume, epochs)
+        init_state = resume["model"]
     model, net = _build_model(cfg, len(classes), in_channels, init_state, device, channels_last, ddp)
     criterion = build_loss(cfg, np.asarray(counts)).to(device)
     optimizer = build_optimizer(cfg, model)
@@ -140,8 +154,19 @@ def fit(
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"f1": -math.inf}
     result = FitResult(model=model, best_metrics={}, best_epoch=0, history=history)
-    for epoch in range(epochs):
+    first_epoch = 0
+    if resume is not None:
+        first_epoch = resume["epoch"]
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        loop.step = int(resume["step"])
+        history.extend(dict(m) for m in resume["history"])
+        best = dict(resume["best"], confusion=np.asarray(resume["best"]["confusion"], dtype=np.int64))
+        _set_best(result, best, cfg, classes, counts, stage, in_channels, epoch_offset)
+    for epoch in range(first_epoch, epochs):
         global_epoch = epoch_offset + epoch + 1
+        torch.manual_seed(_epoch_seed(cfg.seed, ddp.rank, global_epoch))
         start = time.perf_counter()  # the timed part: everything but validation
         order = first if epoch == 0 else _rank_indices(_epoch_order(cfg, train_labels, epoch_offset + epoch), ddp)
         bar = _progress_bar(progress and ddp.main, steps_per_epoch, f"{stage} {global_epoch}")
@@ -159,25 +184,56 @@ def fit(
         history.append(metrics)
         checkpoint = None
         if metrics["val_macro_f1"] > best["f1"]:  # ties keep the earlier epoch
-            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            best = {"f1": metrics["val_macro_f1"], "epoch": epoch, "state": state}
-            checkpoint = make_checkpoint(state, cfg, classes, counts, epoch=global_epoch, stage=stage,
-                                         metrics={**metrics, "val_confusion": cm.tolist()}, in_channels=in_channels)
-            result.best_metrics, result.best_epoch, result.checkpoint = metrics, global_epoch, checkpoint
-            result.best_confusion = cm
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best = {"f1": metrics["val_macro_f1"], "epoch": epoch, "state": weights, "metrics": metrics,
+                    "confusion": cm}
+            checkpoint = _set_best(result, best, cfg, classes, counts, stage, in_channels, epoch_offset)
         if bar is not None:
             bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{metrics['val_macro_f1']:.4f}")
             bar.close()
         if writer is not None and ddp.main:
             log_epoch(writer, metrics, cm, classes, global_epoch)
         if report is not None:
-            report(metrics, checkpoint)
+            state = {"epoch": epoch + 1, "step": loop.step, "history": history,
+                     # the best epoch's CPU copy when that is this epoch: saved once, not twice
+                     "model": best["state"] if best["epoch"] == epoch else model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(),
+                     "best": {**best, "confusion": best["confusion"].tolist()}}
+            report(metrics, checkpoint, state)
         if cfg.patience and epoch - best["epoch"] >= cfg.patience:
             result.stopped_early = True  # identical decision on every rank: metrics are all-reduced
             break
     model.load_state_dict(best["state"])
     model.eval()
     return result
+
+
+def _set_best(result: FitResult, best: dict[str, Any], cfg: TrialConfig, classes: list[str], counts: np.ndarray,
+              stage: str, in_channels: int, epoch_offset: int) -> dict[str, Any]:
+    """Record `best` (local epoch index, weights, metrics, confusion) in `result`; returns its checkpoint."""
+    global_epoch = epoch_offset + best["epoch"] + 1
+    checkpoint = make_checkpoint(best["state"], cfg, classes, counts, epoch=global_epoch, stage=stage,
+                                 metrics={**best["metrics"], "val_confusion": best["confusion"].tolist()},
+                                 in_channels=in_channels)
+    result.best_metrics, result.best_epoch, result.checkpoint = best["metrics"], global_epoch, checkpoint
+    result.best_confusion = best["confusion"]
+    return checkpoint
+
+
+def _epoch_seed(seed: int, rank: int, global_epoch: int) -> int:
+    """The torch seed of one rank's epoch (augmentation, dropout): a resumed run draws the
+    same numbers as an uninterrupted one, and every rank draws different ones."""
+    return seed + 7919 * (rank + 1) + 104729 * global_epoch
+
+
+def _check_resume(resume: dict[str, Any], epochs: int) -> None:
+    missing = [k for k in ("epoch", "step", "history", "model", "optimizer", "scheduler", "scaler", "best")
+               if k not in resume]
+    if missing:
+        raise ValueError(f"resume state is missing {', '.join(missing)}")
+    if not 1 <= resume["epoch"] <= epochs:
+        raise ValueError(f"resume state is after epoch {resume['epoch']} of a {epochs}-epoch stage")
 
 
 def _build_model(cfg: TrialConfig, num_classes: int, in_channels: int, init_state: dict | None,
@@ -194,8 +250,6 @@ def _build_model(cfg: TrialConfig, num_classes: int, in_channels: int, init_stat
     net = model
     if ddp.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # A different augmentation/dropout stream per rank, reproducible for a given seed.
-    torch.manual_seed(cfg.seed + 7919 * (ddp.rank + 1))
     return model, net
 
 

@@ -331,6 +331,7 @@ def build_tuner(plan: Plan, trainable: Any, max_concurrent: int) -> Any:
 
     from search.asha import PersistentASHA
     from search.optuna_bridge import PruningOptunaSearch, open_study_storage
+    from trainables import checkpoint_config
 
     space = plan.space
     scheduler = PersistentASHA(
@@ -372,6 +373,10 @@ def build_tuner(plan: Plan, trainable: Any, max_concurrent: int) -> Any:
             name=plan.name,
             storage_path=plan.storage,
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+            # Every epoch reports a checkpoint folder with its resume state; keep the best
+            # by the search metric (what export reads) and the latest (what a retried or
+            # resumed trial continues from).
+            checkpoint_config=checkpoint_config(tune.CheckpointConfig, space.metric, space.mode),
         ),
     )
 
@@ -384,7 +389,7 @@ def run_search(plan: Plan) -> None:
     from trainables import make_trainable
 
     max_concurrent = fit_concurrency(plan)
-    trainable = make_trainable(plan.dataset, plan.resources)
+    trainable = make_trainable(plan.dataset, plan.resources, plan.space.metric, plan.space.mode)
     if plan.resume:
         tuner = tune.Tuner.restore(
             plan.experiment, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False

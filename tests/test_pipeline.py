@@ -68,7 +68,7 @@ def tiny_cfg(**overrides):
 def test_no_pool_skips_stage_two_with_one_line(capsys, tmp_path):
     epochs = []
     result = run_pipeline(tiny_cfg(), make_data(pool=False), out_dir=str(tmp_path), progress=False,
-                          report=lambda metrics, ckpt: epochs.append(metrics["epoch"]))
+                          report=lambda metrics, ckpt, state: epochs.append(metrics["epoch"]))
     lines = [line for line in capsys.readouterr().out.splitlines() if "stage 2" in line]
     assert lines == ["no unlabeled pool: stage 2 skipped"]
     assert result.student is None and result.metrics["final_stage"] == "teacher"
@@ -89,7 +89,7 @@ def test_pool_runs_stage_two_with_global_epochs(tmp_path, selection):
     reports = []
     cfg = tiny_cfg(pseudo_selection=selection, student_init="teacher", pseudo_weight=0.5)
     result = run_pipeline(cfg, make_data(), out_dir=str(tmp_path), progress=False,
-                          report=lambda metrics, ckpt: reports.append((metrics["epoch"], metrics["stage"])))
+                          report=lambda metrics, ckpt, state: reports.append((metrics["epoch"], metrics["stage"])))
     assert reports == [(1, "teacher"), (2, "teacher"), (3, "student"), (4, "student")]
     assert [m["epoch"] for m in result.history] == [1, 2, 3, 4]
     assert result.student is not None
@@ -163,3 +163,67 @@ def test_train_cli_runs_both_stages_and_reports_each(tmp_path, monkeypatch, caps
     assert summary["pipeline"]["student_best_epoch"] == 2
     assert load_checkpoint(str(out / "best.pt"))["posthoc_offsets"] is not None
     assert (out / "pseudo_labeled.csv").exists()
+
+
+def saved_and_loaded(state):
+    """What a resumed trial reads: the state through torch.save and a weights_only load."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, map_location="cpu", weights_only=True)
+
+
+def untimed(history):
+    return [{k: v for k, v in m.items() if k not in ("train_seconds", "train_images_per_s")} for m in history]
+
+
+def test_resuming_after_any_epoch_of_either_stage_ends_with_the_same_model(tmp_path, monkeypatch):
+    import fer.models
+    import fer.pipeline
+
+    monkeypatch.setattr(fer.models, "build_model", tiny_model)  # the teacher rebuilt from its checkpoint
+    cfg = tiny_cfg(student_init="teacher", augment="weak", dropout=0.1)
+    data = make_data()
+    states = []
+    whole = run_pipeline(cfg, data, progress=False,
+                         report=lambda metrics, ckpt, state: states.append(saved_and_loaded(state)))
+    assert [(s["stage"], s["fit"]["epoch"]) for s in states] == [("teacher", 1), ("teacher", 2),
+                                                                ("student", 1), ("student", 2)]
+    real_pseudo_label = fer.pipeline.pseudo_label
+    for global_epoch, state in enumerate(states, 1):
+        calls = []
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return real_pseudo_label(*args, **kwargs)
+
+        monkeypatch.setattr(fer.pipeline, "pseudo_label", counted)
+        reports = []
+        out = tmp_path / f"resumed-{global_epoch}"
+        resumed = run_pipeline(cfg, data, progress=False, resume=state, out_dir=str(out),
+                               report=lambda metrics, ckpt, s: reports.append(metrics["epoch"]))
+        assert reports == list(range(global_epoch + 1, 5))
+        # in stage 2 the selection comes from the state: the teacher labels nothing again
+        assert len(calls) == (1 if state["stage"] == "teacher" else 0)
+        assert untimed(resumed.history) == untimed(whole.history)
+        assert resumed.metrics["final_stage"] == whole.metrics["final_stage"]
+        assert resumed.checkpoint["epoch"] == whole.checkpoint["epoch"]
+        assert resumed.checkpoint["posthoc_offsets"] == whole.checkpoint["posthoc_offsets"]
+        a, b = whole.checkpoint["model"], resumed.checkpoint["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert resumed.pseudo["kept"] == whole.pseudo["kept"] > 0
+        with open(out / "pseudo_labeled.csv") as handle:
+            assert len(list(csv.DictReader(handle))) == whole.pseudo["kept"]
+        assert load_checkpoint(str(out / "best.pt"))["epoch"] == whole.checkpoint["epoch"]
+
+
+def test_a_stage_two_resume_state_needs_stage_two():
+    states = []
+    run_pipeline(tiny_cfg(), make_data(), progress=False,
+                 report=lambda metrics, ckpt, state: states.append(saved_and_loaded(state)))
+    with pytest.raises(ValueError, match="stage 2 but student_epochs is 0"):
+        run_pipeline(tiny_cfg(student_epochs=0), make_data(), progress=False, resume=states[-1])
+    with pytest.raises(ValueError, match="not a pipeline resume state"):
+        run_pipeline(tiny_cfg(), make_data(), progress=False, resume=states[-1]["fit"])

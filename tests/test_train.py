@@ -62,7 +62,7 @@ def tiny_model(name, num_classes, in_channels=1, dropout=0.0, pretrained=None):
 
 def test_reports_every_epoch_with_global_epoch_and_best_checkpoint():
     calls = []
-    result = run_fit(tiny_cfg(student_epochs=2), report=lambda m, c: calls.append((m, c)), epoch_offset=3,
+    result = run_fit(tiny_cfg(student_epochs=2), report=lambda m, c, s: calls.append((m, c)), epoch_offset=3,
                      stage="student")
     assert [m["epoch"] for m, _ in calls] == [4, 5]
     first, ckpt = calls[0]
@@ -164,7 +164,7 @@ def _ddp_worker(rank, world, store, out, cfg_kwargs, data):
         x, y, xv, yv = data
         reports = []
         result = fit(TrialConfig(**cfg_kwargs), x, y, Split(xv, yv), CLASSES, counts=np.bincount(y, minlength=4),
-                     report=lambda m, c: reports.append(m), progress=False, device="cpu")
+                     report=lambda m, c, s: reports.append(m), progress=False, device="cpu")
         preds = predict_logits(result.model, xv, image_size=cfg_kwargs["image_size"]).argmax(1).numpy()
         torch.save({"state": result.model.state_dict(), "reports": reports, "cm": result.best_confusion,
                     "best": result.best_metrics, "full": compute_metrics(yv, preds, CLASSES)},
@@ -213,3 +213,49 @@ def test_cli_trains_and_writes_checkpoint_metrics_tensorboard_png(tmp_path, monk
     assert (out / "val_confusion.png").stat().st_size > 0
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tb"))
     assert "best epoch 1: val macro-F1" in capsys.readouterr().out
+
+
+def saved_and_loaded(state: dict) -> dict:
+    """What a resumed trial reads: the state through torch.save and a weights_only load."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, map_location="cpu", weights_only=True)
+
+
+UNTIMED = ("train_seconds", "train_images_per_s")
+
+
+def untimed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k not in UNTIMED} for m in history]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_resuming_after_any_epoch_ends_exactly_as_the_uninterrupted_run(optimizer):
+    """Augmentation, dropout, warmup + cosine, the optimizer's moments and the best-so-far
+    epoch all carry over: the resumed run's weights and history are identical on CPU."""
+    cfg = tiny_cfg(epochs=3, augment="weak", dropout=0.2, warmup_epochs=1, optimizer=optimizer, batch_size=40)
+    states = []
+    whole = run_fit(cfg, report=lambda m, c, s: states.append(saved_and_loaded(s)))
+    assert [s["epoch"] for s in states] == [1, 2, 3]
+    for state in states:
+        reports = []
+        resumed = run_fit(cfg, resume=state, report=lambda m, c, s: reports.append(m["epoch"]))
+        assert reports == list(range(state["epoch"] + 1, 4))  # only the epochs not yet run
+        assert untimed(resumed.history) == untimed(whole.history)
+        assert resumed.best_epoch == whole.best_epoch
+        assert untimed([resumed.best_metrics]) == untimed([whole.best_metrics])
+        a, b = whole.model.state_dict(), resumed.model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert resumed.checkpoint["epoch"] == whole.checkpoint["epoch"]
+
+
+def test_a_resume_state_that_does_not_fit_the_stage_is_refused():
+    states = []
+    run_fit(tiny_cfg(epochs=2), report=lambda m, c, s: states.append(saved_and_loaded(s)))
+    with pytest.raises(ValueError, match="after epoch 2 of a 1-epoch stage"):
+        run_fit(tiny_cfg(epochs=1), resume=states[1])
+    with pytest.raises(ValueError, match="missing optimizer"):
+        run_fit(tiny_cfg(epochs=2), resume={k: v for k, v in states[0].items() if k != "optimizer"})

@@ -1,6 +1,13 @@
 """Ray at the edge: the Tune trial that runs the fer pipeline, and the resources it asks for."""
 
-from trainables.checkpoints import CHECKPOINT_FILE, best_checkpoint_path, train_run_name
+from trainables.checkpoints import (
+    CHECKPOINT_FILE,
+    RESUME_FILE,
+    best_checkpoint_path,
+    checkpoint_config,
+    resume_state,
+    train_run_name,
+)
 from trainables.resources import (
     TrialResources,
     check_fits,
@@ -14,16 +21,19 @@ from trainables.worker import DataRef, detect_device
 
 __all__ = [
     "CHECKPOINT_FILE",
+    "RESUME_FILE",
     "DataRef",
     "TrialResources",
     "best_checkpoint_path",
     "check_fits",
+    "checkpoint_config",
     "detect_device",
     "make_trainable",
     "max_concurrent_trials",
     "pipeline_trial",
     "process_group_backend",
     "put_dataset",
+    "resume_state",
     "run_worker_group",
     "scaling_config",
     "train_run_name",

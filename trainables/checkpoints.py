@@ -1,7 +1,14 @@
-"""Where a trial's checkpoints go and how to find its best one again.
+"""Where a trial's checkpoints go, how a retried trial resumes from them, and how to find
+its best one again.
 
-A trial reports a checkpoint only for an epoch that is its stage's best so far. Two ways
-they land in storage, and `best_checkpoint_path` reads both from the trial's own results
+A trial reports a checkpoint folder every epoch. It always holds `resume.pt`, the state
+`fer.pipeline.run_pipeline(resume=...)` continues from after that epoch (weights,
+optimizer, scheduler, best epoch so far, and in stage 2 the teacher and the pseudo-label
+selection); for an epoch that is its stage's best so far it also holds `checkpoint.pt`,
+the model checkpoint (fer.checkpoint's contract). Storage keeps the best-scoring folder
+and the latest (`checkpoint_config`), so a trial killed mid-run and retried by Tune, or
+left RUNNING by a killed driver and continued by `--resume`, starts from its last
+epoch instead of epoch 1 (`resume_state`). Two ways the folders land in storage, and `best_checkpoint_path` reads both from the trial's own results
 (`result.json`, one line per reported epoch), so it works for trials ASHA stopped midway:
 
 - single-worker trials report through `ray.tune.report`: Tune copies the checkpoint to
@@ -20,9 +27,16 @@ import os
 import tempfile
 from typing import Any, Callable
 
+import torch
+
 from fer.checkpoint import save_checkpoint
 
-CHECKPOINT_FILE = "checkpoint.pt"  # the torch-saved checkpoint dict inside every checkpoint folder
+CHECKPOINT_FILE = "checkpoint.pt"  # the model checkpoint dict, in the folders of best-so-far epochs
+RESUME_FILE = "resume.pt"  # the pipeline's resume state, in every epoch's folder
+# Checkpoint folders storage keeps per trial: this many best-scoring ones, plus always the
+# latest (Ray never deletes the latest). Each folder is ~4x the weights (weights, AdamW's
+# two moments, the best weights), so keeping every epoch would cost GBs per search.
+KEEP_BEST = 1
 RESULTS_FILE = "result.json"  # Tune's per-trial log of reported metrics (JsonLoggerCallback)
 # The final checkpoint fer.pipeline.run_pipeline writes into the trial folder when the whole
 # pipeline finished: the better stage's best epoch, with the post-hoc offsets filled in.
@@ -39,13 +53,34 @@ def checkpoint_dir_name(epoch: int) -> str:
     return f"checkpoint_epoch_{int(epoch):04d}"
 
 
-def report_with_checkpoint(send: Callable[..., None], make: Callable[[str], Any],
-                           metrics: dict[str, Any], checkpoint: dict[str, Any], **kwargs: Any) -> None:
-    """Save the checkpoint dict to a temporary folder and report it; both Tune and Train
-    copy the folder to storage before `send` returns, so the folder can go right after."""
+def report_with_checkpoint(send: Callable[..., None], make: Callable[[str], Any], metrics: dict[str, Any],
+                           checkpoint: dict[str, Any] | None, state: dict[str, Any], **kwargs: Any) -> None:
+    """Save the resume state (and the model checkpoint, when there is one) to a temporary
+    folder and report it; both Tune and Train copy the folder to storage before `send`
+    returns, so the folder can go right after."""
     with tempfile.TemporaryDirectory(prefix="fer-ckpt-") as tmp:
-        save_checkpoint(checkpoint, os.path.join(tmp, CHECKPOINT_FILE))
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, os.path.join(tmp, CHECKPOINT_FILE))
+        save_checkpoint(state, os.path.join(tmp, RESUME_FILE))
         send(metrics, checkpoint=make(tmp), **kwargs)
+
+
+def resume_state(checkpoint: Any) -> dict[str, Any] | None:
+    """The resume state in a reported checkpoint (`tune.get_checkpoint()` or
+    `ray.train.get_checkpoint()`), or None when there is none to resume from."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = os.path.join(folder, RESUME_FILE)
+        if not os.path.isfile(path):
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_config(make: Callable[..., Any], metric: str, mode: str) -> Any:
+    """`make(num_to_keep, checkpoint_score_attribute, checkpoint_score_order)`: Tune's or
+    Train's CheckpointConfig keeping the best folder by the search metric and the latest."""
+    return make(num_to_keep=KEEP_BEST, checkpoint_score_attribute=metric, checkpoint_score_order=mode)
 
 
 def best_checkpoint_path(result_or_trial_dir: Any, metric: str = "val_macro_f1", mode: str = "max",

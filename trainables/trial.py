@@ -33,31 +33,43 @@ import ray
 from ray import tune
 
 from fer.config import TrialConfig, apply_overrides
-from trainables.checkpoints import train_run_name
+from trainables.checkpoints import checkpoint_config, resume_state, train_run_name
 from trainables.release import RecordPlacementGroup, release_on_stop, remove_recorded
 from trainables.resources import TrialResources, process_group_backend, scaling_config, trial_resources
-from trainables.worker import DataRef, RankJob, detect_device, run_rank, train_worker, tune_report
+from trainables.worker import (
+    DataRef,
+    RankJob,
+    detect_device,
+    raise_if_diverged,
+    run_rank,
+    train_worker,
+    tune_report,
+)
 
 HEALTH_CHECK_INTERVAL_S = "0.5"  # Ray Train controller poll period for multi-worker trials
 
 
-def pipeline_trial(config: dict[str, Any], data: DataRef,
-                   resources: TrialResources = TrialResources()) -> None:
+def pipeline_trial(config: dict[str, Any], data: DataRef, resources: TrialResources = TrialResources(),
+                   metric: str = "val_macro_f1", mode: str = "max") -> None:
     """Tune function trainable. `config` holds TrialConfig field overrides (the sampled
-    search parameters plus any fixed values); `data` and `resources` come through
-    `tune.with_parameters` (use `make_trainable`)."""
+    search parameters plus any fixed values); `data`, `resources` and the search's
+    `metric`/`mode` (which checkpoint storage keeps) come through `tune.with_parameters`
+    (use `make_trainable`). A retried or restored trial resumes after its last reported
+    epoch; one that diverged before fails again at once instead of retraining."""
     started = time.time()
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_overrides(TrialConfig(), config, source=f"trial {trial_id} config")
     job = RankJob(cfg=cfg, data=data, trial_dir=trial_folder(),
                   threads=max(1, int(resources.cpus_per_worker)), started=started)
+    raise_if_diverged(job.trial_dir)
     if resources.workers == 1:
-        run_rank(job, 0, tune_report, detect_device(in_train_worker=False))
+        run_rank(job, 0, tune_report, detect_device(in_train_worker=False), resume_state(tune.get_checkpoint()))
     else:
-        run_worker_group(job, resources, trial_id)
+        run_worker_group(job, resources, trial_id, metric, mode)
 
 
-def run_worker_group(job: RankJob, resources: TrialResources, trial_id: str) -> None:
+def run_worker_group(job: RankJob, resources: TrialResources, trial_id: str,
+                     metric: str = "val_macro_f1", mode: str = "max") -> None:
     """One TorchTrainer for the whole pipeline; its reports reach Tune via TuneReportCallback."""
     import ray.train
     import ray.train.torch
@@ -79,6 +91,7 @@ def run_worker_group(job: RankJob, resources: TrialResources, trial_id: str) -> 
             name=train_run_name(trial_id),
             storage_path=storage.experiment_fs_path,  # <experiment>/train-<trial id>/checkpoint_epoch_NNNN
             storage_filesystem=storage.storage_filesystem,
+            checkpoint_config=checkpoint_config(ray.train.CheckpointConfig, metric, mode),
             callbacks=[TuneReportCallback(), RecordPlacementGroup(placement_file)],
         ),
     )
@@ -97,11 +110,14 @@ def put_dataset(dataset: Any) -> DataRef:
     return DataRef(ray.put(dataset))
 
 
-def make_trainable(data: Any, resources: TrialResources = TrialResources()) -> Callable[..., Any]:
-    """`pipeline_trial` with the data reference and resources bound: give it to `tune.Tuner`.
-    `data` is a `fer.data.Dataset` (put into the object store here, once) or a `DataRef`."""
+def make_trainable(data: Any, resources: TrialResources = TrialResources(), metric: str = "val_macro_f1",
+                   mode: str = "max") -> Callable[..., Any]:
+    """`pipeline_trial` with the data reference, resources and the search metric bound: give
+    it to `tune.Tuner`, with `checkpoint_config(tune.CheckpointConfig, metric, mode)` in its
+    RunConfig. `data` is a `fer.data.Dataset` (put into the object store here, once) or a
+    `DataRef`."""
     ref = data if isinstance(data, DataRef) else put_dataset(data)
-    bound = tune.with_parameters(pipeline_trial, data=ref, resources=resources)
+    bound = tune.with_parameters(pipeline_trial, data=ref, resources=resources, metric=metric, mode=mode)
     return tune.with_resources(bound, trial_resources(resources))
 
 

@@ -19,9 +19,13 @@ import ray
 import torch
 
 from fer.config import TrialConfig
-from trainables.checkpoints import checkpoint_dir_name, report_with_checkpoint
+from trainables.checkpoints import checkpoint_dir_name, report_with_checkpoint, resume_state
 
 TIMING_FILE = "trial_timing.json"  # wall-clock marks of the trial (rank 0), for overhead checks
+# Written by rank 0 when the loss diverged. Tune retries every error up to max_failures
+# times, and a retry would resume from the last epoch and diverge again, deterministically;
+# with this file it fails at once with the same message instead.
+DIVERGED_FILE = "diverged.txt"
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -63,18 +67,28 @@ def detect_device(in_train_worker: bool) -> torch.device:
     return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
 
 
-def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict | None], None],
-             device: torch.device) -> None:
-    """Run the pipeline on this rank; rank 0 alone writes TensorBoard logs and outputs."""
+def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict | None, dict], None],
+             device: torch.device, resume: dict[str, Any] | None = None) -> None:
+    """Run the pipeline on this rank, from `resume` (a reported epoch's state) when given;
+    rank 0 alone writes TensorBoard logs and outputs."""
     from fer.pipeline import run_pipeline
 
     torch.set_num_threads(job.threads)
     data = job.data.get()
     writer = _make_writer(job.trial_dir) if rank == 0 else None
     marks = {"trial_start": job.started, "pipeline_start": time.time()}
+    if resume is not None:
+        marks["resumed_after_epoch"] = _global_epoch(job.cfg, resume)
+        if rank == 0:
+            print(f"resuming after epoch {marks['resumed_after_epoch']} from the trial's last checkpoint", flush=True)
     try:
-        run_pipeline(job.cfg, data, device=device, report=report,
+        run_pipeline(job.cfg, data, device=device, report=report, resume=resume,
                      out_dir=job.trial_dir if rank == 0 else None, writer=writer, progress=False)
+    except FloatingPointError as err:
+        if rank == 0:
+            with open(os.path.join(job.trial_dir, DIVERGED_FILE), "w", encoding="utf-8") as handle:
+                handle.write(str(err))
+        raise
     finally:
         if writer is not None:
             writer.close()
@@ -84,38 +98,51 @@ def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict | N
             json.dump(marks, handle)
 
 
+def raise_if_diverged(trial_dir: str) -> None:
+    """Fail a retried trial at once if its loss diverged before (see DIVERGED_FILE)."""
+    path = os.path.join(trial_dir, DIVERGED_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            raise FloatingPointError(f"{handle.read()} (diverged on an earlier attempt; not retried)")
+
+
+def _global_epoch(cfg: TrialConfig, resume: dict[str, Any]) -> int:
+    return int(resume["fit"]["epoch"]) + (cfg.epochs if resume["stage"] == "student" else 0)
+
+
 def train_worker(job: RankJob) -> None:
-    """Ray Train per-worker function of a multi-worker trial."""
+    """Ray Train per-worker function of a multi-worker trial. A retried trial starts a Train
+    run of the same name (train-<trial id>) in the same storage, which Ray Train restores:
+    `ray.train.get_checkpoint()` is then the run's latest checkpoint, on every rank."""
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    run_rank(job, rank, train_report(rank), detect_device(in_train_worker=True))
+    run_rank(job, rank, train_report(rank), detect_device(in_train_worker=True),
+             resume_state(ray.train.get_checkpoint()))
 
 
-def train_report(rank: int) -> Callable[[dict[str, Any], dict | None], None]:
-    """`report(metrics, checkpoint)` for a Train worker. Every rank reports every epoch (Ray
-    Train waits for all of them); only rank 0 uploads the checkpoint, and only rank 0's
-    metrics reach Tune, which is right because fit all-reduces validation over ranks."""
+def train_report(rank: int) -> Callable[[dict[str, Any], dict | None, dict], None]:
+    """`report(metrics, checkpoint, state)` for a Train worker. Every rank reports every
+    epoch (Ray Train waits for all of them); only rank 0 uploads the checkpoint folder, and
+    only rank 0's metrics reach Tune, which is right because fit all-reduces validation
+    over ranks and every rank holds the same state."""
     import ray.train
 
-    def report(metrics: dict[str, Any], checkpoint: dict | None) -> None:
-        if checkpoint is None or rank != 0:
+    def report(metrics: dict[str, Any], checkpoint: dict | None, state: dict[str, Any]) -> None:
+        if rank != 0:
             ray.train.report(metrics)
             return
-        report_with_checkpoint(ray.train.report, ray.train.Checkpoint.from_directory, metrics, checkpoint,
+        report_with_checkpoint(ray.train.report, ray.train.Checkpoint.from_directory, metrics, checkpoint, state,
                                checkpoint_dir_name=checkpoint_dir_name(metrics["epoch"]))
 
     return report
 
 
-def tune_report(metrics: dict[str, Any], checkpoint: dict | None) -> None:
-    """`report(metrics, checkpoint)` for a single-worker trial, straight to Tune."""
+def tune_report(metrics: dict[str, Any], checkpoint: dict | None, state: dict[str, Any]) -> None:
+    """`report(metrics, checkpoint, state)` for a single-worker trial, straight to Tune."""
     from ray import tune
 
-    if checkpoint is None:
-        tune.report(metrics)
-        return
-    report_with_checkpoint(tune.report, tune.Checkpoint.from_directory, metrics, checkpoint)
+    report_with_checkpoint(tune.report, tune.Checkpoint.from_directory, metrics, checkpoint, state)
 
 
 def _make_writer(trial_dir: str) -> Any:
