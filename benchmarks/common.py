@@ -187,6 +187,7 @@ def build_search_tuner(space: Any, variant: str, trainable: Any, storage: str, n
     from search.asha import PersistentASHA
     from search.optuna_bridge import PruningOptunaSearch, open_study_storage
     from search.run import trial_name
+    from trainables import checkpoint_config
 
     spec = get_variant(variant)
     space = dataclasses.replace(space, sampler=spec["sampler"])
@@ -209,7 +210,9 @@ def build_search_tuner(space: Any, variant: str, trainable: Any, storage: str, n
             num_samples=space.num_samples, max_concurrent_trials=space.max_concurrent,
             trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=callbacks,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  checkpoint_config=checkpoint_config(tune.CheckpointConfig, space.metric,
+                                                                      space.mode)),
     )
 
 
@@ -225,7 +228,7 @@ def run_search(space: Any, variant: str, data_ref: Any, data: Any, storage: str,
 
     log = make_epoch_log()
     trainable = make_trainable(data_ref, TrialResources(workers=1, cpus_per_worker=cpus_per_trial,
-                                                        gpus_per_worker=gpus_per_trial))
+                                                        gpus_per_worker=gpus_per_trial), space.metric, space.mode)
     tuner = build_search_tuner(space, variant, trainable, storage, variant, [log])
     started = time.time()
     tuner.fit()

@@ -246,3 +246,53 @@ def test_a_stopped_trials_placement_group_is_released(ray_cluster, tmp_path):
     assert remove_recorded(path) and not os.path.exists(path)
     assert placement_group_table(pg)["state"] == "REMOVED"
     assert not remove_recorded(path)  # nothing recorded any more: a no-op
+
+
+@pytest.mark.slow
+def test_a_trial_whose_ddp_worker_is_killed_resumes_after_its_last_epoch(ray_cluster, tmp_path):
+    """Tune retries the trial; its new Train run, named after the trial, is restored by Ray
+    Train and both ranks continue from the latest checkpoint (resume.pt), not epoch 1."""
+    import signal
+    import threading
+    import time
+
+    from ray import tune
+    from ray._private import state
+
+    from trainables import RESUME_FILE, checkpoint_config
+    from trainables.worker import TIMING_FILE
+
+    killed: list[int] = []
+
+    def kill_a_worker_after_the_first_checkpoint() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if list(tmp_path.glob(f"kill/train-*/{checkpoint_dir_name(1)}/{RESUME_FILE}")):
+                pids = [info["Pid"] for info in state.actors().values()
+                        if info["ActorClassName"] == "RayTrainWorker" and info["State"] == "ALIVE" and info["Pid"]]
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed.append(pids[-1])
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True).start()
+    tuner = tune.Tuner(
+        make_trainable(put_dataset(tiny_dataset()), TrialResources(workers=2, cpus_per_worker=1)),
+        param_space={**TINY, "epochs": 3, "student_epochs": 3},
+        tune_config=tune.TuneConfig(metric="val_macro_f1", mode="max"),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="kill", verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  checkpoint_config=checkpoint_config(tune.CheckpointConfig, "val_macro_f1", "max")),
+    )
+    result = tuner.fit()[0]
+    assert killed, "no Train worker was killed"
+    assert result.error is None, result.error
+    epochs = result.metrics_dataframe["epoch"].tolist()
+    assert epochs == [1, 2, 3, 4, 5, 6]  # each epoch trained and reported once
+    with open(os.path.join(result.path, TIMING_FILE)) as handle:
+        assert json.load(handle)["resumed_after_epoch"] >= 1
+    assert os.path.isfile(os.path.join(result.path, FINAL_CHECKPOINT))
+    # storage kept the best checkpoint folder and the latest, not one per epoch
+    train_dir = tmp_path / "kill" / train_run_name(result.metrics["trial_id"])
+    assert 1 <= len(list(train_dir.glob("checkpoint_epoch_*"))) <= 2
