@@ -28,7 +28,8 @@ class PersistentASHA(AsyncHyperBandScheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Ray's default stops a trial the moment it reports epoch max_t, which kills the
         # pipeline before its post-hoc step writes the final checkpoint (best.pt); a
-        # trial that reaches max_t is done anyway, so let it return on its own.
+        # trial that reaches max_t is done anyway, so let it return on its own. The same
+        # goes for a rung AT max_t (e.g. grace_period == max_t): see on_trial_result.
         kwargs.setdefault("stop_last_trials", False)
         super().__init__(*args, **kwargs)
         self._state_dir: str | None = None
@@ -45,8 +46,13 @@ class PersistentASHA(AsyncHyperBandScheduler):
         if trial.trial_id in self._stopped:
             # Stopped before the interruption; the restored trial re-reports an old epoch.
             return TrialScheduler.STOP
-        action = super().on_trial_result(tune_controller, trial, result)
-        if action == TrialScheduler.STOP and result.get(self._time_attr, self._max_t) < self._max_t:
+        action = super().on_trial_result(tune_controller, trial, result)  # records the rung
+        if result.get(self._time_attr, -1) >= self._max_t:
+            # Its last epoch: stopping it now saves no training, only kills the pipeline's
+            # final step (best.pt). This was a search's intermittently missing best.pt:
+            # with grace_period 1 and max_t 1 the only rung is at max_t.
+            action = TrialScheduler.CONTINUE
+        elif action == TrialScheduler.STOP and self._time_attr in result:
             self._stopped.add(trial.trial_id)
         self.save_state()
         return action

@@ -115,3 +115,25 @@ def test_trial_reaching_max_t_is_left_to_finish_its_pipeline(tmp_path):
     for epoch in range(1, MAX_T + 1):
         decision = scheduler.on_trial_result(None, trial, {"epoch": epoch, "val_macro_f1": 0.5})
     assert decision == TrialScheduler.CONTINUE
+
+
+def test_a_trial_under_the_cutoff_of_a_rung_at_max_t_still_finishes(tmp_path):
+    """grace_period == max_t puts a rung at the last epoch; a weaker trial reaching it has
+    nothing left to train, and stopping it would only lose its final checkpoint (best.pt)."""
+    scheduler = PersistentASHA(time_attr="epoch", metric="val_macro_f1", mode="max", max_t=1, grace_period=1,
+                               reduction_factor=2)
+    decisions = []
+    for trial_id, score in (("strong", 0.9), ("weak", 0.1)):
+        trial = make_trial(trial_id, tmp_path)
+        scheduler.on_trial_add(None, trial)
+        decisions.append(scheduler.on_trial_result(None, trial, {"epoch": 1, "val_macro_f1": score}))
+    assert decisions == [TrialScheduler.CONTINUE, TrialScheduler.CONTINUE]
+    assert scheduler.stopped_early == set()
+    # Ray's own ASHA stops the weak one at that rung: what made best.pt go missing.
+    plain = AsyncHyperBandScheduler(time_attr="epoch", metric="val_macro_f1", mode="max", max_t=1, grace_period=1,
+                                    reduction_factor=2, stop_last_trials=False)
+    for trial_id, score in (("strong", 0.9), ("weak", 0.1)):
+        trial = make_trial(trial_id, tmp_path)
+        plain.on_trial_add(None, trial)
+        last = plain.on_trial_result(None, trial, {"epoch": 1, "val_macro_f1": score})
+    assert last == TrialScheduler.STOP
