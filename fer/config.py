@@ -207,12 +207,26 @@ def load_config_file(path: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise ValueError(f"{path}: config file not found") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
+        raise ValueError(f"{path}: {yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config keys to values, got {type(data).__name__}")
     return data
+
+
+def yaml_problem(err: Any) -> str:
+    """PyYAML's multi-line message (caret drawing, '<unicode string>') as one line."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and start is not None and start is not mark:
+        problem += f" ({context} from line {start.line + 1}, column {start.column + 1})"
+    if "constructor for the tag" in problem:
+        # safe_load builds only plain data; a python/object tag would run code (CVE-2017-18342).
+        problem += " (YAML files here are plain data read with yaml.safe_load; Python tags are refused)"
+    return f"not valid YAML: {where}{problem}"
 
 
 def parse_set_args(items: list[str]) -> dict[str, Any]:

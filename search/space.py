@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import yaml
 
-from fer.config import TrialConfig, apply_overrides, config_choices, config_field_names
+from fer.config import TrialConfig, apply_overrides, config_choices, config_field_names, yaml_problem
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
 
@@ -299,20 +299,6 @@ class _Reader:
             message = str(err).removeprefix("space: ")
             raise self.error(keypath, message) from None
         return getattr(cfg, name)
-
-
-def yaml_problem(err: yaml.YAMLError) -> str:
-    """PyYAML's multi-line message (caret drawing, '<unicode string>') as one line."""
-    mark = getattr(err, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
-    if context and start is not None and start is not mark:
-        problem += f" ({context} from line {start.line + 1}, column {start.column + 1})"
-    if "constructor for the tag" in problem:
-        # safe_load builds only plain data; a python/object tag would run code (CVE-2017-18342).
-        problem += " (spaces are plain YAML data read with yaml.safe_load; Python tags are refused)"
-    return f"not valid YAML: {where}{problem}"
 
 
 def load_space(name_or_path: str | os.PathLike) -> Space:

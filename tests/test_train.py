@@ -259,3 +259,16 @@ def test_a_resume_state_that_does_not_fit_the_stage_is_refused():
         run_fit(tiny_cfg(epochs=1), resume=states[1])
     with pytest.raises(ValueError, match="missing optimizer"):
         run_fit(tiny_cfg(epochs=2), resume={k: v for k, v in states[0].items() if k != "optimizer"})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("lr: [1\nepochs: 2\n", "not valid YAML: line 2, column 7: expected ',' or ']'"),
+    ("!!python/object/apply:os.system [echo pwned]\n", "Python tags are refused"),
+])
+def test_train_cli_names_a_broken_config_file_in_one_line(text, expected, tmp_path, capsys):
+    config = tmp_path / "trial.yaml"
+    config.write_text(text)
+    assert main(["--config", str(config), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {config}: ") and expected in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
