@@ -156,7 +156,9 @@ def fit(
     result = FitResult(model=model, best_metrics={}, best_epoch=0, history=history)
     first_epoch = 0
     if resume is not None:
-        first_epoch = resume["epoch"]
+        # a stage that patience ended resumes ended: the uninterrupted run trained no further
+        result.stopped_early = bool(resume.get("stopped_early", False))
+        first_epoch = epochs if result.stopped_early else resume["epoch"]
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
@@ -193,16 +195,18 @@ def fit(
             bar.close()
         if writer is not None and ddp.main:
             log_epoch(writer, metrics, cm, classes, global_epoch)
+        # identical decision on every rank: metrics are all-reduced
+        result.stopped_early = bool(cfg.patience) and epoch - best["epoch"] >= cfg.patience
         if report is not None:
             state = {"epoch": epoch + 1, "step": loop.step, "history": history,
+                     "stopped_early": result.stopped_early,
                      # the best epoch's CPU copy when that is this epoch: saved once, not twice
                      "model": best["state"] if best["epoch"] == epoch else model.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(),
                      "best": {**best, "confusion": best["confusion"].tolist()}}
             report(metrics, checkpoint, state)
-        if cfg.patience and epoch - best["epoch"] >= cfg.patience:
-            result.stopped_early = True  # identical decision on every rank: metrics are all-reduced
+        if result.stopped_early:
             break
     model.load_state_dict(best["state"])
     model.eval()

@@ -107,8 +107,14 @@ def test_nan_loss_raises_naming_the_epoch(monkeypatch):
 def test_patience_stops_after_epochs_without_improvement(monkeypatch):
     fixed = np.diag([10, 10, 10, 10])
     monkeypatch.setattr(fer.train, "validate", lambda *args, **kwargs: (fixed, 1.0))
-    result = run_fit(tiny_cfg(epochs=6, patience=2))
+    states = []
+    result = run_fit(tiny_cfg(epochs=6, patience=2), report=lambda m, c, s: states.append(dict(s)))
     assert len(result.history) == 3 and result.stopped_early and result.best_epoch == 1
+    assert [s["stopped_early"] for s in states] == [False, False, True]
+    # resumed from the epoch patience ended, the stage stays ended: no epoch trained
+    reports = []
+    resumed = run_fit(tiny_cfg(epochs=6, patience=2), resume=states[-1], report=lambda m, c, s: reports.append(m))
+    assert reports == [] and resumed.stopped_early and len(resumed.history) == 3 and resumed.best_epoch == 1
 
 
 def test_short_training_beats_chance():
