@@ -41,7 +41,7 @@ from fer.samplers import epoch_indices, shard
 from fer.transforms import make_train_transform
 
 # report(metrics, checkpoint, state): every epoch, on every rank. `checkpoint` is the
-# contract dict when the epoch is the stage's best so far, else None; `state` is what
+# epoch's own model checkpoint (fer.checkpoint's contract dict); `state` is what
 # `fit(..., resume=state)` needs to go on after this epoch (see `fit`).
 Report = Callable[[dict[str, Any], "dict[str, Any] | None", dict[str, Any]], None]
 
@@ -116,8 +116,8 @@ def fit(
     `epochs`/`augment` default to cfg.epochs/cfg.augment, or to cfg.student_epochs/
     cfg.student_augment when stage == "student".
     `report(metrics, checkpoint, state)` is called once per epoch on every rank; the
-    checkpoint is the contract's dict when this epoch is the stage's best so far, else
-    None. `state` holds the current weights, optimizer, scheduler and grad-scaler states,
+    checkpoint is the contract's dict of this epoch's weights (every epoch has one, so
+    whichever epoch a search keeps as its best by score can be exported). `state` holds the current weights, optimizer, scheduler and grad-scaler states,
     the step count, the history and the best epoch so far (weights, metrics, confusion):
     plain tensors, numbers, lists and dicts (torch.save/weights_only-loadable), referencing
     live tensors, so save it before training goes on. `fit(..., resume=state)` continues
@@ -184,12 +184,14 @@ def fit(
         metrics = _epoch_metrics(cm, classes, stage=stage, epoch=global_epoch, train_loss=train_loss, lr=lr,
                                  val_loss=val_loss, seconds=seconds, images=seen * ddp.world)
         history.append(metrics)
-        checkpoint = None
         if metrics["val_macro_f1"] > best["f1"]:  # ties keep the earlier epoch
             weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             best = {"f1": metrics["val_macro_f1"], "epoch": epoch, "state": weights, "metrics": metrics,
                     "confusion": cm}
             checkpoint = _set_best(result, best, cfg, classes, counts, stage, in_channels, epoch_offset)
+        else:  # this epoch's own weights (live tensors: saved by report before training goes on)
+            checkpoint = make_checkpoint(model.state_dict(), cfg, classes, counts, epoch=global_epoch, stage=stage,
+                                         metrics={**metrics, "val_confusion": cm.tolist()}, in_channels=in_channels)
         if bar is not None:
             bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{metrics['val_macro_f1']:.4f}")
             bar.close()

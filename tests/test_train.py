@@ -73,7 +73,9 @@ def test_reports_every_epoch_with_global_epoch_and_best_checkpoint():
         assert key in first, key
     assert result.best_epoch in (4, 5) and len(result.history) == 2
     assert not result.model.training
-    assert calls[1][1] is None or calls[1][0]["val_macro_f1"] > first["val_macro_f1"]
+    # every epoch's checkpoint holds that epoch's weights; the best one is the result's
+    assert calls[1][1]["epoch"] == 5 and calls[1][1]["metrics"]["val_macro_f1"] == calls[1][0]["val_macro_f1"]
+    assert result.checkpoint is calls[result.best_epoch - 4][1]
 
 
 def test_three_channel_images_and_sample_weights():

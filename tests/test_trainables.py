@@ -205,6 +205,34 @@ def test_single_worker_trial_runs_both_stages_in_a_tuner(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
+def test_storage_keeps_the_best_and_the_latest_checkpoint_folder_of_a_trial(ray_cluster, tmp_path):
+    """Every epoch reports a folder (resume.pt; checkpoint.pt too when best so far), and
+    storage keeps two: the best by the metric, which export reads, and the latest."""
+    from ray import tune
+
+    from fer.checkpoint import load_checkpoint
+    from trainables import RESUME_FILE, checkpoint_config
+
+    tuner = tune.Tuner(
+        make_trainable(put_dataset(tiny_dataset()), TrialResources(workers=1, cpus_per_worker=1)),
+        param_space={**TINY, "epochs": 3, "student_epochs": 2},
+        tune_config=tune.TuneConfig(metric="val_macro_f1", mode="max"),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="keep", verbose=0,
+                                  checkpoint_config=checkpoint_config(tune.CheckpointConfig, "val_macro_f1", "max")),
+    )
+    result = tuner.fit()[0]
+    assert result.error is None, result.error
+    frame = result.metrics_dataframe
+    assert frame["epoch"].tolist() == [1, 2, 3, 4, 5] and frame["checkpoint_dir_name"].notna().all()
+    folders = sorted(p for p in os.listdir(result.path) if p.startswith("checkpoint_"))
+    assert 1 <= len(folders) <= 2
+    assert folders[-1] == frame["checkpoint_dir_name"].iloc[-1]  # the latest is kept
+    assert all(os.path.isfile(os.path.join(result.path, f, RESUME_FILE)) for f in folders)
+    best = best_checkpoint_path(result, final=False)
+    assert load_checkpoint(best)["metrics"]["val_macro_f1"] == pytest.approx(frame["val_macro_f1"].max())
+
+
+@pytest.mark.slow
 def test_two_worker_trial_runs_the_pipeline_in_one_worker_group(ray_cluster, tmp_path):
     import torch
 

@@ -1,11 +1,12 @@
 """Where a trial's checkpoints go, how a retried trial resumes from them, and how to find
 its best one again.
 
-A trial reports a checkpoint folder every epoch. It always holds `resume.pt`, the state
+A trial reports a checkpoint folder every epoch, holding `checkpoint.pt`, the epoch's
+model checkpoint (fer.checkpoint's contract), and `resume.pt`, the state
 `fer.pipeline.run_pipeline(resume=...)` continues from after that epoch (weights,
 optimizer, scheduler, best epoch so far, and in stage 2 the teacher and the pseudo-label
-selection); for an epoch that is its stage's best so far it also holds `checkpoint.pt`,
-the model checkpoint (fer.checkpoint's contract). Storage keeps the best-scoring folder
+selection). Every folder has its own model because storage keeps the best folder by
+score, and among equal scores Ray keeps the later one. Storage keeps the best-scoring folder
 and the latest (`checkpoint_config`), so a trial killed mid-run and retried by Tune, or
 left RUNNING by a killed driver and continued by `--resume`, starts from its last
 epoch instead of epoch 1 (`resume_state`). Two ways the folders land in storage, and `best_checkpoint_path` reads both from the trial's own results
@@ -31,11 +32,12 @@ import torch
 
 from fer.checkpoint import save_checkpoint
 
-CHECKPOINT_FILE = "checkpoint.pt"  # the model checkpoint dict, in the folders of best-so-far epochs
+CHECKPOINT_FILE = "checkpoint.pt"  # the epoch's model checkpoint dict, in every epoch's folder
 RESUME_FILE = "resume.pt"  # the pipeline's resume state, in every epoch's folder
 # Checkpoint folders storage keeps per trial: this many best-scoring ones, plus always the
-# latest (Ray never deletes the latest). Each folder is ~4x the weights (weights, AdamW's
-# two moments, the best weights), so keeping every epoch would cost GBs per search.
+# latest (Ray never deletes the latest). Each folder is ~5x the weights (the epoch's
+# weights twice, AdamW's two moments, the best weights): ~30 MB for MobileNetV3-small,
+# so keeping every epoch would cost GBs per search.
 KEEP_BEST = 1
 RESULTS_FILE = "result.json"  # Tune's per-trial log of reported metrics (JsonLoggerCallback)
 # The final checkpoint fer.pipeline.run_pipeline writes into the trial folder when the whole
@@ -54,13 +56,12 @@ def checkpoint_dir_name(epoch: int) -> str:
 
 
 def report_with_checkpoint(send: Callable[..., None], make: Callable[[str], Any], metrics: dict[str, Any],
-                           checkpoint: dict[str, Any] | None, state: dict[str, Any], **kwargs: Any) -> None:
-    """Save the resume state (and the model checkpoint, when there is one) to a temporary
-    folder and report it; both Tune and Train copy the folder to storage before `send`
-    returns, so the folder can go right after."""
+                           checkpoint: dict[str, Any], state: dict[str, Any], **kwargs: Any) -> None:
+    """Save the model checkpoint and the resume state to a temporary folder and report it;
+    both Tune and Train copy the folder to storage before `send` returns, so the folder
+    can go right after."""
     with tempfile.TemporaryDirectory(prefix="fer-ckpt-") as tmp:
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, os.path.join(tmp, CHECKPOINT_FILE))
+        save_checkpoint(checkpoint, os.path.join(tmp, CHECKPOINT_FILE))
         save_checkpoint(state, os.path.join(tmp, RESUME_FILE))
         send(metrics, checkpoint=make(tmp), **kwargs)
 

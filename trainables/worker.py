@@ -67,7 +67,7 @@ def detect_device(in_train_worker: bool) -> torch.device:
     return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
 
 
-def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict | None, dict], None],
+def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict, dict], None],
              device: torch.device, resume: dict[str, Any] | None = None) -> None:
     """Run the pipeline on this rank, from `resume` (a reported epoch's state) when given;
     rank 0 alone writes TensorBoard logs and outputs."""
@@ -121,14 +121,14 @@ def train_worker(job: RankJob) -> None:
              resume_state(ray.train.get_checkpoint()))
 
 
-def train_report(rank: int) -> Callable[[dict[str, Any], dict | None, dict], None]:
+def train_report(rank: int) -> Callable[[dict[str, Any], dict, dict], None]:
     """`report(metrics, checkpoint, state)` for a Train worker. Every rank reports every
     epoch (Ray Train waits for all of them); only rank 0 uploads the checkpoint folder, and
     only rank 0's metrics reach Tune, which is right because fit all-reduces validation
     over ranks and every rank holds the same state."""
     import ray.train
 
-    def report(metrics: dict[str, Any], checkpoint: dict | None, state: dict[str, Any]) -> None:
+    def report(metrics: dict[str, Any], checkpoint: dict, state: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(metrics)
             return
@@ -138,7 +138,7 @@ def train_report(rank: int) -> Callable[[dict[str, Any], dict | None, dict], Non
     return report
 
 
-def tune_report(metrics: dict[str, Any], checkpoint: dict | None, state: dict[str, Any]) -> None:
+def tune_report(metrics: dict[str, Any], checkpoint: dict, state: dict[str, Any]) -> None:
     """`report(metrics, checkpoint, state)` for a single-worker trial, straight to Tune."""
     from ray import tune
 
