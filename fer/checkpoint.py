@@ -83,7 +83,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip/pickle errors differ by torch version; all mean "unreadable"
-        raise ValueError(f"{path}: {_load_problem(err)}") from None
+        raise ValueError(f"{path}: {load_problem(err)}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: not a fer checkpoint (expected a dict, got {type(ckpt).__name__})")
     missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
@@ -92,7 +92,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def _load_problem(err: Exception) -> str:
+def load_problem(err: Exception) -> str:
     """torch.load's error in one line. torch's own text for a refused pickle is a page that
     suggests weights_only=False; that advice is exactly what must not be followed here."""
     text = str(err)

@@ -6,7 +6,7 @@ TorchTrainer does that, as does `torchrun`) it wraps the model in DistributedDat
 trains on its shard of every epoch and all-reduces the validation confusion matrix, so
 every rank reports metrics over the WHOLE validation split.
 
-    python -m fer.train [--data PATH] [--config FILE.yaml] [--set key=value ...] --out DIR
+    python -m fer.train [--data PATH] [--config FILE.yaml] [--set key=value ...] --out DIR [--resume]
 
 The CLI runs the whole pipeline of a trial (`fer.pipeline.run_pipeline`: teacher ->
 pseudo-labels -> student -> post-hoc offsets); stage 2 is skipped when the data set has no
@@ -560,22 +560,67 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
     return cfg
 
 
-def train_main(cfg: TrialConfig, out_dir: str, *, device: str | None = None, progress: bool = True) -> dict[str, Any]:
+RESUME_FILE = "resume.pt"  # fer.train's per-epoch resume state in --out (removed when training ends)
+
+
+def read_resume_file(out_dir: str, cfg: TrialConfig) -> dict[str, Any]:
+    """The pipeline state saved in out_dir/resume.pt by an interrupted `fer.train` run of
+    the same config; ValueError naming the file when there is none or it does not fit."""
+    from dataclasses import asdict
+
+    from fer.checkpoint import load_problem
+
+    path = os.path.join(out_dir, RESUME_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: nothing to resume (no {RESUME_FILE}: the run finished, or never saved an epoch)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip/pickle errors differ by torch version; all mean "unreadable"
+        raise ValueError(f"{path}: {load_problem(err)}") from None
+    if not isinstance(saved, dict) or not {"config", "pipeline"} <= set(saved):
+        raise ValueError(f"{path}: not a fer.train resume file")
+    changed = sorted(k for k, v in asdict(cfg).items() if saved["config"].get(k) != v)
+    if changed:
+        raise ValueError(f"{path}: saved by a run with a different config ({', '.join(changed)}); "
+                         f"resume with the same --config/--set, or train into a new --out")
+    return saved["pipeline"]
+
+
+def train_main(cfg: TrialConfig, out_dir: str, *, device: str | None = None, progress: bool = True,
+               resume: bool = False) -> dict[str, Any]:
     """Load the data, run the pipeline, write best.pt (with post-hoc offsets), metrics.json,
-    pseudo_labeled.csv, tb/ and the confusion PNGs; test metrics of both stages."""
+    pseudo_labeled.csv, tb/ and the confusion PNGs; test metrics of both stages.
+
+    Every epoch's resume state goes to out_dir/resume.pt (atomically), removed when the
+    run ends; `resume=True` continues an interrupted run of the same config from it."""
+    from dataclasses import asdict
+
     from torch.utils.tensorboard import SummaryWriter
 
+    from fer.checkpoint import save_checkpoint
     from fer.data import load_dataset
     from fer.evaluate import evaluate_model, write_report
     from fer.pipeline import run_pipeline
 
+    state = read_resume_file(out_dir, cfg) if resume else None
     data = load_dataset(cfg.data, load_size=cfg.load_size)
     os.makedirs(out_dir, exist_ok=True)
+    resume_path = os.path.join(out_dir, RESUME_FILE)
+    config = asdict(cfg)
+
+    def save_state(metrics: dict[str, Any], checkpoint: dict[str, Any], pipeline: dict[str, Any]) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        save_checkpoint({"config": config, "epoch": metrics["epoch"], "pipeline": pipeline}, resume_path)
+
     writer = SummaryWriter(os.path.join(out_dir, "tb"))
     try:
-        result = run_pipeline(cfg, data, device=device, out_dir=out_dir, writer=writer, progress=progress)
+        result = run_pipeline(cfg, data, device=device, out_dir=out_dir, writer=writer, progress=progress,
+                              report=save_state, resume=state)
     finally:
         writer.close()
+    if os.path.exists(resume_path):
+        os.remove(resume_path)
     ckpt, stage = result.checkpoint, result.metrics["final_stage"]
     final = result.student if stage == "student" else result.teacher
     summary: dict[str, Any] = {"data": data.source, "best_epoch": ckpt["epoch"], "final_stage": stage,
@@ -637,10 +682,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue an interrupted run in --out after its last epoch (from --out/{RESUME_FILE}; "
+                             "same config)")
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
-        train_main(cfg, args.out, device=args.device, progress=not args.no_progress)
+        train_main(cfg, args.out, device=args.device, progress=not args.no_progress, resume=args.resume)
     except (ValueError, FloatingPointError, OSError) as err:  # user-causable: bad input, divergence, unwritable --out
         print(f"error: {err}", file=sys.stderr)
         return 2

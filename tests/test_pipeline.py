@@ -227,3 +227,49 @@ def test_a_stage_two_resume_state_needs_stage_two():
         run_pipeline(tiny_cfg(student_epochs=0), make_data(), progress=False, resume=states[-1])
     with pytest.raises(ValueError, match="not a pipeline resume state"):
         run_pipeline(tiny_cfg(), make_data(), progress=False, resume=states[-1]["fit"])
+
+
+def test_train_cli_resumes_an_interrupted_run_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    import fer.models
+    from fer.synth import write_csv
+
+    monkeypatch.setattr(fer.models, "build_model", tiny_model)  # the teacher rebuilt from the resume state
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    csv_path = write_csv(str(tmp_path / "data"), seed=0, scale=0.03)
+    settings = ["--data", csv_path, "--no-progress", "--set", "image_size=16", "--set", "epochs=2",
+                "--set", "student_epochs=2", "--set", "pseudo_threshold=0.0", "--set", "batch_size=32",
+                "--set", "amp=false", "--set", "augment=weak"]
+    assert fer.train.main([*settings, "--out", str(tmp_path / "whole")]) == 0
+    assert not (tmp_path / "whole" / fer.train.RESUME_FILE).exists()  # removed once the run ends
+
+    out = tmp_path / "cut"
+    real_validate, calls = fer.train.validate, []
+
+    def interrupted_after_three_epochs(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # Ctrl-C (or a kill) during the student's second epoch
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(fer.train, "validate", interrupted_after_three_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        fer.train.main([*settings, "--out", str(out)])
+    monkeypatch.setattr(fer.train, "validate", real_validate)
+    assert torch.load(out / fer.train.RESUME_FILE, weights_only=True)["epoch"] == 3
+    capsys.readouterr()
+
+    # the wrong config is refused, naming the file and the fields that differ
+    assert fer.train.main([*settings, "--set", "lr=0.01", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / fer.train.RESUME_FILE}: saved by a run with a different config (lr)" in err
+
+    assert fer.train.main([*settings, "--out", str(out), "--resume"]) == 0
+    whole, resumed = load_checkpoint(str(tmp_path / "whole" / "best.pt")), load_checkpoint(str(out / "best.pt"))
+    assert (whole["epoch"], whole["stage"]) == (resumed["epoch"], resumed["stage"])
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+    history = [json.loads((p / "metrics.json").read_text())["history"] for p in (tmp_path / "whole", out)]
+    assert [untimed(h) for h in history] == [untimed(history[0])] * 2
+    assert not (out / fer.train.RESUME_FILE).exists()
+
+    assert fer.train.main([*settings, "--out", str(out), "--resume"]) == 2  # nothing left to resume
+    assert "nothing to resume" in capsys.readouterr().err
