@@ -76,7 +76,7 @@ def _predict(cfg: TrialConfig, model: nn.Module, images: np.ndarray, device: Any
 
 
 def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any = None,
-                 out_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                 out_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
     """Teacher labels the pool; returns (kept pool indices, labels, summary, confidences).
 
     Temperature scaling (Guo et al. 2017) is fitted on the validation logits first, so
