@@ -7,7 +7,8 @@ The plain baseline is the space's reference point (cross-entropy, no class weigh
 per-class cap); the winner is the TPE + ASHA search's best trial, read from
 search_efficiency's results (or any flat TrialConfig YAML, e.g. search.run's
 best_config.yaml). Both are trained again here, one after the other in this process,
-with the budget's epochs, data and seed, so neither is cut short by ASHA, and both are
+with the budget's epochs, data and seed and one torch thread (as in the search's trials:
+the winner's model is then the one the search scored), so neither is cut short by ASHA, and both are
 scored on val and test: macro-F1 and the F1 of the two classes rarest in train
 (Disgust, then the next rarest). The baseline is shown twice: with the pipeline's
 default post-hoc rule (tau * log prior, itself an imbalance remedy) and without it
@@ -100,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--winner-config", default=None, metavar="FILE",
                         help="search_efficiency JSON or a flat TrialConfig YAML "
                         "(default: benchmarks/results/search_efficiency_<budget>.json)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both trainings (default 1, as each search trial trains: "
+                             "float sums depend on the thread count, and at this budget another count "
+                             "trains a different model from the same seed)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads: expected a whole number >= 1, got {args.threads}")
 
     import torch
 
@@ -120,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     baseline_cfg = space.trial_config(space.baseline_point())
     winner_cfg = apply_overrides(baseline_cfg, {**overrides, **fixed}, source=str(source))
     rare = rarest_classes(data)
-    torch.set_num_threads(os.cpu_count() or 1)
-    print(f"budget {args.budget}: {data.source}; rarest in train: {', '.join(rare)} "
+    torch.set_num_threads(args.threads)
+    print(f"budget {args.budget}: {data.source}; {args.threads} torch thread(s); rarest in train: {', '.join(rare)} "
           f"({', '.join(str(int(data.class_counts()[data.classes.index(n)])) for n in rare)} images); "
           f"{winner_cfg.epochs}+{winner_cfg.student_epochs} epochs each; winner from {source}")
 
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print("winner: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in searched.items()))
     path = save_json("imbalance", args.budget, {
-        "data": data.source, "rarest": rare, "winner_source": str(source), "seed": args.seed,
+        "data": data.source, "rarest": rare, "winner_source": str(source), "seed": args.seed, "threads": args.threads,
         "table": {"header": header, "rows": rows}, "results": results, "runs": runs}, args.json)
     print(f"raw results: {path}")
     return 0
