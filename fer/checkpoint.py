@@ -75,15 +75,22 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> str:
     return path
 
 
+def load_weights_only(path: str | os.PathLike, missing: str = "checkpoint file not found") -> Any:
+    """torch.load on CPU with weights_only=True (tensors, numbers, strings, lists, dicts);
+    a missing or unreadable file raises ValueError naming it, in one line."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {missing}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip/pickle errors differ by torch version; all mean "unreadable"
+        raise ValueError(f"{path}: {load_problem(err)}") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint on CPU with weights_only=True; a bad file raises ValueError naming it."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: checkpoint file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # zip/pickle errors differ by torch version; all mean "unreadable"
-        raise ValueError(f"{path}: {load_problem(err)}") from None
+    ckpt = load_weights_only(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: not a fer checkpoint (expected a dict, got {type(ckpt).__name__})")
     missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]

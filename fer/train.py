@@ -568,15 +568,11 @@ def read_resume_file(out_dir: str, cfg: TrialConfig) -> dict[str, Any]:
     the same config; ValueError naming the file when there is none or it does not fit."""
     from dataclasses import asdict
 
-    from fer.checkpoint import load_problem
+    from fer.checkpoint import load_weights_only
 
     path = os.path.join(out_dir, RESUME_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: nothing to resume (no {RESUME_FILE}: the run finished, or never saved an epoch)")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # zip/pickle errors differ by torch version; all mean "unreadable"
-        raise ValueError(f"{path}: {load_problem(err)}") from None
+    saved = load_weights_only(path, missing=f"nothing to resume (no {RESUME_FILE}: the run finished, "
+                                            "or never saved an epoch)")
     if not isinstance(saved, dict) or not {"config", "pipeline"} <= set(saved):
         raise ValueError(f"{path}: not a fer.train resume file")
     changed = sorted(k for k, v in asdict(cfg).items() if saved["config"].get(k) != v)

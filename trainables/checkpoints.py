@@ -28,9 +28,7 @@ import os
 import tempfile
 from typing import Any, Callable
 
-import torch
-
-from fer.checkpoint import save_checkpoint
+from fer.checkpoint import load_weights_only, save_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the epoch's model checkpoint dict, in every epoch's folder
 RESUME_FILE = "resume.pt"  # the pipeline's resume state, in every epoch's folder
@@ -75,7 +73,7 @@ def resume_state(checkpoint: Any) -> dict[str, Any] | None:
         path = os.path.join(folder, RESUME_FILE)
         if not os.path.isfile(path):
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path)
 
 
 def checkpoint_config(make: Callable[..., Any], metric: str, mode: str) -> Any:
