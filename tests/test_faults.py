@@ -320,9 +320,18 @@ def test_killed_trial_process_is_retried_and_nan_trial_is_recorded(ray_cluster, 
     experiment = storage / "faulty"
     killed: list[int] = []
 
-    def checkpointed_unfinished() -> bool:  # the baseline reported epoch 1 with a checkpoint
-        return any(list(p.glob("checkpoint_*/checkpoint.pt")) and not (p / "best.pt").exists()
+    def checkpointed_unfinished() -> bool:
+        # Tune has taken the baseline's epoch 1 with its checkpoint: the result is in the
+        # trial's result.json in storage (synced every second here). A checkpoint folder
+        # that is on disk but not yet taken is not resumed from.
+        return any(list(p.glob("checkpoint_*/checkpoint.pt")) and taken(p) and not (p / "best.pt").exists()
                    for p in experiment.glob("trial_*"))
+
+    def taken(trial_dir: Path) -> bool:
+        try:
+            return bool(reported_epochs(trial_dir))
+        except (OSError, ValueError):  # not synced yet, or caught mid-write
+            return False
 
     def kill_trial_process() -> None:
         pids = trial_actor_pids()
