@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import yaml
 
-from fer.config import TrialConfig, apply_overrides, config_choices, config_field_names, yaml_problem
+from fer.config import TrialConfig, apply_overrides, config_field_names, yaml_problem
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
 

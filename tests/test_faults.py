@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from fer.config import TrialConfig
 from fer.data import FER_CLASSES
 from search import export as search_export
 from search import run as search_run
+from support import live_actor_pids, watch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -282,28 +282,6 @@ run: {num_samples: 2, max_concurrent: 1}
 """
 
 
-def trial_actor_pids() -> list[int]:
-    """Pids of the live Tune trial processes (function trainables run in ImplicitFunc actors)."""
-    from ray._private import state
-
-    return [info["Pid"] for info in state.actors().values()
-            if info["ActorClassName"] == "ImplicitFunc" and info["State"] == "ALIVE" and info["Pid"]]
-
-
-def watch(condition, action, timeout_s: float = 600.0) -> threading.Thread:
-    def loop():
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if condition():
-                action()
-                return
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    return thread
-
-
 def reported_epochs(trial_dir: Path) -> list[int]:
     rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
     return [int(row["epoch"]) for row in rows if "epoch" in row]
@@ -334,7 +312,7 @@ def test_killed_trial_process_is_retried_and_nan_trial_is_recorded(ray_cluster, 
             return False
 
     def kill_trial_process() -> None:
-        pids = trial_actor_pids()
+        pids = live_actor_pids("ImplicitFunc")  # Tune's function-trainable processes
         if pids:
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])

@@ -17,6 +17,7 @@ from fer.config import TrialConfig
 from fer.data import Dataset, Split
 from fer.pipeline import run_pipeline
 from fer.pseudo import SELECTIONS
+from support import saved_and_loaded, untimed
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -163,20 +164,6 @@ def test_train_cli_runs_both_stages_and_reports_each(tmp_path, monkeypatch, caps
     assert summary["pipeline"]["student_best_epoch"] == 2
     assert load_checkpoint(str(out / "best.pt"))["posthoc_offsets"] is not None
     assert (out / "pseudo_labeled.csv").exists()
-
-
-def saved_and_loaded(state):
-    """What a resumed trial reads: the state through torch.save and a weights_only load."""
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, map_location="cpu", weights_only=True)
-
-
-def untimed(history):
-    return [{k: v for k, v in m.items() if k not in ("train_seconds", "train_images_per_s")} for m in history]
 
 
 def test_resuming_after_any_epoch_of_either_stage_ends_with_the_same_model(tmp_path, monkeypatch):

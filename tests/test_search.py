@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 from fer.config import TrialConfig, apply_overrides, load_config_file
 from search import export as search_export
 from search import run as search_run
-from search.space import SPACES_DIR
+from support import watch
 
 
 def run_cli(argv, capsys):
@@ -159,18 +157,7 @@ def test_smoke_search_end_to_end(ray_cluster, tmp_path, capsys):
 
 def interrupt_when(condition, timeout_s: float = 300.0):
     """Send this process SIGUSR1 (Tune's graceful stop, like Ctrl-C) once `condition()` holds."""
-
-    def watch():
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if condition():
-                os.kill(os.getpid(), signal.SIGUSR1)
-                return
-            time.sleep(0.5)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    return watch(condition, lambda: os.kill(os.getpid(), signal.SIGUSR1), timeout_s, poll_s=0.5)
 
 
 def finished_trials(experiment: Path) -> list[Path]:

@@ -16,6 +16,7 @@ from fer.data import Split
 from fer.evaluate import predict_logits
 from fer.metrics import compute_metrics
 from fer.train import _Dist, _batch_bounds, _rank_indices, fit, main
+from support import saved_and_loaded, untimed
 
 CLASSES = ["Angry", "Happy", "Sad", "No DR"]  # a space on purpose: metric keys get sanitised
 
@@ -221,23 +222,6 @@ def test_cli_trains_and_writes_checkpoint_metrics_tensorboard_png(tmp_path, monk
     assert (out / "val_confusion.png").stat().st_size > 0
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tb"))
     assert "best epoch 1: val macro-F1" in capsys.readouterr().out
-
-
-def saved_and_loaded(state: dict) -> dict:
-    """What a resumed trial reads: the state through torch.save and a weights_only load."""
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, map_location="cpu", weights_only=True)
-
-
-UNTIMED = ("train_seconds", "train_images_per_s")
-
-
-def untimed(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if k not in UNTIMED} for m in history]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])

@@ -281,12 +281,10 @@ def test_a_trial_whose_ddp_worker_is_killed_resumes_after_its_last_epoch(ray_clu
     """Tune retries the trial; its new Train run, named after the trial, is restored by Ray
     Train and both ranks continue from the latest checkpoint (resume.pt), not epoch 1."""
     import signal
-    import threading
-    import time
 
     from ray import tune
-    from ray._private import state
 
+    from support import live_actor_pids, watch
     from trainables import checkpoint_config
     from trainables.worker import TIMING_FILE
 
@@ -299,19 +297,13 @@ def test_a_trial_whose_ddp_worker_is_killed_resumes_after_its_last_epoch(ray_clu
         return any(checkpoint_dir_name(1) in path.read_text()
                    for path in tmp_path.glob("kill/train-*/checkpoint_manager_snapshot.json"))
 
-    def kill_a_worker_after_the_first_checkpoint() -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if first_checkpoint_registered():
-                pids = [info["Pid"] for info in state.actors().values()
-                        if info["ActorClassName"] == "RayTrainWorker" and info["State"] == "ALIVE" and info["Pid"]]
-                if pids:
-                    os.kill(pids[-1], signal.SIGKILL)
-                    killed.append(pids[-1])
-                return
-            time.sleep(0.05)
+    def kill_a_worker() -> None:
+        pids = live_actor_pids("RayTrainWorker")
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
 
-    threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True).start()
+    watch(first_checkpoint_registered, kill_a_worker, timeout_s=300, poll_s=0.05)
     tuner = tune.Tuner(
         make_trainable(put_dataset(tiny_dataset()), TrialResources(workers=2, cpus_per_worker=1)),
         param_space={**TINY, "epochs": 3, "student_epochs": 3},

@@ -1,0 +1,51 @@
+"""Helpers shared by several test modules (pytest puts tests/ on sys.path: `from support import ...`)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+TIMED_KEYS = ("train_seconds", "train_images_per_s")  # the only reported values that vary run to run
+
+
+def watch(condition: Callable[[], bool], action: Callable[[], None], timeout_s: float = 600.0,
+          poll_s: float = 0.2) -> threading.Thread:
+    """Run `action()` once, in a daemon thread, as soon as `condition()` holds."""
+
+    def loop() -> None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if condition():
+                action()
+                return
+            time.sleep(poll_s)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def live_actor_pids(class_name: str) -> list[int]:
+    """Pids of the live Ray actors of a class: "ImplicitFunc" for Tune function trials,
+    "RayTrainWorker" for Ray Train workers."""
+    from ray._private import state
+
+    return [info["Pid"] for info in state.actors().values()
+            if info["ActorClassName"] == class_name and info["State"] == "ALIVE" and info["Pid"]]
+
+
+def saved_and_loaded(state: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed run reads: the state through torch.save and a weights_only load."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, map_location="cpu", weights_only=True)
+
+
+def untimed(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reported epochs without their wall-clock measurements."""
+    return [{k: v for k, v in m.items() if k not in TIMED_KEYS} for m in history]
