@@ -206,12 +206,13 @@ def test_single_worker_trial_runs_both_stages_in_a_tuner(ray_cluster, tmp_path):
 
 @pytest.mark.slow
 def test_storage_keeps_the_best_and_the_latest_checkpoint_folder_of_a_trial(ray_cluster, tmp_path):
-    """Every epoch reports a folder (resume.pt; checkpoint.pt too when best so far), and
-    storage keeps two: the best by the metric, which export reads, and the latest."""
+    """Every epoch reports a folder (checkpoint.pt: the epoch's model and its resume state),
+    and storage keeps two: the best by the metric, which export reads, and the latest."""
+    import torch
     from ray import tune
 
     from fer.checkpoint import load_checkpoint
-    from trainables import RESUME_FILE, checkpoint_config
+    from trainables import RESUME_KEY, checkpoint_config
 
     tuner = tune.Tuner(
         make_trainable(put_dataset(tiny_dataset()), TrialResources(workers=1, cpus_per_worker=1)),
@@ -227,7 +228,10 @@ def test_storage_keeps_the_best_and_the_latest_checkpoint_folder_of_a_trial(ray_
     folders = sorted(p for p in os.listdir(result.path) if p.startswith("checkpoint_"))
     assert 1 <= len(folders) <= 2
     assert folders[-1] == frame["checkpoint_dir_name"].iloc[-1]  # the latest is kept
-    assert all(os.path.isfile(os.path.join(result.path, f, RESUME_FILE)) for f in folders)
+    kept = [load_checkpoint(os.path.join(result.path, f, CHECKPOINT_FILE)) for f in folders]
+    assert all(set(k[RESUME_KEY]) >= {"stage", "fit"} for k in kept)  # every kept folder can be resumed from
+    # the resume state's weights are the checkpoint's own: stored once in the file
+    assert all(torch.equal(k["model"][n], k[RESUME_KEY]["fit"]["model"][n]) for k in kept for n in k["model"])
     best = best_checkpoint_path(result, final=False)
     assert load_checkpoint(best)["metrics"]["val_macro_f1"] == pytest.approx(frame["val_macro_f1"].max())
 
@@ -279,7 +283,7 @@ def test_a_stopped_trials_placement_group_is_released(ray_cluster, tmp_path):
 @pytest.mark.slow
 def test_a_trial_whose_ddp_worker_is_killed_resumes_after_its_last_epoch(ray_cluster, tmp_path):
     """Tune retries the trial; its new Train run, named after the trial, is restored by Ray
-    Train and both ranks continue from the latest checkpoint (resume.pt), not epoch 1."""
+    Train and both ranks continue from the latest checkpoint's resume state, not epoch 1."""
     import signal
 
     from ray import tune

@@ -2,7 +2,7 @@
 
 from trainables.checkpoints import (
     CHECKPOINT_FILE,
-    RESUME_FILE,
+    RESUME_KEY,
     best_checkpoint_path,
     checkpoint_config,
     resume_state,
@@ -21,7 +21,7 @@ from trainables.worker import DataRef, detect_device
 
 __all__ = [
     "CHECKPOINT_FILE",
-    "RESUME_FILE",
+    "RESUME_KEY",
     "DataRef",
     "TrialResources",
     "best_checkpoint_path",

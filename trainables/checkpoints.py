@@ -1,15 +1,16 @@
 """Where a trial's checkpoints go, how a retried trial resumes from them, and how to find
 its best one again.
 
-A trial reports a checkpoint folder every epoch, holding `checkpoint.pt`, the epoch's
-model checkpoint (fer.checkpoint's contract), and `resume.pt`, the state
-`fer.pipeline.run_pipeline(resume=...)` continues from after that epoch (weights,
-optimizer, scheduler, best epoch so far, and in stage 2 the teacher and the pseudo-label
-selection). Every folder has its own model because storage keeps the best folder by
-score, and among equal scores Ray keeps the later one. Storage keeps the best-scoring folder
-and the latest (`checkpoint_config`), so a trial killed mid-run and retried by Tune, or
-left RUNNING by a killed driver and continued by `--resume`, starts from its last
-epoch instead of epoch 1 (`resume_state`). Two ways the folders land in storage, and `best_checkpoint_path` reads both from the trial's own results
+A trial reports a checkpoint folder every epoch, holding `checkpoint.pt`: the epoch's
+model checkpoint (fer.checkpoint's contract) plus, under `"resume"`, the state
+`fer.pipeline.run_pipeline(resume=...)` continues from after that epoch (optimizer,
+scheduler, best epoch so far, and in stage 2 the teacher and the pseudo-label
+selection). One file, because the state's weights are the checkpoint's own tensors and
+`torch.save` stores a shared tensor once. Every folder has its own model because storage
+keeps the best folder by score, and among equal scores Ray keeps the later one. Storage
+keeps the best-scoring folder and the latest (`checkpoint_config`), so a trial killed
+mid-run and retried by Tune, or left RUNNING by a killed driver and continued by
+`--resume`, starts from its last epoch instead of epoch 1 (`resume_state`). Two ways the folders land in storage, and `best_checkpoint_path` reads both from the trial's own results
 (`result.json`, one line per reported epoch), so it works for trials ASHA stopped midway:
 
 - single-worker trials report through `ray.tune.report`: Tune copies the checkpoint to
@@ -31,11 +32,12 @@ from typing import Any, Callable
 from fer.checkpoint import load_weights_only, save_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the epoch's model checkpoint dict, in every epoch's folder
-RESUME_FILE = "resume.pt"  # the pipeline's resume state, in every epoch's folder
+RESUME_KEY = "resume"  # the pipeline's resume state inside it
 # Checkpoint folders storage keeps per trial: this many best-scoring ones, plus always the
-# latest (Ray never deletes the latest). Each folder is ~5x the weights (the epoch's
-# weights twice, AdamW's two moments, the best weights): ~30 MB for MobileNetV3-small,
-# so keeping every epoch would cost GBs per search.
+# latest (Ray never deletes the latest). A folder holds the weights 3 times (the epoch's,
+# AdamW's two moments), 4 when the stage's best epoch is an earlier one: 18.5-25 MB for
+# MobileNetV3-small (24.8 MB when the resume state was a file of its own), so keeping
+# every epoch would cost GBs per search.
 KEEP_BEST = 1
 RESULTS_FILE = "result.json"  # Tune's per-trial log of reported metrics (JsonLoggerCallback)
 # The final checkpoint fer.pipeline.run_pipeline writes into the trial folder when the whole
@@ -55,12 +57,11 @@ def checkpoint_dir_name(epoch: int) -> str:
 
 def report_with_checkpoint(send: Callable[..., None], make: Callable[[str], Any], metrics: dict[str, Any],
                            checkpoint: dict[str, Any], state: dict[str, Any], **kwargs: Any) -> None:
-    """Save the model checkpoint and the resume state to a temporary folder and report it;
+    """Save the model checkpoint with the resume state to a temporary folder and report it;
     both Tune and Train copy the folder to storage before `send` returns, so the folder
     can go right after."""
     with tempfile.TemporaryDirectory(prefix="fer-ckpt-") as tmp:
-        save_checkpoint(checkpoint, os.path.join(tmp, CHECKPOINT_FILE))
-        save_checkpoint(state, os.path.join(tmp, RESUME_FILE))
+        save_checkpoint({**checkpoint, RESUME_KEY: state}, os.path.join(tmp, CHECKPOINT_FILE))
         send(metrics, checkpoint=make(tmp), **kwargs)
 
 
@@ -70,10 +71,10 @@ def resume_state(checkpoint: Any) -> dict[str, Any] | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        path = os.path.join(folder, RESUME_FILE)
+        path = os.path.join(folder, CHECKPOINT_FILE)
         if not os.path.isfile(path):
             return None
-        return load_weights_only(path)
+        return load_weights_only(path).get(RESUME_KEY)
 
 
 def checkpoint_config(make: Callable[..., Any], metric: str, mode: str) -> Any:
