@@ -125,6 +125,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device | Non
         in_channels=int(ckpt["in_channels"]),
         dropout=float(ckpt["config"].get("dropout", 0.0)),
         pretrained=None,  # the weights come from the checkpoint itself
+        image_size=int(ckpt["config"].get("image_size", 224)),
+        stem=ckpt["config"].get("stem", "standard"),  # checkpoints from before stems existed
     )
     model.load_state_dict(ckpt["model"])
     if device is not None:

@@ -1,28 +1,49 @@
-"""Image classifiers by name: torchvision architectures adapted to grayscale and small inputs.
+"""Image classifiers by name: ours, timm's 1,300+ architectures, torchvision's zoo.
 
-Every model keeps torchvision's own module names, so a plain torchvision state dict
-(`torch.save(model.state_dict())`, or the ImageNet weights enum) loads into it. Two
-adaptations happen on top:
+`build_model(name, ...)` looks a name up in three places, in this order:
 
-- the first convolution takes `in_channels` inputs (1 for FER); RGB ImageNet kernels are
-  summed over the colour axis, which gives the same response to a gray image replicated to
-  three channels (the trick timm's `adapt_input_conv` uses);
-- dropout sits right before the final linear layer (MobileNetV3 and EfficientNet already
-  have one there; ResNet gets a `DropoutLinear` head with the same parameter names).
+1. `MODELS`, our own adaptations of four torchvision networks (module names kept, so a
+   plain torchvision state dict loads; dropout sits right before the final linear layer,
+   ResNet gets a `DropoutLinear` head with nn.Linear's parameter names);
+2. timm (`timm.create_model`), which also adapts the stem to `in_channels` by summing RGB
+   kernels and swaps the classifier for `num_classes`;
+3. torchvision's `get_model`, for the names timm lacks (alexnet, shufflenet_v2_*,
+   vit_b_16, efficientnet_v2_*, ...).
 
-All four networks end in adaptive average pooling, so 48x48 inputs work as they are
-(a 2x2 map before pooling for stride-32 networks); larger `image_size` values upsample.
+`timm:NAME` and `torchvision:NAME` pick a zoo explicitly. An unknown name is one line
+with the closest valid names.
+
+Small inputs: stride-32 networks end in a 2x2 map at 48x48. `stem="small"` makes the
+stem keep more resolution, as CIFAR ResNets do (He et al. 2016, section 4.2): the first
+convolution gets stride 1, and a max-pool right after it is dropped. The stem's weights
+keep their shapes, so pretrained files still load. Patch-embedding stems (ViT, Swin,
+ConvNeXt) cannot be shrunk this way and are refused with the reason.
+
+Pretrained weights: None (random init), "imagenet" (downloads: timm from the Hugging
+Face hub, torchvision from its own URLs; never used by the tests) or a local file,
+`.pth`/`.pt`/`.bin` (torch.save, read weights_only) or `.safetensors`, holding a state
+dict bare or under "model"/"state_dict", in the format of the zoo the name resolves to.
+RGB kernels are converted to `in_channels`; a classifier of another class count is
+replaced by a fresh one.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
+
+# What a model's stem may be (TrialConfig.stem): the architecture's own, or the small-input one.
+STEMS = ("standard", "small")
+ZOOS = ("ours", "timm", "torchvision")
+STEM_CONVS = 3
 
 
 class DropoutLinear(nn.Linear):
@@ -59,7 +80,8 @@ def _efficientnet_b0(num_classes: int, dropout: float) -> nn.Module:
     return tvm.efficientnet_b0(weights=None, num_classes=num_classes, dropout=dropout)
 
 
-# name -> builder(num_classes, dropout) returning a 3-channel torchvision model.
+# name -> builder(num_classes, dropout) returning a 3-channel torchvision model. These names
+# win over timm's (resnet18, efficientnet_b0): checkpoints saved with them keep loading.
 MODELS: dict[str, Callable[[int, float], nn.Module]] = {
     "mobilenet_v3_small": _mobilenet_v3_small,
     "mobilenet_v3_large": _mobilenet_v3_large,
@@ -68,11 +90,46 @@ MODELS: dict[str, Callable[[int, float], nn.Module]] = {
 }
 
 
-def get_model_builder(name: str) -> Callable[[int, float], nn.Module]:
-    """The builder registered under `name`; a miss lists the valid names."""
-    if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r}. Valid models: {', '.join(MODELS)}")
-    return MODELS[name]
+@functools.lru_cache(maxsize=1)
+def _torchvision_names() -> frozenset[str]:
+    return frozenset(tvm.list_models(module=tvm))
+
+
+@functools.lru_cache(maxsize=1)
+def _timm_names() -> frozenset[str]:
+    import timm
+
+    return frozenset(timm.list_models())
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """(zoo, architecture) of a model name; a miss names the closest valid names."""
+    zoo, sep, arch = name.partition(":")
+    if sep:
+        known = {"timm": _timm_names, "torchvision": _torchvision_names}
+        if zoo not in known:
+            raise ValueError(f"Unknown model zoo {zoo!r} in {name!r}: use timm:NAME or torchvision:NAME")
+        if arch not in known[zoo]():
+            close = difflib.get_close_matches(arch, known[zoo](), n=5, cutoff=0.5)
+            raise ValueError(f"Unknown {zoo} model {arch!r}. Closest: {', '.join(close) or 'none'}")
+        return zoo, arch
+    if name in MODELS:
+        return "ours", name
+    if name in _timm_names():
+        return "timm", name
+    if name in _torchvision_names():
+        return "torchvision", name
+    pool = sorted(set(MODELS) | _timm_names() | _torchvision_names())
+    close = difflib.get_close_matches(name, pool, n=6, cutoff=0.5)
+    raise ValueError(
+        f"Unknown model {name!r}. Closest valid names: {', '.join(close) or 'none'} "
+        f"(built in: {', '.join(MODELS)}; any timm or torchvision name works, e.g. timm.list_models('resnet*'))"
+    )
+
+
+def check_model_name(name: str) -> None:
+    """Raise the one-line unknown-model error; fer.config calls this at the edge."""
+    resolve_model(name)
 
 
 def first_conv_name(model: nn.Module) -> str:
@@ -130,24 +187,49 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     _set_module(model, name, new)
 
 
-def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
-    # Downloads on first use (cached by torch.hub); never called by the tests.
-    weights = tvm.get_model_weights(name).DEFAULT
-    return weights.get_state_dict(progress=True)
+def shrink_stem(model: nn.Module, name: str) -> None:
+    """The small-input stem: first conv at stride 1, a max-pool right after it removed.
+
+    Only a stride-2 convolution whose kernel covers its stride (3x3, 7x7: ResNet, DenseNet,
+    MobileNet, EfficientNet) is made stride 1; a patch
+    embedding (kernel == stride, as in ViT, Swin, ConvNeXt) is refused: at stride 1 it
+    would turn every pixel into a token.
+    """
+    modules = list(model.named_modules())
+    convs = [i for i, (_, m) in enumerate(modules) if isinstance(m, nn.Conv2d)]
+    conv_name, conv = modules[convs[0]]
+    kernel, stride = conv.kernel_size[0], conv.stride[0]
+    if stride > 1 and kernel <= stride:
+        raise ValueError(
+            f"stem=small: {name}'s stem is a {kernel}x{kernel} stride-{stride} patch embedding ({conv_name}); "
+            "only convolutional stems can be shrunk: use stem=standard and a larger image_size"
+        )
+    conv.stride = (1, 1)
+    # The stem's max-pool: the first one, when at most STEM_CONVS convolutions come before
+    # it (one in ResNet and DenseNet, three in the deep stems of timm's ResNet-D/T variants).
+    pools = [i for i, (_, m) in enumerate(modules) if isinstance(m, nn.MaxPool2d)]
+    if pools and sum(i < pools[0] for i in convs) <= STEM_CONVS:
+        _set_module(model, modules[pools[0]][0], nn.Identity())
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Read a state dict from a local file (weights_only=True).
+    """Read a state dict from a local file: .safetensors, or torch.save (weights_only=True).
 
     Accepts a bare state dict, or a dict holding one under "model" / "state_dict" (our
     checkpoints, many training scripts); strips DDP's "module." prefix.
     """
     if not Path(path).is_file():
-        raise ValueError(f"pretrained={path!r}: no such file (expected a state dict saved with torch.save)")
+        raise ValueError(f"pretrained={path!r}: no such file (expected a state dict: .pth, .pt or .safetensors)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated files, non-tensor payloads
-        raise ValueError(f"pretrained={path!r}: cannot be read as a weights-only state dict: {err}") from None
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state: Any = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files, non-tensor payloads, bad headers
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"pretrained={path!r}: cannot be read as a weights-only state dict: {first}") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -195,28 +277,96 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], source: st
     model.load_state_dict(merged)
 
 
+def _call_with_optional(fn: Callable[..., nn.Module], optional: dict[str, Any], **kwargs: Any) -> nn.Module:
+    """fn(**kwargs, **optional), or fn(**kwargs) for an architecture that takes none of
+    `optional` (img_size is a ViT argument, dropout not every torchvision model's)."""
+    try:
+        return fn(**kwargs, **optional)
+    except TypeError as err:
+        if not any(key in str(err) for key in optional):
+            raise
+        return fn(**kwargs)
+
+
+def _timm_model(arch: str, num_classes: int, in_channels: int, dropout: float, image_size: int,
+                pretrained: str | None) -> nn.Module:
+    import timm
+
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_channels, drop_rate=dropout)
+    state = None
+    if pretrained is not None and pretrained != "imagenet":
+        # Our reader (one-line errors, .safetensors or weights_only torch files); timm then
+        # applies the architecture's own filter (e.g. ViT position-embedding resampling),
+        # sums RGB stem kernels to in_channels and drops a classifier of another class count.
+        state = read_state_dict(pretrained)
+        kwargs["pretrained_cfg_overlay"] = dict(state_dict=state)
+    try:
+        model = _call_with_optional(timm.create_model, {"img_size": image_size}, model_name=arch,
+                                    pretrained=pretrained is not None, **kwargs)
+    except (RuntimeError, KeyError) as err:  # state dict keys or shapes of another architecture
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"pretrained={pretrained!r}: does not fit timm model {arch!r}: {first[:300]}") from None
+    if state is not None:
+        _check_timm_keys(model, state, arch, pretrained)
+    return model
+
+
+def _check_timm_keys(model: nn.Module, state: dict[str, torch.Tensor], arch: str, source: str) -> None:
+    """timm loads non-strictly when it replaces the classifier, so a file of another
+    architecture would load nothing, silently; refuse it when body weights are missing."""
+    head = model.pretrained_cfg.get("classifier") or head_name(model)
+    heads = (head,) if isinstance(head, str) else tuple(head)
+    missing = [k for k in model.state_dict() if k not in state and not k.endswith("num_batches_tracked")
+               and not any(k.startswith(h + ".") for h in heads)]
+    if missing:
+        raise ValueError(f"pretrained={source!r}: does not fit timm model {arch!r}: missing {len(missing)} "
+                         f"keys, e.g. {missing[:3]}")
+
+
+def _torchvision_model(arch: str, num_classes: int, dropout: float) -> nn.Module:
+    return _call_with_optional(tvm.get_model, {"dropout": dropout}, name=arch, weights=None,
+                               num_classes=num_classes)
+
+
+def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    # Downloads on first use (cached by torch.hub); never called by the tests.
+    return tvm.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
+
+
 def build_model(
     name: str,
     num_classes: int,
     in_channels: int = 1,
     dropout: float = 0.2,
     pretrained: str | None = None,
+    *,
+    image_size: int = 224,
+    stem: str = "standard",
 ) -> nn.Module:
-    """A classifier for normalised (B, in_channels, H, W) float input.
+    """A classifier for normalised (B, in_channels, image_size, image_size) float input.
 
-    pretrained: None (random init), "imagenet" (torchvision's default weights; needs
-    network access) or the path of a local state dict file.
+    pretrained: None, "imagenet" (downloads) or a local weight file (see the module
+    docstring). `image_size` matters to architectures with a fixed token grid (ViT, Swin);
+    `stem="small"` keeps more resolution in the stem (see `shrink_stem`).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     if in_channels < 1:
         raise ValueError(f"in_channels must be at least 1, got {in_channels}")
-    model = get_model_builder(name)(num_classes, dropout)
-    _replace_first_conv(model, in_channels)
-    if pretrained is not None:
-        if pretrained == "imagenet":
-            state, source = _imagenet_state_dict(name), f"imagenet ({name})"
-        else:
-            state, source = read_state_dict(pretrained), pretrained
-        load_pretrained(model, state, source)
+    if stem not in STEMS:
+        raise ValueError(f"Unknown stem {stem!r}. Valid stems: {', '.join(STEMS)}")
+    zoo, arch = resolve_model(name)
+    if zoo == "timm":
+        model = _timm_model(arch, num_classes, in_channels, dropout, image_size, pretrained)
+    else:
+        model = MODELS[arch](num_classes, dropout) if zoo == "ours" else _torchvision_model(arch, num_classes, dropout)
+        _replace_first_conv(model, in_channels)
+        if pretrained is not None:
+            if pretrained == "imagenet":
+                state, source = _imagenet_state_dict(arch), f"imagenet ({arch})"
+            else:
+                state, source = read_state_dict(pretrained), pretrained
+            load_pretrained(model, state, source)
+    if stem == "small":
+        shrink_stem(model, name)
     return model

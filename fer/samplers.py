@@ -15,6 +15,11 @@ state has to be communicated or checkpointed.
 The epoch size of sqrt and balanced is len(labels), or sum_k min(n_k, cap) with a cap.
 Inside a class they draw without replacement and only repeat an image after every image
 of the class has been used, which keeps the variance lower than i.i.d. draws.
+
+`min_size` makes an epoch of a small data set several passes: pass p of epoch e is the
+sampler's own pass number e * passes + p, with passes = ceil(min_size / pass size). So a
+few hundred images still get enough optimizer steps per epoch (and per validation), a
+large data set's epoch stays one pass, and with passes == 1 nothing changes.
 """
 
 from __future__ import annotations
@@ -118,17 +123,35 @@ def get_sampler(name: str) -> Callable[[list[np.ndarray], int, int, int], np.nda
     return SAMPLERS[name]
 
 
+def passes_per_epoch(labels: np.ndarray, class_cap: int = 0, min_size: int = 0) -> int:
+    """How many sampler passes one epoch makes so that it holds at least `min_size` images."""
+    sizes = np.bincount(np.asarray(labels, dtype=np.int64)) if len(labels) else np.zeros(0, dtype=np.int64)
+    size = _epoch_size(sizes, class_cap)
+    return max(1, -(-int(min_size) // size)) if size > 0 else 1
+
+
 def epoch_indices(
-    labels: np.ndarray, epoch: int, *, sampler: str = "uniform", class_cap: int = 0, seed: int = 0
+    labels: np.ndarray, epoch: int, *, sampler: str = "uniform", class_cap: int = 0, seed: int = 0,
+    min_size: int = 0,
 ) -> np.ndarray:
-    """The shuffled global index order (int64) of one epoch; deterministic in (seed, epoch)."""
+    """The shuffled global index order (int64) of one epoch; deterministic in (seed, epoch).
+
+    With `min_size`, the epoch is as many whole passes as it takes to hold that many images
+    (see the module docstring); each pass is shuffled on its own."""
     fn = get_sampler(sampler)
     if class_cap < 0:
         raise ValueError(f"class_cap must be >= 0 (0 = no cap), got {class_cap}")
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
-    indices = fn(_class_members(labels), epoch, class_cap, seed)
-    return _rng(_SHUFFLE, seed, epoch).permutation(indices.astype(np.int64))
+    if min_size < 0:
+        raise ValueError(f"min_size must be >= 0 (0 = one pass per epoch), got {min_size}")
+    members = _class_members(labels)
+    passes = passes_per_epoch(labels, class_cap, min_size)
+    parts = []
+    for p in range(epoch * passes, (epoch + 1) * passes):
+        indices = fn(members, p, class_cap, seed)
+        parts.append(_rng(_SHUFFLE, seed, p).permutation(indices.astype(np.int64)))
+    return parts[0] if passes == 1 else np.concatenate(parts)
 
 
 def shard(indices: np.ndarray, rank: int, world_size: int, *, pad: bool = False) -> np.ndarray:

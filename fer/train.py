@@ -247,7 +247,8 @@ def _build_model(cfg: TrialConfig, num_classes: int, in_channels: int, init_stat
     """The plain model and the module to train through (the DDP wrapper when distributed)."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
     model = build_model(cfg.model, num_classes=num_classes, in_channels=in_channels, dropout=cfg.dropout,
-                        pretrained=None if init_state is not None else cfg.pretrained)
+                        pretrained=None if init_state is not None else cfg.pretrained,
+                        image_size=cfg.image_size, stem=cfg.stem)
     if init_state is not None:
         model.load_state_dict(init_state)
     model.to(device)
@@ -386,7 +387,8 @@ def _dist_info(device: torch.device) -> _Dist:
 
 
 def _epoch_order(cfg: TrialConfig, labels: np.ndarray, epoch: int) -> np.ndarray:
-    return np.asarray(epoch_indices(labels, epoch, sampler=cfg.sampler, class_cap=cfg.class_cap, seed=cfg.seed))
+    return np.asarray(epoch_indices(labels, epoch, sampler=cfg.sampler, class_cap=cfg.class_cap, seed=cfg.seed,
+                                    min_size=cfg.epoch_images))
 
 
 def _rank_indices(order: np.ndarray, ddp: _Dist) -> np.ndarray:
@@ -598,8 +600,12 @@ def train_main(cfg: TrialConfig, out_dir: str, *, device: str | None = None, pro
     from fer.evaluate import evaluate_model, write_report
     from fer.pipeline import run_pipeline
 
+    from fer.budget import describe_budget
+
     state = read_resume_file(out_dir, cfg) if resume else None
     data = load_dataset(cfg.data, load_size=cfg.load_size)
+    pool = data.splits.get("unlabeled")
+    print(describe_budget(cfg, data.splits["train"].labels, pool is not None and len(pool.images) > 0), flush=True)
     os.makedirs(out_dir, exist_ok=True)
     resume_path = os.path.join(out_dir, RESUME_FILE)
     config = asdict(cfg)

@@ -40,7 +40,8 @@ RESERVED = ("data",)
 
 # --smoke: the smallest budget that still runs both stages, a pruning decision and
 # an export, so CI exercises the whole path in about a minute.
-SMOKE_BUDGET = {"epochs": 1, "student_epochs": 1, "num_samples": 2, "grace_period": 1}
+# One pass per epoch (epoch_images 0): CI's tiny data sets are not repeated up to a real budget.
+SMOKE_BUDGET = {"epochs": 1, "student_epochs": 1, "epoch_images": 0, "num_samples": 2, "grace_period": 1}
 
 
 class SpaceError(ValueError):
@@ -192,7 +193,7 @@ class Space:
     def with_budget(self, **budget: Any) -> Space:
         """A copy with a different budget (epochs, student_epochs, num_samples, grace_period, ...)."""
         fixed = dict(self.fixed)
-        for key in ("epochs", "student_epochs"):
+        for key in ("epochs", "student_epochs", "epoch_images"):
             if key in budget:
                 fixed[key] = budget.pop(key)
         new = dataclasses.replace(self, fixed=fixed, **budget)

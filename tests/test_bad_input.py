@@ -81,7 +81,7 @@ def space_file(tmp: Path, text: str) -> Path:
 
 
 SPACE = """\
-fixed: {model: mobilenet_v3_small, epochs: 1, student_epochs: 0, image_size: 32}
+fixed: {model: mobilenet_v3_small, epoch_images: 0, epochs: 1, student_epochs: 0, image_size: 32}
 parameters:
   loss:
     choice: [ce, focal]

@@ -45,7 +45,8 @@ def trained_ckpt():
     from fer.train import fit
 
     torch.set_num_threads(1)
-    cfg = TrialConfig(image_size=24, batch_size=32, epochs=2, augment="none", warmup_epochs=0,
+    cfg = TrialConfig(model="mobilenet_v3_small", epoch_images=0, image_size=24, batch_size=32, epochs=2,
+                      augment="none", warmup_epochs=0,
                       amp=False, lr=3e-3, dropout=0.0)
     x, y = bar_images(160, 24, 1)
     xv, yv = bar_images(48, 24, 2)

@@ -272,7 +272,7 @@ def test_checkpoint_loads_are_weights_only():
 # decay 1 multiplies the weights by about -10 a step, so the loss is NaN within the first
 # epoch. The random sampler's first draw (seed 0) after the baseline is lr 10.
 FAULTY_SPACE = """\
-fixed: {model: mobilenet_v3_small, epochs: 2, student_epochs: 0, image_size: 32, batch_size: 128,
+fixed: {model: mobilenet_v3_small, epoch_images: 0, epochs: 2, student_epochs: 0, image_size: 32, batch_size: 128,
         optimizer: sgd, weight_decay: 1.0, grad_clip: 0.0, warmup_epochs: 0}
 parameters:
   lr: {choice: [0.002, 10.0]}
@@ -354,7 +354,7 @@ def test_killed_trial_process_is_retried_and_nan_trial_is_recorded(ray_cluster, 
 
 
 FAST_SPACE = """\
-fixed: {model: mobilenet_v3_small, epochs: 1, student_epochs: 0, image_size: 32, batch_size: 128}
+fixed: {model: mobilenet_v3_small, epoch_images: 0, epochs: 1, student_epochs: 0, image_size: 32, batch_size: 128}
 parameters:
   lr: {loguniform: [1.0e-3, 5.0e-3]}
 searcher: {seed: 0, n_startup_trials: 1, baseline: {lr: 0.002}}

@@ -19,7 +19,7 @@ from search import run as search_run
 from trainables import best_checkpoint_path
 
 SPACE = """\
-fixed: {model: mobilenet_v3_small, epochs: 1, student_epochs: 0, image_size: 32, batch_size: 64}
+fixed: {model: mobilenet_v3_small, epoch_images: 0, epochs: 1, student_epochs: 0, image_size: 32, batch_size: 64}
 parameters:
   lr: {loguniform: [1.0e-3, 5.0e-3]}
 searcher: {seed: 0, n_startup_trials: 1, baseline: {lr: 0.002}}

@@ -30,7 +30,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_model(name, num_classes, in_channels=1, dropout=0.0, pretrained=None):
+def tiny_model(name, num_classes, in_channels=1, dropout=0.0, pretrained=None, **_):
     return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten(), nn.Linear(8, num_classes))
 
@@ -59,7 +59,8 @@ def make_data(pool=True, pool_labels=True):
 
 
 def tiny_cfg(**overrides):
-    base = dict(image_size=16, batch_size=32, epochs=2, student_epochs=2, augment="none",
+    base = dict(model="mobilenet_v3_small", epoch_images=0, image_size=16, batch_size=32, epochs=2,
+                student_epochs=2, augment="none",
                 student_augment="weak", dropout=0.0, warmup_epochs=0, amp=False, lr=3e-3,
                 pseudo_threshold=0.3)
     base.update(overrides)
@@ -154,7 +155,7 @@ def test_train_cli_runs_both_stages_and_reports_each(tmp_path, monkeypatch, caps
     out = tmp_path / "run"
     args = ["--data", csv_path, "--out", str(out), "--no-progress", "--set", "image_size=16",
             "--set", "epochs=1", "--set", "student_epochs=1", "--set", "pseudo_threshold=0.0",
-            "--set", "batch_size=32", "--set", "amp=false"]
+            "--set", "batch_size=32", "--set", "amp=false", "--set", "epoch_images=0"]
     assert fer.train.main(args) == 0
     printed = capsys.readouterr().out
     assert "teacher: best val macro-F1" in printed and "student: best val macro-F1" in printed
@@ -225,7 +226,9 @@ def test_train_cli_resumes_an_interrupted_run_and_ends_as_an_uninterrupted_one(t
     csv_path = write_csv(str(tmp_path / "data"), seed=0, scale=0.03)
     settings = ["--data", csv_path, "--no-progress", "--set", "image_size=16", "--set", "epochs=2",
                 "--set", "student_epochs=2", "--set", "pseudo_threshold=0.0", "--set", "batch_size=32",
-                "--set", "amp=false", "--set", "augment=weak"]
+                "--set", "amp=false", "--set", "augment=weak",
+                # each epoch is several passes over the ~90 training images (the budget unit)
+                "--set", "epoch_images=200"]
     assert fer.train.main([*settings, "--out", str(tmp_path / "whole")]) == 0
     assert not (tmp_path / "whole" / fer.train.RESUME_FILE).exists()  # removed once the run ends
 

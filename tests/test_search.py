@@ -187,7 +187,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
 
 
 FAILING_SPACE = """\
-fixed: {model: mobilenet_v3_small, epochs: 1, student_epochs: 0, image_size: 32, batch_size: 128}
+fixed: {model: mobilenet_v3_small, epoch_images: 0, epochs: 1, student_epochs: 0, image_size: 32, batch_size: 128}
 parameters:
   pretrained: {choice: [null, /nonexistent/weights.pth]}  # the second trial draws the missing file
 searcher: {seed: 0, n_startup_trials: 2, baseline: {pretrained: null}}

@@ -41,7 +41,8 @@ def make_images(n: int, size: int = 16, seed: int = 0, k: int = 4) -> tuple[np.n
 
 
 def tiny_cfg(**overrides) -> TrialConfig:
-    base = dict(image_size=16, batch_size=32, epochs=1, augment="none", dropout=0.0, warmup_epochs=0,
+    base = dict(model="mobilenet_v3_small", epoch_images=0, image_size=16, batch_size=32, epochs=1, augment="none",
+                dropout=0.0, warmup_epochs=0,
                 amp=False, lr=3e-3)
     base.update(overrides)
     return TrialConfig(**base)
@@ -54,7 +55,7 @@ def run_fit(cfg: TrialConfig, n_train: int = 96, n_val: int = 40, **kwargs):
                device="cpu", **kwargs)
 
 
-def tiny_model(name, num_classes, in_channels=1, dropout=0.0, pretrained=None):
+def tiny_model(name, num_classes, in_channels=1, dropout=0.0, pretrained=None, **_):
     """A BatchNorm-free net: DDP's averaged gradients then equal the global batch's exactly
     (BatchNorm would normalise each rank's half batch with its own statistics)."""
     return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
@@ -186,7 +187,7 @@ def test_ddp_two_ranks_match_one_process_on_the_global_batch(tmp_path, monkeypat
     x, y = make_images(64, 16, seed=1)
     xv, yv = make_images(21, 16, seed=2)  # odd: the ranks' validation blocks differ in size
     base = dict(image_size=16, epochs=2, augment="none", dropout=0.0, warmup_epochs=0, optimizer="sgd",
-                momentum=0.0, weight_decay=0.0, grad_clip=0.0, lr=0.5, amp=False)
+                momentum=0.0, weight_decay=0.0, grad_clip=0.0, lr=0.5, amp=False, epoch_images=0)
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path), {**base, "batch_size": 8},
                                 (x, y, xv, yv)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -214,6 +215,7 @@ def test_cli_trains_and_writes_checkpoint_metrics_tensorboard_png(tmp_path, monk
     csv = write_csv(str(tmp_path / "data"), seed=0, scale=0.02)
     out = tmp_path / "run"
     argv = ["--data", csv, "--epochs", "1", "--set", "image_size=24", "--set", "batch_size=32",
+            "--set", "model=mobilenet_v3_small", "--set", "epoch_images=0",
             "--out", str(out), "--device", "cpu", "--no-progress"]
     assert main(argv) == 0
     assert load_checkpoint(out / "best.pt")["config"]["image_size"] == 24

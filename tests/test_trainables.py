@@ -31,7 +31,8 @@ from trainables.checkpoints import FINAL_CHECKPOINT, checkpoint_dir_name
 from trainables.resources import DRIVER_MEMORY
 
 CLASSES = ["Angry", "Happy", "Sad"]
-TINY = dict(image_size=24, batch_size=64, epochs=1, student_epochs=1, augment="none",
+TINY = dict(model="mobilenet_v3_small", epoch_images=0, image_size=24, batch_size=64, epochs=1, student_epochs=1,
+            augment="none",
             student_augment="none", amp=False, warmup_epochs=0, lr=3e-3, pseudo_threshold=0.0,
             pseudo_temperature=False)
 

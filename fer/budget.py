@@ -1,0 +1,60 @@
+"""What a trial's budget means on a given data set: passes, images and optimizer steps per stage.
+
+The budget unit is the epoch everywhere (ASHA's rungs and max_t, the global epoch across
+both stages, the curves, resume). `TrialConfig.epoch_images` sizes an epoch to the data:
+a split smaller than that is repeated within the epoch (`fer.samplers.epoch_indices`), so
+`epochs: 12` trains a 377-image split for as many optimizer steps as a 3,000-image one,
+while a split larger than `epoch_images` (FER2013's 28,709) keeps one pass per epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fer.config import TrialConfig
+from fer.samplers import passes_per_epoch
+
+
+@dataclass(frozen=True)
+class StageBudget:
+    """One stage's budget on one training split."""
+
+    stage: str
+    epochs: int
+    passes: int  # sampler passes over the split per epoch
+    images_per_epoch: int
+    steps_per_epoch: int  # optimizer steps per epoch, all data-parallel ranks together
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def describe(self, split_size: int) -> str:
+        repeat = f", the {split_size}-image split {self.passes}x" if self.passes > 1 else ""
+        return (f"{self.stage}: {self.epochs} epochs x {self.images_per_epoch} images{repeat} "
+                f"= {self.steps} optimizer steps")
+
+
+def stage_budget(cfg: TrialConfig, labels: np.ndarray, stage: str = "teacher", world: int = 1) -> StageBudget:
+    """The budget of `stage` when it trains on images with these `labels`."""
+    epochs = cfg.student_epochs if stage == "student" else cfg.epochs
+    labels = np.asarray(labels, dtype=np.int64)
+    passes = passes_per_epoch(labels, cfg.class_cap, cfg.epoch_images)
+    per_pass = int(np.minimum(np.bincount(labels), cfg.class_cap).sum()) if cfg.class_cap > 0 else len(labels)
+    images = passes * per_pass
+    steps = -(-images // (cfg.batch_size * world))
+    return StageBudget(stage=stage, epochs=epochs, passes=passes, images_per_epoch=images, steps_per_epoch=steps)
+
+
+def describe_budget(cfg: TrialConfig, train_labels: np.ndarray, has_pool: bool) -> str:
+    """Two lines for the start of a run: what each stage's epochs amount to on this data."""
+    teacher = stage_budget(cfg, train_labels, "teacher")
+    lines = [f"budget: {teacher.describe(len(train_labels))} (batch {cfg.batch_size}, "
+             f"epoch_images {cfg.epoch_images})"]
+    if has_pool and cfg.student_epochs > 0:
+        least = max(cfg.epoch_images, len(train_labels))
+        lines.append(f"        student: {cfg.student_epochs} epochs of at least {least} images "
+                     f"(labelled + kept pseudo-labels, repeated up to epoch_images)")
+    return "\n".join(lines)
