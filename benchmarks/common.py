@@ -45,6 +45,7 @@ class Budget:
     batch_size: int | None
     epochs: int | None  # stage 1
     student_epochs: int | None  # stage 2
+    epoch_images: int | None  # images per epoch at least (a small split repeats); 0 = one pass
     grace_period: int | None  # ASHA
     num_samples: int | None
     max_concurrent: int | None
@@ -53,11 +54,11 @@ class Budget:
 BUDGETS: dict[str, Budget] = {
     # ~750 training images at 32 px, 5 + 3 epochs, ASHA rungs at 3 and 6 (as the default's),
     # 6 trials: a few minutes per search on 2 busy cores.
-    "small": Budget(scale=0.25, image_size=32, batch_size=64, epochs=5, student_epochs=3, grace_period=3,
-                    num_samples=6, max_concurrent=2),
+    "small": Budget(scale=0.25, image_size=32, batch_size=64, epochs=5, student_epochs=3, epoch_images=0,
+                    grace_period=3, num_samples=6, max_concurrent=2),
     # spaces/imbalance.yaml as `python -m search.run --space imbalance.yaml` runs it.
     "full": Budget(scale=None, image_size=None, batch_size=None, epochs=None, student_epochs=None,
-                   grace_period=None, num_samples=None, max_concurrent=None),
+                   epoch_images=None, grace_period=None, num_samples=None, max_concurrent=None),
 }
 
 
@@ -89,8 +90,8 @@ def load_budget_space(budget: Budget, seed: int = 0, space_name: str = "imbalanc
     from search.space import load_space
 
     space = load_space(space_name)
-    stage_epochs = {k: v for k, v in (("epochs", budget.epochs), ("student_epochs", budget.student_epochs))
-                    if v is not None}
+    stage_epochs = {k: v for k, v in (("epochs", budget.epochs), ("student_epochs", budget.student_epochs),
+                                      ("epoch_images", budget.epoch_images)) if v is not None}
     run = {k: v for k, v in (("num_samples", budget.num_samples), ("max_concurrent", budget.max_concurrent),
                              ("grace_period", budget.grace_period)) if v is not None}
     space = space.with_budget(**stage_epochs, **run)

@@ -87,6 +87,7 @@ def quickstart_search(data_path: str | None, storage: Path) -> dict[str, Any]:
     """(c): the Quickstart search, as the README runs it, in its own experiment folder."""
     cmd = [sys.executable, "-m", "search.run", "--space", "imbalance.yaml", "--storage", str(storage),
            "--name", "quality"]
+    storage.mkdir(parents=True, exist_ok=True)
     with ray_lock():
         seconds = _run(cmd + (["--data", data_path] if data_path else []), storage / "search.log")
     summary = json.loads((storage / "quality" / "summary.json").read_text())
@@ -139,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             folder.mkdir()
             data_path = write_data(scale, folder)
             result = {"linear": linear_baseline(data_path)}
+            print(f"scale {scale}: (a) {result['linear']}", flush=True)
             result["default"] = default_train(data_path, folder / "train")
+            print(f"scale {scale}: (b) {result['default']}", flush=True)
             if args.search == "all" or (args.search == "full" and scale == FULL):
                 result["search"] = quickstart_search(data_path, folder / "runs")
             results[str(scale)] = result

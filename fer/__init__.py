@@ -28,6 +28,10 @@ _EXPORTS: dict[str, str] = {
     # building blocks
     "MODELS": "fer.models",
     "build_model": "fer.models",
+    "resolve_model": "fer.models",
+    "STEMS": "fer.models",
+    "stage_budget": "fer.budget",
+    "describe_budget": "fer.budget",
     "LOSSES": "fer.losses",
     "WEIGHT_SCHEMES": "fer.losses",
     "build_loss": "fer.losses",

@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+        # Ray's ExperimentAnalysis reads a plain relative path as a URI without a scheme and
+        # fails; the README's `--experiment runs/imbalance` is relative to where search.run ran.
+        if "://" not in args.experiment:
+            args.experiment = str(Path(args.experiment).expanduser().resolve())
         spec, records = load_records(args.experiment)
         ranked = rank_trials(records, spec["mode"])
         if not ranked:

@@ -415,7 +415,7 @@ def print_start(plan: Plan, dashboard: str | None) -> None:
                           plan.dataset.splits["train"].labels, plan.space.fixed.get("student_epochs", 1) != 0))
     print(f"experiment: {plan.experiment}  ({plan.num_samples} trials, up to {plan.max_concurrent} at once)")
     if dashboard:
-        print(f"Ray dashboard: {dashboard}  (Train runs appear in its Train view)")
+        print(f"Ray dashboard: {dashboard}  (cluster, actors, jobs, logs; it has no Tune or Train page)")
     print(f"TensorBoard:   tensorboard --logdir {plan.experiment}")
     print(f"Optuna study:  optuna-dashboard sqlite:///{plan.study_path}")
 

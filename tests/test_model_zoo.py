@@ -11,6 +11,7 @@ from fer.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoi
 from fer.config import TrialConfig, apply_overrides
 from fer.export import export_checkpoint
 from fer.models import build_model, first_conv_name, resolve_model
+from support import saved_and_loaded, untimed
 
 CLASSES = ["a", "b", "c"]
 
@@ -196,3 +197,46 @@ def test_imagenet_for_a_timm_name_asks_timm_for_its_pretrained_weights(monkeypat
     build_model("resnet10t", 5, in_channels=1, pretrained="imagenet")
     assert asked["pretrained"] is True and asked["in_chans"] == 1 and asked["num_classes"] == 5
     assert "pretrained_cfg_overlay" not in asked  # timm's own source: the Hugging Face hub
+
+
+def test_unknown_model_in_a_space_names_file_line_and_close_names(tmp_path):
+    from search.space import SpaceError, load_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text("metric: {name: val_macro_f1, mode: max}\nfixed:\n  model: resnet_18\n"
+                    "parameters:\n  lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
+    with pytest.raises(SpaceError) as err:
+        load_space(str(path))
+    message = str(err.value)
+    assert str(path) in message and "line 3" in message and "Unknown model 'resnet_18'" in message
+    assert "resnet18" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_resumes_after_an_epoch_as_the_uninterrupted_run(name):
+    """fit's resume state (weights, optimizer, scheduler) rebuilds every family exactly; each
+    epoch is two passes over the 24 images (epoch_images), the budget unit resume crosses."""
+    from fer.data import Split
+    from fer.train import fit
+
+    _, size = FAMILIES[name]
+    cfg = TrialConfig(model=name, image_size=size, batch_size=16, epochs=2, epoch_images=48, augment="weak",
+                      amp=False, warmup_epochs=0, dropout=0.1)
+    x, y = _images(24, size, seed=1)
+    val = Split(*_images(12, size, seed=2))
+    counts = np.bincount(y, minlength=3)
+
+    def run(resume=None):
+        states = []
+        fit(cfg, x, y, val, CLASSES, counts=counts, progress=False, resume=resume,
+            report=lambda m, c, s: states.append(saved_and_loaded(s)))
+        return states
+
+    whole = run()
+    assert [s["epoch"] for s in whole] == [1, 2]
+    resumed = run(resume=whole[0])
+    assert [s["epoch"] for s in resumed] == [2]
+    assert resumed[0]["step"] == whole[1]["step"] == 2 * 3  # 48 images a epoch in batches of 16
+    for key, value in whole[1]["model"].items():
+        torch.testing.assert_close(resumed[0]["model"][key], value, rtol=0, atol=0)
+    assert untimed(resumed[0]["history"]) == untimed(whole[1]["history"])

@@ -106,3 +106,32 @@ def test_unknown_sampler_lists_valid_names():
 def test_bad_rank_message():
     with pytest.raises(ValueError, match=r"rank=2, world_size=2"):
         shard(np.arange(4), 2, 2)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("cap", [0, 50])
+def test_min_size_repeats_whole_passes_of_a_small_split(sampler, cap):
+    from fer.samplers import passes_per_epoch
+
+    one_pass = len(epoch_indices(LABELS, 0, sampler=sampler, class_cap=cap, seed=2))
+    passes = passes_per_epoch(LABELS, cap, 2000)
+    assert passes == -(-2000 // one_pass) and passes > 1
+    for epoch in (0, 1):
+        idx = epoch_indices(LABELS, epoch, sampler=sampler, class_cap=cap, seed=2, min_size=2000)
+        assert len(idx) == passes * one_pass >= 2000
+        # pass p of epoch e is the sampler's own pass e * passes + p: nothing is drawn twice
+        for p in range(passes):
+            own = epoch_indices(LABELS, epoch * passes + p, sampler=sampler, class_cap=cap, seed=2)
+            np.testing.assert_array_equal(idx[p * one_pass:(p + 1) * one_pass], own)
+    if sampler == "uniform" and cap == 0:  # every image once per pass
+        np.testing.assert_array_equal(np.bincount(idx), np.full(len(LABELS), passes))
+
+
+def test_min_size_below_the_split_is_one_pass():
+    for epoch in range(3):
+        np.testing.assert_array_equal(epoch_indices(LABELS, epoch, min_size=100), epoch_indices(LABELS, epoch))
+
+
+def test_min_size_must_not_be_negative():
+    with pytest.raises(ValueError, match=r"min_size must be >= 0"):
+        epoch_indices(LABELS, 0, min_size=-1)

@@ -135,7 +135,7 @@ def stored_states(experiment: Path, name: str):
 
 
 @pytest.mark.slow
-def test_smoke_search_end_to_end(ray_cluster, tmp_path, capsys):
+def test_smoke_search_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch):
     export_dir = tmp_path / "deploy"
     code, out, err = run_cli(
         ["--space", "smoke", "--smoke", "--storage", tmp_path / "runs", "--export-dir", export_dir], capsys
@@ -149,8 +149,10 @@ def test_smoke_search_end_to_end(ray_cluster, tmp_path, capsys):
     assert len(states) == 2 and set(states) <= {"COMPLETE", "PRUNED"}
     assert states.count("PRUNED") == int(frame["stopped_early"].sum())
 
-    # search.export repeats the export from the folder alone.
-    assert search_export.main(["--experiment", str(experiment), "--top-k", "2", "--out", str(tmp_path / "top")]) == 0
+    # search.export repeats the export from the folder alone, given as the README writes it:
+    # a path relative to where search.run ran (Ray's ExperimentAnalysis takes URIs only)
+    monkeypatch.chdir(tmp_path)
+    assert search_export.main(["--experiment", "runs/smoke-smoke", "--top-k", "2", "--out", "top"]) == 0
     exported = sorted(p.name for p in (tmp_path / "top").iterdir())
     assert len(exported) == 2 and all((tmp_path / "top" / p / "model.onnx").is_file() for p in exported)
 

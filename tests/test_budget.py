@@ -1,0 +1,39 @@
+"""fer.budget: what `epochs` amounts to on a given data set."""
+
+import numpy as np
+import pytest
+
+from fer.budget import describe_budget, stage_budget
+from fer.config import TrialConfig
+
+
+@pytest.mark.parametrize("n, passes", [(377, 8), (3014, 1), (28709, 1), (2999, 2)])
+def test_epoch_images_repeats_small_splits(n, passes):
+    labels = np.arange(n) % 7
+    budget = stage_budget(TrialConfig(epochs=10, epoch_images=3000, batch_size=128), labels)
+    assert budget.passes == passes
+    assert budget.images_per_epoch == passes * n
+    assert budget.steps == 10 * -(-passes * n // 128)
+
+
+def test_a_cap_shrinks_the_pass_and_no_epoch_images_is_one_pass():
+    labels = np.repeat([0, 1], [900, 100])
+    assert stage_budget(TrialConfig(class_cap=200, epoch_images=1000), labels).passes == 4  # 300 a pass
+    assert stage_budget(TrialConfig(epoch_images=0), labels).passes == 1
+
+
+def test_describe_names_the_repeats_and_the_student():
+    labels = np.arange(377) % 7
+    text = describe_budget(TrialConfig(epochs=10, student_epochs=4, epoch_images=3000), labels, has_pool=True)
+    assert "teacher: 10 epochs x 3016 images, the 377-image split 8x = 240 optimizer steps" in text
+    assert "student: 4 epochs of at least 3000 images" in text
+    assert "student" not in describe_budget(TrialConfig(student_epochs=4), labels, has_pool=False)
+
+
+def test_epoch_images_is_validated():
+    from fer.config import apply_overrides
+
+    with pytest.raises(ValueError, match=r"--set: epoch_images=-5 is outside the allowed range"):
+        apply_overrides(TrialConfig(), {"epoch_images": -5}, source="--set")
+    with pytest.raises(ValueError, match=r"--set: stem='tiny' is not allowed. Choose one of: standard, small"):
+        apply_overrides(TrialConfig(), {"stem": "tiny"}, source="--set")
