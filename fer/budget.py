@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fer.config import TrialConfig
-from fer.samplers import passes_per_epoch
+from fer.samplers import pass_size, passes_per_epoch
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class StageBudget:
 
     stage: str
     epochs: int
-    passes: int  # sampler passes over the split per epoch
+    passes: int  # sampler passes over the split an epoch draws from (the last one cut short)
     images_per_epoch: int
     steps_per_epoch: int  # optimizer steps per epoch, all data-parallel ranks together
 
@@ -32,7 +32,7 @@ class StageBudget:
         return self.epochs * self.steps_per_epoch
 
     def describe(self, split_size: int) -> str:
-        repeat = f", the {split_size}-image split {self.passes}x" if self.passes > 1 else ""
+        repeat = f", the {split_size}-image split {self.images_per_epoch / split_size:.1f}x" if self.passes > 1 else ""
         return (f"{self.stage}: {self.epochs} epochs x {self.images_per_epoch} images{repeat} "
                 f"= {self.steps} optimizer steps")
 
@@ -42,8 +42,7 @@ def stage_budget(cfg: TrialConfig, labels: np.ndarray, stage: str = "teacher", w
     epochs = cfg.student_epochs if stage == "student" else cfg.epochs
     labels = np.asarray(labels, dtype=np.int64)
     passes = passes_per_epoch(labels, cfg.class_cap, cfg.epoch_images)
-    per_pass = int(np.minimum(np.bincount(labels), cfg.class_cap).sum()) if cfg.class_cap > 0 else len(labels)
-    images = passes * per_pass
+    images = max(pass_size(labels, cfg.class_cap), cfg.epoch_images)
     steps = -(-images // (cfg.batch_size * world))
     return StageBudget(stage=stage, epochs=epochs, passes=passes, images_per_epoch=images, steps_per_epoch=steps)
 

@@ -17,9 +17,11 @@ Inside a class they draw without replacement and only repeat an image after ever
 of the class has been used, which keeps the variance lower than i.i.d. draws.
 
 `min_size` makes an epoch of a small data set several passes: pass p of epoch e is the
-sampler's own pass number e * passes + p, with passes = ceil(min_size / pass size). So a
-few hundred images still get enough optimizer steps per epoch (and per validation), a
-large data set's epoch stays one pass, and with passes == 1 nothing changes.
+sampler's own pass number e * passes + p, with passes = ceil(min_size / pass size), and
+the epoch is the first max(pass size, min_size) images of those passes (the last pass is
+cut short). So a few hundred images still get enough optimizer steps per epoch (and per
+validation), every epoch of a split has the same size, a large data set's epoch stays one
+pass, and with passes == 1 nothing changes.
 """
 
 from __future__ import annotations
@@ -123,10 +125,15 @@ def get_sampler(name: str) -> Callable[[list[np.ndarray], int, int, int], np.nda
     return SAMPLERS[name]
 
 
-def passes_per_epoch(labels: np.ndarray, class_cap: int = 0, min_size: int = 0) -> int:
-    """How many sampler passes one epoch makes so that it holds at least `min_size` images."""
+def pass_size(labels: np.ndarray, class_cap: int = 0) -> int:
+    """Images in one sampler pass: len(labels), or sum_k min(n_k, cap) with a cap."""
     sizes = np.bincount(np.asarray(labels, dtype=np.int64)) if len(labels) else np.zeros(0, dtype=np.int64)
-    size = _epoch_size(sizes, class_cap)
+    return _epoch_size(sizes, class_cap)
+
+
+def passes_per_epoch(labels: np.ndarray, class_cap: int = 0, min_size: int = 0) -> int:
+    """How many sampler passes one epoch draws from so that it holds at least `min_size` images."""
+    size = pass_size(labels, class_cap)
     return max(1, -(-int(min_size) // size)) if size > 0 else 1
 
 
@@ -136,8 +143,8 @@ def epoch_indices(
 ) -> np.ndarray:
     """The shuffled global index order (int64) of one epoch; deterministic in (seed, epoch).
 
-    With `min_size`, the epoch is as many whole passes as it takes to hold that many images
-    (see the module docstring); each pass is shuffled on its own."""
+    With `min_size`, the epoch is max(pass size, min_size) images from consecutive passes,
+    each pass shuffled on its own (see the module docstring)."""
     fn = get_sampler(sampler)
     if class_cap < 0:
         raise ValueError(f"class_cap must be >= 0 (0 = no cap), got {class_cap}")
@@ -151,7 +158,7 @@ def epoch_indices(
     for p in range(epoch * passes, (epoch + 1) * passes):
         indices = fn(members, p, class_cap, seed)
         parts.append(_rng(_SHUFFLE, seed, p).permutation(indices.astype(np.int64)))
-    return parts[0] if passes == 1 else np.concatenate(parts)
+    return parts[0] if passes == 1 else np.concatenate(parts)[:max(len(parts[0]), min_size)]
 
 
 def shard(indices: np.ndarray, rank: int, world_size: int, *, pad: bool = False) -> np.ndarray:

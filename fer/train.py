@@ -490,9 +490,11 @@ def metric_key(name: str) -> str:
 def _epoch_metrics(cm: np.ndarray, classes: list[str], *, stage: str, epoch: int, train_loss: float,
                    lr: float, val_loss: float, seconds: float, images: int) -> dict[str, Any]:
     m = metrics_from_confusion(cm, classes)
+    # Tune's live table shows the first four numeric metrics of a result: the objective
+    # comes right after the epoch so that it is one of them (ray.tune.experimental.output).
     out: dict[str, Any] = {
-        "epoch": epoch, "stage": stage, "train_loss": train_loss, "lr": float(lr), "val_loss": val_loss,
-        "val_macro_f1": float(m["macro_f1"]), "val_balanced_accuracy": float(m["balanced_accuracy"]),
+        "epoch": epoch, "val_macro_f1": float(m["macro_f1"]), "val_loss": val_loss, "train_loss": train_loss,
+        "stage": stage, "lr": float(lr), "val_balanced_accuracy": float(m["balanced_accuracy"]),
         "val_accuracy": float(m["accuracy"]), "val_weighted_f1": float(m["weighted_f1"]),
         "val_kappa": float(m["kappa"]),
     }

@@ -12,20 +12,21 @@ def test_epoch_images_repeats_small_splits(n, passes):
     labels = np.arange(n) % 7
     budget = stage_budget(TrialConfig(epochs=10, epoch_images=3000, batch_size=128), labels)
     assert budget.passes == passes
-    assert budget.images_per_epoch == passes * n
-    assert budget.steps == 10 * -(-passes * n // 128)
+    assert budget.images_per_epoch == max(n, 3000)
+    assert budget.steps == 10 * -(-max(n, 3000) // 128)
 
 
 def test_a_cap_shrinks_the_pass_and_no_epoch_images_is_one_pass():
     labels = np.repeat([0, 1], [900, 100])
-    assert stage_budget(TrialConfig(class_cap=200, epoch_images=1000), labels).passes == 4  # 300 a pass
+    capped = stage_budget(TrialConfig(class_cap=200, epoch_images=1000), labels)  # 300 images a pass
+    assert (capped.passes, capped.images_per_epoch) == (4, 1000)
     assert stage_budget(TrialConfig(epoch_images=0), labels).passes == 1
 
 
 def test_describe_names_the_repeats_and_the_student():
     labels = np.arange(377) % 7
     text = describe_budget(TrialConfig(epochs=10, student_epochs=4, epoch_images=3000), labels, has_pool=True)
-    assert "teacher: 10 epochs x 3016 images, the 377-image split 8x = 240 optimizer steps" in text
+    assert "teacher: 10 epochs x 3000 images, the 377-image split 8.0x = 240 optimizer steps" in text
     assert "student: 4 epochs of at least 3000 images" in text
     assert "student" not in describe_budget(TrialConfig(student_epochs=4), labels, has_pool=False)
 
