@@ -208,7 +208,7 @@ def test_unknown_model_in_a_space_names_file_line_and_close_names(tmp_path):
     with pytest.raises(SpaceError) as err:
         load_space(str(path))
     message = str(err.value)
-    assert str(path) in message and "line 3" in message and "Unknown model 'resnet_18'" in message
+    assert message.startswith(f"{path}:3: fixed.model: ") and "Unknown model 'resnet_18'" in message
     assert "resnet18" in message and "\n" not in message
 
 
