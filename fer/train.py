@@ -597,12 +597,11 @@ def train_main(cfg: TrialConfig, out_dir: str, *, device: str | None = None, pro
 
     from torch.utils.tensorboard import SummaryWriter
 
+    from fer.budget import describe_budget
     from fer.checkpoint import save_checkpoint
     from fer.data import load_dataset
     from fer.evaluate import evaluate_model, write_report
     from fer.pipeline import run_pipeline
-
-    from fer.budget import describe_budget
 
     state = read_resume_file(out_dir, cfg) if resume else None
     data = load_dataset(cfg.data, load_size=cfg.load_size)
