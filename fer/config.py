@@ -21,8 +21,8 @@ class TrialConfig:
 
     # --- model ----------------------------------------------------------------
     # fer.models.MODELS, any timm name, or a torchvision name. resnet10t (timm) by measurement
-    # (benchmarks/quality.py, BENCHMARKS.md): on the 48 px demo data it reached test macro-F1
-    # 0.68 in 10 epochs where mobilenet_v3_small reached 0.54 in 20, at about half its images/s.
+    # (BENCHMARKS.md, Quality): on the 48 px demo data its teacher reached test macro-F1 0.68
+    # in 10 epochs where mobilenet_v3_small's reached 0.54 in 20, at 0.36-0.6x its images/s.
     model: str = "resnet10t"
     stem: str = "standard"  # see fer.models.STEMS: small = stride-1 stem conv, no stem max-pool
     pretrained: str | None = None  # None, "imagenet" (downloads) or a local .pth/.safetensors file
