@@ -10,6 +10,7 @@ while a split larger than `epoch_images` (FER2013's 28,709) keeps one pass per e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -47,12 +48,15 @@ def stage_budget(cfg: TrialConfig, labels: np.ndarray, stage: str = "teacher", w
     return StageBudget(stage=stage, epochs=epochs, passes=passes, images_per_epoch=images, steps_per_epoch=steps)
 
 
-def describe_budget(cfg: TrialConfig, train_labels: np.ndarray, has_pool: bool) -> str:
-    """Two lines for the start of a run: what each stage's epochs amount to on this data."""
+def describe_budget(cfg: TrialConfig, data: Any) -> str:
+    """Two lines for the start of a run: what each stage's epochs amount to on `data` (a
+    fer.data.Dataset); the student line only when there is a pool for stage 2."""
+    train_labels = data.splits["train"].labels
+    pool = data.splits.get("unlabeled")
     teacher = stage_budget(cfg, train_labels, "teacher")
     lines = [f"budget: {teacher.describe(len(train_labels))} (batch {cfg.batch_size}, "
              f"epoch_images {cfg.epoch_images})"]
-    if has_pool and cfg.student_epochs > 0:
+    if pool is not None and len(pool.images) > 0 and cfg.student_epochs > 0:
         least = max(cfg.epoch_images, len(train_labels))
         lines.append(f"        student: {cfg.student_epochs} epochs of at least {least} images "
                      f"(labelled + kept pseudo-labels, repeated up to epoch_images)")

@@ -191,10 +191,10 @@ def config_ranges() -> dict[str, tuple[float, float]]:
 def check_value(name: str, value: Any, source: str = "config") -> None:
     """Raise if `value` is outside what a trial accepts for field `name`."""
     if name == "model":
-        from fer.models import check_model_name
+        from fer.models import resolve_model
 
         try:
-            check_model_name(value)
+            resolve_model(value)
         except ValueError as err:
             raise ValueError(f"{source}: model={value!r}: {err}") from None
         return

@@ -42,7 +42,6 @@ from torchvision import models as tvm
 
 # What a model's stem may be (TrialConfig.stem): the architecture's own, or the small-input one.
 STEMS = ("standard", "small")
-ZOOS = ("ours", "timm", "torchvision")
 STEM_CONVS = 3
 
 
@@ -125,11 +124,6 @@ def resolve_model(name: str) -> tuple[str, str]:
         f"Unknown model {name!r}. Closest valid names: {', '.join(close) or 'none'} "
         f"(built in: {', '.join(MODELS)}; any timm or torchvision name works, e.g. timm.list_models('resnet*'))"
     )
-
-
-def check_model_name(name: str) -> None:
-    """Raise the one-line unknown-model error; fer.config calls this at the edge."""
-    resolve_model(name)
 
 
 def first_conv_name(model: nn.Module) -> str:

@@ -605,8 +605,7 @@ def train_main(cfg: TrialConfig, out_dir: str, *, device: str | None = None, pro
 
     state = read_resume_file(out_dir, cfg) if resume else None
     data = load_dataset(cfg.data, load_size=cfg.load_size)
-    pool = data.splits.get("unlabeled")
-    print(describe_budget(cfg, data.splits["train"].labels, pool is not None and len(pool.images) > 0), flush=True)
+    print(describe_budget(cfg, data), flush=True)
     os.makedirs(out_dir, exist_ok=True)
     resume_path = os.path.join(out_dir, RESUME_FILE)
     config = asdict(cfg)

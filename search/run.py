@@ -405,14 +405,12 @@ def run_search(plan: Plan) -> None:
 
 def print_start(plan: Plan, dashboard: str | None) -> None:
     from fer.budget import describe_budget
-    from fer.config import TrialConfig, apply_overrides
 
     print(plan.space.summary())
     print(
         f"data: {plan.dataset.source} ({', '.join(f'{k} {len(v.images)}' for k, v in plan.dataset.splits.items())})"
     )
-    print(describe_budget(apply_overrides(TrialConfig(), plan.space.fixed, source=str(plan.space.path)),
-                          plan.dataset.splits["train"].labels, plan.space.fixed.get("student_epochs", 1) != 0))
+    print(describe_budget(plan.space.trial_config({}), plan.dataset))  # the fixed values; searched ones vary
     print(f"experiment: {plan.experiment}  ({plan.num_samples} trials, up to {plan.max_concurrent} at once)")
     if dashboard:
         print(f"Ray dashboard: {dashboard}  (cluster, actors, jobs, logs; it has no Tune or Train page)")

@@ -24,11 +24,16 @@ def test_a_cap_shrinks_the_pass_and_no_epoch_images_is_one_pass():
 
 
 def test_describe_names_the_repeats_and_the_student():
+    from fer.data import Dataset, Split
+
     labels = np.arange(377) % 7
-    text = describe_budget(TrialConfig(epochs=10, student_epochs=4, epoch_images=3000), labels, has_pool=True)
+    images = np.zeros((377, 2, 2, 1), dtype=np.uint8)
+    data = Dataset(list("abcdefg"), {"train": Split(images, labels), "unlabeled": Split(images, None)}, "t")
+    text = describe_budget(TrialConfig(epochs=10, student_epochs=4, epoch_images=3000), data)
     assert "teacher: 10 epochs x 3000 images, the 377-image split 8.0x = 240 optimizer steps" in text
     assert "student: 4 epochs of at least 3000 images" in text
-    assert "student" not in describe_budget(TrialConfig(student_epochs=4), labels, has_pool=False)
+    no_pool = Dataset(list("abcdefg"), {"train": Split(images, labels)}, "t")
+    assert "student" not in describe_budget(TrialConfig(student_epochs=4), no_pool)
 
 
 def test_epoch_images_is_validated():
