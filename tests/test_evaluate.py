@@ -107,6 +107,39 @@ def test_bootstrap_interval_contains_the_point_estimate_and_narrows_with_n():
     assert bootstrap_macro_f1(y, pred, 4, samples=50) == bootstrap_macro_f1(y, pred, 4, samples=50)
 
 
+
+def test_paired_bootstrap_matches_a_hand_computed_case():
+    """Two images, labels [0, 1]; a is right on both, b wrong on both. The 4 equally likely
+    resamples: {0,1} and {1,0} give a 1.0 and b 0.0; {0,0} gives a 0.5 (class 1 absent
+    counts 0 with zero_division=0) and b 0.0; {1,1} likewise. So the difference is 0.5 or
+    1.0 with probability 1/2 each: the 2.5th percentile is 0.5, the 97.5th 1.0, and the
+    point estimate on the two images is 1.0."""
+    from fer.evaluate import paired_bootstrap_macro_f1
+
+    labels, right, wrong = np.array([0, 1]), np.array([0, 1]), np.array([1, 0])
+    point, low, high = paired_bootstrap_macro_f1(labels, right, wrong, 2, samples=2000)
+    assert (point, low, high) == (1.0, 0.5, 1.0)
+    point, low, high = paired_bootstrap_macro_f1(labels, wrong, right, 2, samples=2000)
+    assert (point, low, high) == (-1.0, -1.0, -0.5)
+    # the same predictions: every resample's difference is exactly 0
+    assert paired_bootstrap_macro_f1(labels, right, right, 2, samples=50) == (0.0, 0.0, 0.0)
+
+
+def test_paired_interval_is_narrower_than_the_unpaired_one():
+    """Two similar models: the paired interval of the difference resolves what two separate
+    intervals (which overlap) cannot."""
+    from fer.evaluate import bootstrap_macro_f1, paired_bootstrap_macro_f1
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 800)
+    b = np.where(rng.random(800) < 0.6, y, rng.integers(0, 4, 800))
+    a = np.where(rng.random(800) < 0.25, y, b)  # b, with a quarter of its answers fixed
+    point, low, high = paired_bootstrap_macro_f1(y, a, b, 4, samples=300)
+    assert 0 < low <= point <= high
+    a_low, a_high = bootstrap_macro_f1(y, a, 4, samples=300)
+    b_low, b_high = bootstrap_macro_f1(y, b, 4, samples=300)
+    assert high - low < min(a_high - a_low, b_high - b_low)
+
 def test_cli_reports_ci_offsets_tta_and_appends_csv_rows(checkpoint, tmp_path, capsys):
     csv_path = tmp_path / "compare.csv"
     args = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "r"), "--csv", str(csv_path),
