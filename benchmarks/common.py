@@ -187,7 +187,7 @@ def build_search_tuner(space: Any, variant: str, trainable: Any, storage: str, n
 
     from search.asha import PersistentASHA
     from search.optuna_bridge import PruningOptunaSearch, open_study_storage
-    from search.run import trial_name
+    from search.tuning import trial_name
     from trainables import checkpoint_config
 
     spec = get_variant(variant)

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+from search.confirm import (
+    BASELINE,
+    CONFIRM_SPEC,
+    collect_confirmation,
+    describe,
+    format_candidate,
+    pick_confirmed,
+    plot_seed_spread,
+    run_confirmation,
+    unfinished_runs,
+)
 from search.export import export_trial, trial_checkpoint
 from search.report import (
     BEST_CONFIG,
@@ -23,8 +35,10 @@ from search.report import (
 )
 
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
-REPORT_FILES = (TRIALS_CSV, BEST_CONFIG, IMPORTANCE_CSV, CURVES_PNG, SUMMARY_JSON, "test_metrics.json",
-                "test_confusion.png", "search_spec.json", "optuna.db")
+CONFIRM_PNG = "confirmation.png"  # the seed spread of each confirmed configuration
+REPORT_FILES = (TRIALS_CSV, BEST_CONFIG, IMPORTANCE_CSV, CURVES_PNG, CONFIRM_PNG, SUMMARY_JSON, CONFIRM_SPEC,
+                "test_metrics.json", "test_confusion.png", "test_baseline_metrics.json",
+                "test_baseline_confusion.png", "search_spec.json", "optuna.db")
 
 
 def sync_down(plan: Any) -> str:
@@ -49,22 +63,48 @@ def sync_up(plan: Any) -> None:
             pyarrow.fs.copy_files(str(local), f"{plan.experiment.rstrip('/')}/{name}")
 
 
-def evaluate_on_test(record: TrialRecord, dataset: Any, metric: str, mode: str, out_dir: Path) -> dict[str, Any]:
-    """The only read of the test split in a search: the winner, once, with a bootstrap CI."""
+def read_test(record: TrialRecord, dataset: Any, metric: str, mode: str) -> dict[str, Any]:
+    """One model's one read of the test split: its final checkpoint's predictions (with its
+    own post-hoc offsets, none for the plain baseline) and their metrics."""
     from fer.checkpoint import load_checkpoint, model_from_checkpoint
-    from fer.evaluate import bootstrap_macro_f1, metrics_from_logits, predict_logits, write_report
+    from fer.evaluate import metrics_from_logits, predict_logits
 
     path = trial_checkpoint(record, metric, mode)
     ckpt = load_checkpoint(path)
     test = dataset.splits["test"]
-    classes = list(ckpt["classes"])
     model = model_from_checkpoint(ckpt, "cpu")
     logits = predict_logits(model, test.images, image_size=int(ckpt["config"]["image_size"]), device="cpu")
-    metrics, _, preds = metrics_from_logits(logits, test.labels, classes, ckpt.get("posthoc_offsets"))
-    low, high = bootstrap_macro_f1(test.labels, preds, len(classes))
-    metrics.update(split="test", checkpoint=path, macro_f1_ci95=[low, high])
-    write_report(metrics, classes, str(out_dir), "test")
-    return metrics
+    metrics, _, preds = metrics_from_logits(logits, test.labels, list(ckpt["classes"]), ckpt.get("posthoc_offsets"))
+    metrics.update(split="test", checkpoint=path, trial_id=record.trial_id)
+    return {"metrics": metrics, "preds": preds}
+
+
+def evaluate_on_test(winner: TrialRecord, baseline: TrialRecord | None, dataset: Any, metric: str, mode: str,
+                     out_dir: Path) -> dict[str, Any]:
+    """The only reads of the test split in a search: the winner, and the plain baseline when
+    there is one to compare with, once each; the paired bootstrap interval of the difference
+    in macro-F1 over the same test images, and F1 of the two rarest classes for both."""
+    from fer.evaluate import bootstrap_macro_f1, paired_bootstrap_macro_f1, write_report
+
+    classes, labels = list(dataset.classes), dataset.splits["test"].labels
+    rare = [classes[i] for i in dataset.class_counts("train").argsort(kind="stable")[:2]]
+    reads = {"winner": read_test(winner, dataset, metric, mode)}
+    if baseline is not None:
+        reads["baseline"] = read_test(baseline, dataset, metric, mode)
+    result: dict[str, Any] = {"reads": len(reads), "rare_classes": rare}
+    for role, read in reads.items():
+        metrics = read["metrics"]
+        metrics["macro_f1_ci95"] = list(bootstrap_macro_f1(labels, read["preds"], len(classes)))
+        write_report(metrics, classes, str(out_dir), "test" if role == "winner" else "test_baseline")
+        result[role] = {key: metrics[key] for key in ("trial_id", "macro_f1", "macro_f1_ci95", "accuracy",
+                                                      "checkpoint")}
+        result[role]["rare_f1"] = {name: metrics["per_class"][name]["f1"] for name in rare}
+    if baseline is not None:
+        diff, low, high = paired_bootstrap_macro_f1(labels, reads["winner"]["preds"], reads["baseline"]["preds"],
+                                                    len(classes))
+        result["difference"] = {"macro_f1": diff, "ci95": [low, high], "excludes_zero": low > 0 or high < 0,
+                                "bootstrap_samples": 1000}
+    return result
 
 
 def write_reports(plan: Any, records: list[TrialRecord], winner: TrialRecord | None) -> str:
@@ -76,7 +116,13 @@ def write_reports(plan: Any, records: list[TrialRecord], winner: TrialRecord | N
     return write_importance(plan.study_path, plan.name, out / IMPORTANCE_CSV)
 
 
+def continue_hint(plan: Any) -> str:
+    return f"continue with: python -m search.run --resume --name {plan.name} --storage {plan.storage}"
+
+
 def finish(plan: Any, wall_s: float) -> int:
+    """Reports of the search; then the confirmation stage (when on), the test reads, the
+    export and the summary. `wall_s` is the search's own wall time."""
     space = plan.space
     experiment = sync_down(plan)
     records = collect_trials(experiment, space.metric, space.time_attr, space.max_t, space.baseline_point())
@@ -90,62 +136,128 @@ def finish(plan: Any, wall_s: float) -> int:
     print(f"parameter importance ({IMPORTANCE_CSV}):\n{importance}")
     unfinished = [r for r in records if r.status in UNFINISHED]
     if unfinished or len(records) < plan.num_samples:
-        print(
-            f"search interrupted ({len(records)}/{plan.num_samples} trials started, {len(unfinished)} unfinished); "
-            f"results so far in {plan.local_dir}.\ncontinue with: python -m search.run --resume "
-            f"--name {plan.name} --storage {plan.storage}"
-        )
+        print(f"search interrupted ({len(records)}/{plan.num_samples} trials started, {len(unfinished)} unfinished); "
+              f"results so far in {plan.local_dir}.\n{continue_hint(plan)}")
         sync_up(plan)
         return 130
     if winner is None:
         print("no trial reported a validation metric; nothing to export")
         return 1
-    baseline = next((r for r in records if r.baseline), None)
-    test = evaluate_on_test(winner, plan.dataset, space.metric, space.mode, plan.local_dir)
-    card = export_trial(winner, plan.export_dir, plan.dataset, space.metric, space.mode)
-    summary = summarize(plan, records, winner, baseline, test, card, wall_s)
+    search_baseline = next((r for r in records if r.baseline), None)
+    confirmation, tested, compared = None, winner, None
+    if plan.confirm_top and plan.confirm_seeds:
+        started = time.time()
+        candidates = run_confirmation(plan, records)
+        confirm_s = time.time() - started
+        sync_down(plan)
+        candidates = collect_confirmation(plan, candidates)
+        runs = [r for c in candidates for r in c.runs]
+        write_trials_csv(records + runs, [p.name for p in space.parameters], space.metric, space.mode,
+                         plan.local_dir / TRIALS_CSV)
+        left = unfinished_runs(candidates, plan.confirm_seeds)
+        if left:
+            print(f"confirmation interrupted ({left} of {len(candidates) * plan.confirm_seeds} runs unfinished); "
+                  f"results so far in {plan.local_dir}.\n{continue_hint(plan)}")
+            sync_up(plan)
+            return 130
+        chosen = pick_confirmed(candidates, space.mode)
+        if chosen is None:
+            print("no confirmation run of a searched configuration finished; nothing to export")
+            sync_up(plan)
+            return 1
+        plain = next(c for c in candidates if c.name == BASELINE)
+        tested, compared = chosen.best_run(space.mode), plain.best_run(space.mode)
+        plot_seed_spread(candidates, chosen, space.metric, space.mode, plan.local_dir / CONFIRM_PNG)
+        write_best_config(tested, plan.data_path, space.metric, space.mode, plan.local_dir / BEST_CONFIG)
+        confirmation = {
+            "top": plan.confirm_top, "seeds": sorted(set(plain.seeds.values()) | set(chosen.seeds.values())),
+            "wall_s": round(confirm_s, 1), "wall_fraction_of_search": round(confirm_s / max(wall_s, 1e-9), 2),
+            "winner": chosen.name, "exported_run": tested.trial_id,
+            "exported_seed": chosen.seeds[tested.trial_id],
+            "candidates": [describe(c, space.mode) for c in candidates],
+        }
+    test = evaluate_on_test(tested, compared, plan.dataset, space.metric, space.mode, plan.local_dir)
+    card = export_trial(tested, plan.export_dir, plan.dataset, space.metric, space.mode)
+    summary = summarize(plan, records, winner, search_baseline, confirmation, tested, test, card, wall_s)
     (plan.local_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=str))
     sync_up(plan)
     print_summary(summary)
     return 0
 
 
-def summarize(plan, records, winner, baseline, test, card, wall_s) -> dict[str, Any]:
+def summarize(plan, records, search_winner, search_baseline, confirmation, tested, test, card,
+              wall_s) -> dict[str, Any]:
     mode = plan.space.mode
+    params = [p.name for p in plan.space.parameters]
     return {
         "wall_s": round(wall_s, 1),
         "trials": len(records),
         "stopped_early": sum(r.stopped_early for r in records),
         "errored": sum(r.status == "ERROR" for r in records),
         "metric": plan.space.metric,
-        "baseline": None if baseline is None else {
-            "trial_id": baseline.trial_id, "val": baseline.best(mode)[1],
-            "stopped_early": baseline.stopped_early, "epochs_run": baseline.epochs_run},
-        "winner": {"trial_id": winner.trial_id, "val": winner.best(mode)[1], "best_epoch": winner.best(mode)[0],
-                   "params": {p.name: winner.config.get(p.name) for p in plan.space.parameters
-                              if p.name in winner.config}},
-        "test": {"macro_f1": test["macro_f1"], "macro_f1_ci95": test["macro_f1_ci95"],
-                 "accuracy": test["accuracy"], "checkpoint": test["checkpoint"]},
-        "export": {"dir": str(plan.export_dir), "parity_passed": card["parity"]["passed"]},
+        "search_baseline": None if search_baseline is None else {
+            "trial_id": search_baseline.trial_id, "val": search_baseline.best(mode)[1],
+            "stopped_early": search_baseline.stopped_early, "epochs_run": search_baseline.epochs_run},
+        "search_winner": {"trial_id": search_winner.trial_id, "val": search_winner.best(mode)[1],
+                          "best_epoch": search_winner.best(mode)[0]},
+        "confirmation": confirmation,
+        # The model handed to the user: the confirmed winner's best-val seed run, or without
+        # confirmation the search's best trial.
+        "winner": {"trial_id": tested.trial_id, "val": tested.best(mode)[1], "best_epoch": tested.best(mode)[0],
+                   "configuration": confirmation["winner"] if confirmation else "search best trial",
+                   "params": {name: tested.config.get(name) for name in params if name in tested.config}},
+        "test": test,
+        "export": {"dir": str(plan.export_dir), "trial_id": tested.trial_id,
+                   "parity_passed": card["parity"]["passed"]},
         "experiment": str(plan.local_dir),
     }
 
 
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def print_summary(s: dict[str, Any]) -> None:
-    metric = s["metric"]
+    metric, test, confirmation = s["metric"], s["test"], s["confirmation"]
     print("\n=== search summary ===")
-    if s["baseline"]:
-        b = s["baseline"]
+    w = s["search_winner"]
+    print(f"search: {s['trials']} trials, {s['stopped_early']} stopped early, {s['errored']} errored, "
+          f"{s['wall_s'] / 60:.1f} min; best trial {w['trial_id']} {metric} {w['val']:.4f} (epoch {w['best_epoch']})")
+    if s["search_baseline"]:
+        b = s["search_baseline"]
         note = f" (stopped early at epoch {b['epochs_run']})" if b["stopped_early"] else ""
-        print(f"baseline {b['trial_id']}: {metric} {b['val']:.4f}{note}")
-    w = s["winner"]
-    print(f"winner   {w['trial_id']}: {metric} {w['val']:.4f} (epoch {w['best_epoch']})  "
-          + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in w["params"].items()))
-    low, high = s["test"]["macro_f1_ci95"]
-    print(f"winner test macro-F1 {s['test']['macro_f1']:.4f} (95% bootstrap CI {low:.4f}-{high:.4f}), "
-          f"read once")
-    print(f"{s['trials']} trials, {s['stopped_early']} stopped early, {s['errored']} errored, "
-          f"{s['wall_s'] / 60:.1f} min")
-    print(f"experiment: {s['experiment']}  ({TRIALS_CSV}, {BEST_CONFIG}, {IMPORTANCE_CSV}, {CURVES_PNG}, "
-          f"test_metrics.json, optuna.db)")
-    print(f"ONNX model: {s['export']['dir']}/model.onnx (parity {'passed' if s['export']['parity_passed'] else 'FAILED'})")
+        print(f"search baseline {b['trial_id']}: {metric} {b['val']:.4f}{note}")
+    if confirmation:
+        print(f"confirmation: {len(confirmation['candidates'])} configurations x {len(confirmation['seeds'])} seeds "
+              f"in {confirmation['wall_s'] / 60:.1f} min ({confirmation['wall_fraction_of_search']:.2f} x the "
+              f"search); mean ± sd of the best {metric} per run:")
+        for candidate in confirmation["candidates"]:
+            print(format_candidate(candidate, metric) + ("  <- winner" if candidate["name"] == confirmation["winner"]
+                                                         else ""))
+        print(f"exported: run {confirmation['exported_run']} (seed {confirmation['exported_seed']}), the winner's "
+              f"seed with the best {metric}; the baseline's tested run is picked the same way")
+    else:
+        print("no confirmation stage (--confirm-top 0): the winner is the search's best single trial, which "
+              "is partly the luckiest; the plain baseline is not compared on test")
+    print(f"winner {s['winner']['trial_id']} ({s['winner']['configuration']}): {_params(s['winner']['params'])}")
+    rare = test["rare_classes"]
+    for role in ("winner", "baseline"):
+        if role in test:
+            t = test[role]
+            low, high = t["macro_f1_ci95"]
+            rare_f1 = ", ".join(f"{name} {t['rare_f1'][name]:.3f}" for name in rare)
+            print(f"{role + ' test':<14} macro-F1 {t['macro_f1']:.4f} (95% CI {low:.4f}-{high:.4f}); "
+                  f"F1 of the rarest classes: {rare_f1}")
+    if "difference" in test:
+        d = test["difference"]
+        low, high = d["ci95"]
+        verdict = ("excludes 0: the winner is better on test" if low > 0 else
+                   "excludes 0: the plain baseline is better on test" if high < 0 else
+                   "includes 0: the test split cannot tell the winner from the plain baseline")
+        print(f"winner - baseline: {d['macro_f1']:+.4f} macro-F1, paired 95% bootstrap interval "
+              f"{low:+.4f} to {high:+.4f}, which {verdict}")
+    print(f"test split read {test['reads']} time(s), once per model above")
+    print(f"experiment: {s['experiment']}  ({TRIALS_CSV}, {BEST_CONFIG}, {IMPORTANCE_CSV}, {CURVES_PNG}"
+          + (f", {CONFIRM_PNG}" if confirmation else "") + ", test_metrics.json, optuna.db)")
+    print(f"ONNX model: {s['export']['dir']}/model.onnx, run {s['export']['trial_id']} "
+          f"(parity {'passed' if s['export']['parity_passed'] else 'FAILED'})")

@@ -45,6 +45,8 @@ class TrialRecord:
     stopped_early: bool = False
     error: str = ""
     baseline: bool = False
+    stage: str = "search"  # or "confirm": a seed-repeated run of search/confirm.py
+    candidate: str = ""  # confirm runs: the configuration (rank1, ..., baseline)
 
     @property
     def epochs_run(self) -> int:
@@ -139,7 +141,8 @@ def write_trials_csv(records: list[TrialRecord], params: list[str], metric: str,
     rows = []
     for record in records:
         epoch, value = record.best(mode)
-        row = {"trial_id": record.trial_id, "baseline": record.baseline}
+        row = {"trial_id": record.trial_id, "stage": record.stage, "candidate": record.candidate,
+               "seed": record.config.get("seed", TrialConfig.seed), "baseline": record.baseline}
         row.update({name: record.config.get(name, "") for name in params})
         row.update(
             {

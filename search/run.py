@@ -55,6 +55,9 @@ class Plan:
     dashboard_host: str
     resume: bool
     smoke: bool
+    confirm_top: int = 0  # search/confirm.py; 0 = no confirmation stage
+    confirm_seeds: int = 0
+    data_ref: Any = None  # the data set without its test split, in Ray's object store (trial_data)
 
     @property
     def study_path(self) -> Path:
@@ -143,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the winner's ONNX model goes (default: <experiment>/export)")
     add("--max-failures", type=_nonneg_int, default=1, metavar="N",
         help="retries of a trial whose process or worker dies, from its last checkpoint (default: 1)")
+    add("--confirm-top", type=_nonneg_int, default=None, metavar="K",
+        help="after the search, retrain the K best configurations and the plain baseline with "
+        "fresh seeds; the winner is the best mean validation score (default: the space's "
+        "run.confirm_top, 3; 0 = off: the best single trial wins)")
+    add("--confirm-seeds", type=_nonneg_int, default=None, metavar="R",
+        help="seeds per confirmed configuration (default: the space's run.confirm_seeds, 3; 0 = off)")
     add("--dashboard-host", default="127.0.0.1", metavar="HOST",
         help="interface the Ray dashboard binds to on a local cluster (default: 127.0.0.1, this machine only)")
     return parser
@@ -163,7 +172,7 @@ def _experiment_exists(experiment: str) -> bool:
 
 def resumed_spec(args: argparse.Namespace, storage: str) -> dict[str, Any]:
     """How experiment --name started; --space / --data may only repeat it."""
-    from search.report import SPEC_FILE, read_spec
+    from search.report import SPEC_FILE, SUMMARY_JSON, read_spec
 
     if not args.name:
         raise UsageError("--resume needs --name: the experiment to continue")
@@ -172,6 +181,11 @@ def resumed_spec(args: argparse.Namespace, storage: str) -> dict[str, Any]:
     if not _experiment_exists(experiment) or not (local_dir / SPEC_FILE).is_file():
         raise UsageError(f"--resume: no experiment {args.name!r} under {storage} (looked for {experiment})")
     saved = read_spec(local_dir)
+    if (local_dir / SUMMARY_JSON).is_file():  # resuming would read the test split again
+        raise UsageError(
+            f"--resume: experiment {args.name!r} has finished (see {local_dir / SUMMARY_JSON}); "
+            "export other trials with python -m search.export, or start another with --name NEW"
+        )
     if args.space and str(load_space(args.space).path) != saved["space_path"]:
         raise UsageError(
             f"--resume: experiment {args.name!r} searched {saved['space_path']}, not {args.space}; "
@@ -257,11 +271,20 @@ def make_plan(args: argparse.Namespace) -> Plan:
         num_samples=saved.get("num_samples") or args.num_samples or space.num_samples,
         max_concurrent=saved.get("max_concurrent") or args.max_concurrent or space.max_concurrent,
         max_failures=args.max_failures,
+        confirm_top=_saved_or(saved, "confirm_top", args.confirm_top, space.confirm_top),
+        confirm_seeds=_saved_or(saved, "confirm_seeds", args.confirm_seeds, space.confirm_seeds),
         address=args.address,
         dashboard_host=args.dashboard_host,
         resume=args.resume,
         smoke=smoke,
     )
+
+
+def _saved_or(saved: dict[str, Any], key: str, flag: int | None, default: int) -> int:
+    """A resumed search keeps what it started with; else the flag, else the space's value."""
+    if key in saved:
+        return int(saved[key])
+    return flag if flag is not None else default
 
 
 def spec_of(plan: Plan) -> dict[str, Any]:
@@ -273,6 +296,8 @@ def spec_of(plan: Plan) -> dict[str, Any]:
         "seed": plan.space.seed,
         "num_samples": plan.num_samples,
         "max_concurrent": plan.max_concurrent,
+        "confirm_top": plan.confirm_top,
+        "confirm_seeds": plan.confirm_seeds,
         "metric": plan.space.metric,
         "mode": plan.space.mode,
         "time_attr": plan.space.time_attr,
@@ -308,29 +333,12 @@ def start_ray(plan: Plan) -> str | None:
     return f"http://{url}" if url and not url.startswith("http") else url
 
 
-def fit_concurrency(plan: Plan) -> int:
-    """The requested concurrency, lowered to the number of trials the cluster can hold."""
-    import ray
-
-    from trainables import max_concurrent_trials
-
-    fits = max_concurrent_trials(plan.resources, ray.cluster_resources())  # raises if one trial never fits
-    if fits < plan.max_concurrent:
-        print(f"note: the cluster holds {fits} trial(s) at once; --max-concurrent {plan.max_concurrent} lowered")
-    return min(fits, plan.max_concurrent)
-
-
-def trial_name(trial: Any) -> str:
-    """Trial folders and table rows named by trial id alone: no timestamp, no config dump."""
-    return f"trial_{trial.trial_id}"
-
-
 def build_tuner(plan: Plan, trainable: Any, max_concurrent: int) -> Any:
     from ray import tune
 
     from search.asha import PersistentASHA
     from search.optuna_bridge import PruningOptunaSearch, open_study_storage
-    from trainables import checkpoint_config
+    from search.tuning import run_config, tune_config
 
     space = plan.space
     scheduler = PersistentASHA(
@@ -353,30 +361,14 @@ def build_tuner(plan: Plan, trainable: Any, max_concurrent: int) -> Any:
     )
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(
-            metric=space.metric,
-            mode=space.mode,
+        tune_config=tune_config(
+            plan,
+            max_concurrent,
             search_alg=searcher,  # Tune wraps it in a ConcurrencyLimiter(max_concurrent_trials)
             scheduler=scheduler,
             num_samples=plan.num_samples,
-            max_concurrent_trials=max_concurrent,
-            trial_name_creator=trial_name,
-            trial_dirname_creator=trial_name,
-            # A single-worker trial trains in its own process: reusing that process saves
-            # ~5 s of actor start per trial (benchmarks/trial_overhead.py), which is most of
-            # the fixed cost of the many trials ASHA stops after a few epochs. Multi-worker
-            # trials start a Ray Train worker group anyway, so there is nothing to reuse.
-            reuse_actors=plan.resources.workers == 1,
         ),
-        run_config=tune.RunConfig(
-            name=plan.name,
-            storage_path=plan.storage,
-            failure_config=tune.FailureConfig(max_failures=plan.max_failures),
-            # Every epoch reports a checkpoint folder with its resume state; keep the best
-            # by the search metric (what export reads) and the latest (what a retried or
-            # resumed trial continues from).
-            checkpoint_config=checkpoint_config(tune.CheckpointConfig, space.metric, space.mode),
-        ),
+        run_config=run_config(plan, plan.name, plan.storage),
     )
 
 
@@ -385,10 +377,11 @@ def run_search(plan: Plan) -> None:
     from ray import tune
 
     from search.report import write_spec
+    from search.tuning import fit_concurrency, trial_data
     from trainables import make_trainable
 
     max_concurrent = fit_concurrency(plan)
-    trainable = make_trainable(plan.dataset, plan.resources, plan.space.metric, plan.space.mode)
+    trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode)
     if plan.resume:
         tuner = tune.Tuner.restore(
             plan.experiment, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
@@ -444,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     from search.finish import finish
 
     try:
-        return finish(plan, wall_s=time.time() - started)
+        return finish(plan, wall_s=time.time() - started)  # the search's wall time; confirmation's is its own
     except OSError as err:  # the reports or the export could not be written
         print(f"error: {storage_failure(plan.experiment, err)}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ TOP_KEYS = ("description", "metric", "fixed", "parameters", "searcher", "schedul
 METRIC_KEYS = ("name", "mode")
 SEARCHER_KEYS = ("sampler", "seed", "n_startup_trials", "baseline")
 SCHEDULER_KEYS = ("name", "time_attr", "grace_period", "reduction_factor")
-RUN_KEYS = ("num_samples", "max_concurrent")
+RUN_KEYS = ("num_samples", "max_concurrent", "confirm_top", "confirm_seeds")
 PARAM_OPTION_KEYS = ("when", "step")
 MODES = ("max", "min")
 SCHEDULERS = ("asha",)
@@ -41,7 +41,8 @@ RESERVED = ("data",)
 # --smoke: the smallest budget that still runs both stages, a pruning decision and
 # an export, so CI exercises the whole path in about a minute.
 # One pass per epoch (epoch_images 0): CI's tiny data sets are not repeated up to a real budget.
-SMOKE_BUDGET = {"epochs": 1, "student_epochs": 1, "epoch_images": 0, "num_samples": 2, "grace_period": 1}
+SMOKE_BUDGET = {"epochs": 1, "student_epochs": 1, "epoch_images": 0, "num_samples": 2, "grace_period": 1,
+                "confirm_top": 1, "confirm_seeds": 2}
 
 
 class SpaceError(ValueError):
@@ -153,6 +154,10 @@ class Space:
     reduction_factor: float = 2.0
     num_samples: int = 12
     max_concurrent: int = 2
+    # The confirmation stage (search/confirm.py): the best `confirm_top` configurations and
+    # the plain baseline, each retrained `confirm_seeds` times; 0 in either turns it off.
+    confirm_top: int = 3
+    confirm_seeds: int = 3
     description: str = ""
 
     @property
@@ -349,6 +354,9 @@ def _parse(reader: _Reader, data: dict) -> Space:
         space.max_concurrent = reader.number(
             run["max_concurrent"], ("run", "max_concurrent"), integer=True, low=1
         )
+    for key in ("confirm_top", "confirm_seeds"):
+        if key in run:
+            setattr(space, key, reader.number(run[key], ("run", key), integer=True, low=0))
     return space
 
 

@@ -16,7 +16,7 @@ from trainables.resources import (
     scaling_config,
     trial_resources,
 )
-from trainables.trial import make_trainable, pipeline_trial, put_dataset, run_worker_group
+from trainables.trial import candidate_trial, make_trainable, pipeline_trial, put_dataset, run_worker_group
 from trainables.worker import DataRef, detect_device
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "DataRef",
     "TrialResources",
     "best_checkpoint_path",
+    "candidate_trial",
     "check_fits",
     "checkpoint_config",
     "detect_device",

@@ -105,19 +105,34 @@ def _per_worker(loop_config: dict[str, Any]) -> None:
     train_worker(loop_config["job"])
 
 
+def candidate_trial(config: dict[str, Any], data: DataRef, candidates: dict[str, dict[str, Any]],
+                    resources: TrialResources = TrialResources(), metric: str = "val_macro_f1",
+                    mode: str = "max") -> None:
+    """Tune function trainable for repeated runs of known configurations: `config` is
+    {"candidate": NAME, "seed": S}, and the trial runs `candidates[NAME]` with seed S
+    (initial weights, sampling order and augmentation all follow the seed). Tune's table
+    and trials.csv then show which configuration and seed a run is."""
+    chosen = {**candidates[config["candidate"]], "seed": int(config["seed"])}
+    pipeline_trial(chosen, data, resources, metric, mode)
+
+
 def put_dataset(dataset: Any) -> DataRef:
     """Put the decoded data set into the object store once, on the driver."""
     return DataRef(ray.put(dataset))
 
 
 def make_trainable(data: Any, resources: TrialResources = TrialResources(), metric: str = "val_macro_f1",
-                   mode: str = "max") -> Callable[..., Any]:
+                   mode: str = "max", candidates: dict[str, dict[str, Any]] | None = None) -> Callable[..., Any]:
     """`pipeline_trial` with the data reference, resources and the search metric bound: give
     it to `tune.Tuner`, with `checkpoint_config(tune.CheckpointConfig, metric, mode)` in its
     RunConfig. `data` is a `fer.data.Dataset` (put into the object store here, once) or a
-    `DataRef`."""
+    `DataRef`. With `candidates` (name -> TrialConfig overrides) it is `candidate_trial`."""
     ref = data if isinstance(data, DataRef) else put_dataset(data)
-    bound = tune.with_parameters(pipeline_trial, data=ref, resources=resources, metric=metric, mode=mode)
+    if candidates is None:
+        bound = tune.with_parameters(pipeline_trial, data=ref, resources=resources, metric=metric, mode=mode)
+    else:
+        bound = tune.with_parameters(candidate_trial, data=ref, candidates=candidates, resources=resources,
+                                     metric=metric, mode=mode)
     return tune.with_resources(bound, trial_resources(resources))
 
 

@@ -1,0 +1,225 @@
+"""The confirmation stage: the search's best configurations and the plain baseline, each
+retrained to the full budget with fresh seeds; the winner is the best mean validation score.
+
+Why: at the search's budget, run-to-run noise is as large as the differences between
+imbalance remedies (BENCHMARKS.md: one retrain of a winner with another thread count
+moved its val macro-F1 from 0.359 to 0.282), so the single best search trial is partly
+the luckiest one: the winner's curse. Averaging R runs of each of the K best
+configurations, with seeds the search never used, ranks them by what they do on
+average; the plain baseline gets the same R runs, so the comparison is like for like.
+
+The runs are Ray trials of their own Tune experiment, `<experiment>/confirm`, with the
+search's resources and concurrency; its trials are {"candidate": NAME, "seed": S}
+(trainables.candidate_trial), and `confirm_spec.json` names each candidate's config. An
+interrupted confirmation continues with `search.run --resume` like the search does:
+finished runs are kept, unfinished ones continue from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from search.report import TrialRecord, collect_trials, rank_trials
+
+CONFIRM_DIR = "confirm"  # the confirmation's Tune experiment, inside the search's folder
+CONFIRM_SPEC = "confirm_spec.json"
+BASELINE = "baseline"
+# The baseline as a user without this tool would train it: plain cross-entropy on the
+# natural class mix, no class weights, no cap, argmax (no post-hoc offsets). Everything
+# else (model, budget, augmentation, stage 2) is the search's own baseline point.
+PLAIN = {"loss": "ce", "label_smoothing": 0.0, "class_weights": "none", "sampler": "uniform", "class_cap": 0,
+         "posthoc": "none"}
+
+
+@dataclass
+class Candidate:
+    """One configuration the confirmation retrains."""
+
+    name: str  # rank1, rank2, ... by search score, or "baseline"
+    config: dict[str, Any]  # TrialConfig overrides, without the seed
+    search_trial: str | None = None  # the search trial it came from
+    search_val: float | None = None  # that trial's best score in the search
+    runs: list[TrialRecord] = field(default_factory=list)  # filled in by collect_confirmation
+    seeds: dict[str, int] = field(default_factory=dict)  # run trial id -> seed
+
+    def values(self, mode: str) -> list[float]:
+        """Best score of each finished run."""
+        return [r.best(mode)[1] for r in self.runs if r.status == "TERMINATED" and r.best(mode)[1] is not None]
+
+    def mean(self, mode: str) -> float | None:
+        values = self.values(mode)
+        return statistics.fmean(values) if values else None
+
+    def sd(self, mode: str) -> float | None:
+        """Sample standard deviation across seeds (None with fewer than two runs)."""
+        values = self.values(mode)
+        return statistics.stdev(values) if len(values) > 1 else None
+
+    def best_run(self, mode: str) -> TrialRecord | None:
+        """The run handed on (tested, exported): the seed with the best validation score,
+        ties to the lower seed. The baseline's is picked by the same rule, so the test
+        comparison gives neither side an advantage."""
+        sign = 1.0 if mode == "max" else -1.0
+        done = [r for r in self.runs if r.status == "TERMINATED" and r.best(mode)[1] is not None]
+        return max(done, key=lambda r: (sign * r.best(mode)[1], -self.seeds[r.trial_id]), default=None)
+
+
+def confirm_seeds(space: Any, count: int) -> list[int]:
+    """Seeds the search never used: the search's trials all ran with its one seed, and
+    reusing it would hand the top configurations their lucky search run again."""
+    from fer.config import TrialConfig
+
+    base = int(space.fixed.get("seed", TrialConfig.seed))
+    return [base + 1 + r for r in range(count)]
+
+
+def choose_candidates(records: list[TrialRecord], space: Any, top: int) -> list[Candidate]:
+    """The `top` best distinct configurations of the search by best score, then the plain baseline."""
+    chosen: list[Candidate] = []
+    for record in rank_trials(records, space.mode):
+        config = {k: v for k, v in record.config.items() if k != "seed"}
+        if any(c.config == config for c in chosen):  # TPE may propose one point twice
+            continue
+        chosen.append(Candidate(f"rank{len(chosen) + 1}", config, record.trial_id, record.best(space.mode)[1]))
+        if len(chosen) == top:
+            break
+    baseline = {k: v for k, v in {**space.fixed, **space.baseline_point(), **PLAIN}.items() if k != "seed"}
+    return chosen + [Candidate(BASELINE, baseline)]
+
+
+def write_confirm_spec(folder: Path, candidates: list[Candidate], seeds: list[int]) -> None:
+    spec = {"seeds": seeds, "candidates": [
+        {"name": c.name, "config": c.config, "search_trial": c.search_trial, "search_val": c.search_val}
+        for c in candidates]}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIRM_SPEC).write_text(json.dumps(spec, indent=2, default=str))
+
+
+def read_confirm_spec(folder: Path) -> tuple[list[Candidate], list[int]] | None:
+    path = folder / CONFIRM_SPEC
+    if not path.is_file():
+        return None
+    spec = json.loads(path.read_text())
+    return [Candidate(**c) for c in spec["candidates"]], [int(s) for s in spec["seeds"]]
+
+
+def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
+    """Start, or continue after an interruption, the confirmation runs; returns the
+    candidates (their runs are read with `collect_confirmation`)."""
+    from ray import tune
+
+    from search.tuning import fit_concurrency, run_config, trial_data, tune_config
+    from trainables import make_trainable
+
+    experiment = f"{plan.experiment.rstrip('/')}/{CONFIRM_DIR}"
+    saved = read_confirm_spec(plan.local_dir)
+    if saved is None:
+        candidates, seeds = choose_candidates(records, plan.space, plan.confirm_top), \
+            confirm_seeds(plan.space, plan.confirm_seeds)
+        write_confirm_spec(plan.local_dir, candidates, seeds)
+    else:  # resumed: the same candidates, whatever the search's records say now
+        candidates, seeds = saved
+    trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode,
+                               candidates={c.name: c.config for c in candidates})
+    print(f"\nconfirmation: {len(candidates)} configurations x seeds {seeds} = {len(candidates) * len(seeds)} runs "
+          f"at the full budget ({', '.join(c.name for c in candidates)})")
+    if saved is not None and tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"candidate": tune.grid_search([c.name for c in candidates]),
+                         "seed": tune.grid_search(seeds)},
+            tune_config=tune_config(plan, fit_concurrency(plan)),
+            run_config=run_config(plan, CONFIRM_DIR, plan.experiment),
+        )
+    tuner.fit()
+    return candidates
+
+
+def collect_confirmation(plan: Any, candidates: list[Candidate]) -> list[Candidate]:
+    """Each candidate with its runs, read back from `<experiment>/confirm` (for URI storage,
+    from its copy in plan.local_dir: sync it down first)."""
+    space = plan.space
+    records = collect_trials(Path(plan.local_dir, CONFIRM_DIR), space.metric, space.time_attr, space.max_t, {})
+    by_name = {c.name: c for c in candidates}
+    for record in records:
+        candidate = by_name[record.config["candidate"]]
+        seed = int(record.config["seed"])
+        record.config = {**candidate.config, "seed": seed}
+        record.stage, record.candidate = "confirm", candidate.name
+        record.baseline = candidate.name == BASELINE
+        candidate.runs.append(record)
+        candidate.seeds[record.trial_id] = seed
+    return candidates
+
+
+def unfinished_runs(candidates: list[Candidate], seeds: int) -> int:
+    """Runs not yet finished (or never started) of an interrupted confirmation."""
+    done = sum(1 for c in candidates for r in c.runs if r.status in ("TERMINATED", "ERROR"))
+    return len(candidates) * seeds - done
+
+
+def pick_confirmed(candidates: list[Candidate], mode: str) -> Candidate | None:
+    """The winner: the searched configuration with the best mean score over its seeds. The
+    plain baseline is the reference, not a contender; whether it scored higher is reported."""
+    sign = 1.0 if mode == "max" else -1.0
+    scored = [c for c in candidates if c.name != BASELINE and c.mean(mode) is not None]
+    return max(scored, key=lambda c: sign * c.mean(mode), default=None)
+
+
+def describe(candidate: Candidate, mode: str) -> dict[str, Any]:
+    """A candidate as summary.json and the terminal show it."""
+    sd = candidate.sd(mode)
+    return {
+        "name": candidate.name,
+        "search_trial": candidate.search_trial,
+        "search_val": candidate.search_val,
+        "val_mean": candidate.mean(mode),
+        "val_sd": sd,
+        "runs": [{"trial_id": r.trial_id, "seed": candidate.seeds[r.trial_id], "val": r.best(mode)[1],
+                  "status": r.status} for r in sorted(candidate.runs, key=lambda r: candidate.seeds[r.trial_id])],
+    }
+
+
+def format_candidate(summary: dict[str, Any], metric: str) -> str:
+    mean, sd = summary["val_mean"], summary["val_sd"]
+    spread = "n/a" if mean is None else f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None and math.isfinite(sd) else "")
+    seeds = ", ".join(f"{r['seed']}: {r['val']:.4f}" if r["val"] is not None else f"{r['seed']}: {r['status']}"
+                      for r in summary["runs"])
+    origin = f" (search trial {summary['search_trial']}, {summary['search_val']:.4f})" if summary["search_trial"] else ""
+    return f"  {summary['name']:<9} {metric} {spread}  [seed {seeds}]{origin}"
+
+
+def plot_seed_spread(candidates: list[Candidate], winner: Candidate | None, metric: str, mode: str,
+                     path: Path) -> None:
+    """Each confirmed configuration's runs (one dot per seed) with mean ± sd, next to its
+    single score in the search: how much of the search's ranking was luck."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(candidates) + 2), 4.5))
+    for x, candidate in enumerate(candidates):
+        values = candidate.values(mode)
+        color = "tab:red" if candidate is winner else ("black" if candidate.name == BASELINE else "tab:blue")
+        ax.scatter([x] * len(values), values, color=color, alpha=0.7, zorder=3)
+        if values:
+            sd = candidate.sd(mode) or 0.0
+            ax.errorbar(x + 0.15, candidate.mean(mode), yerr=sd, fmt="s", color=color, capsize=4, zorder=4)
+        if candidate.search_val is not None:
+            ax.scatter([x - 0.15], [candidate.search_val], marker="x", color="tab:gray", zorder=3)
+    ax.set_xticks(range(len(candidates)), [c.name + (" (winner)" if c is winner else "") for c in candidates])
+    ax.set_ylabel(f"best {metric} per run")
+    ax.set_title("confirmation: one dot per seed, square = mean ± sd,\nx = the configuration's one run in the search", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
