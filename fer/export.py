@@ -251,11 +251,12 @@ def _input_spec(images: np.ndarray, image_size: int) -> dict[str, Any]:
 def export_checkpoint(ckpt_path_or_dict: str | dict[str, Any], out_dir: str, *, images: np.ndarray,
                       labels: np.ndarray | None = None, int8: bool = False,
                       calib_images: np.ndarray | None = None, latency_runs: int = 50,
-                      data_source: str | None = None) -> dict[str, Any]:
+                      data_source: str | None = None, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export, check parity, optionally quantize, write the model card; returns the card.
 
     `images` (uint8, N >= 64, (N, H, W, C)) are real images for the parity check and, with
     `labels`, the fp32 / INT8 metrics; `calib_images` calibrate INT8 (default: `images`).
+    `provenance` (e.g. which search run, and why that one) goes into the card's "source".
     """
     from fer.checkpoint import load_checkpoint
 
@@ -296,7 +297,7 @@ def export_checkpoint(ckpt_path_or_dict: str | dict[str, Any], out_dir: str, *, 
         "posthoc": ckpt["config"].get("posthoc"), "posthoc_offsets": ckpt.get("posthoc_offsets"),
         "metrics": metrics, "parity": parity, "latency": measure_latency(onnx_path, images[0], latency_runs),
         "config": ckpt["config"], "source": {"epoch": ckpt.get("epoch"), "stage": ckpt.get("stage"),
-                                             "data": data_source},
+                                             "data": data_source, **(provenance or {})},
     }
     if int8:
         card["int8"] = _export_int8(onnx_path, out_dir, images, labels, fp32_scores,

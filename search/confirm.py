@@ -143,11 +143,14 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
     return candidates
 
 
-def collect_confirmation(plan: Any, candidates: list[Candidate]) -> list[Candidate]:
-    """Each candidate with its runs, read back from `<experiment>/confirm` (for URI storage,
-    from its copy in plan.local_dir: sync it down first)."""
-    space = plan.space
-    records = collect_trials(Path(plan.local_dir, CONFIRM_DIR), space.metric, space.time_attr, space.max_t, {})
+def collect_confirmation(experiment: str | Path, candidates: list[Candidate], metric: str, time_attr: str,
+                         max_t: int) -> list[Candidate]:
+    """Each candidate with its runs, read back from the local experiment folder's `confirm`
+    (for URI storage, its synced-down copy)."""
+    folder = Path(experiment, CONFIRM_DIR)
+    if not list(folder.glob("experiment_state-*.json")):  # interrupted before Tune saved any state
+        return candidates
+    records = collect_trials(folder, metric, time_attr, max_t, {})
     by_name = {c.name: c for c in candidates}
     for record in records:
         candidate = by_name[record.config["candidate"]]
@@ -166,12 +169,17 @@ def unfinished_runs(candidates: list[Candidate], seeds: int) -> int:
     return len(candidates) * seeds - done
 
 
-def pick_confirmed(candidates: list[Candidate], mode: str) -> Candidate | None:
-    """The winner: the searched configuration with the best mean score over its seeds. The
-    plain baseline is the reference, not a contender; whether it scored higher is reported."""
+def rank_confirmed(candidates: list[Candidate], mode: str) -> list[Candidate]:
+    """The searched configurations by mean score over their seeds, best first. The plain
+    baseline is the reference, not a contender; whether it scored higher is reported."""
     sign = 1.0 if mode == "max" else -1.0
     scored = [c for c in candidates if c.name != BASELINE and c.mean(mode) is not None]
-    return max(scored, key=lambda c: sign * c.mean(mode), default=None)
+    return sorted(scored, key=lambda c: -sign * c.mean(mode))
+
+
+def pick_confirmed(candidates: list[Candidate], mode: str) -> Candidate | None:
+    """The winner: the best mean score over its seeds (rank_confirmed)."""
+    return next(iter(rank_confirmed(candidates, mode)), None)
 
 
 def describe(candidate: Candidate, mode: str) -> dict[str, Any]:

@@ -1,11 +1,14 @@
-"""Export the best trial(s) of a finished or resumed experiment to ONNX.
+"""Export the best run(s) of a finished or resumed experiment to ONNX.
 
     python -m search.export --experiment runs/imbalance [--top-k 3] [--out DIR]
 
 `search.run` calls `export_trial` for the winner at the end of a search; this CLI repeats
-that, or exports the K best trials (into DIR/rank1-<trial id>, DIR/rank2-..., ...). The
-parity check and model card come from `fer.export`; they use validation images, so the
-test split stays read once, by `search.run`, for the winner.
+that, or exports the K best (into DIR/rank1-<trial id>, DIR/rank2-..., ...). After a
+confirmation stage the ranking is the confirmed configurations' by mean validation score,
+each exported as its best seed's run, as search.run picks the winner; without one it is
+the search's trials by best validation score. The parity check and model card come from
+`fer.export`; they use validation images, so the test split stays read by `search.run`
+alone.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from search.confirm import collect_confirmation, rank_confirmed, read_confirm_spec
 from search.report import TrialRecord, collect_trials, rank_trials, read_spec
 
 FINAL_CHECKPOINT = "best.pt"  # fer.pipeline's final checkpoint (post-hoc offsets included)
@@ -31,27 +35,42 @@ def trial_checkpoint(record: TrialRecord, metric: str, mode: str) -> str:
     return best_checkpoint_path(record.path, metric=metric, mode=mode)
 
 
-def export_trial(record: TrialRecord, out_dir: str | os.PathLike, dataset: Any, metric: str, mode: str) -> dict:
-    """fer.export's ONNX export + parity check + model card for one trial, on val images."""
+def export_trial(record: TrialRecord, out_dir: str | os.PathLike, dataset: Any, metric: str, mode: str,
+                 why: str) -> dict:
+    """fer.export's ONNX export + parity check + model card for one trial, on val images; the
+    card's "source" names the run and `why` it was the one exported."""
     from fer.export import export_checkpoint
 
     val = dataset.splits["val"]
     checkpoint = trial_checkpoint(record, metric, mode)
-    card = export_checkpoint(
+    return export_checkpoint(
         checkpoint,
         str(out_dir),
         images=val.images,
         labels=val.labels,
         data_source=f"{dataset.source} (val split)",
+        provenance={"trial_id": record.trial_id, "checkpoint": checkpoint, "trial_dir": record.path, "why": why},
     )
-    card["search"] = {"trial_id": record.trial_id, "checkpoint": checkpoint, "trial_dir": record.path}
-    return card
 
 
 def load_records(experiment: str | os.PathLike) -> tuple[dict[str, Any], list[TrialRecord]]:
     spec = read_spec(experiment)
     records = collect_trials(experiment, spec["metric"], spec["time_attr"], spec["max_t"], spec["baseline"])
     return spec, records
+
+
+def ranked_runs(experiment: str, spec: dict[str, Any]) -> list[tuple[TrialRecord, str]]:
+    """(run, how it ranks) best first: the confirmed configurations when the experiment has
+    a finished confirmation stage, else the search's trials."""
+    metric, mode = spec["metric"], spec["mode"]
+    saved = read_confirm_spec(Path(experiment))
+    if saved is not None:
+        candidates = collect_confirmation(experiment, saved[0], metric, spec["time_attr"], spec["max_t"])
+        ranked = [(c, c.best_run(mode)) for c in rank_confirmed(candidates, mode)]
+        return [(run, f"configuration {c.name}, mean {metric} {c.mean(mode):.4f} over {len(c.values(mode))} "
+                      f"seeds; its best seed's run ({run.best(mode)[1]:.4f})") for c, run in ranked if run]
+    _, records = load_records(experiment)
+    return [(r, f"trial {r.trial_id}, best {metric} {r.best(mode)[1]:.4f}") for r in rank_trials(records, mode)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,17 +96,18 @@ def main(argv: list[str] | None = None) -> int:
         # fails; the README's `--experiment runs/imbalance` is relative to where search.run ran.
         if "://" not in args.experiment:
             args.experiment = str(Path(args.experiment).expanduser().resolve())
-        spec, records = load_records(args.experiment)
-        ranked = rank_trials(records, spec["mode"])
+        spec = read_spec(args.experiment)
+        ranked = ranked_runs(args.experiment, spec)
         if not ranked:
-            raise ValueError(f"{args.experiment}: no trial reported {spec['metric']}")
+            raise ValueError(f"{args.experiment}: no run reported {spec['metric']}")
+        if args.top_k > len(ranked):
+            print(f"note: {len(ranked)} ranked run(s) to export, not {args.top_k}")
         dataset = load_dataset(args.data if args.data is not None else spec["data"])
         out = Path(args.out) if args.out else Path(args.experiment, "export")
-        for rank, record in enumerate(ranked[: args.top_k], start=1):
+        for rank, (record, how) in enumerate(ranked[: args.top_k], start=1):
             target = out if args.top_k == 1 else out / f"rank{rank}-{record.trial_id}"
-            _, value = record.best(spec["mode"])
-            print(f"rank {rank}: trial {record.trial_id}, best {spec['metric']} {value:.4f} -> {target}")
-            export_trial(record, target, dataset, spec["metric"], spec["mode"])
+            print(f"rank {rank}: {how} -> {target}")
+            export_trial(record, target, dataset, spec["metric"], spec["mode"], why=f"rank {rank}: {how}")
     except (ValueError, DataError, OSError) as err:  # OSError: an unwritable or full --out
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -150,7 +150,7 @@ def finish(plan: Any, wall_s: float) -> int:
         candidates = run_confirmation(plan, records)
         confirm_s = time.time() - started
         sync_down(plan)
-        candidates = collect_confirmation(plan, candidates)
+        candidates = collect_confirmation(plan.local_dir, candidates, space.metric, space.time_attr, space.max_t)
         runs = [r for c in candidates for r in c.runs]
         write_trials_csv(records + runs, [p.name for p in space.parameters], space.metric, space.mode,
                          plan.local_dir / TRIALS_CSV)
@@ -177,7 +177,10 @@ def finish(plan: Any, wall_s: float) -> int:
             "candidates": [describe(c, space.mode) for c in candidates],
         }
     test = evaluate_on_test(tested, compared, plan.dataset, space.metric, space.mode, plan.local_dir)
-    card = export_trial(tested, plan.export_dir, plan.dataset, space.metric, space.mode)
+    why = (f"the confirmed winner {confirmation['winner']}'s seed {confirmation['exported_seed']} run: the best "
+           f"{space.metric} of its {plan.confirm_seeds} seeds" if confirmation else
+           f"the search's best trial by {space.metric} (no confirmation stage)")
+    card = export_trial(tested, plan.export_dir, plan.dataset, space.metric, space.mode, why=why)
     summary = summarize(plan, records, winner, search_baseline, confirmation, tested, test, card, wall_s)
     (plan.local_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=str))
     sync_up(plan)

@@ -252,7 +252,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         data_path = str(Path(data_path).expanduser().resolve())
     dataset, space = load_search_data(data_path, space)
 
-    export_dir = Path(args.export_dir).expanduser().resolve() if args.export_dir else local_dir / "export"
+    chosen_export = args.export_dir or saved.get("export_dir")  # a resumed search exports where it said it would
+    export_dir = Path(chosen_export).expanduser().resolve() if chosen_export else local_dir / "export"
     for flag, folder in (("--storage", storage), ("--export-dir", str(export_dir))):
         problem = None if is_uri(folder) else folder_problem(folder)
         if problem:  # unwritable, a file, or a nearly full disk: refuse before Ray starts
@@ -298,6 +299,7 @@ def spec_of(plan: Plan) -> dict[str, Any]:
         "max_concurrent": plan.max_concurrent,
         "confirm_top": plan.confirm_top,
         "confirm_seeds": plan.confirm_seeds,
+        "export_dir": str(plan.export_dir),
         "metric": plan.space.metric,
         "mode": plan.space.mode,
         "time_attr": plan.space.time_attr,

@@ -278,7 +278,7 @@ parameters:
   lr: {choice: [0.002, 10.0]}
 searcher: {sampler: random, seed: 0, baseline: {lr: 0.002}}
 scheduler: {grace_period: 2}
-run: {num_samples: 2, max_concurrent: 1}
+run: {num_samples: 2, max_concurrent: 1, confirm_top: 0}
 """
 
 
@@ -359,7 +359,7 @@ parameters:
   lr: {loguniform: [1.0e-3, 5.0e-3]}
 searcher: {seed: 0, n_startup_trials: 1, baseline: {lr: 0.002}}
 scheduler: {grace_period: 1}
-run: {num_samples: 3, max_concurrent: 1}
+run: {num_samples: 3, max_concurrent: 1, confirm_top: 0}
 """
 
 

@@ -24,7 +24,7 @@ parameters:
   lr: {loguniform: [1.0e-3, 5.0e-3]}
 searcher: {seed: 0, n_startup_trials: 1, baseline: {lr: 0.002}}
 scheduler: {grace_period: 1}
-run: {num_samples: 2, max_concurrent: 2}
+run: {num_samples: 2, max_concurrent: 2, confirm_top: 0}
 """
 NODE_MEMORY = 128 * 2**20  # object store per node: the tiny data set is well under 10 MB
 

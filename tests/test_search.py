@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,8 @@ from fer.config import TrialConfig, apply_overrides, load_config_file
 from search import export as search_export
 from search import run as search_run
 from support import watch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(argv, capsys):
@@ -45,6 +50,8 @@ BAD_CLI = {
     "malformed data": (["--data", "{csv}"], ["faces.csv"]),
     "resume without name": (["--resume"], ["--resume needs --name"]),
     "resume of nothing": (["--resume", "--name", "ghost"], ["no experiment 'ghost'"]),
+    "negative confirm-top": (["--confirm-top", "-1"], ["--confirm-top", "expected a whole number >= 0"]),
+    "fractional seeds": (["--confirm-seeds", "1.5"], ["--confirm-seeds", "expected a whole number >= 0"]),
     "bad space file": (["--space", "{badspace}"], ["bad.yaml:1", "unknown key 'bogus'"]),
 }
 
@@ -80,7 +87,7 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--space", "--data", "--num-samples", "--max-concurrent", "--workers-per-trial",
                  "--cpus-per-worker", "--gpus-per-worker", "--address", "--storage", "--name",
-                 "--resume", "--seed", "--smoke", "--export-dir"):
+                 "--resume", "--seed", "--smoke", "--export-dir", "--confirm-top", "--confirm-seeds"):
         assert flag in text
 
 
@@ -89,6 +96,27 @@ def test_smoke_budget_applies_to_any_space(tmp_path):
     plan = search_run.make_plan(args)
     assert plan.space.max_t == 2 and plan.num_samples == 2 and plan.name == "imbalance-smoke"
     assert plan.space.fixed["epochs"] == 1 and plan.space.fixed["student_epochs"] == 1
+    assert (plan.confirm_top, plan.confirm_seeds) == (1, 2)  # the best configuration and the baseline, 2 seeds
+
+
+def test_confirmation_comes_from_the_space_unless_a_flag_says_otherwise(tmp_path):
+    def plan_of(*argv):
+        return search_run.make_plan(search_run.build_parser().parse_args(["--storage", str(tmp_path), *argv]))
+
+    assert (plan_of("--space", "imbalance").confirm_top, plan_of("--space", "imbalance").confirm_seeds) == (2, 2)
+    plan = plan_of("--space", "imbalance", "--confirm-top", "0", "--confirm-seeds", "5")
+    assert (plan.confirm_top, plan.confirm_seeds) == (0, 5)
+    assert search_run.spec_of(plan)["confirm_top"] == 0  # what --resume keeps
+
+
+def test_a_finished_experiment_is_not_resumed(tmp_path, capsys):
+    """Resuming would read the test split again; the message says what to do instead."""
+    experiment = tmp_path / "runs" / "done"
+    experiment.mkdir(parents=True)
+    (experiment / "search_spec.json").write_text(json.dumps({"space_path": "x", "data": None}))
+    (experiment / "summary.json").write_text("{}")
+    code, _, err = run_cli(["--resume", "--name", "done", "--storage", tmp_path / "runs"], capsys)
+    assert code == 2 and "experiment 'done' has finished" in err and "python -m search.export" in err
 
 
 def test_seed_reaches_searcher_and_trials(tmp_path):
@@ -100,19 +128,21 @@ def test_seed_reaches_searcher_and_trials(tmp_path):
 # --------------------------------------------------------------------------- end to end
 
 
-def check_outputs(experiment: Path, trials: int, params=("loss", "lr")):
+def check_outputs(experiment: Path, trials: int, params=("loss", "lr"), confirm_runs: int = 0):
     frame = pd.read_csv(experiment / "trials.csv")
-    assert len(frame) == trials
+    assert len(frame) == trials + confirm_runs
     assert set(frame["status"]) <= {"TERMINATED", "ERROR"}
-    assert frame["baseline"].sum() == 1
-    assert {*params, "best_val_macro_f1", "epochs_run", "stopped_early", "error"} <= set(frame.columns)
+    search = frame[frame["stage"] == "search"]
+    assert len(search) == trials and search["baseline"].sum() == 1
+    assert {*params, "best_val_macro_f1", "epochs_run", "stopped_early", "error", "seed"} <= set(frame.columns)
     best = load_config_file(str(experiment / "best_config.yaml"))
     assert isinstance(apply_overrides(TrialConfig(), best, "best_config.yaml"), TrialConfig)
     assert (experiment / "curves.png").stat().st_size > 0
     assert (experiment / "importance.csv").is_file()
     summary = json.loads((experiment / "summary.json").read_text())
-    low, high = summary["test"]["macro_f1_ci95"]
-    assert low <= summary["test"]["macro_f1"] <= high
+    winner = summary["test"]["winner"]
+    low, high = winner["macro_f1_ci95"]
+    assert low <= winner["macro_f1"] <= high
     return frame, summary
 
 
@@ -134,27 +164,117 @@ def stored_states(experiment: Path, name: str):
     return [t.state.name for t in study.get_trials(deepcopy=False)]
 
 
+def confirm_run_recorded(experiment: Path) -> bool:
+    """A confirmation run wrote its final checkpoint and Tune's state for the confirmation says TERMINATED."""
+    folder = experiment / "confirm"
+    done = [p for p in folder.glob("trial_*") if (p / "best.pt").is_file()]
+    states = list(folder.glob("experiment_state-*.json"))
+    return bool(done) and any("TERMINATED" in p.read_text(errors="replace") for p in states)
+
+
+def count_test_reads(monkeypatch, test_images: np.ndarray) -> list[int]:
+    """Spy on every prediction this process makes; record the ones on the test images."""
+    from fer import evaluate as fer_evaluate
+
+    real, reads = fer_evaluate.predict_logits, []
+
+    def spy(model, images, *args, **kwargs):
+        if images.shape == test_images.shape and np.array_equal(images, test_images):
+            reads.append(len(images))
+        return real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(fer_evaluate, "predict_logits", spy)
+    return reads
+
+
 @pytest.mark.slow
-def test_smoke_search_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch):
-    export_dir = tmp_path / "deploy"
-    code, out, err = run_cli(
-        ["--space", "smoke", "--smoke", "--storage", tmp_path / "runs", "--export-dir", export_dir], capsys
-    )
+def test_smoke_search_with_confirmation_killed_and_resumed(ray_cluster, tmp_path, capsys, monkeypatch):
+    """The --smoke search end to end: 2 trials, then the confirmation stage (the best
+    configuration and the plain baseline x 2 seeds). The driver is SIGKILLed once a
+    confirmation run has finished; --resume completes the confirmation without rerunning
+    that run, then reads test exactly twice (winner, baseline) and exports the winner."""
+    import ray
+
+    from fer.data import load_dataset
+
+    storage, export_dir = tmp_path / "runs", tmp_path / "deploy"
+    experiment = storage / "smoke-smoke"
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONPATH": str(ROOT)}
+    log_path = tmp_path / "driver.log"
+    with log_path.open("w") as log:  # joins the session's cluster: one local cluster per machine
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "search.run", "--space", "smoke", "--smoke", "--storage", str(storage),
+             "--export-dir", str(export_dir), "--address", ray.get_runtime_context().gcs_address],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 900
+            while not confirm_run_recorded(experiment):
+                assert driver.poll() is None, f"the driver ended first:\n{log_path.read_text()[-3000:]}"
+                assert time.time() < deadline
+                time.sleep(0.2)
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=30)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    assert not (experiment / "summary.json").exists()  # killed before any read of test
+    done = {p.name: (p / "result.json").read_text()
+            for p in (experiment / "confirm").glob("trial_*") if (p / "best.pt").is_file()}
+    assert 1 <= len(done) < 4
+
+    reads = count_test_reads(monkeypatch, load_dataset(None).splits["test"].images)
+    code, out, err = run_cli(["--resume", "--name", "smoke-smoke", "--storage", storage], capsys)
     assert code == 0, out[-3000:] + err[-3000:]
-    experiment = tmp_path / "runs" / "smoke-smoke"
-    frame, summary = check_outputs(experiment, trials=2)
-    assert "winner test macro-F1" in out and "baseline" in out
+    for name, results in done.items():  # finished before the kill: kept, not run again
+        assert (experiment / "confirm" / name / "result.json").read_text() == results
+
+    frame, summary = check_outputs(experiment, trials=2, confirm_runs=4)
+    confirm = frame[frame["stage"] == "confirm"]
+    assert sorted(confirm["candidate"]) == ["baseline", "baseline", "rank1", "rank1"]
+    assert sorted(confirm["seed"]) == [1, 1, 2, 2]  # fresh seeds: the search ran with seed 0
+    assert set(confirm["status"]) == {"TERMINATED"}
+    assert (confirm[confirm["candidate"] == "baseline"][["loss", "lr"]].drop_duplicates().values.tolist()
+            == [["ce", 0.002]])
+
+    confirmation, test = summary["confirmation"], summary["test"]
+    assert confirmation["winner"] == "rank1" and len(confirmation["candidates"]) == 2
+    for candidate in confirmation["candidates"]:
+        values = [run["val"] for run in candidate["runs"]]
+        assert candidate["val_mean"] == pytest.approx(np.mean(values))
+        assert candidate["val_sd"] == pytest.approx(np.std(values, ddof=1))
+    # the exported model is the winner's best-val seed run; the baseline's run is picked alike
+    rank1 = confirm[confirm["candidate"] == "rank1"]
+    best_run = rank1.loc[rank1["best_val_macro_f1"].idxmax(), "trial_id"]
+    assert summary["export"]["trial_id"] == best_run == confirmation["exported_run"] == test["winner"]["trial_id"]
+    card = json.loads((export_dir / "model_card.json").read_text())
+    assert card["source"]["trial_id"] == best_run and "best val_macro_f1 of its 2 seeds" in card["source"]["why"]
+
+    assert reads == [700, 700] and test["reads"] == 2  # winner and baseline, once each
+    diff = test["difference"]
+    assert diff["macro_f1"] == pytest.approx(test["winner"]["macro_f1"] - test["baseline"]["macro_f1"])
+    assert diff["ci95"][0] <= diff["macro_f1"] <= diff["ci95"][1]
+    assert diff["excludes_zero"] == (diff["ci95"][0] > 0 or diff["ci95"][1] < 0)
+    assert set(test["winner"]["rare_f1"]) == set(test["rare_classes"]) == {"Disgust", "Surprise"}
+    assert "winner - baseline:" in out and "test split read 2 time(s)" in out
+    assert (experiment / "confirmation.png").stat().st_size > 0
+    assert (experiment / "test_baseline_metrics.json").is_file()
     check_onnx(export_dir / "model.onnx")
     states = stored_states(experiment, "smoke-smoke")
-    assert len(states) == 2 and set(states) <= {"COMPLETE", "PRUNED"}
-    assert states.count("PRUNED") == int(frame["stopped_early"].sum())
+    search = frame[frame["stage"] == "search"]
+    assert len(states) == 2 and states.count("PRUNED") == int(search["stopped_early"].sum())
 
-    # search.export repeats the export from the folder alone, given as the README writes it:
+    # a finished experiment is not resumed again: that would read test a third time
+    code, _, err = run_cli(["--resume", "--name", "smoke-smoke", "--storage", storage], capsys)
+    assert code == 2 and "has finished" in err and len(reads) == 2
+
+    # search.export repeats an export from the folder alone, given as the README writes it:
     # a path relative to where search.run ran (Ray's ExperimentAnalysis takes URIs only)
     monkeypatch.chdir(tmp_path)
+    # It ranks the confirmed configurations as search.run did: one here, its best seed's run.
     assert search_export.main(["--experiment", "runs/smoke-smoke", "--top-k", "2", "--out", "top"]) == 0
-    exported = sorted(p.name for p in (tmp_path / "top").iterdir())
-    assert len(exported) == 2 and all((tmp_path / "top" / p / "model.onnx").is_file() for p in exported)
+    assert "note: 1 ranked run(s) to export, not 2" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "top").iterdir()] == [f"rank1-{best_run}"]
+    assert (tmp_path / "top" / f"rank1-{best_run}" / "model.onnx").is_file()
 
 
 def interrupt_when(condition, timeout_s: float = 300.0):
@@ -172,7 +292,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
     storage = tmp_path / "runs"
     experiment = storage / "resumed"
     argv = ["--space", "smoke", "--smoke", "--num-samples", "3", "--max-concurrent", "1",
-            "--storage", storage, "--name", "resumed"]
+            "--storage", storage, "--name", "resumed", "--confirm-top", "0"]
     interrupt_when(lambda: len(finished_trials(experiment)) >= 1)
     code, out, _ = run_cli(argv, capsys)
     assert code == 130, out[-3000:]
@@ -194,7 +314,7 @@ parameters:
   pretrained: {choice: [null, /nonexistent/weights.pth]}  # the second trial draws the missing file
 searcher: {seed: 0, n_startup_trials: 2, baseline: {pretrained: null}}
 scheduler: {grace_period: 1}
-run: {num_samples: 2, max_concurrent: 2}
+run: {num_samples: 2, max_concurrent: 2, confirm_top: 0}
 """
 
 

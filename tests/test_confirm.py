@@ -1,0 +1,73 @@
+"""search/confirm.py without Ray: which configurations are confirmed, with which seeds, who
+wins, which run is handed on; and that trials never receive the test split."""
+
+from __future__ import annotations
+
+import pytest
+
+from search.confirm import BASELINE, PLAIN, Candidate, choose_candidates, confirm_seeds, describe, pick_confirmed
+from search.report import TrialRecord
+from search.space import load_space
+
+
+def record(trial_id: str, best: float, status: str = "TERMINATED", **config) -> TrialRecord:
+    return TrialRecord(trial_id=trial_id, path="", status=status, config=config, curve=[(1, best / 2), (2, best)])
+
+
+def test_candidates_are_the_best_distinct_configurations_then_the_plain_baseline():
+    space = load_space("imbalance")
+    records = [
+        record("a", 0.40, loss="focal", lr=0.003, seed=0),
+        record("b", 0.55, loss="ce", lr=0.004, seed=0),
+        record("c", 0.55, loss="ce", lr=0.004, seed=0),  # TPE proposed b's point again: not twice
+        record("d", 0.50, loss="logit_adjusted", lr=0.002, seed=0),
+        record("e", 0.90, status="ERROR", loss="ce", lr=0.009),
+    ]
+    candidates = choose_candidates(records, space, top=2)
+    assert [(c.name, c.search_trial) for c in candidates] == [("rank1", "b"), ("rank2", "d"), (BASELINE, None)]
+    assert candidates[0].config == {"loss": "ce", "lr": 0.004}  # the search's seed is not carried over
+    baseline = candidates[-1].config
+    assert {k: baseline[k] for k in PLAIN} == PLAIN  # plain CE, natural mix, no cap, argmax
+    assert baseline["model"] == space.fixed["model"] and baseline["epochs"] == space.fixed["epochs"]
+    assert space.trial_config(baseline).posthoc == "none"  # a valid TrialConfig
+
+
+def test_confirmation_seeds_are_ones_the_search_never_used():
+    space = load_space("imbalance")
+    assert confirm_seeds(space, 3) == [1, 2, 3]  # the search's trials all ran with seed 0
+    space.fixed = {**space.fixed, "seed": 7}
+    assert confirm_seeds(space, 2) == [8, 9]
+
+
+def candidate(name: str, runs: dict[int, float | None]) -> Candidate:
+    c = Candidate(name, {})
+    for seed, value in runs.items():
+        run = record(f"{name}-{seed}", value) if value is not None else record(f"{name}-{seed}", 0.0, status="ERROR")
+        c.runs.append(run)
+        c.seeds[run.trial_id] = seed
+    return c
+
+
+def test_winner_is_the_best_mean_not_the_best_single_run():
+    lucky = candidate("rank1", {1: 0.70, 2: 0.30, 3: 0.32})  # best single run, mean 0.44
+    steady = candidate("rank2", {1: 0.50, 2: 0.52, 3: None})  # an errored run does not count
+    plain = candidate(BASELINE, {1: 0.60, 2: 0.60})  # the reference never wins, even when higher
+    assert pick_confirmed([lucky, steady, plain], "max") is steady
+    assert steady.mean("max") == pytest.approx(0.51) and steady.sd("max") == pytest.approx(0.0141421, abs=1e-6)
+    assert steady.best_run("max").trial_id == "rank2-2"
+    assert plain.best_run("max").trial_id == "baseline-1"  # a tie goes to the lower seed
+    assert candidate("one", {4: 0.5}).sd("max") is None  # one run has no spread
+    summary = describe(steady, "max")
+    assert [run["seed"] for run in summary["runs"]] == [1, 2, 3] and summary["runs"][2]["status"] == "ERROR"
+    assert pick_confirmed([plain], "max") is None
+
+
+@pytest.mark.slow
+def test_trials_receive_the_data_without_its_test_split(ray_cluster, tmp_path):
+    from search import run as search_run
+    from search.tuning import trial_data
+
+    plan = search_run.make_plan(search_run.build_parser().parse_args(["--space", "smoke", "--storage", str(tmp_path)]))
+    shared = trial_data(plan).get()
+    assert set(shared.splits) == set(plan.dataset.splits) - {"test"}
+    assert trial_data(plan) is trial_data(plan)  # put into the object store once per search
