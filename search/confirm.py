@@ -17,6 +17,7 @@ finished runs are kept, unfinished ones continue from their last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -78,18 +79,38 @@ def confirm_seeds(space: Any, count: int) -> list[int]:
     return [base + 1 + r for r in range(count)]
 
 
-def choose_candidates(records: list[TrialRecord], space: Any, top: int) -> list[Candidate]:
-    """The `top` best distinct configurations of the search by best score, then the plain baseline."""
-    chosen: list[Candidate] = []
+# TrialConfig fields that act only after training: two configurations that differ in these
+# alone train the same model and score the same val macro-F1 (the metric is argmax), so
+# confirming both would spend runs on a tie.
+AFTER_TRAINING = ("posthoc",)
+
+
+def choose_candidates(records: list[TrialRecord], space: Any, top: int) -> tuple[list[Candidate], list[str]]:
+    """The `top` best configurations of the search by best score that train differently
+    from each other and from the plain baseline, then the plain baseline; and a note for
+    each configuration passed over."""
+    baseline = {k: v for k, v in {**space.fixed, **space.baseline_point(), **PLAIN}.items() if k != "seed"}
+    seen, chosen, notes = [_training(space, baseline)], [], []
     for record in rank_trials(records, space.mode):
         config = {k: v for k, v in record.config.items() if k != "seed"}
-        if any(c.config == config for c in chosen):  # TPE may propose one point twice
+        training = _training(space, config)
+        if training in seen:
+            what = "the plain baseline" if training == seen[0] else "a better-ranked configuration"
+            notes.append(f"search trial {record.trial_id} trains like {what} (it differs at most in "
+                         f"{', '.join(AFTER_TRAINING)}, which the val metric does not see): not confirmed again")
             continue
+        seen.append(training)
         chosen.append(Candidate(f"rank{len(chosen) + 1}", config, record.trial_id, record.best(space.mode)[1]))
         if len(chosen) == top:
             break
-    baseline = {k: v for k, v in {**space.fixed, **space.baseline_point(), **PLAIN}.items() if k != "seed"}
-    return chosen + [Candidate(BASELINE, baseline)]
+    return chosen + [Candidate(BASELINE, baseline)], notes
+
+
+def _training(space: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """What decides the trained weights: the full TrialConfig less the seed (the confirmation
+    sets its own) and the fields that act after training."""
+    full = dataclasses.asdict(space.trial_config(config))
+    return {k: v for k, v in full.items() if k not in ("seed", *AFTER_TRAINING)}
 
 
 def write_confirm_spec(folder: Path, candidates: list[Candidate], seeds: list[int]) -> None:
@@ -119,8 +140,10 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
     experiment = f"{plan.experiment.rstrip('/')}/{CONFIRM_DIR}"
     saved = read_confirm_spec(plan.local_dir)
     if saved is None:
-        candidates, seeds = choose_candidates(records, plan.space, plan.confirm_top), \
-            confirm_seeds(plan.space, plan.confirm_seeds)
+        candidates, notes = choose_candidates(records, plan.space, plan.confirm_top)
+        seeds = confirm_seeds(plan.space, plan.confirm_seeds)
+        for note in notes:
+            print(f"note: {note}")
         write_confirm_spec(plan.local_dir, candidates, seeds)
     else:  # resumed: the same candidates, whatever the search's records say now
         candidates, seeds = saved

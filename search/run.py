@@ -8,8 +8,11 @@
 Everything the user can get wrong (flags, the space file, the data) is checked before
 Ray starts. The experiment folder `<storage>/<name>` then holds the trials (TensorBoard
 logs inside), the Optuna study (optuna.db), ASHA's rungs, and at the end trials.csv,
-best_config.yaml, importance.csv and curves.png; the winner alone is evaluated once on
-the test split and exported to ONNX (`fer.export`) into --export-dir.
+best_config.yaml, importance.csv and curves.png. A confirmation stage (search/confirm.py)
+then retrains the best configurations and the plain baseline with fresh seeds; the
+winner (best mean val) and the baseline are each evaluated once on the test split, with
+the paired interval of their difference, and the winner is exported to ONNX
+(`fer.export`) into --export-dir.
 """
 
 from __future__ import annotations
@@ -105,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m search.run",
         description="Hyperparameter search over a YAML space: Ray Tune runs the trials, Optuna TPE "
-        "proposes them (the space's baseline first), ASHA stops weak ones early; the winner is "
-        "evaluated once on the test split and exported to ONNX.",
+        "proposes them (the space's baseline first), ASHA stops weak ones early; the best "
+        "configurations and the plain baseline are retrained with fresh seeds, the winner by mean "
+        "validation score; winner and baseline are each evaluated once on the test split, and the "
+        "winner is exported to ONNX.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # '--num-sample 3' must be an error, not a silent '--num-samples'
         epilog=__doc__.split("\n\n")[1],

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 TIMED_KEYS = ("train_seconds", "train_images_per_s")  # the only reported values that vary run to run
 
 
@@ -49,3 +55,29 @@ def saved_and_loaded(state: dict[str, Any]) -> dict[str, Any]:
 def untimed(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Reported epochs without their wall-clock measurements."""
     return [{k: v for k, v in m.items() if k not in TIMED_KEYS} for m in history]
+
+
+def sigkill_search_driver(argv: list[str], log_path: Path, condition: Callable[[], bool],
+                          timeout_s: float = 900.0) -> None:
+    """Run `python -m search.run ARGV` as a subprocess on the session's cluster and SIGKILL it
+    (no handler runs: nothing saved on the way out) as soon as `condition()` holds. The
+    driver joins the session's cluster: a second local cluster on one machine confuses
+    Ray's address lookup ("Found multiple active Ray instances")."""
+    import ray
+
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONPATH": str(ROOT)}
+    with log_path.open("w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "search.run", *map(str, argv), "--address", ray.get_runtime_context().gcs_address],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + timeout_s
+            while not condition():
+                assert driver.poll() is None, f"the driver ended first:\n{log_path.read_text()[-3000:]}"
+                assert time.time() < deadline, f"condition not met in {timeout_s} s"
+                time.sleep(0.2)
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=30)
+        finally:
+            if driver.poll() is None:
+                driver.kill()

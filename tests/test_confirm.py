@@ -23,13 +23,26 @@ def test_candidates_are_the_best_distinct_configurations_then_the_plain_baseline
         record("d", 0.50, loss="logit_adjusted", lr=0.002, seed=0),
         record("e", 0.90, status="ERROR", loss="ce", lr=0.009),
     ]
-    candidates = choose_candidates(records, space, top=2)
+    candidates, notes = choose_candidates(records, space, top=2)
     assert [(c.name, c.search_trial) for c in candidates] == [("rank1", "b"), ("rank2", "d"), (BASELINE, None)]
+    assert len(notes) == 1 and "search trial c trains like a better-ranked configuration" in notes[0]
     assert candidates[0].config == {"loss": "ce", "lr": 0.004}  # the search's seed is not carried over
     baseline = candidates[-1].config
     assert {k: baseline[k] for k in PLAIN} == PLAIN  # plain CE, natural mix, no cap, argmax
     assert baseline["model"] == space.fixed["model"] and baseline["epochs"] == space.fixed["epochs"]
     assert space.trial_config(baseline).posthoc == "none"  # a valid TrialConfig
+
+
+def test_a_configuration_that_trains_like_the_plain_baseline_is_not_confirmed_twice():
+    """The search's own baseline trial differs from the plain baseline only in its post-hoc
+    offsets: the same weights and the same val score for every seed. Measured on the
+    Quickstart search, where it ranked second and spent a third of the confirmation on a tie."""
+    space = load_space("imbalance")
+    search_baseline = {**space.fixed, **space.baseline_point()}
+    records = [record("base", 0.60, **search_baseline, seed=0), record("x", 0.50, loss="focal", lr=0.004)]
+    candidates, notes = choose_candidates(records, space, top=2)
+    assert [(c.name, c.search_trial) for c in candidates] == [("rank1", "x"), (BASELINE, None)]
+    assert "search trial base trains like the plain baseline" in notes[0] and "posthoc" in notes[0]
 
 
 def test_confirmation_seeds_are_ones_the_search_never_used():

@@ -15,8 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +29,7 @@ from fer.config import TrialConfig
 from fer.data import FER_CLASSES
 from search import export as search_export
 from search import run as search_run
-from support import live_actor_pids, watch
-
-ROOT = Path(__file__).resolve().parent.parent
+from support import ROOT, live_actor_pids, sigkill_search_driver, watch
 
 # --------------------------------------------------------------------------- helpers
 
@@ -372,32 +368,12 @@ def tune_recorded_a_finished_trial(experiment: Path) -> bool:
 
 @pytest.mark.slow
 def test_sigkilled_driver_resumes_and_keeps_finished_trials(ray_cluster, tmp_path, capsys, monkeypatch):
-    import ray
-
     space = tmp_path / "fast.yaml"
     space.write_text(FAST_SPACE)
     storage = tmp_path / "runs"
     experiment = storage / "killed"
-    # The driver joins the session's cluster: a second local cluster on one machine confuses
-    # Ray's address lookup ("Found multiple active Ray instances").
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONPATH": str(ROOT)}
-    log_path = tmp_path / "driver.log"
-    log = log_path.open("w")
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "search.run", "--space", str(space), "--storage", str(storage),
-         "--name", "killed", "--address", ray.get_runtime_context().gcs_address],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 600
-        while not tune_recorded_a_finished_trial(experiment):
-            assert driver.poll() is None, f"the driver ended first:\n{log_path.read_text()[-3000:]}"
-            assert time.time() < deadline
-            time.sleep(0.2)
-        driver.send_signal(signal.SIGKILL)  # no handler runs: nothing saved on the way out
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+    sigkill_search_driver(["--space", space, "--storage", storage, "--name", "killed"], tmp_path / "driver.log",
+                          lambda: tune_recorded_a_finished_trial(experiment))
     done = {p.name: (p / "result.json").read_text() for p in experiment.glob("trial_*") if (p / "best.pt").is_file()}
     assert done and not (experiment / "trials.csv").exists()
 

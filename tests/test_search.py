@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +14,7 @@ import pytest
 from fer.config import TrialConfig, apply_overrides, load_config_file
 from search import export as search_export
 from search import run as search_run
-from support import watch
-
-ROOT = Path(__file__).resolve().parent.parent
+from support import sigkill_search_driver, watch
 
 
 def run_cli(argv, capsys):
@@ -146,13 +141,11 @@ def check_outputs(experiment: Path, trials: int, params=("loss", "lr"), confirm_
     return frame, summary
 
 
-def check_onnx(model: Path):
+def check_onnx(model: Path, dataset):
     import onnxruntime as ort
 
-    from fer.data import load_dataset
-
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    images = load_dataset(None).splits["val"].images[:4]
+    images = dataset.splits["val"].images[:4]
     (scores,) = session.run(None, {session.get_inputs()[0].name: images})
     assert scores.shape == (4, 7) and np.isfinite(scores).all()
 
@@ -193,36 +186,24 @@ def test_smoke_search_with_confirmation_killed_and_resumed(ray_cluster, tmp_path
     configuration and the plain baseline x 2 seeds). The driver is SIGKILLed once a
     confirmation run has finished; --resume completes the confirmation without rerunning
     that run, then reads test exactly twice (winner, baseline) and exports the winner."""
-    import ray
-
     from fer.data import load_dataset
+    from fer.synth import write_csv
 
+    # A fifth of the demo data: the same classes and imbalance, a quarter of the minutes.
+    data = write_csv(str(tmp_path / "data"), seed=0, scale=0.2)
+    dataset = load_dataset(data)
     storage, export_dir = tmp_path / "runs", tmp_path / "deploy"
     experiment = storage / "smoke-smoke"
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONPATH": str(ROOT)}
-    log_path = tmp_path / "driver.log"
-    with log_path.open("w") as log:  # joins the session's cluster: one local cluster per machine
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "search.run", "--space", "smoke", "--smoke", "--storage", str(storage),
-             "--export-dir", str(export_dir), "--address", ray.get_runtime_context().gcs_address],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 900
-            while not confirm_run_recorded(experiment):
-                assert driver.poll() is None, f"the driver ended first:\n{log_path.read_text()[-3000:]}"
-                assert time.time() < deadline
-                time.sleep(0.2)
-            driver.send_signal(signal.SIGKILL)
-            driver.wait(timeout=30)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
+    sigkill_search_driver(["--space", "smoke", "--smoke", "--data", data, "--storage", storage,
+                           "--export-dir", export_dir], tmp_path / "driver.log",
+                          lambda: confirm_run_recorded(experiment))
     assert not (experiment / "summary.json").exists()  # killed before any read of test
     done = {p.name: (p / "result.json").read_text()
             for p in (experiment / "confirm").glob("trial_*") if (p / "best.pt").is_file()}
     assert 1 <= len(done) < 4
 
-    reads = count_test_reads(monkeypatch, load_dataset(None).splits["test"].images)
+    test_images = dataset.splits["test"].images
+    reads = count_test_reads(monkeypatch, test_images)
     code, out, err = run_cli(["--resume", "--name", "smoke-smoke", "--storage", storage], capsys)
     assert code == 0, out[-3000:] + err[-3000:]
     for name, results in done.items():  # finished before the kill: kept, not run again
@@ -249,16 +230,17 @@ def test_smoke_search_with_confirmation_killed_and_resumed(ray_cluster, tmp_path
     card = json.loads((export_dir / "model_card.json").read_text())
     assert card["source"]["trial_id"] == best_run and "best val_macro_f1 of its 2 seeds" in card["source"]["why"]
 
-    assert reads == [700, 700] and test["reads"] == 2  # winner and baseline, once each
+    assert reads == [len(test_images)] * 2 and test["reads"] == 2  # winner and baseline, once each
     diff = test["difference"]
     assert diff["macro_f1"] == pytest.approx(test["winner"]["macro_f1"] - test["baseline"]["macro_f1"])
     assert diff["ci95"][0] <= diff["macro_f1"] <= diff["ci95"][1]
     assert diff["excludes_zero"] == (diff["ci95"][0] > 0 or diff["ci95"][1] < 0)
-    assert set(test["winner"]["rare_f1"]) == set(test["rare_classes"]) == {"Disgust", "Surprise"}
+    rarest = {dataset.classes[i] for i in np.argsort(dataset.class_counts("train"), kind="stable")[:2]}
+    assert set(test["winner"]["rare_f1"]) == set(test["baseline"]["rare_f1"]) == set(test["rare_classes"]) == rarest
     assert "winner - baseline:" in out and "test split read 2 time(s)" in out
     assert (experiment / "confirmation.png").stat().st_size > 0
     assert (experiment / "test_baseline_metrics.json").is_file()
-    check_onnx(export_dir / "model.onnx")
+    check_onnx(export_dir / "model.onnx", dataset)
     states = stored_states(experiment, "smoke-smoke")
     search = frame[frame["stage"] == "search"]
     assert len(states) == 2 and states.count("PRUNED") == int(search["stopped_early"].sum())
