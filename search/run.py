@@ -412,6 +412,11 @@ def print_start(plan: Plan, dashboard: str | None) -> None:
     )
     print(describe_budget(plan.space.trial_config({}), plan.dataset))  # the fixed values; searched ones vary
     print(f"experiment: {plan.experiment}  ({plan.num_samples} trials, up to {plan.max_concurrent} at once)")
+    if plan.confirm_top and plan.confirm_seeds:
+        print(f"then confirmation: the {plan.confirm_top} best configurations and the plain baseline, "
+              f"{plan.confirm_seeds} fresh seeds each, at the full budget (--confirm-top 0 skips it)")
+    else:
+        print("no confirmation stage: the search's best single trial wins and is not compared with the baseline")
     if dashboard:
         print(f"Ray dashboard: {dashboard}  (cluster, actors, jobs, logs; it has no Tune or Train page)")
     print(f"TensorBoard:   tensorboard --logdir {plan.experiment}")
