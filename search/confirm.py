@@ -221,10 +221,14 @@ def describe(candidate: Candidate, mode: str) -> dict[str, Any]:
 
 def format_candidate(summary: dict[str, Any], metric: str) -> str:
     mean, sd = summary["val_mean"], summary["val_sd"]
-    spread = "n/a" if mean is None else f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None and math.isfinite(sd) else "")
-    seeds = ", ".join(f"{r['seed']}: {r['val']:.4f}" if r["val"] is not None else f"{r['seed']}: {r['status']}"
-                      for r in summary["runs"])
-    origin = f" (search trial {summary['search_trial']}, {summary['search_val']:.4f})" if summary["search_trial"] else ""
+    spread = "n/a" if mean is None else f"{mean:.4f}"
+    if mean is not None and sd is not None and math.isfinite(sd):
+        spread += f" ± {sd:.4f}"
+    seeds = ", ".join(f"{r['seed']}: {r['val']:.4f}" if r["val"] is not None and r["status"] == "TERMINATED"
+                      else f"{r['seed']}: {r['status']}" for r in summary["runs"])
+    origin = ""
+    if summary["search_trial"]:
+        origin = f" (search trial {summary['search_trial']}, {summary['search_val']:.4f})"
     return f"  {summary['name']:<9} {metric} {spread}  [seed {seeds}]{origin}"
 
 
@@ -249,7 +253,8 @@ def plot_seed_spread(candidates: list[Candidate], winner: Candidate | None, metr
             ax.scatter([x - 0.15], [candidate.search_val], marker="x", color="tab:gray", zorder=3)
     ax.set_xticks(range(len(candidates)), [c.name + (" (winner)" if c is winner else "") for c in candidates])
     ax.set_ylabel(f"best {metric} per run")
-    ax.set_title("confirmation: one dot per seed, square = mean ± sd,\nx = the configuration's one run in the search", fontsize=10)
+    ax.set_title("confirmation: one dot per seed, square = mean ± sd,\n"
+                 "x = the configuration's one run in the search", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -487,7 +487,8 @@ def _parse_when(reader: _Reader, raw: Any, keypath: tuple, earlier: list[Param])
 def _parse_metric(reader: _Reader, raw: dict, space: Space) -> None:
     if "name" in raw:
         name = raw["name"]
-        # Selection may only ever look at validation metrics: test is read once, for the winner.
+        # Selection may only ever look at validation metrics: test is read only by
+        # search.finish, once for the winner and once for the plain baseline.
         if not isinstance(name, str) or not name.startswith("val_"):
             raise reader.error(("metric", "name"), f"must be a validation metric (val_...), got {name!r}")
         space.metric = name

@@ -84,3 +84,14 @@ def test_trials_receive_the_data_without_its_test_split(ray_cluster, tmp_path):
     shared = trial_data(plan).get()
     assert set(shared.splits) == set(plan.dataset.splits) - {"test"}
     assert trial_data(plan) is trial_data(plan)  # put into the object store once per search
+
+
+def test_terminal_line_of_a_candidate_shows_every_seed_and_its_search_score():
+    from search.confirm import format_candidate
+
+    steady = candidate("rank2", {1: 0.50, 2: 0.52, 3: None})
+    steady.search_trial, steady.search_val = "abc", 0.45
+    line = format_candidate(describe(steady, "max"), "val_macro_f1")
+    assert line == "  rank2     val_macro_f1 0.5100 ± 0.0141  [seed 1: 0.5000, 2: 0.5200, 3: ERROR] (search trial abc, 0.4500)"
+    lone = format_candidate(describe(candidate(BASELINE, {1: 0.6}), "max"), "val_macro_f1")
+    assert lone == "  baseline  val_macro_f1 0.6000  [seed 1: 0.6000]"  # one run: no spread to show
