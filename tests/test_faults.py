@@ -236,6 +236,7 @@ def test_start_ray_passes_the_dashboard_host(monkeypatch):
     plan = type("P", (), {"address": None, "dashboard_host": "127.0.0.1"})()
     assert search_run.start_ray(plan) == "http://127.0.0.1:8265"
     assert seen["dashboard_host"] == "127.0.0.1"
+    assert seen["address"] == "local"  # never the cluster a `ray start` left behind, alive or dead
 
 
 def test_yaml_readers_use_safe_load_only():
