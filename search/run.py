@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--gpus-per-worker", type=_gpu_fraction, default=0.0, metavar="G",
         help="GPUs each worker reserves; fractions share a GPU, e.g. 0.25 = four workers per GPU (default: 0)")
     add("--address", default=None, metavar="ADDR",
-        help="join an existing Ray cluster ('auto' or host:port); default: start a local one")
+        help="join an existing Ray cluster ('auto' or host:port), sending this machine's Ray auth token; "
+        "default: always start a local one of our own")
     add("--storage", default=DEFAULT_STORAGE, metavar="DIR_OR_URI",
         help=f"where experiments live: a local folder or a URI such as s3://bucket/path; on a "
         f"multi-node cluster it must be storage every node reaches (default: ./{DEFAULT_STORAGE})")
@@ -331,7 +332,7 @@ def start_ray(plan: Plan) -> str | None:
     if ray.is_initialized():  # e.g. a test session's cluster
         return None
     if plan.address:
-        context = ray.init(address=plan.address, runtime_env={"env_vars": env})
+        return join_cluster(plan.address, env)
     else:
         # "local": always a cluster of our own. Without it ray.init() joins the cluster a
         # `ray start` recorded in /tmp/ray, and when that one died uncleanly it retries its
@@ -340,6 +341,50 @@ def start_ray(plan: Plan) -> str | None:
             address="local", include_dashboard=True, dashboard_host=plan.dashboard_host,
             runtime_env={"env_vars": env},
         )
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url
+
+
+TOKEN_HELP = ("RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token "
+              "(`ray get-auth-token` on the head node prints it)")
+
+
+def enable_token_auth() -> bool:
+    """Send this machine's Ray auth token, when it has one, to whatever cluster we join.
+
+    Ray does this itself for 'auto' but not for an explicit HOST:PORT, and the switch must
+    also refresh Ray's already-loaded config, so an environment variable set here is not
+    enough: Ray's own helper does both (private API, Ray 2.60; the fallback leaves it to
+    the user's RAY_AUTH_MODE=token)."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def join_cluster(address: str, env: dict[str, str]) -> str | None:
+    """Join the cluster at `address` ('auto' or HOST:PORT); a failure is one UsageError line.
+
+    Ray 2.60 turns token authentication on for clusters by default, but ray.init only
+    sends a token to an explicit HOST:PORT when RAY_AUTH_MODE=token is set (for 'auto' it
+    enables it itself when a token exists); without it the driver retries for ~20 s and
+    ends in a 20-line traceback (issue 17). So: token mode whenever a token is there."""
+    import ray
+
+    token = enable_token_auth()
+    try:
+        context = ray.init(address=address, runtime_env={"env_vars": env})
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        cause = " ".join(str(err).split())[:300] or type(err).__name__
+        sent = "this machine's auth token was sent" if token else "no auth token was found on this machine"
+        raise UsageError(
+            f"--address {address}: could not join the Ray cluster ({type(err).__name__}: {cause}); {sent}. "
+            f"Check that a cluster runs there (`ray status --address {address}`) and that this machine has "
+            f"its token: {TOKEN_HELP}"
+        ) from None
     url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
 
@@ -439,7 +484,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     started = time.time()
-    dashboard = start_ray(plan)
+    try:
+        dashboard = start_ray(plan)
+    except UsageError as err:  # a cluster that cannot be joined: before any work starts
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print_start(plan, dashboard)
     try:
         run_search(plan)

@@ -239,6 +239,30 @@ def test_start_ray_passes_the_dashboard_host(monkeypatch):
     assert seen["address"] == "local"  # never the cluster a `ray start` left behind, alive or dead
 
 
+def test_joining_a_cluster_sends_the_token_and_fails_in_one_line(monkeypatch, tmp_path, capsys):
+    """Ray 2.60 sends no auth token to an explicit HOST:PORT unless token mode is on; a
+    cluster that cannot be joined is one line naming the address and where the token lives,
+    before any work starts (the real cluster case was run by hand: issue 17's closing note)."""
+    import ray
+
+    calls = []
+    monkeypatch.setattr(search_run, "enable_token_auth", lambda: calls.append("token") or True)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+    def refused(**kwargs):
+        calls.append(kwargs["address"])
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.9:6390")
+
+    monkeypatch.setattr(ray, "init", refused)
+    code, _, err = run_main(search_run.main, ["--space", "smoke", "--smoke", "--storage", tmp_path / "runs",
+                                              "--address", "10.0.0.9:6390"], capsys)
+    assert code == 2 and calls == ["token", "10.0.0.9:6390"]
+    line = one_error_line(err)
+    assert line.startswith("error: --address 10.0.0.9:6390: could not join the Ray cluster (ConnectionError: ")
+    assert "auth token was sent" in line and "~/.ray/auth_token" in line and "ray get-auth-token" in line
+    assert not (tmp_path / "runs").exists()
+
+
 def test_yaml_readers_use_safe_load_only():
     """No yaml.load / unsafe Loader anywhere in the product: YAML is data (STYLE.md)."""
     offenders = []
