@@ -11,6 +11,7 @@ from search.confirm import (
     BASELINE,
     CONFIRM_SPEC,
     collect_confirmation,
+    confirm_seeds,
     describe,
     format_candidate,
     pick_confirmed,
@@ -170,7 +171,7 @@ def finish(plan: Any, wall_s: float) -> int:
         plot_seed_spread(candidates, chosen, space.metric, space.mode, plan.local_dir / CONFIRM_PNG)
         write_best_config(tested, plan.data_path, space.metric, space.mode, plan.local_dir / BEST_CONFIG)
         confirmation = {
-            "top": plan.confirm_top, "seeds": sorted(set(plain.seeds.values()) | set(chosen.seeds.values())),
+            "top": plan.confirm_top, "seeds": confirm_seeds(space, plan.confirm_seeds),
             "wall_s": round(confirm_s, 1), "wall_fraction_of_search": round(confirm_s / max(wall_s, 1e-9), 2),
             "winner": chosen.name, "exported_run": tested.trial_id,
             "exported_seed": chosen.seeds[tested.trial_id],

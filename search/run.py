@@ -332,7 +332,7 @@ def start_ray(plan: Plan) -> str | None:
     if ray.is_initialized():  # e.g. a test session's cluster
         return None
     if plan.address:
-        return join_cluster(plan.address, env)
+        context = join_cluster(plan.address, env)
     else:
         # "local": always a cluster of our own. Without it ray.init() joins the cluster a
         # `ray start` recorded in /tmp/ray, and when that one died uncleanly it retries its
@@ -365,7 +365,7 @@ def enable_token_auth() -> bool:
     return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def join_cluster(address: str, env: dict[str, str]) -> str | None:
+def join_cluster(address: str, env: dict[str, str]) -> Any:
     """Join the cluster at `address` ('auto' or HOST:PORT); a failure is one UsageError line.
 
     Ray 2.60 turns token authentication on for clusters by default, but ray.init only
@@ -385,8 +385,7 @@ def join_cluster(address: str, env: dict[str, str]) -> str | None:
             f"Check that a cluster runs there (`ray status --address {address}`) and that this machine has "
             f"its token: {TOKEN_HELP}"
         ) from None
-    url = getattr(context, "dashboard_url", None)
-    return f"http://{url}" if url and not url.startswith("http") else url
+    return context
 
 
 def build_tuner(plan: Plan, trainable: Any, max_concurrent: int) -> Any:
