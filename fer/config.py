@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
+from fer import names
+
 
 @dataclass
 class TrialConfig:
@@ -111,7 +113,8 @@ def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
         ) from None
 
 
-def apply_overrides(cfg: TrialConfig, overrides: dict[str, Any], source: str = "config") -> TrialConfig:
+def apply_overrides(cfg: TrialConfig, overrides: dict[str, Any], source: str = "config", *,
+                    models: bool = True) -> TrialConfig:
     """Return a copy of `cfg` with `overrides` applied; unknown keys and bad types raise.
 
     `source` names where the values came from (a YAML file, `--set`, a search space) so
@@ -126,12 +129,12 @@ def apply_overrides(cfg: TrialConfig, overrides: dict[str, Any], source: str = "
             )
         updates[key] = _coerce(key, value, getattr(cfg, key), source)
     new = dataclasses.replace(cfg, **updates)
-    validate_config(new, source)
+    validate_config(new, source, models=models)
     return new
 
 
 # Ranges a trial accepts, checked once at the edge. Choice-valued fields are checked
-# against the lookup dicts of the modules that own them (see validate_config).
+# against fer.names, whose tuples each registry checks itself against.
 _RANGES: dict[str, tuple[float, float]] = {
     "image_size": (16, 1024),
     "load_size": (16, 4096),
@@ -156,31 +159,19 @@ _RANGES: dict[str, tuple[float, float]] = {
     "pseudo_weight": (0.0, 100.0),
 }
 
-_CHOICES_FIXED: dict[str, tuple[str, ...]] = {
-    "optimizer": ("adamw", "sgd"),
-    "student_init": ("teacher", "scratch"),
-}
-
-
 def config_choices() -> dict[str, tuple[str, ...]]:
-    """Allowed values of every choice-valued field, from the owning modules' dicts."""
-    from fer.losses import LOSSES, WEIGHT_SCHEMES
-    from fer.models import STEMS
-    from fer.posthoc import POSTHOC
-    from fer.pseudo import SELECTIONS
-    from fer.samplers import SAMPLERS
-    from fer.transforms import AUGMENTS
-
+    """Allowed values of every choice-valued field (fer.names: plain tuples, no torch)."""
     return {
-        "stem": STEMS,
-        "loss": tuple(LOSSES),
-        "class_weights": tuple(WEIGHT_SCHEMES),
-        "sampler": tuple(SAMPLERS),
-        "augment": tuple(AUGMENTS),
-        "student_augment": tuple(AUGMENTS),
-        "pseudo_selection": tuple(SELECTIONS),
-        "posthoc": tuple(POSTHOC),
-        **_CHOICES_FIXED,
+        "stem": names.STEMS,
+        "loss": names.LOSSES,
+        "class_weights": names.WEIGHT_SCHEMES,
+        "sampler": names.SAMPLERS,
+        "augment": names.AUGMENTS,
+        "student_augment": names.AUGMENTS,
+        "pseudo_selection": names.SELECTIONS,
+        "posthoc": names.POSTHOC,
+        "optimizer": names.OPTIMIZERS,
+        "student_init": names.STUDENT_INITS,
     }
 
 
@@ -189,14 +180,11 @@ def config_ranges() -> dict[str, tuple[float, float]]:
 
 
 def check_value(name: str, value: Any, source: str = "config") -> None:
-    """Raise if `value` is outside what a trial accepts for field `name`."""
+    """Raise if `value` is outside what a trial accepts for field `name`. The model name
+    is only checked to be a name here: `check_model` resolves it (that needs timm)."""
     if name == "model":
-        from fer.models import resolve_model
-
-        try:
-            resolve_model(value)
-        except ValueError as err:
-            raise ValueError(f"{source}: model={value!r}: {err}") from None
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{source}: model={value!r}: expected a model name")
         return
     choices = config_choices()
     if name in choices and value not in choices[name]:
@@ -209,9 +197,23 @@ def check_value(name: str, value: Any, source: str = "config") -> None:
             raise ValueError(f"{source}: {name}={value!r} is outside the allowed range [{low}, {high}]")
 
 
-def validate_config(cfg: TrialConfig, source: str = "config") -> None:
+def check_model(value: str, source: str = "config") -> None:
+    """Raise naming `source` if no zoo has model `value` (imports fer.models: torch, timm)."""
+    from fer.models import resolve_model
+
+    try:
+        resolve_model(value)
+    except ValueError as err:
+        raise ValueError(f"{source}: model={value!r}: {err}") from None
+
+
+def validate_config(cfg: TrialConfig, source: str = "config", *, models: bool = True) -> None:
+    """Check every field; `models=False` leaves the model name to a later `check_model`
+    (a YAML space is validated without importing torch)."""
     for name in config_field_names():
         check_value(name, getattr(cfg, name), source)
+    if models:
+        check_model(cfg.model, source)
 
 
 def load_config_file(path: str) -> dict[str, Any]:

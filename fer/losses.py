@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fer import names
+from fer.names import check_registry
+
 if TYPE_CHECKING:
     from fer.config import TrialConfig
 
@@ -59,6 +62,7 @@ WEIGHT_SCHEMES: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
     "sqrt_inverse": _sqrt_inverse,
     "effective": _effective,
 }
+check_registry(WEIGHT_SCHEMES, names.WEIGHT_SCHEMES, "fer.losses.WEIGHT_SCHEMES")
 
 
 def get_weight_scheme(name: str) -> Callable[[np.ndarray, float], np.ndarray]:
@@ -203,6 +207,7 @@ LOSSES: dict[str, Callable[[TrialConfig, torch.Tensor, np.ndarray], nn.Module]] 
     "logit_adjusted": _logit_adjusted,
     "balanced_softmax": _balanced_softmax,
 }
+check_registry(LOSSES, names.LOSSES, "fer.losses.LOSSES")
 
 
 def get_loss_builder(name: str) -> Callable[[TrialConfig, torch.Tensor, np.ndarray], nn.Module]:

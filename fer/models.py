@@ -40,8 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
+from fer import names
+from fer.names import check_registry
+
 # What a model's stem may be (TrialConfig.stem): the architecture's own, or the small-input one.
-STEMS = ("standard", "small")
+STEMS = names.STEMS
 STEM_CONVS = 3
 
 
@@ -87,6 +90,7 @@ MODELS: dict[str, Callable[[int, float], nn.Module]] = {
     "resnet18": _resnet18,
     "efficientnet_b0": _efficientnet_b0,
 }
+check_registry(MODELS, names.MODELS, "fer.models.MODELS")
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,6 +16,9 @@ from typing import Callable
 import numpy as np
 from sklearn.metrics import f1_score
 
+from fer import names
+from fer.names import check_registry
+
 TAU_GRID = np.round(np.arange(0.0, 2.01, 0.1), 2)  # includes 0, so val macro-F1 never drops
 BIAS_STEPS = 21  # grid points per class and pass
 BIAS_PASSES = 3  # passes over the classes; the step halves after each
@@ -86,6 +89,7 @@ POSTHOC: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] =
     "tau": _fit_tau,
     "bias": _fit_bias,
 }
+check_registry(POSTHOC, names.POSTHOC, "fer.posthoc.POSTHOC")
 
 
 def get_posthoc(name: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:

@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fer import names
+from fer.names import check_registry
+
 
 # --- prediction -------------------------------------------------------------------
 
@@ -249,6 +252,7 @@ SELECTIONS: dict[str, SelectionFn] = {
     "crest": _select_crest,
     "flexmatch": _select_flexmatch,
 }
+check_registry(SELECTIONS, names.SELECTIONS, "fer.pseudo.SELECTIONS")
 
 
 def get_selection(name: str) -> SelectionFn:

@@ -30,6 +30,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fer import names
+from fer.names import check_registry
+
 
 # Stream tags: every random stream below has its own tag, so no two can coincide.
 _SHUFFLE, _CAP, _CAP_FILL, _SHARE = range(4)
@@ -117,6 +120,7 @@ SAMPLERS: dict[str, Callable[[list[np.ndarray], int, int, int], np.ndarray]] = {
     "sqrt": _sqrt,
     "balanced": _balanced,
 }
+check_registry(SAMPLERS, names.SAMPLERS, "fer.samplers.SAMPLERS")
 
 
 def get_sampler(name: str) -> Callable[[list[np.ndarray], int, int, int], np.ndarray]:

@@ -34,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from fer import names
+from fer.names import check_registry
+
 MEAN = 0.5  # per channel, for C = 1 and C = 3 alike
 STD = 0.5
 
@@ -310,6 +313,7 @@ AUGMENTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "weak": _weak,  # crop / rotate / flip
     "strong": _strong,  # weak + TrivialAugment + random erasing
 }
+check_registry(AUGMENTS, names.AUGMENTS, "fer.transforms.AUGMENTS")
 
 
 def get_augment(kind: str) -> Callable[[torch.Tensor, int], torch.Tensor]:

@@ -1,0 +1,26 @@
+"""The names a trial's choice-valued fields accept, and nothing else (a leaf: no imports).
+
+`fer.config` validates a value against these tuples, so checking a YAML space needs no
+torch; each registry (`fer.losses.LOSSES`, `fer.samplers.SAMPLERS`, ...) checks at import
+that its keys are exactly its tuple here, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+LOSSES = ("ce", "focal", "logit_adjusted", "balanced_softmax")
+WEIGHT_SCHEMES = ("none", "inverse", "sqrt_inverse", "effective")
+STEMS = ("standard", "small")
+MODELS = ("mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "efficientnet_b0")  # our own adaptations
+POSTHOC = ("none", "tau", "bias")
+SELECTIONS = ("threshold", "crest", "flexmatch")
+SAMPLERS = ("uniform", "sqrt", "balanced")
+AUGMENTS = ("none", "weak", "strong")
+OPTIMIZERS = ("adamw", "sgd")
+STUDENT_INITS = ("teacher", "scratch")
+
+
+def check_registry(registry: object, names: tuple[str, ...], what: str) -> None:
+    """Raise at import when a registry's keys differ from its names tuple (a developer error)."""
+    keys = tuple(registry)
+    if keys != names:
+        raise RuntimeError(f"{what} registry {keys} differs from fer.names {names}; update both together")
