@@ -35,7 +35,7 @@ def train_candidate(spec: str, epochs: int, threads: int) -> dict[str, Any]:
 
     from fer.config import TrialConfig
     from fer.data import load_dataset
-    from fer.evaluate import predict_logits
+    from fer.infer import predict_logits
     from fer.pipeline import run_pipeline
 
     name, _, stem = spec.partition("/")

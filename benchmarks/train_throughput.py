@@ -1,4 +1,4 @@
-"""Images/s of fer.train.fit's loop vs a bare PyTorch loop doing the same work, in one run.
+"""Images/s of fer.fitting.fit's loop vs a bare PyTorch loop doing the same work, in one run.
 
 Both loops train the same model (same seed), batch size, data, augmentation, loss,
 optimizer (fused AdamW), gradient clipping and (on CUDA) autocast + channels_last; the
@@ -23,10 +23,10 @@ from torch import nn
 
 from fer.config import TrialConfig
 from fer.data import Split
-from fer.evaluate import autocast, autocast_dtype
+from fer.fitting import Stage, fit
+from fer.infer import autocast, autocast_dtype, resolve_device
 from fer.losses import build_loss
 from fer.models import build_model
-from fer.train import fit, resolve_device
 from fer.transforms import make_train_transform
 
 
@@ -85,8 +85,8 @@ def fit_loop(cfg: TrialConfig, images: np.ndarray, labels: np.ndarray, classes: 
     """fit()'s training throughput over epochs 2..E (its own timer, validation excluded)."""
     val_x, val_y = make_data(64, images.shape[1], classes, seed=1)
     names = [f"class{k}" for k in range(classes)]
-    result = fit(cfg, images, labels, Split(val_x, val_y), names,
-                 counts=np.bincount(labels, minlength=classes), device=device, progress=False)
+    stage = Stage.of(cfg, "teacher", images, labels, np.bincount(labels, minlength=classes))
+    result = fit(cfg, stage, Split(val_x, val_y), names, device=device, progress=False)
     later = result.history[1:]
     return sum(m["train_images_per_s"] * m["train_seconds"] for m in later) / sum(m["train_seconds"] for m in later)
 

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from fer.config import TrialConfig
-from fer.data import atomic_write
+from fer.io import atomic_write, to_plain
+from fer.state import PipelineState
 
+RESUME_KEY = "resume"  # a resumable checkpoint's PipelineState.to_dict(), beside the epoch's model
 CHECKPOINT_KEYS = (
     "model", "config", "classes", "class_counts", "epoch", "stage", "metrics",
     "model_name", "in_channels", "posthoc_offsets",
@@ -54,25 +56,27 @@ def make_checkpoint(
     }
 
 
-def to_plain(value: Any) -> Any:
-    """numpy scalars/arrays -> Python numbers/lists (weights_only loading and JSON accept them)."""
-    if isinstance(value, dict):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> str:
     """Write atomically (temp file in the same folder, then os.replace): a reader never
     sees a half-written checkpoint, even when a trial is killed mid-save."""
     path = os.fspath(path)
     atomic_write(Path(path), lambda handle: torch.save(ckpt, handle))
     return path
+
+
+def save_resumable(path: str | os.PathLike, checkpoint: dict[str, Any], state: PipelineState) -> str:
+    """Write the epoch's model checkpoint with the state to resume after it under
+    RESUME_KEY: the one resume format of `fer.train --resume` and a retried Tune trial. One
+    file, because the state's weights are the checkpoint's own tensors and `torch.save`
+    stores a shared tensor once."""
+    return save_checkpoint({**checkpoint, RESUME_KEY: state.to_dict()}, path)
+
+
+def resume_from(saved: dict[str, Any]) -> PipelineState | None:
+    """The state in a checkpoint `save_resumable` wrote (None when it holds none)."""
+    if RESUME_KEY not in saved:
+        return None
+    return PipelineState.from_dict(saved[RESUME_KEY])
 
 
 def load_weights_only(path: str | os.PathLike, missing: str = "checkpoint file not found") -> Any:

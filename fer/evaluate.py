@@ -1,7 +1,8 @@
 """Evaluate a trained model on a split: metrics JSON, per-class table, confusion PNG.
 
-`predict_logits` is the one batched inference loop (the trainer's validation and the
-pseudo-labeller use it too); `evaluate_model` adds the metrics; `main` is the CLI:
+`evaluate_model` adds metrics to `fer.infer.predict_logits` (the one batched inference
+loop); `predict_checkpoint` is one read of a split by a checkpoint (this CLI and the
+search's read of test share it); `main` is the CLI:
 
     python -m fer.evaluate --checkpoint runs/x/best.pt [--data PATH] [--split val|test] [--tta]
                            [--csv evaluations.csv] [--bootstrap 1000]
@@ -14,86 +15,18 @@ one row per run to a CSV so several checkpoints can be compared side by side.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-import warnings
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed-precision dtype for `device`, or None for full precision (CPU).
-
-    bfloat16 where the GPU supports it: same exponent range as float32, so no loss
-    scaling is needed and no overflow to inf; float16 (with a GradScaler) otherwise.
-    """
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """torch.autocast for `dtype`, or a no-op when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def to_nchw(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, C) array -> (N, C, H, W) tensor view sharing its memory (no copy)."""
-    with warnings.catch_warnings():
-        # Arrays from Ray's object store are read-only (zero-copy); nothing writes to them.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        data = torch.from_numpy(images)
-    if data.shape[-1] == 1:  # plain NCHW strides: with one channel, a permuted view would look
-        return data.squeeze(-1).unsqueeze(1)  # channels_last to conv, and DDP warns about grad strides
-    return data.permute(0, 3, 1, 2)
-
-
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module,
-    images: np.ndarray,
-    *,
-    image_size: int,
-    batch_size: int = 256,
-    device: str | torch.device | None = None,
-    tta: bool = False,
-    amp: bool = True,
-) -> torch.Tensor:
-    """Logits (N, K) float32 on CPU for uint8 images (N, H, W, C), model in eval mode.
-
-    With `tta` the logits are averaged over `fer.transforms.tta_views` (identity, flip,
-    shifted crops), as fer.pseudo does: averaged logits keep temperature scaling and
-    post-hoc offsets meaningful.
-    """
-    from fer.transforms import make_eval_transform, tta_views
-
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    dtype = autocast_dtype(device) if amp else None
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    transform = make_eval_transform(image_size)
-    data = to_nchw(images)
-    outputs = []
-    for start in range(0, len(data), batch_size):
-        batch = data[start:start + batch_size].to(device, non_blocking=True)
-        views = tta_views(batch, image_size) if tta else [transform(batch)]
-        logits = 0.0
-        for view in views:
-            with autocast(device, dtype):
-                logits = logits + model(view.contiguous(memory_format=memory_format)).float()
-        outputs.append(logits / len(views))
-    model.train(was_training)
-    if not outputs:
-        return torch.empty(0, 0)
-    return torch.cat(outputs).cpu()
+# fer.infer's loop, looked up here at call time (a test spies on the reads of test through it)
+from fer.infer import predict_logits
+from fer.io import to_plain
 
 
 def evaluate_model(
@@ -222,7 +155,6 @@ def append_results_csv(path: str, row: dict[str, Any]) -> str:
 
 def write_report(metrics: dict[str, Any], classes: list[str], out_dir: str, name: str) -> tuple[str, str]:
     """Write `<name>_metrics.json` and `<name>_confusion.png` into out_dir; return both paths."""
-    from fer.checkpoint import to_plain
     from fer.metrics import plot_confusion
 
     os.makedirs(out_dir, exist_ok=True)
@@ -232,6 +164,23 @@ def write_report(metrics: dict[str, Any], classes: list[str], out_dir: str, name
         json.dump(to_plain(metrics), handle, indent=2)
     plot_confusion(np.asarray(metrics["confusion"]), classes, png_path)
     return json_path, png_path
+
+
+def predict_checkpoint(ckpt: dict[str, Any], images: np.ndarray, labels: np.ndarray, *, tta: bool = False,
+                       batch_size: int = 256, device: str | torch.device | None = "cpu",
+                       offsets: bool = True) -> tuple[dict[str, Any], np.ndarray, torch.Tensor]:
+    """One read of a split by a loaded checkpoint dict: (metrics, predictions, logits), the
+    decision shifted by the checkpoint's own post-hoc offsets (none when `offsets` is False
+    or it has none)."""
+    from fer.checkpoint import model_from_checkpoint
+
+    device = torch.device(device) if device is not None else None
+    model = model_from_checkpoint(ckpt, device)
+    logits = predict_logits(model, images, image_size=int(ckpt["config"]["image_size"]),
+                            batch_size=batch_size, device=device, tta=tta)
+    shift = ckpt.get("posthoc_offsets") if offsets else None
+    metrics, _, preds = metrics_from_logits(logits, labels, list(ckpt["classes"]), shift)
+    return metrics, preds, logits
 
 
 def evaluate_checkpoint(path: str, *, data: str | None = None, split: str = "test",
@@ -244,7 +193,7 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, split: str = "tes
     holds the plain argmax ones); `bootstrap` resamples give macro_f1_ci95; with
     `csv_path` one row is appended there.
     """
-    from fer.checkpoint import load_checkpoint, model_from_checkpoint
+    from fer.checkpoint import load_checkpoint
     from fer.data import load_dataset
     from fer.metrics import format_per_class_table
 
@@ -260,12 +209,10 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, split: str = "tes
     part = dataset.splits[split]
     if part.labels is None:
         raise ValueError(f"{dataset.source}: split {split!r} has no labels to evaluate against")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model_from_checkpoint(ckpt, device)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     classes, offsets = list(ckpt["classes"]), ckpt.get("posthoc_offsets")
-    logits = predict_logits(model, part.images, image_size=int(cfg["image_size"]),
-                            batch_size=batch_size, device=device, tta=tta)
-    metrics, _, preds = metrics_from_logits(logits, part.labels, classes, offsets)
+    metrics, preds, logits = predict_checkpoint(ckpt, part.images, part.labels, tta=tta, batch_size=batch_size,
+                                                device=device)
     plain, _, _ = metrics_from_logits(logits, part.labels, classes, None)
     low, high = bootstrap_macro_f1(part.labels, preds, len(classes), samples=bootstrap)
     metrics.update(split=split, checkpoint=os.path.abspath(path), data=dataset.source, tta=tta,

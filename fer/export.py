@@ -336,7 +336,7 @@ def _export_int8(onnx_path: str, out_dir: str, images: np.ndarray, labels: np.nd
 
 
 def _write_json(path: str, value: dict[str, Any]) -> None:
-    from fer.checkpoint import to_plain
+    from fer.io import to_plain
 
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(to_plain(value), handle, indent=2)

@@ -24,6 +24,7 @@ from torch import nn
 
 from fer import names
 from fer.names import check_registry
+from fer.posthoc import log_prior
 
 if TYPE_CHECKING:
     from fer.config import TrialConfig
@@ -101,15 +102,10 @@ def class_weights(scheme: str, counts: np.ndarray, beta: float = 0.999) -> torch
     return torch.as_tensor(weights, dtype=torch.float32)
 
 
-def log_prior(counts: np.ndarray) -> torch.Tensor:
-    """log of the training class frequencies, float32.
-
-    A class with zero samples counts as half a sample, so its log prior is finite
-    (about -log 2N, e.g. -10.6 for N = 20k) instead of -inf. Same rule as
-    `fer.posthoc.log_prior`, so training-time and post-hoc adjustments agree.
-    """
-    counts = np.maximum(_check_counts(counts), 0.5)
-    return torch.as_tensor(np.log(counts / counts.sum()), dtype=torch.float32)
+def prior_tensor(counts: np.ndarray) -> torch.Tensor:
+    """`fer.posthoc.log_prior` of the checked counts as float32: the one rule for a class
+    with no samples, so training-time and post-hoc adjustments agree."""
+    return torch.as_tensor(log_prior(_check_counts(counts)), dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,11 +190,11 @@ def _focal(cfg: TrialConfig, weight: torch.Tensor, counts: np.ndarray) -> nn.Mod
 
 
 def _logit_adjusted(cfg: TrialConfig, weight: torch.Tensor, counts: np.ndarray) -> nn.Module:
-    return LogitAdjustedLoss(weight, log_prior(counts), cfg.la_tau, cfg.label_smoothing)
+    return LogitAdjustedLoss(weight, prior_tensor(counts), cfg.la_tau, cfg.label_smoothing)
 
 
 def _balanced_softmax(cfg: TrialConfig, weight: torch.Tensor, counts: np.ndarray) -> nn.Module:
-    return LogitAdjustedLoss(weight, log_prior(counts), 1.0, cfg.label_smoothing)
+    return LogitAdjustedLoss(weight, prior_tensor(counts), 1.0, cfg.label_smoothing)
 
 
 LOSSES: dict[str, Callable[[TrialConfig, torch.Tensor, np.ndarray], nn.Module]] = {

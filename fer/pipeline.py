@@ -16,9 +16,9 @@ rule Tune applies to the reported checkpoints. Under torch.distributed every ran
 `run_pipeline`; pool and validation predictions are sharded and gathered, so all ranks
 take the same decisions.
 
-Resuming: `report(metrics, checkpoint, state)` gets, every epoch, the state that
-`run_pipeline(..., resume=state)` continues from after that epoch: the stage, fit's own
-state (`fer.train.fit`), and in stage 2 the teacher's result and the pseudo-label
+Resuming: `report(metrics, checkpoint, state)` gets, every epoch, the `fer.state.PipelineState`
+that `run_pipeline(..., resume=state)` continues from after that epoch: the stage, fit's own
+`FitState` (`fer.fitting.fit`), and in stage 2 the teacher's result and the pseudo-label
 selection, so a resumed trial neither retrains the teacher nor re-selects. A run resumed
 from any epoch ends with the same model as the uninterrupted run (CPU; on GPU up to
 non-deterministic kernels).
@@ -29,22 +29,23 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from fer.checkpoint import to_plain
+from fer.checkpoint import model_from_checkpoint, save_checkpoint
 from fer.config import TrialConfig
+from fer.fitting import FitResult, Report, Stage, fit
+from fer.infer import is_main, predict_logits_sharded, resolve_device
+from fer.io import to_plain
 from fer.posthoc import fit_offsets, macro_f1
-from fer.pseudo import (
-    fit_temperature,
-    predict_logits_sharded,
-    select_pseudo_labels,
-    summarize_selection,
-    write_pseudo_csv,
-)
+from fer.pseudo import fit_temperature, select_pseudo_labels, summarize_selection, write_pseudo_csv
+from fer.state import FitState, PipelineState
+
+# report(metrics, checkpoint, state): fit's report, with the pipeline's state to resume from
+PipelineReport = Callable[[dict[str, Any], "dict[str, Any] | None", PipelineState], None]
 
 
 @dataclass
@@ -52,27 +53,22 @@ class PipelineResult:
     model: nn.Module  # the final model (best epoch of the final stage), eval mode
     checkpoint: dict[str, Any]  # its checkpoint dict, with "posthoc_offsets" filled in
     metrics: dict[str, Any]  # summary: per-stage best val macro-F1, post-hoc, pseudo-labels
-    teacher: Any  # fer.train.FitResult of stage 1
-    student: Any = None  # fer.train.FitResult of stage 2, None when it was skipped
+    teacher: FitResult  # stage 1
+    student: FitResult | None = None  # stage 2, None when it was skipped
     pseudo: dict[str, Any] | None = None  # selection summary (kept per class, precision)
     history: list[dict[str, Any]] = field(default_factory=list)  # every epoch, both stages
     checkpoint_path: str | None = None  # out_dir/best.pt when out_dir was given (rank 0)
 
 
-def _is_main() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _say(message: str) -> None:
-    if _is_main():
+    if is_main():
         print(message, flush=True)
 
 
 def _predict(cfg: TrialConfig, model: nn.Module, images: np.ndarray, device: Any, tta: bool) -> np.ndarray:
     """Logits of `images`, each DDP rank on its shard, gathered in order on every rank."""
     return predict_logits_sharded(model, images, image_size=cfg.image_size,
-                                  batch_size=max(256, cfg.batch_size), device=device, tta=tta)
+                                  batch_size=max(256, cfg.batch_size), device=device, tta=tta).numpy()
 
 
 def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any = None,
@@ -104,7 +100,7 @@ def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any
 
 def _write_pseudo(out_dir: str | None, indices: np.ndarray, labels: np.ndarray, confidences: np.ndarray,
                   summary: dict[str, Any], classes: list[str]) -> None:
-    if out_dir is None or not _is_main():
+    if out_dir is None or not is_main():
         return
     os.makedirs(out_dir, exist_ok=True)
     write_pseudo_csv(os.path.join(out_dir, "pseudo_labeled.csv"), indices, labels, confidences, classes)
@@ -124,96 +120,99 @@ def _student_inputs(cfg: TrialConfig, data: Any, indices: np.ndarray,
     return images, all_labels, weights, counts
 
 
-def run_pipeline(cfg: TrialConfig, data: Any, *, device: Any = None, report: Any = None,
+def run_pipeline(cfg: TrialConfig, data: Any, *, device: Any = None, report: PipelineReport | None = None,
                  out_dir: str | None = None, writer: Any = None, progress: bool = True,
-                 resume: dict[str, Any] | None = None) -> PipelineResult:
+                 resume: PipelineState | None = None) -> PipelineResult:
     """Run stage 1, pseudo-labelling, stage 2 and the post-hoc rule; see the module docstring.
 
     `report(metrics, checkpoint, state)` goes to both fits, so its "epoch" runs 1..epochs
-    and then epochs+1..epochs+student_epochs; `state` is what `resume` takes to continue
-    after that epoch. With out_dir, rank 0 writes pseudo_labeled.csv, pseudo_summary.json
-    and best.pt (the final checkpoint, offsets included).
+    and then epochs+1..epochs+student_epochs; `state` is the `PipelineState` that `resume`
+    takes to continue after that epoch. With out_dir, rank 0 writes pseudo_labeled.csv,
+    pseudo_summary.json and best.pt (the final checkpoint, offsets included).
     """
-    from fer.checkpoint import save_checkpoint
-    from fer.train import fit
-
-    stage = _check_pipeline_resume(resume, cfg)
-    train, val = data.splits["train"], data.splits["val"]
+    if resume is not None and resume.stage == "student" and cfg.student_epochs == 0:
+        raise ValueError("resume state is in stage 2 but student_epochs is 0")
     common = dict(device=device, writer=writer, progress=progress)
-    if stage == "student":
-        teacher = _teacher_from_state(resume["teacher"], device)
+    if resume is not None and resume.stage == "student":
+        teacher = _teacher_from_state(resume.teacher, device)
     else:
-        teacher = fit(cfg, train.images, train.labels, val, data.classes, counts=data.class_counts("train"),
-                      stage="teacher", epoch_offset=0, report=_stage_report(report, {"stage": "teacher"}),
-                      resume=resume["fit"] if stage == "teacher" else None, **common)
-    history = list(teacher.history)
+        teacher = fit(cfg, Stage.teacher(cfg, data), data.splits["val"], data.classes,
+                      report=_stage_report(report, "teacher"), resume=_fit_state(resume, "teacher"), **common)
     metrics: dict[str, Any] = {"teacher_val_macro_f1": teacher.best_metrics["val_macro_f1"],
                                "teacher_best_epoch": teacher.best_epoch}
-    student, summary = None, None
-    skip = _stage2_skip_reason(cfg, data)
+    student, summary = _run_student(cfg, data, teacher, metrics, report, resume, out_dir, common)
+    return _finish(cfg, data, teacher, student, summary, metrics, device, out_dir)
+
+
+def _run_student(cfg: TrialConfig, data: Any, teacher: FitResult, metrics: dict[str, Any],
+                 report: PipelineReport | None, resume: PipelineState | None, out_dir: str | None,
+                 common: dict[str, Any]) -> tuple[FitResult | None, dict[str, Any] | None]:
+    """Pseudo-label the pool (or take the resumed selection) and fit the student; None when
+    stage 2 is skipped. Adds the selection's and the student's numbers to `metrics`."""
+    skip, summary = _stage2_skip_reason(cfg, data), None
     if skip is None:
-        if stage == "student":
-            pseudo = resume["pseudo"]
-            indices, labels, confidences = (np.asarray(pseudo[k], dtype=dtype) for k, dtype in
-                                            (("indices", np.int64), ("labels", np.int64),
-                                             ("confidences", np.float32)))
-            summary = pseudo["summary"]
-            _write_pseudo(out_dir, indices, labels, confidences, summary, data.classes)
-        else:
-            indices, labels, summary, confidences = pseudo_label(cfg, teacher.model, data, device=device,
-                                                                 out_dir=out_dir)
+        indices, labels, confidences, summary = _selection(cfg, data, teacher, resume, out_dir, common["device"])
         metrics["pseudo_kept"] = summary["kept"]
         metrics["pseudo_precision"] = summary.get("precision")
         if len(indices) == 0:
             skip = f"no pool image reached the pseudo-label threshold {cfg.pseudo_threshold}"
-    if skip is None:
-        images, all_labels, weights, counts = _student_inputs(cfg, data, indices, labels)
-        init = teacher.model.state_dict() if cfg.student_init == "teacher" else None
-        carried = {"stage": "student", "teacher": _teacher_state(teacher),
-                   "pseudo": {"indices": indices.tolist(), "labels": labels.tolist(),
-                              "confidences": np.asarray(confidences, dtype=np.float64).tolist(),
-                              "summary": to_plain(summary)}}
-        student = fit(cfg, images, all_labels, val, data.classes, counts=counts, stage="student",
-                      sample_weight=weights, init_state=init, epoch_offset=cfg.epochs,
-                      report=_stage_report(report, carried),
-                      resume=resume["fit"] if stage == "student" else None, **common)
-        history += student.history
-        metrics.update(student_val_macro_f1=student.best_metrics["val_macro_f1"],
-                       student_best_epoch=student.best_epoch)
-    else:
+    if skip is not None:
         _say(f"{skip}: stage 2 skipped")
+        return None, summary
+    images, all_labels, weights, counts = _student_inputs(cfg, data, indices, labels)
+    init = teacher.model.state_dict() if cfg.student_init == "teacher" else None
+    pseudo = {"indices": indices.tolist(), "labels": labels.tolist(),
+              "confidences": np.asarray(confidences, dtype=np.float64).tolist(), "summary": to_plain(summary)}
+    student = fit(cfg, Stage.student(cfg, images, all_labels, weights, counts, init), data.splits["val"],
+                  data.classes, report=_stage_report(report, "student", _teacher_state(teacher), pseudo),
+                  resume=_fit_state(resume, "student"), **common)
+    metrics.update(student_val_macro_f1=student.best_metrics["val_macro_f1"], student_best_epoch=student.best_epoch)
+    return student, summary
+
+
+def _selection(cfg: TrialConfig, data: Any, teacher: FitResult, resume: PipelineState | None, out_dir: str | None,
+               device: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """(kept pool indices, labels, confidences, summary): the teacher's, or the resumed stage 2's."""
+    if resume is None or resume.stage != "student":
+        indices, labels, summary, confidences = pseudo_label(cfg, teacher.model, data, device=device, out_dir=out_dir)
+        return indices, labels, confidences, summary
+    pseudo = resume.pseudo
+    indices, labels, confidences = (np.asarray(pseudo[k], dtype=dtype) for k, dtype in
+                                    (("indices", np.int64), ("labels", np.int64), ("confidences", np.float32)))
+    _write_pseudo(out_dir, indices, labels, confidences, pseudo["summary"], data.classes)
+    return indices, labels, confidences, pseudo["summary"]
+
+
+def _finish(cfg: TrialConfig, data: Any, teacher: FitResult, student: FitResult | None,
+            summary: dict[str, Any] | None, metrics: dict[str, Any], device: Any,
+            out_dir: str | None) -> PipelineResult:
+    """Pick the final stage, fit its post-hoc offsets, write best.pt (rank 0)."""
     final = student if student is not None and \
         student.best_metrics["val_macro_f1"] >= teacher.best_metrics["val_macro_f1"] else teacher
     metrics["final_stage"] = "student" if final is student else "teacher"
-
-    checkpoint, posthoc = _apply_posthoc(cfg, final, val, device)
+    checkpoint, posthoc = _apply_posthoc(cfg, final, data.splits["val"], device)
     metrics.update(posthoc)
     checkpoint["metrics"].update(pipeline=dict(metrics), pseudo=summary)
     path = None
-    if out_dir is not None and _is_main():
+    if out_dir is not None and is_main():
         path = save_checkpoint(checkpoint, os.path.join(out_dir, "best.pt"))
+    history = teacher.history + (student.history if student is not None else [])
     return PipelineResult(model=final.model, checkpoint=checkpoint, metrics=metrics, teacher=teacher,
                           student=student, pseudo=summary, history=history, checkpoint_path=path)
 
 
-def _stage_report(report: Any, carried: dict[str, Any]) -> Any:
-    """fit's report, with the pipeline's own part of the resume state added."""
+def _fit_state(resume: PipelineState | None, stage: str) -> FitState | None:
+    """The fit state to resume `stage` from (None: that stage starts from scratch)."""
+    return resume.fit if resume is not None and resume.stage == stage else None
+
+
+def _stage_report(report: PipelineReport | None, stage: str, teacher: dict[str, Any] | None = None,
+                  pseudo: dict[str, Any] | None = None) -> Report | None:
+    """fit's report, with the fit state wrapped in the pipeline's own state."""
     if report is None:
         return None
-    return lambda metrics, checkpoint, state: report(metrics, checkpoint, {**carried, "fit": state})
-
-
-def _check_pipeline_resume(resume: dict[str, Any] | None, cfg: TrialConfig) -> str | None:
-    """The stage a resume state continues in (None: start from scratch)."""
-    if resume is None:
-        return None
-    stage = resume.get("stage")
-    if stage not in ("teacher", "student") or "fit" not in resume or \
-            (stage == "student" and not {"teacher", "pseudo"} <= set(resume)):
-        raise ValueError(f"not a pipeline resume state (stage {stage!r}, keys {sorted(resume)})")
-    if stage == "student" and cfg.student_epochs == 0:
-        raise ValueError("resume state is in stage 2 but student_epochs is 0")
-    return stage
+    return lambda metrics, checkpoint, state: report(metrics, checkpoint,
+                                                     PipelineState(stage, state, teacher, pseudo))
 
 
 def _teacher_state(teacher: Any) -> dict[str, Any]:
@@ -223,10 +222,7 @@ def _teacher_state(teacher: Any) -> dict[str, Any]:
             "best_confusion": np.asarray(teacher.best_confusion).tolist()}
 
 
-def _teacher_from_state(state: dict[str, Any], device: Any) -> Any:
-    from fer.checkpoint import model_from_checkpoint
-    from fer.train import FitResult, resolve_device
-
+def _teacher_from_state(state: dict[str, Any], device: Any) -> FitResult:
     model = model_from_checkpoint(state["checkpoint"], resolve_device(device))
     return FitResult(model=model, best_metrics=dict(state["best_metrics"]), best_epoch=int(state["best_epoch"]),
                      history=[dict(m) for m in state["history"]], checkpoint=state["checkpoint"],

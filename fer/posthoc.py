@@ -41,8 +41,9 @@ def macro_f1(labels: np.ndarray, logits: np.ndarray, offsets: np.ndarray | None 
 
 
 def log_prior(class_counts: np.ndarray) -> np.ndarray:
-    """log of the training class frequencies; a class with no samples counts as 0.5
-    (a finite, very low prior instead of log 0)."""
+    """log of the training class frequencies (float64); the one prior of logit adjustment,
+    in the loss (`fer.losses`) and post hoc. A class with zero samples counts as half a
+    sample, so its log prior is finite (about -log 2N, e.g. -10.6 for N = 20k) instead of -inf."""
     counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 0.5)
     return np.log(counts / counts.sum())
 

@@ -7,7 +7,7 @@ class-adaptive thresholds (Zhang et al. 2021). Confidences are made meaningful f
 temperature scaling on the validation split (Guo et al. 2017).
 
 Under torch.distributed every rank labels its shard of the pool (`fer.samplers.shard`)
-and `predict_pool_sharded` gathers the pieces back in the original order.
+and `predict_pool_sharded` gathers the pieces back in the original order (`fer.infer`).
 """
 
 from __future__ import annotations
@@ -22,44 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer import names
+from fer.infer import predict_logits, predict_logits_sharded
 from fer.names import check_registry
 
 
 # --- prediction -------------------------------------------------------------------
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def predict_logits(
-    model: nn.Module,
-    images: np.ndarray,
-    *,
-    image_size: int,
-    batch_size: int = 256,
-    device: torch.device | str | None = None,
-    tta: bool = False,
-) -> np.ndarray:
-    """Logits (N, K) float32 of uint8 images (N, H, W, C), via `fer.evaluate.predict_logits`.
-
-    With `tta` these are the log of the probabilities averaged over
-    `fer.transforms.tta_views`, so softmax / temperature still apply to them.
-    """
-    from fer.evaluate import predict_logits as evaluate_logits
-
-    net = _unwrap(model)
-    logits = evaluate_logits(net, images, image_size=image_size, batch_size=batch_size,
-                             device=device, tta=tta)
-    if len(images) == 0:
-        return np.zeros((0, _num_outputs(net)), dtype=np.float32)
-    return logits.numpy().astype(np.float32)
-
-
-def _num_outputs(net: nn.Module) -> int:
-    last = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    return last[-1].out_features if last else 0
 
 
 def predict_pool(
@@ -75,64 +42,14 @@ def predict_pool(
     """Class probabilities (N, K) = softmax(logits / temperature) of the pool images."""
     logits = predict_logits(model, images, image_size=image_size, batch_size=batch_size,
                             device=device, tta=tta)
-    return torch.softmax(torch.from_numpy(logits) / float(temperature), dim=1).numpy()
-
-
-def _dist_ready() -> tuple[int, int] | None:
-    """(rank, world_size) when torch.distributed is initialised with more than one rank."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        if world > 1:
-            return torch.distributed.get_rank(), world
-    return None
-
-
-def gather_rows(local: np.ndarray, local_indices: np.ndarray, total: int) -> np.ndarray:
-    """Reassemble per-rank row blocks into one (total, ...) array in the original order.
-
-    Every rank passes the rows it computed and their global indices; every rank gets the
-    whole array back (all_gather_object works on both gloo and nccl).
-    """
-    ranks = _dist_ready()
-    if ranks is None:
-        out = np.empty((total,) + local.shape[1:], dtype=local.dtype)
-        out[local_indices] = local
-        return out
-    pieces: list = [None] * ranks[1]
-    torch.distributed.all_gather_object(pieces, (np.asarray(local_indices), local))
-    # a rank with an empty shard may hold a (0, 0) array: take the row shape from the others
-    shape_from = max((rows for _, rows in pieces), key=len)
-    out = np.empty((total,) + shape_from.shape[1:], dtype=shape_from.dtype)
-    seen = np.zeros(total, dtype=bool)
-    for indices, rows in pieces:
-        if len(indices):
-            out[indices] = rows
-        seen[indices] = True
-    if not seen.all():
-        raise RuntimeError(f"gather_rows: {int((~seen).sum())} of {total} rows missing after all_gather")
-    return out
-
-
-def predict_logits_sharded(model: nn.Module, images: np.ndarray, **kwargs) -> np.ndarray:
-    """`predict_logits` on this rank's shard, gathered so every rank has all N rows.
-
-    Without torch.distributed (or with one rank) this is just `predict_logits`.
-    """
-    ranks = _dist_ready()
-    if ranks is None:
-        return predict_logits(model, images, **kwargs)
-    from fer.samplers import shard
-
-    mine = shard(np.arange(len(images)), ranks[0], ranks[1])
-    local = predict_logits(model, images[mine], **kwargs)
-    return gather_rows(local, mine, len(images))
+    return torch.softmax(logits / float(temperature), dim=1).numpy()
 
 
 def predict_pool_sharded(model: nn.Module, images: np.ndarray, *, temperature: float = 1.0,
                          **kwargs) -> np.ndarray:
     """`predict_pool` split over DDP ranks and gathered back in pool order."""
     logits = predict_logits_sharded(model, images, **kwargs)
-    return torch.softmax(torch.from_numpy(logits) / float(temperature), dim=1).numpy()
+    return torch.softmax(logits / float(temperature), dim=1).numpy()
 
 
 # --- temperature scaling ------------------------------------------------------------

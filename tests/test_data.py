@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 import fer.data as D
+import fer.data.parse
+import fer.io
 from fer.data import DR_CLASSES, FER_CLASSES, LAYOUTS, DataError, Dataset, load_dataset, main
 
 SIDE = 4  # 4x4 "faces": the parser takes any square size
@@ -246,7 +248,7 @@ def test_fer_csv_errors_name_file_and_line(case, tmp_path):
 
 
 def test_bad_row_in_a_later_parser_chunk(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "CHUNK_ROWS", 2)  # the bad row lands in the second chunk
+    monkeypatch.setattr(fer.data.parse, "CHUNK_ROWS", 2)  # the bad row lands in the second chunk
     path = fer_case(tmp_path, ("1", GOOD + " 9", "Training"))
     message = r"line 4: expected 16 pixel values \(4x4, like the other rows\), found 17"
     with pytest.raises(DataError, match=message):
@@ -364,10 +366,10 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
 def test_digest_memo_skips_rehashing_a_settled_file(tmp_path, monkeypatch):
     path, images = build_fer_csv(tmp_path)
     path.write_text(path.read_text() + "\n" * 70000)  # blank lines: big enough to be memoised
-    monkeypatch.setattr(D, "DIGEST_SETTLE_S", 0.0)
+    monkeypatch.setattr(fer.io, "DIGEST_SETTLE_S", 0.0)
     hashed = []
-    real_digest = D.file_digest
-    monkeypatch.setattr(D, "file_digest", lambda p: hashed.append(p) or real_digest(p))
+    real_digest = fer.io.file_digest
+    monkeypatch.setattr(fer.io, "file_digest", lambda p: hashed.append(p) or real_digest(p))
     cache = tmp_path / "cache"
     load_dataset(path, cache_dir=cache)
     load_dataset(path, cache_dir=cache)

@@ -7,7 +7,8 @@ import torch
 from fer.checkpoint import make_checkpoint, save_checkpoint
 from fer.config import TrialConfig
 from fer.data import FER_CLASSES
-from fer.evaluate import evaluate_model, main, predict_logits
+from fer.evaluate import evaluate_model, main
+from fer.infer import predict_logits
 from fer.metrics import compute_metrics
 from fer.models import build_model
 from fer.synth import write_csv

@@ -42,7 +42,7 @@ def bar_images(n, size, seed, k=4):
 def trained_ckpt():
     """mobilenet_v3_small at 24x24 trained for one epoch (so its predictions vary), with
     non-zero post-hoc offsets."""
-    from fer.train import fit
+    from fer.fitting import Stage, fit
 
     torch.set_num_threads(1)
     cfg = TrialConfig(model="mobilenet_v3_small", epoch_images=0, image_size=24, batch_size=32, epochs=2,
@@ -50,7 +50,8 @@ def trained_ckpt():
                       amp=False, lr=3e-3, dropout=0.0)
     x, y = bar_images(160, 24, 1)
     xv, yv = bar_images(48, 24, 2)
-    result = fit(cfg, x, y, Split(xv, yv), CLASSES, counts=np.bincount(y, minlength=4), progress=False)
+    result = fit(cfg, Stage.of(cfg, "teacher", x, y, np.bincount(y, minlength=4)), Split(xv, yv), CLASSES,
+                 progress=False)
     ckpt = dict(result.checkpoint, posthoc_offsets=[0.3, -0.1, 0.0, -0.2])
     return ckpt
 

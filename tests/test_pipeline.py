@@ -11,12 +11,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import fer.fitting
 import fer.train
 from fer.checkpoint import load_checkpoint
 from fer.config import TrialConfig
 from fer.data import Dataset, Split
 from fer.pipeline import run_pipeline
 from fer.pseudo import SELECTIONS
+from fer.state import PipelineState
 from support import saved_and_loaded, untimed
 
 CLASSES = ["a", "b", "c", "d"]
@@ -37,7 +39,7 @@ def tiny_model(name, num_classes, in_channels=1, dropout=0.0, pretrained=None, *
 
 @pytest.fixture(autouse=True)
 def _tiny_net(monkeypatch):
-    monkeypatch.setattr(fer.train, "build_model", tiny_model)
+    monkeypatch.setattr(fer.fitting, "build_model", tiny_model)
 
 
 def make_split(n, seed, size=16, k=4, labelled=True):
@@ -124,7 +126,7 @@ def test_nothing_kept_skips_stage_two(capsys):
 
 
 def _ddp_worker(rank, world, store, out, cfg_kwargs):
-    fer.train.build_model = tiny_model  # spawned processes do not inherit the monkeypatch
+    fer.fitting.build_model = tiny_model  # spawned processes do not inherit the monkeypatch
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -176,7 +178,7 @@ def test_resuming_after_any_epoch_of_either_stage_ends_with_the_same_model(tmp_p
     data = make_data()
     states = []
     whole = run_pipeline(cfg, data, progress=False,
-                         report=lambda metrics, ckpt, state: states.append(saved_and_loaded(state)))
+                         report=lambda metrics, ckpt, state: states.append(saved_and_loaded(state.to_dict())))
     assert [(s["stage"], s["fit"]["epoch"]) for s in states] == [("teacher", 1), ("teacher", 2),
                                                                 ("student", 1), ("student", 2)]
     real_pseudo_label = fer.pipeline.pseudo_label
@@ -190,7 +192,7 @@ def test_resuming_after_any_epoch_of_either_stage_ends_with_the_same_model(tmp_p
         monkeypatch.setattr(fer.pipeline, "pseudo_label", counted)
         reports = []
         out = tmp_path / f"resumed-{global_epoch}"
-        resumed = run_pipeline(cfg, data, progress=False, resume=state, out_dir=str(out),
+        resumed = run_pipeline(cfg, data, progress=False, resume=PipelineState.from_dict(state), out_dir=str(out),
                                report=lambda metrics, ckpt, s: reports.append(metrics["epoch"]))
         assert reports == list(range(global_epoch + 1, 5))
         # in stage 2 the selection comes from the state: the teacher labels nothing again
@@ -210,11 +212,12 @@ def test_resuming_after_any_epoch_of_either_stage_ends_with_the_same_model(tmp_p
 def test_a_stage_two_resume_state_needs_stage_two():
     states = []
     run_pipeline(tiny_cfg(), make_data(), progress=False,
-                 report=lambda metrics, ckpt, state: states.append(saved_and_loaded(state)))
+                 report=lambda metrics, ckpt, state: states.append(saved_and_loaded(state.to_dict())))
     with pytest.raises(ValueError, match="stage 2 but student_epochs is 0"):
-        run_pipeline(tiny_cfg(student_epochs=0), make_data(), progress=False, resume=states[-1])
+        run_pipeline(tiny_cfg(student_epochs=0), make_data(), progress=False,
+                     resume=PipelineState.from_dict(states[-1]))
     with pytest.raises(ValueError, match="not a pipeline resume state"):
-        run_pipeline(tiny_cfg(), make_data(), progress=False, resume=states[-1]["fit"])
+        run_pipeline(tiny_cfg(), make_data(), progress=False, resume=PipelineState.from_dict(states[-1]["fit"]))
 
 
 def test_train_cli_resumes_an_interrupted_run_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
@@ -233,7 +236,7 @@ def test_train_cli_resumes_an_interrupted_run_and_ends_as_an_uninterrupted_one(t
     assert not (tmp_path / "whole" / fer.train.RESUME_FILE).exists()  # removed once the run ends
 
     out = tmp_path / "cut"
-    real_validate, calls = fer.train.validate, []
+    real_validate, calls = fer.fitting.validate, []
 
     def interrupted_after_three_epochs(*args, **kwargs):
         calls.append(1)
@@ -241,10 +244,10 @@ def test_train_cli_resumes_an_interrupted_run_and_ends_as_an_uninterrupted_one(t
             raise KeyboardInterrupt  # Ctrl-C (or a kill) during the student's second epoch
         return real_validate(*args, **kwargs)
 
-    monkeypatch.setattr(fer.train, "validate", interrupted_after_three_epochs)
+    monkeypatch.setattr(fer.fitting, "validate", interrupted_after_three_epochs)
     with pytest.raises(KeyboardInterrupt):
         fer.train.main([*settings, "--out", str(out)])
-    monkeypatch.setattr(fer.train, "validate", real_validate)
+    monkeypatch.setattr(fer.fitting, "validate", real_validate)
     assert torch.load(out / fer.train.RESUME_FILE, weights_only=True)["epoch"] == 3
     capsys.readouterr()
 

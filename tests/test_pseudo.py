@@ -137,7 +137,8 @@ def test_csv_and_summary(tmp_path):
 def test_predict_pool_probabilities_and_temperature():
     from torch import nn
 
-    from fer.pseudo import gather_rows, predict_pool
+    from fer.infer import gather_rows
+    from fer.pseudo import predict_pool
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))

@@ -9,13 +9,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import fer.fitting
 import fer.train
 from fer.checkpoint import CHECKPOINT_KEYS, load_checkpoint, model_from_checkpoint, save_checkpoint
 from fer.config import TrialConfig
 from fer.data import Split
-from fer.evaluate import predict_logits
+from fer.infer import Ranks, predict_logits
+from fer.loop import batch_bounds, rank_indices
 from fer.metrics import compute_metrics
-from fer.train import _Dist, _batch_bounds, _rank_indices, fit, main
+from fer.fitting import Stage, fit
+from fer.state import FitState
+from fer.train import main
 from support import saved_and_loaded, untimed
 
 CLASSES = ["Angry", "Happy", "Sad", "No DR"]  # a space on purpose: metric keys get sanitised
@@ -48,11 +52,15 @@ def tiny_cfg(**overrides) -> TrialConfig:
     return TrialConfig(**base)
 
 
-def run_fit(cfg: TrialConfig, n_train: int = 96, n_val: int = 40, **kwargs):
+def run_fit(cfg: TrialConfig, n_train: int = 96, n_val: int = 40, *, stage: str = "teacher",
+            epoch_offset: int | None = None, resume: dict | None = None, report=None):
+    """fit on bar images; `resume` is a saved state dict, `report` gets (metrics, checkpoint, state dict)."""
     x, y = make_images(n_train, cfg.image_size, seed=1)
     xv, yv = make_images(n_val, cfg.image_size, seed=2)
-    return fit(cfg, x, y, Split(xv, yv), CLASSES, counts=np.bincount(y, minlength=4), progress=False,
-               device="cpu", **kwargs)
+    spec = Stage.of(cfg, stage, x, y, np.bincount(y, minlength=4), epoch_offset=epoch_offset)
+    plain = None if report is None else (lambda m, c, s: report(m, c, s.to_dict()))
+    return fit(cfg, spec, Split(xv, yv), CLASSES, progress=False, device="cpu", report=plain,
+               resume=None if resume is None else FitState.from_dict(resume))
 
 
 def tiny_model(name, num_classes, in_channels=1, dropout=0.0, pretrained=None, **_):
@@ -84,8 +92,10 @@ def test_three_channel_images_and_sample_weights():
     x, y = make_images(64, 16, seed=1)
     x3 = np.ascontiguousarray(np.repeat(x, 3, axis=-1))
     xv, yv = make_images(24, 16, seed=2)
-    result = fit(tiny_cfg(), x3, y, Split(np.repeat(xv, 3, axis=-1), yv), CLASSES, counts=np.bincount(y, minlength=4),
-                 sample_weight=np.full(len(y), 0.5, dtype=np.float32), progress=False, device="cpu")
+    cfg = tiny_cfg()
+    stage = Stage.of(cfg, "teacher", x3, y, np.bincount(y, minlength=4),
+                     sample_weight=np.full(len(y), 0.5, dtype=np.float32))
+    result = fit(cfg, stage, Split(np.repeat(xv, 3, axis=-1), yv), CLASSES, progress=False, device="cpu")
     assert result.checkpoint["in_channels"] == 3 and math.isfinite(result.history[0]["train_loss"])
 
 
@@ -103,14 +113,14 @@ def test_nan_loss_raises_naming_the_epoch(monkeypatch):
         def forward(self, logits, targets, sample_weight=None):
             return logits.sum() * float("nan")
 
-    monkeypatch.setattr(fer.train, "build_loss", lambda cfg, counts: NanLoss())
+    monkeypatch.setattr(fer.fitting, "build_loss", lambda cfg, counts: NanLoss())
     with pytest.raises(FloatingPointError, match="loss became NaN at epoch 3"):
         run_fit(tiny_cfg(), epoch_offset=2)
 
 
 def test_patience_stops_after_epochs_without_improvement(monkeypatch):
     fixed = np.diag([10, 10, 10, 10])
-    monkeypatch.setattr(fer.train, "validate", lambda *args, **kwargs: (fixed, 1.0))
+    monkeypatch.setattr(fer.fitting, "validate", lambda *args, **kwargs: (fixed, 1.0))
     states = []
     result = run_fit(tiny_cfg(epochs=6, patience=2), report=lambda m, c, s: states.append(dict(s)))
     assert len(result.history) == 3 and result.stopped_early and result.best_epoch == 1
@@ -149,14 +159,14 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
 @pytest.mark.parametrize("n", [7, 8, 9])
 def test_rank_shards_equal_length_and_covering(n):
     order = np.arange(n)[::-1].copy()
-    parts = [_rank_indices(order, _Dist(rank=r, world=2)) for r in range(2)]
+    parts = [rank_indices(order, Ranks(rank=r, world=2)) for r in range(2)]
     assert len(parts[0]) == len(parts[1]) == math.ceil(n / 2)
     assert set(np.concatenate(parts)) == set(order)
 
 
 def test_trailing_single_image_batch_dropped():
-    assert _batch_bounds(33, 16) == [(0, 16), (16, 32)]
-    assert _batch_bounds(34, 16) == [(0, 16), (16, 32), (32, 34)]
+    assert batch_bounds(33, 16) == [(0, 16), (16, 32)]
+    assert batch_bounds(34, 16) == [(0, 16), (16, 32), (32, 34)]
 
 
 def test_cli_unknown_key_is_one_line_error(tmp_path, capsys):
@@ -170,10 +180,11 @@ def _ddp_worker(rank, world, store, out, cfg_kwargs, data):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        fer.train.build_model = tiny_model
+        fer.fitting.build_model = tiny_model
         x, y, xv, yv = data
         reports = []
-        result = fit(TrialConfig(**cfg_kwargs), x, y, Split(xv, yv), CLASSES, counts=np.bincount(y, minlength=4),
+        cfg = TrialConfig(**cfg_kwargs)
+        result = fit(cfg, Stage.of(cfg, "teacher", x, y, np.bincount(y, minlength=4)), Split(xv, yv), CLASSES,
                      report=lambda m, c, s: reports.append(m), progress=False, device="cpu")
         preds = predict_logits(result.model, xv, image_size=cfg_kwargs["image_size"]).argmax(1).numpy()
         torch.save({"state": result.model.state_dict(), "reports": reports, "cm": result.best_confusion,
@@ -192,9 +203,10 @@ def test_ddp_two_ranks_match_one_process_on_the_global_batch(tmp_path, monkeypat
                                 (x, y, xv, yv)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
-    monkeypatch.setattr(fer.train, "build_model", tiny_model)
-    single = fit(TrialConfig(**base, batch_size=16), x, y, Split(xv, yv), CLASSES,
-                 counts=np.bincount(y, minlength=4), progress=False, device="cpu")
+    monkeypatch.setattr(fer.fitting, "build_model", tiny_model)
+    cfg = TrialConfig(**base, batch_size=16)
+    single = fit(cfg, Stage.of(cfg, "teacher", x, y, np.bincount(y, minlength=4)), Split(xv, yv), CLASSES,
+                 progress=False, device="cpu")
     for key, value in single.model.state_dict().items():
         torch.testing.assert_close(ranks[0]["state"][key], value, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(ranks[1]["state"][key], ranks[0]["state"][key])

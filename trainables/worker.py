@@ -19,6 +19,7 @@ import ray
 import torch
 
 from fer.config import TrialConfig
+from fer.state import PipelineState
 from trainables.checkpoints import checkpoint_dir_name, report_with_checkpoint, resume_state
 
 TIMING_FILE = "trial_timing.json"  # wall-clock marks of the trial (rank 0), for overhead checks
@@ -67,8 +68,8 @@ def detect_device(in_train_worker: bool) -> torch.device:
     return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
 
 
-def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict, dict], None],
-             device: torch.device, resume: dict[str, Any] | None = None) -> None:
+def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict, PipelineState], None],
+             device: torch.device, resume: PipelineState | None = None) -> None:
     """Run the pipeline on this rank, from `resume` (a reported epoch's state) when given;
     rank 0 alone writes TensorBoard logs and outputs."""
     from fer.pipeline import run_pipeline
@@ -78,7 +79,7 @@ def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict, di
     writer = _make_writer(job.trial_dir) if rank == 0 else None
     marks = {"trial_start": job.started, "pipeline_start": time.time()}
     if resume is not None:
-        marks["resumed_after_epoch"] = _global_epoch(job.cfg, resume)
+        marks["resumed_after_epoch"] = resume.global_epoch(job.cfg.epochs)
         if rank == 0:
             print(f"resuming after epoch {marks['resumed_after_epoch']} from the trial's last checkpoint", flush=True)
     try:
@@ -106,10 +107,6 @@ def raise_if_diverged(trial_dir: str) -> None:
             raise FloatingPointError(f"{handle.read()} (diverged on an earlier attempt; not retried)")
 
 
-def _global_epoch(cfg: TrialConfig, resume: dict[str, Any]) -> int:
-    return int(resume["fit"]["epoch"]) + (cfg.epochs if resume["stage"] == "student" else 0)
-
-
 def train_worker(job: RankJob) -> None:
     """Ray Train per-worker function of a multi-worker trial. A retried trial starts a Train
     run of the same name (train-<trial id>) in the same storage, which Ray Train restores:
@@ -121,14 +118,14 @@ def train_worker(job: RankJob) -> None:
              resume_state(ray.train.get_checkpoint()))
 
 
-def train_report(rank: int) -> Callable[[dict[str, Any], dict, dict], None]:
+def train_report(rank: int) -> Callable[[dict[str, Any], dict, PipelineState], None]:
     """`report(metrics, checkpoint, state)` for a Train worker. Every rank reports every
     epoch (Ray Train waits for all of them); only rank 0 uploads the checkpoint folder, and
     only rank 0's metrics reach Tune, which is right because fit all-reduces validation
     over ranks and every rank holds the same state."""
     import ray.train
 
-    def report(metrics: dict[str, Any], checkpoint: dict, state: dict[str, Any]) -> None:
+    def report(metrics: dict[str, Any], checkpoint: dict, state: PipelineState) -> None:
         if rank != 0:
             ray.train.report(metrics)
             return
@@ -138,7 +135,7 @@ def train_report(rank: int) -> Callable[[dict[str, Any], dict, dict], None]:
     return report
 
 
-def tune_report(metrics: dict[str, Any], checkpoint: dict, state: dict[str, Any]) -> None:
+def tune_report(metrics: dict[str, Any], checkpoint: dict, state: PipelineState) -> None:
     """`report(metrics, checkpoint, state)` for a single-worker trial, straight to Tune."""
     from ray import tune
 

@@ -1,0 +1,300 @@
+"""Train one stage of a trial: the plain-PyTorch loop every search trial runs.
+
+`fit` trains a model on uint8 image arrays and keeps the epoch with the best validation
+macro-F1. It knows nothing about Ray: when `torch.distributed` is initialised (Ray Train's
+TorchTrainer does that, as does `torchrun`) it wraps the model in DistributedDataParallel,
+trains on its shard of every epoch and all-reduces the validation confusion matrix, so
+every rank reports metrics over the WHOLE validation split (the pieces: `fer.loop`).
+
+What a stage trains on, how long and from where is a `Stage`; `fer.pipeline` builds one
+per stage (`Stage.teacher`, `Stage.student`). The CLI is `fer.train`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fer.checkpoint import make_checkpoint
+from fer.config import TrialConfig
+from fer.infer import Ranks, autocast_dtype, resolve_device
+from fer.loop import (
+    Loop,
+    TrainSource,
+    batch_bounds,
+    build_optimizer,
+    build_scheduler,
+    epoch_metrics,
+    epoch_order,
+    epoch_seed,
+    log_epoch,
+    progress_bar,
+    rank_indices,
+    recalibrate_bn,
+    reduce_train_loss,
+    validate,
+)
+from fer.losses import build_loss
+from fer.models import build_model
+from fer.state import FitState
+from fer.transforms import make_train_transform
+
+# report(metrics, checkpoint, state): every epoch, on every rank. `checkpoint` is the
+# epoch's own model checkpoint (fer.checkpoint's contract dict); `state` is the `FitState`
+# that `fit(..., resume=state)` continues from after this epoch. Its tensors are live:
+# save it (`state.to_dict()`) before the callback returns.
+Report = Callable[[dict[str, Any], "dict[str, Any] | None", FitState], None]
+
+
+@dataclass
+class Stage:
+    """What one call of `fit` trains: its images, labels and class counts (the loss's
+    weights/prior), how many epochs with which augmentation, where its global epoch numbers
+    start, per-sample loss weights (pseudo-labels) and the weights to start from."""
+
+    name: str  # "teacher" or "student": the metrics' and checkpoints' stage
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray  # int64 (N,)
+    counts: np.ndarray  # images per class, for the loss
+    epochs: int
+    augment: str
+    epoch_offset: int = 0  # reported epoch = epoch_offset + local epoch + 1
+    sample_weight: np.ndarray | None = None  # one float per image, multiplies its loss
+    init_state: dict[str, torch.Tensor] | None = None  # state dict to start from
+
+    @classmethod
+    def of(cls, cfg: TrialConfig, name: str, images: np.ndarray, labels: np.ndarray, counts: np.ndarray, *,
+           epoch_offset: int | None = None, sample_weight: np.ndarray | None = None,
+           init_state: dict[str, torch.Tensor] | None = None) -> "Stage":
+        """The stage `name` of cfg: its epochs and augmentation; the student's epochs follow the teacher's."""
+        student = name == "student"
+        return cls(name=name, images=images, labels=labels, counts=np.asarray(counts),
+                   epochs=cfg.student_epochs if student else cfg.epochs,
+                   augment=cfg.student_augment if student else cfg.augment,
+                   epoch_offset=(cfg.epochs if student else 0) if epoch_offset is None else epoch_offset,
+                   sample_weight=sample_weight, init_state=init_state)
+
+    @classmethod
+    def teacher(cls, cfg: TrialConfig, data: Any) -> "Stage":
+        """Stage 1: the labelled train split of a `fer.data.Dataset`."""
+        train = data.splits["train"]
+        return cls.of(cfg, "teacher", train.images, train.labels, data.class_counts("train"))
+
+    @classmethod
+    def student(cls, cfg: TrialConfig, images: np.ndarray, labels: np.ndarray, weights: np.ndarray,
+                counts: np.ndarray, init: dict[str, torch.Tensor] | None) -> "Stage":
+        """Stage 2: train + kept pool images, pseudo-labels weighted, from `init` (or scratch)."""
+        return cls.of(cfg, "student", images, labels, counts, sample_weight=weights, init_state=init)
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # the best epoch's weights loaded, eval mode, on the training device
+    best_metrics: dict[str, Any]  # the flat metrics reported for the best epoch
+    best_epoch: int  # global epoch (epoch_offset + local epoch + 1) of the best weights
+    history: list[dict[str, Any]]  # one flat metrics dict per epoch, as reported
+    checkpoint: dict[str, Any] | None = None  # the best epoch's checkpoint dict (contract)
+    best_confusion: np.ndarray | None = None  # validation confusion matrix of the best epoch
+    stopped_early: bool = False
+
+
+@dataclass
+class _Run:
+    """Everything one `fit` call trains with, and its best epoch so far."""
+
+    cfg: TrialConfig
+    stage: Stage
+    val: Any
+    classes: list[str]
+    device: torch.device
+    ddp: Ranks
+    in_channels: int
+    model: nn.Module
+    loop: Loop
+    source: TrainSource
+    first: np.ndarray  # this rank's order of the stage's first epoch
+    steps_per_epoch: int
+    result: FitResult
+    best: dict[str, Any] = field(default_factory=lambda: {"f1": -math.inf})
+
+
+def fit(cfg: TrialConfig, stage: Stage, val: Any, classes: list[str], *, device: str | torch.device | None = None,
+        report: Report | None = None, writer: Any = None, progress: bool = True,
+        resume: FitState | None = None) -> FitResult:
+    """Train `stage` and return its best epoch (by validation macro-F1).
+
+    `val` is a `fer.data.Split` (images uint8 (N, H, W, C), labels int64).
+    `report(metrics, checkpoint, state)` is called once per epoch on every rank; the
+    checkpoint is the contract's dict of this epoch's weights (every epoch has one, so
+    whichever epoch a search keeps as its best by score can be exported). `fit(...,
+    resume=state)` continues after that epoch and ends exactly as the uninterrupted run
+    would: augmentation and dropout are reseeded at every epoch start from (seed, rank,
+    epoch), the sampler's order already is a function of the epoch. `writer` is a
+    TensorBoard SummaryWriter (rank 0 logs to it).
+    """
+    run = _setup(cfg, stage, val, classes, device, resume)
+    first_epoch = 0 if resume is None else _restore(run, resume)
+    for epoch in range(first_epoch, stage.epochs):
+        metrics, checkpoint = _train_epoch(run, epoch, progress, writer)
+        # identical decision on every rank: metrics are all-reduced
+        run.result.stopped_early = bool(cfg.patience) and epoch - run.best["epoch"] >= cfg.patience
+        if report is not None:
+            report(metrics, checkpoint, _state(run, epoch))
+        if run.result.stopped_early:
+            break
+    run.model.load_state_dict(run.best["state"])
+    run.model.eval()
+    return run.result
+
+
+def _setup(cfg: TrialConfig, stage: Stage, val: Any, classes: list[str], device: str | torch.device | None,
+           resume: FitState | None) -> _Run:
+    """Check the inputs; build the model (from the resume state's weights), loss, optimizer,
+    schedule, data source and step loop."""
+    _check_inputs(stage.images, stage.labels, val, classes, stage.sample_weight, stage.epochs)
+    device = resolve_device(device)
+    ddp = Ranks.current(device)
+    in_channels = int(stage.images.shape[-1])
+    channels_last = cfg.channels_last and device.type == "cuda"
+    init_state = stage.init_state
+    if resume is not None:
+        resume.check_fits(stage.epochs)
+        init_state = resume.model
+    model, net = _build_model(cfg, len(classes), in_channels, init_state, device, channels_last, ddp)
+    criterion = build_loss(cfg, np.asarray(stage.counts)).to(device)
+    optimizer = build_optimizer(cfg, model)
+    source = TrainSource(stage.images, stage.labels, stage.sample_weight, device)
+    first = rank_indices(epoch_order(cfg, stage.labels, stage.epoch_offset), ddp)
+    steps_per_epoch = len(batch_bounds(len(first), cfg.batch_size))
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch, stage.epochs)
+    dtype = autocast_dtype(device) if cfg.amp else None
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    transform = make_train_transform(stage.augment, cfg.image_size)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    loop = Loop(net, criterion, optimizer, scheduler, scaler, transform, dtype, memory_format,
+                cfg.grad_clip, stage.epochs * steps_per_epoch)
+    result = FitResult(model=model, best_metrics={}, best_epoch=0, history=[])
+    return _Run(cfg, stage, val, classes, device, ddp, in_channels, model, loop, source, first, steps_per_epoch,
+                result)
+
+
+def _restore(run: _Run, resume: FitState) -> int:
+    """Load the optimizer, schedule, step, history and best epoch of `resume`; the first
+    epoch still to train (none when patience had ended the stage)."""
+    # a stage that patience ended resumes ended: the uninterrupted run trained no further
+    run.result.stopped_early = resume.stopped_early
+    run.loop.optimizer.load_state_dict(resume.optimizer)
+    run.loop.scheduler.load_state_dict(resume.scheduler)
+    run.loop.scaler.load_state_dict(resume.scaler)
+    run.loop.step = resume.step
+    run.result.history.extend(dict(m) for m in resume.history)
+    run.best = dict(resume.best, confusion=np.asarray(resume.best["confusion"], dtype=np.int64))
+    _set_best(run)
+    return run.stage.epochs if resume.stopped_early else resume.epoch
+
+
+def _train_epoch(run: _Run, epoch: int, progress: bool, writer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One epoch: train, recalibrate BatchNorm, validate, keep the best; its metrics and checkpoint."""
+    cfg, stage, ddp = run.cfg, run.stage, run.ddp
+    global_epoch = stage.epoch_offset + epoch + 1
+    torch.manual_seed(epoch_seed(cfg.seed, ddp.rank, global_epoch))
+    start = time.perf_counter()  # the timed part: everything but validation
+    order = run.first if epoch == 0 else rank_indices(epoch_order(cfg, stage.labels, stage.epoch_offset + epoch), ddp)
+    bar = progress_bar(progress and ddp.main, run.steps_per_epoch, f"{stage.name} {global_epoch}")
+    loss_sum, seen, lr = run.loop.run_epoch(run.source, order, cfg.batch_size, bar)
+    train_loss = reduce_train_loss(loss_sum, seen, ddp)
+    seconds = time.perf_counter() - start
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(
+            f"{stage.name}: training loss became {'NaN' if math.isnan(train_loss) else 'inf'} at epoch "
+            f"{global_epoch} (lr {lr:.3g}, model {cfg.model}, loss {cfg.loss}); try a lower lr or grad_clip > 0")
+    recalibrate_bn(run.model, run.source, order, cfg.image_size, cfg.batch_size, run.loop.dtype,
+                   run.loop.memory_format, ddp)
+    cm, val_loss = validate(run.model, run.val, len(run.classes), cfg, run.device, ddp)
+    metrics = epoch_metrics(cm, run.classes, stage=stage.name, epoch=global_epoch, train_loss=train_loss, lr=lr,
+                            val_loss=val_loss, seconds=seconds, images=seen * ddp.world)
+    run.result.history.append(metrics)
+    checkpoint = _keep_best(run, epoch, metrics, cm)
+    if bar is not None:
+        bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{metrics['val_macro_f1']:.4f}")
+        bar.close()
+    if writer is not None and ddp.main:
+        log_epoch(writer, metrics, cm, run.classes, global_epoch)
+    return metrics, checkpoint
+
+
+def _keep_best(run: _Run, epoch: int, metrics: dict[str, Any], cm: np.ndarray) -> dict[str, Any]:
+    """Make this epoch the best when its macro-F1 is higher (ties keep the earlier); its checkpoint."""
+    if metrics["val_macro_f1"] > run.best["f1"]:
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+        run.best = {"f1": metrics["val_macro_f1"], "epoch": epoch, "state": weights, "metrics": metrics,
+                    "confusion": cm}
+        return _set_best(run)
+    # this epoch's own weights (live tensors: saved by report before training goes on)
+    return make_checkpoint(run.model.state_dict(), run.cfg, run.classes, run.stage.counts, epoch=metrics["epoch"],
+                           stage=run.stage.name, metrics={**metrics, "val_confusion": cm.tolist()},
+                           in_channels=run.in_channels)
+
+
+def _set_best(run: _Run) -> dict[str, Any]:
+    """Record run.best (local epoch index, weights, metrics, confusion) in the result; its checkpoint."""
+    best, result = run.best, run.result
+    global_epoch = run.stage.epoch_offset + best["epoch"] + 1
+    checkpoint = make_checkpoint(best["state"], run.cfg, run.classes, run.stage.counts, epoch=global_epoch,
+                                 stage=run.stage.name,
+                                 metrics={**best["metrics"], "val_confusion": best["confusion"].tolist()},
+                                 in_channels=run.in_channels)
+    result.best_metrics, result.best_epoch, result.checkpoint = best["metrics"], global_epoch, checkpoint
+    result.best_confusion = best["confusion"]
+    return checkpoint
+
+
+def _state(run: _Run, epoch: int) -> FitState:
+    """What `fit(..., resume=...)` needs to go on after `epoch` (live tensors)."""
+    best, loop = run.best, run.loop
+    # the best epoch's CPU copy when that is this epoch: saved once, not twice
+    weights = best["state"] if best["epoch"] == epoch else run.model.state_dict()
+    return FitState(epoch=epoch + 1, step=loop.step, history=run.result.history, model=weights,
+                    optimizer=loop.optimizer.state_dict(), scheduler=loop.scheduler.state_dict(),
+                    scaler=loop.scaler.state_dict(), best=best, stopped_early=run.result.stopped_early)
+
+
+def _build_model(cfg: TrialConfig, num_classes: int, in_channels: int, init_state: dict | None,
+                 device: torch.device, channels_last: bool, ddp: Ranks) -> tuple[nn.Module, nn.Module]:
+    """The plain model and the module to train through (the DDP wrapper when distributed)."""
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
+    model = build_model(cfg.model, num_classes=num_classes, in_channels=in_channels, dropout=cfg.dropout,
+                        pretrained=None if init_state is not None else cfg.pretrained,
+                        image_size=cfg.image_size, stem=cfg.stem)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = model
+    if ddp.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, net
+
+
+def _check_inputs(images: np.ndarray, labels: np.ndarray, val: Any, classes: list[str],
+                  sample_weight: np.ndarray | None, epochs: int) -> None:
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"train images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+    if len(images) == 0 or len(images) != len(labels):
+        raise ValueError(f"train images ({len(images)}) and labels ({len(labels)}) must be equal and non-empty")
+    if sample_weight is not None and len(sample_weight) != len(labels):
+        raise ValueError(f"sample_weight has {len(sample_weight)} entries for {len(labels)} images")
+    if val.labels is None or len(val.labels) == 0:
+        raise ValueError("the validation split needs labels (it selects the best epoch)")
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    high = max(int(np.max(labels)), int(np.max(val.labels)))
+    if high >= len(classes) or min(int(np.min(labels)), int(np.min(val.labels))) < 0:
+        raise ValueError(f"labels must lie in [0, {len(classes) - 1}] for {len(classes)} classes, found {high}")
