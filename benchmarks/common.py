@@ -7,7 +7,7 @@ count so a comparison finishes in minutes on a shared 2-core machine. Small-budg
 numbers show the mechanics and the ratios, not the final macro-F1.
 
 A search is built from the product's public pieces (search.space, search.optuna_bridge,
-search.asha, trainables) exactly as `search.run.build_tuner` builds it, with the
+search.asha, trainables) by the product's own `search.tuner.build_tuner`, with the
 searcher's sampler and the scheduler swappable, because the comparisons need random
 search and FIFO next to TPE + ASHA in one run.
 """
@@ -90,6 +90,7 @@ def load_budget_space(budget: Budget, seed: int = 0, space_name: str = "imbalanc
     from search.space import load_space
 
     space = load_space(space_name)
+    space.check_models()  # model names need timm: resolved before any trial starts, as search.run does
     stage_epochs = {k: v for k, v in (("epochs", budget.epochs), ("student_epochs", budget.student_epochs),
                                       ("epoch_images", budget.epoch_images)) if v is not None}
     run = {k: v for k, v in (("num_samples", budget.num_samples), ("max_concurrent", budget.max_concurrent),
@@ -144,12 +145,6 @@ def ray_session(num_cpus: int | None = None) -> Iterator[None]:
             ray.shutdown()
 
 
-class NoScheduler:
-    """What PruningOptunaSearch asks a scheduler: which trials it stopped early. FIFO stops none."""
-
-    stopped_early: set = frozenset()
-
-
 SEARCH_VARIANTS: dict[str, dict[str, str]] = {
     "tpe_asha": {"sampler": "tpe", "scheduler": "asha", "label": "Optuna TPE + ASHA (default)"},
     "random_fifo": {"sampler": "random", "scheduler": "fifo", "label": "random, no early stopping"},
@@ -181,40 +176,19 @@ def make_epoch_log() -> Any:
 
 
 def build_search_tuner(space: Any, variant: str, trainable: Any, storage: str, name: str,
-                       callbacks: list) -> Any:
-    """search.run.build_tuner with the sampler and scheduler of `variant`."""
-    from ray import tune
+                       callbacks: list, resources: Any) -> Any:
+    """The product's tuner (search.tuner.build_tuner) with the sampler and scheduler of
+    `variant`; the study goes to <storage>/<name>/optuna.db, and a failed trial is not retried."""
+    from types import SimpleNamespace
 
-    from search.asha import PersistentASHA
-    from search.optuna_bridge import PruningOptunaSearch, open_study_storage
-    from search.tuning import trial_name
-    from trainables import checkpoint_config
+    from search.tuner import build_tuner
 
     spec = get_variant(variant)
     space = dataclasses.replace(space, sampler=spec["sampler"])
-    if spec["scheduler"] == "asha":
-        scheduler = PersistentASHA(time_attr=space.time_attr, max_t=space.max_t,
-                                   grace_period=space.grace_period, reduction_factor=space.reduction_factor)
-        tune_scheduler, stopper = scheduler, scheduler
-    else:
-        tune_scheduler, stopper = None, NoScheduler()
-    os.makedirs(os.path.join(storage, name), exist_ok=True)
-    searcher = PruningOptunaSearch(
-        space=space, metric=space.metric, mode=space.mode, points_to_evaluate=[space.baseline_point()],
-        sampler=space.build_sampler(),
-        storage=open_study_storage(os.path.join(storage, name, "optuna.db")),
-        study_name=name, max_t=space.max_t, time_attr=space.time_attr, scheduler=stopper)
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=tune_scheduler,
-            num_samples=space.num_samples, max_concurrent_trials=space.max_concurrent,
-            trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=callbacks,
-                                  failure_config=tune.FailureConfig(max_failures=0),
-                                  checkpoint_config=checkpoint_config(tune.CheckpointConfig, space.metric,
-                                                                      space.mode)),
-    )
+    plan = SimpleNamespace(space=space, name=name, storage=storage, study_path=Path(storage, name, "optuna.db"),
+                           num_samples=space.num_samples, max_failures=0, resources=resources)
+    return build_tuner(plan, trainable, space.max_concurrent, asha=spec["scheduler"] == "asha",
+                       verbose=0, callbacks=callbacks)
 
 
 def run_search(space: Any, variant: str, data_ref: Any, data: Any, storage: str,
@@ -228,9 +202,9 @@ def run_search(space: Any, variant: str, data_ref: Any, data: Any, storage: str,
     from trainables import TrialResources, make_trainable
 
     log = make_epoch_log()
-    trainable = make_trainable(data_ref, TrialResources(workers=1, cpus_per_worker=cpus_per_trial,
-                                                        gpus_per_worker=gpus_per_trial), space.metric, space.mode)
-    tuner = build_search_tuner(space, variant, trainable, storage, variant, [log])
+    resources = TrialResources(workers=1, cpus_per_worker=cpus_per_trial, gpus_per_worker=gpus_per_trial)
+    trainable = make_trainable(data_ref, resources, space.metric, space.mode)
+    tuner = build_search_tuner(space, variant, trainable, storage, variant, [log], resources)
     started = time.time()
     tuner.fit()
     wall = time.time() - started
@@ -261,8 +235,8 @@ def run_search(space: Any, variant: str, data_ref: Any, data: Any, storage: str,
                          "config": {k: v for k, v in winner.config.items()}}
         if evaluate_test:
             with tempfile.TemporaryDirectory(prefix="bench-test-") as tmp:
-                test = evaluate_on_test(winner, data, space.metric, space.mode, Path(tmp))
-            out["winner"]["test_macro_f1"] = float(test["macro_f1"])
+                test = evaluate_on_test(winner, None, data, space.metric, space.mode, Path(tmp))
+            out["winner"]["test_macro_f1"] = float(test["winner"]["macro_f1"])
     return out
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
+from search import internals
+
 STATE_FILE = "asha_state.json"
 
 
@@ -47,23 +49,24 @@ class PersistentASHA(AsyncHyperBandScheduler):
             # Stopped before the interruption; the restored trial re-reports an old epoch.
             return TrialScheduler.STOP
         action = super().on_trial_result(tune_controller, trial, result)  # records the rung
-        if result.get(self._time_attr, -1) >= self._max_t:
+        time_attr, max_t = internals.asha_horizon(self)
+        if result.get(time_attr, -1) >= max_t:
             # Its last epoch: stopping it now saves no training, only kills the pipeline's
             # final step (best.pt). This was a search's intermittently missing best.pt:
             # with grace_period 1 and max_t 1 the only rung is at max_t.
             action = TrialScheduler.CONTINUE
-        elif action == TrialScheduler.STOP and self._time_attr in result:
+        elif action == TrialScheduler.STOP and time_attr in result:
             self._stopped.add(trial.trial_id)
         self.save_state()
         return action
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-        if trial.trial_id in self._trial_info:
+        if trial.trial_id in internals.asha_trial_info(self):
             super().on_trial_complete(tune_controller, trial, result)
         self.save_state()
 
     def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
-        self._trial_info.pop(trial.trial_id, None)
+        internals.asha_trial_info(self).pop(trial.trial_id, None)
 
     # ------------------------------------------------------------------ state
     @property
@@ -73,12 +76,12 @@ class PersistentASHA(AsyncHyperBandScheduler):
 
     def state(self) -> dict:
         return {
-            "max_t": self._max_t,
-            "num_stopped": self._num_stopped,
+            "max_t": internals.asha_horizon(self)[1],
+            "num_stopped": internals.asha_num_stopped(self),
             "stopped": sorted(self._stopped),
             "brackets": [
-                [[milestone, dict(recorded)] for milestone, recorded in bracket._rungs]
-                for bracket in self._brackets
+                [[milestone, dict(recorded)] for milestone, recorded in internals.bracket_rungs(bracket)]
+                for bracket in internals.asha_brackets(self)
             ],
         }
 
@@ -97,13 +100,14 @@ class PersistentASHA(AsyncHyperBandScheduler):
         if not self._state_dir or not path.is_file():
             return False
         saved = json.loads(path.read_text())
-        if len(saved["brackets"]) != len(self._brackets):
-            raise ValueError(f"{path}: saved with {len(saved['brackets'])} brackets, now {len(self._brackets)}")
-        for bracket, rungs in zip(self._brackets, saved["brackets"]):
-            milestones = [m for m, _ in bracket._rungs]
+        brackets = internals.asha_brackets(self)
+        if len(saved["brackets"]) != len(brackets):
+            raise ValueError(f"{path}: saved with {len(saved['brackets'])} brackets, now {len(brackets)}")
+        for bracket, rungs in zip(brackets, saved["brackets"]):
+            milestones = [m for m, _ in internals.bracket_rungs(bracket)]
             if milestones != [m for m, _ in rungs]:
                 raise ValueError(f"{path}: rung milestones {[m for m, _ in rungs]} differ from {milestones}")
-            bracket._rungs = [(milestone, dict(recorded)) for milestone, recorded in rungs]
-        self._num_stopped = saved["num_stopped"]
+            internals.set_bracket_rungs(bracket, [(milestone, dict(recorded)) for milestone, recorded in rungs])
+        internals.set_asha_num_stopped(self, saved["num_stopped"])
         self._stopped = set(saved["stopped"])
         return True

@@ -134,7 +134,7 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
     candidates (their runs are read with `collect_confirmation`)."""
     from ray import tune
 
-    from search.tuning import fit_concurrency, run_config, trial_data, tune_config
+    from search.tuner import fit_concurrency, run_config, trial_data, tune_config
     from trainables import make_trainable
 
     experiment = f"{plan.experiment.rstrip('/')}/{CONFIRM_DIR}"

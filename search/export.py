@@ -22,34 +22,40 @@ from typing import Any
 from search.confirm import collect_confirmation, rank_confirmed, read_confirm_spec
 from search.report import TrialRecord, collect_trials, rank_trials, read_spec
 
-FINAL_CHECKPOINT = "best.pt"  # fer.pipeline's final checkpoint (post-hoc offsets included)
-
-
 def trial_checkpoint(record: TrialRecord, metric: str, mode: str) -> str:
-    """The trial's final checkpoint when it finished both stages, else its best reported epoch's."""
+    """The run's checkpoint file by trainables' one rule (`best_checkpoint_path`): its
+    finished pipeline's best.pt (post-hoc offsets included) for the pipeline's own criterion,
+    else its best reported epoch's."""
     from trainables import best_checkpoint_path
 
-    final = Path(record.path, FINAL_CHECKPOINT)
-    if final.is_file():
-        return str(final)
     return best_checkpoint_path(record.path, metric=metric, mode=mode)
 
 
+def load_trial(record: TrialRecord, metric: str, mode: str) -> tuple[str, dict[str, Any]]:
+    """The run's checkpoint path and the checkpoint loaded from it, for callers that read it
+    more than once (the test read and the export share one load)."""
+    from fer.checkpoint import load_checkpoint
+
+    path = trial_checkpoint(record, metric, mode)
+    return path, load_checkpoint(path)
+
+
 def export_trial(record: TrialRecord, out_dir: str | os.PathLike, dataset: Any, metric: str, mode: str,
-                 why: str) -> dict:
+                 why: str, loaded: tuple[str, dict[str, Any]] | None = None) -> dict:
     """fer.export's ONNX export + parity check + model card for one trial, on val images; the
-    card's "source" names the run and `why` it was the one exported."""
+    card's "source" names the run and `why` it was the one exported. `loaded` is the run's
+    (path, checkpoint) from `load_trial` when the caller has it already."""
     from fer.export import export_checkpoint
 
     val = dataset.splits["val"]
-    checkpoint = trial_checkpoint(record, metric, mode)
+    path, checkpoint = loaded or load_trial(record, metric, mode)
     return export_checkpoint(
         checkpoint,
         str(out_dir),
         images=val.images,
         labels=val.labels,
         data_source=f"{dataset.source} (val split)",
-        provenance={"trial_id": record.trial_id, "checkpoint": checkpoint, "trial_dir": record.path, "why": why},
+        provenance={"trial_id": record.trial_id, "checkpoint": path, "trial_dir": record.path, "why": why},
     )
 
 

@@ -19,7 +19,7 @@ from search.confirm import (
     run_confirmation,
     unfinished_runs,
 )
-from search.export import export_trial, trial_checkpoint
+from search.export import export_trial, load_trial
 from search.report import (
     BEST_CONFIG,
     CURVES_PNG,
@@ -64,34 +64,32 @@ def sync_up(plan: Any) -> None:
             pyarrow.fs.copy_files(str(local), f"{plan.experiment.rstrip('/')}/{name}")
 
 
-def read_test(record: TrialRecord, dataset: Any, metric: str, mode: str) -> dict[str, Any]:
+def read_test(record: TrialRecord, dataset: Any, loaded: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     """One model's one read of the test split: its final checkpoint's predictions (with its
-    own post-hoc offsets, none for the plain baseline) and their metrics."""
-    from fer.checkpoint import load_checkpoint, model_from_checkpoint
-    from fer.evaluate import metrics_from_logits, predict_logits
+    own post-hoc offsets, none for the plain baseline) and their metrics. `loaded` is the
+    run's (path, checkpoint) from `search.export.load_trial`."""
+    from fer.evaluate import predict_checkpoint
 
-    path = trial_checkpoint(record, metric, mode)
-    ckpt = load_checkpoint(path)
+    path, ckpt = loaded
     test = dataset.splits["test"]
-    model = model_from_checkpoint(ckpt, "cpu")
-    logits = predict_logits(model, test.images, image_size=int(ckpt["config"]["image_size"]), device="cpu")
-    metrics, _, preds = metrics_from_logits(logits, test.labels, list(ckpt["classes"]), ckpt.get("posthoc_offsets"))
+    metrics, preds, _ = predict_checkpoint(ckpt, test.images, test.labels, device="cpu")
     metrics.update(split="test", checkpoint=path, trial_id=record.trial_id)
     return {"metrics": metrics, "preds": preds}
 
 
 def evaluate_on_test(winner: TrialRecord, baseline: TrialRecord | None, dataset: Any, metric: str, mode: str,
-                     out_dir: Path) -> dict[str, Any]:
+                     out_dir: Path, winner_loaded: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The only reads of the test split in a search: the winner, and the plain baseline when
     there is one to compare with, once each; the paired bootstrap interval of the difference
-    in macro-F1 over the same test images, and F1 of the two rarest classes for both."""
+    in macro-F1 over the same test images, and F1 of the two rarest classes for both.
+    `winner_loaded` is the winner's (path, checkpoint) when the caller loaded it already."""
     from fer.evaluate import bootstrap_macro_f1, paired_bootstrap_macro_f1, write_report
 
     classes, labels = list(dataset.classes), dataset.splits["test"].labels
     rare = [classes[i] for i in dataset.class_counts("train").argsort(kind="stable")[:2]]
-    reads = {"winner": read_test(winner, dataset, metric, mode)}
+    reads = {"winner": read_test(winner, dataset, winner_loaded or load_trial(winner, metric, mode))}
     if baseline is not None:
-        reads["baseline"] = read_test(baseline, dataset, metric, mode)
+        reads["baseline"] = read_test(baseline, dataset, load_trial(baseline, metric, mode))
     result: dict[str, Any] = {"reads": len(reads), "rare_classes": rare}
     for role, read in reads.items():
         metrics = read["metrics"]
@@ -128,65 +126,84 @@ def finish(plan: Any, wall_s: float) -> int:
     experiment = sync_down(plan)
     records = collect_trials(experiment, space.metric, space.time_attr, space.max_t, space.baseline_point())
     winner = pick_winner(records, space.mode)
-    importance = write_reports(plan, records, winner)
-    stopped = sum(r.stopped_early for r in records)
-    errored = [r for r in records if r.status == "ERROR"]
-    print(f"\n{len(records)} trials in {wall_s / 60:.1f} min: {stopped} stopped early by ASHA, {len(errored)} errored")
-    for record in errored:
-        print(f"  errored {record.trial_id}: {record.error}")
-    print(f"parameter importance ({IMPORTANCE_CSV}):\n{importance}")
+    print_search(records, wall_s, write_reports(plan, records, winner))
     unfinished = [r for r in records if r.status in UNFINISHED]
     if unfinished or len(records) < plan.num_samples:
-        print(f"search interrupted ({len(records)}/{plan.num_samples} trials started, {len(unfinished)} unfinished); "
-              f"results so far in {plan.local_dir}.\n{continue_hint(plan)}")
-        sync_up(plan)
-        return 130
+        return interrupted(plan, f"search interrupted ({len(records)}/{plan.num_samples} trials started, "
+                                 f"{len(unfinished)} unfinished)")
     if winner is None:
         print("no trial reported a validation metric; nothing to export")
         return 1
     search_baseline = next((r for r in records if r.baseline), None)
     confirmation, tested, compared = None, winner, None
     if plan.confirm_top and plan.confirm_seeds:
-        started = time.time()
-        candidates = run_confirmation(plan, records)
-        confirm_s = time.time() - started
-        sync_down(plan)
-        candidates = collect_confirmation(plan.local_dir, candidates, space.metric, space.time_attr, space.max_t)
-        runs = [r for c in candidates for r in c.runs]
-        write_trials_csv(records + runs, [p.name for p in space.parameters], space.metric, space.mode,
-                         plan.local_dir / TRIALS_CSV)
-        left = unfinished_runs(candidates, plan.confirm_seeds)
-        if left:
-            print(f"confirmation interrupted ({left} of {len(candidates) * plan.confirm_seeds} runs unfinished); "
-                  f"results so far in {plan.local_dir}.\n{continue_hint(plan)}")
-            sync_up(plan)
-            return 130
-        chosen = pick_confirmed(candidates, space.mode)
-        if chosen is None:
-            print("no confirmation run of a searched configuration finished; nothing to export")
-            sync_up(plan)
-            return 1
-        plain = next(c for c in candidates if c.name == BASELINE)
-        tested, compared = chosen.best_run(space.mode), plain.best_run(space.mode)
-        plot_seed_spread(candidates, chosen, space.metric, space.mode, plan.local_dir / CONFIRM_PNG)
-        write_best_config(tested, plan.data_path, space.metric, space.mode, plan.local_dir / BEST_CONFIG)
-        confirmation = {
-            "top": plan.confirm_top, "seeds": confirm_seeds(space, plan.confirm_seeds),
-            "wall_s": round(confirm_s, 1), "wall_fraction_of_search": round(confirm_s / max(wall_s, 1e-9), 2),
-            "winner": chosen.name, "exported_run": tested.trial_id,
-            "exported_seed": chosen.seeds[tested.trial_id],
-            "candidates": [describe(c, space.mode) for c in candidates],
-        }
-    test = evaluate_on_test(tested, compared, plan.dataset, space.metric, space.mode, plan.local_dir)
+        code, confirmation, tested, compared = confirm_winner(plan, records, wall_s)
+        if code is not None:
+            return code
+    loaded = load_trial(tested, space.metric, space.mode)  # one load for the test read and the export
+    test = evaluate_on_test(tested, compared, plan.dataset, space.metric, space.mode, plan.local_dir, loaded)
     why = (f"the confirmed winner {confirmation['winner']}'s seed {confirmation['exported_seed']} run: the best "
            f"{space.metric} of its {plan.confirm_seeds} seeds" if confirmation else
            f"the search's best trial by {space.metric} (no confirmation stage)")
-    card = export_trial(tested, plan.export_dir, plan.dataset, space.metric, space.mode, why=why)
+    card = export_trial(tested, plan.export_dir, plan.dataset, space.metric, space.mode, why=why, loaded=loaded)
     summary = summarize(plan, records, winner, search_baseline, confirmation, tested, test, card, wall_s)
     (plan.local_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=str))
     sync_up(plan)
     print_summary(summary)
     return 0
+
+
+def print_search(records: list[TrialRecord], wall_s: float, importance: str) -> None:
+    stopped = sum(r.stopped_early for r in records)
+    errored = [r for r in records if r.status == "ERROR"]
+    print(f"\n{len(records)} trials in {wall_s / 60:.1f} min: {stopped} stopped early by ASHA, {len(errored)} errored")
+    for record in errored:
+        print(f"  errored {record.trial_id}: {record.error}")
+    print(f"parameter importance ({IMPORTANCE_CSV}):\n{importance}")
+
+
+def interrupted(plan: Any, what: str) -> int:
+    """Say what is unfinished and how to continue; the reports so far go to storage."""
+    print(f"{what}; results so far in {plan.local_dir}.\n{continue_hint(plan)}")
+    sync_up(plan)
+    return 130
+
+
+def confirm_winner(plan: Any, records: list[TrialRecord], wall_s: float) -> tuple[int | None, dict[str, Any] | None,
+                                                                                   TrialRecord | None,
+                                                                                   TrialRecord | None]:
+    """The confirmation stage: (exit code when it cannot go on, else None; the summary's
+    confirmation; the winner's run to test and export; the plain baseline's run)."""
+    space = plan.space
+    started = time.time()
+    candidates = run_confirmation(plan, records)
+    confirm_s = time.time() - started
+    sync_down(plan)
+    candidates = collect_confirmation(plan.local_dir, candidates, space.metric, space.time_attr, space.max_t)
+    runs = [r for c in candidates for r in c.runs]
+    write_trials_csv(records + runs, [p.name for p in space.parameters], space.metric, space.mode,
+                     plan.local_dir / TRIALS_CSV)
+    left = unfinished_runs(candidates, plan.confirm_seeds)
+    if left:
+        return interrupted(plan, f"confirmation interrupted ({left} of {len(candidates) * plan.confirm_seeds} "
+                                 "runs unfinished)"), None, None, None
+    chosen = pick_confirmed(candidates, space.mode)
+    if chosen is None:
+        print("no confirmation run of a searched configuration finished; nothing to export")
+        sync_up(plan)
+        return 1, None, None, None
+    plain = next(c for c in candidates if c.name == BASELINE)
+    tested, compared = chosen.best_run(space.mode), plain.best_run(space.mode)
+    plot_seed_spread(candidates, chosen, space.metric, space.mode, plan.local_dir / CONFIRM_PNG)
+    write_best_config(tested, plan.data_path, space.metric, space.mode, plan.local_dir / BEST_CONFIG)
+    confirmation = {
+        "top": plan.confirm_top, "seeds": confirm_seeds(space, plan.confirm_seeds),
+        "wall_s": round(confirm_s, 1), "wall_fraction_of_search": round(confirm_s / max(wall_s, 1e-9), 2),
+        "winner": chosen.name, "exported_run": tested.trial_id,
+        "exported_seed": chosen.seeds[tested.trial_id],
+        "candidates": [describe(c, space.mode) for c in candidates],
+    }
+    return None, confirmation, tested, compared
 
 
 def summarize(plan, records, search_winner, search_baseline, confirmation, tested, test, card,

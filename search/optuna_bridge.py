@@ -24,6 +24,8 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from search import internals
+
 logger = logging.getLogger(__name__)
 
 
@@ -64,7 +66,7 @@ class PruningOptunaSearch(OptunaSearch):
         self._report(trial_id, result)
 
     def _report(self, trial_id: str, result: dict | None) -> None:
-        if not result or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if not result or trial_id in internals.completed_trials(self) or trial_id not in internals.optuna_trials(self):
             return
         value, step = result.get(self.metric), result.get(self._time_attr)
         if not _finite(value) or not _finite(step):
@@ -73,19 +75,20 @@ class PruningOptunaSearch(OptunaSearch):
         if int(step) in seen:  # a retried trial repeats epochs after its checkpoint
             return
         seen[int(step)] = float(value)
-        self._ot_trials[trial_id].report(float(value), int(step))
+        internals.optuna_trials(self)[trial_id].report(float(value), int(step))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        trials, completed = internals.optuna_trials(self), internals.completed_trials(self)
+        if trial_id in completed or trial_id not in trials:
             return
         # The result that made ASHA stop a trial never reaches on_trial_result.
         self._report(trial_id, result)
         state, value = self.final_state(trial_id, result, error)
         try:
-            self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
+            internals.optuna_study(self).tell(trials[trial_id], value, state=state)
         except Exception as exc:  # noqa: BLE001 - the search must go on; Ray's own class does the same
             logger.warning("Optuna could not record trial %s: %s", trial_id, exc)
-        self._completed_trials.add(trial_id)
+        completed.add(trial_id)
 
     def final_state(
         self, trial_id: str, result: dict | None, error: bool
@@ -103,5 +106,5 @@ class PruningOptunaSearch(OptunaSearch):
             stopped = max(reported) < self._max_t
         if stopped:
             return TrialState.PRUNED, None
-        best = max(reported.values()) if self._mode == "max" else min(reported.values())
+        best = max(reported.values()) if self.mode == "max" else min(reported.values())
         return TrialState.COMPLETE, best

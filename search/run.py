@@ -18,55 +18,19 @@ the paired interval of their difference, and the winner is exported to ONNX
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import pickle
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from search.space import SMOKE_BUDGET, Space, SpaceError, load_space
+from search.plan import DEFAULT_SPACE, DEFAULT_STORAGE, Plan, UsageError, make_plan, spec_of
+from search.space import SMOKE_BUDGET, SpaceError
+from search.tuner import run_search  # main calls it by this module's name (tests replace it)
 
-DEFAULT_STORAGE = "runs"
-DEFAULT_SPACE = "imbalance"
-LOCAL_MIRROR = Path("~/.cache/fer-search/experiments").expanduser()  # reports + study for URI storage
-
-
-class UsageError(ValueError):
-    """Bad command-line, space or data input: reported in one line before Ray starts."""
-
-
-@dataclass
-class Plan:
-    """Everything validated, before Ray starts."""
-
-    space: Space
-    data_path: str | None
-    dataset: Any  # fer.data.Dataset
-    name: str
-    storage: str  # local absolute folder or a URI
-    experiment: str  # storage/name (a path or a URI)
-    local_dir: Path  # where optuna.db and the reports live (the experiment folder when local)
-    export_dir: Path
-    resources: Any  # trainables.TrialResources
-    num_samples: int
-    max_concurrent: int
-    max_failures: int
-    address: str | None
-    dashboard_host: str
-    resume: bool
-    smoke: bool
-    confirm_top: int = 0  # search/confirm.py; 0 = no confirmation stage
-    confirm_seeds: int = 0
-    data_ref: Any = None  # the data set without its test split, in Ray's object store (trial_data)
-
-    @property
-    def study_path(self) -> Path:
-        from search.report import STUDY_FILE
-
-        return self.local_dir / STUDY_FILE
+# The CLI's API: main and its steps, which tests call or replace one by one.
+__all__ = ["Plan", "UsageError", "build_parser", "join_cluster", "main", "make_plan", "run_search", "spec_of",
+           "start_ray"]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -163,162 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _experiment_exists(experiment: str) -> bool:
-    if is_uri(experiment):
-        import pyarrow.fs
-
-        fs, path = pyarrow.fs.FileSystem.from_uri(experiment)
-        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-    return Path(experiment).exists()
-
-
-def resumed_spec(args: argparse.Namespace, storage: str) -> dict[str, Any]:
-    """How experiment --name started; --space / --data may only repeat it."""
-    from search.report import SPEC_FILE, SUMMARY_JSON, read_spec
-
-    if not args.name:
-        raise UsageError("--resume needs --name: the experiment to continue")
-    experiment = f"{storage.rstrip('/')}/{args.name}"
-    local_dir = Path(experiment) if not is_uri(storage) else LOCAL_MIRROR / args.name
-    if not _experiment_exists(experiment) or not (local_dir / SPEC_FILE).is_file():
-        raise UsageError(f"--resume: no experiment {args.name!r} under {storage} (looked for {experiment})")
-    saved = read_spec(local_dir)
-    if (local_dir / SUMMARY_JSON).is_file():  # resuming would read the test split again
-        raise UsageError(
-            f"--resume: experiment {args.name!r} has finished (see {local_dir / SUMMARY_JSON}); "
-            "export other trials with python -m search.export, or start another with --name NEW"
-        )
-    if args.space and str(load_space(args.space).path) != saved["space_path"]:
-        raise UsageError(
-            f"--resume: experiment {args.name!r} searched {saved['space_path']}, not {args.space}; "
-            "drop --space to continue it"
-        )
-    if args.data is not None and args.data != saved["data"]:
-        raise UsageError(f"--resume: experiment {args.name!r} used --data {saved['data']}, not {args.data}")
-    return saved
-
-
-def load_search_data(data_path: str | None, space: Space) -> tuple[Any, Space]:
-    """The data set (fer.data.load_dataset raises DataError naming file and line) and the
-    space, with stage 2 switched off when the data has no unlabeled pool."""
-    from fer.data import load_dataset
-
-    dataset = load_dataset(data_path, load_size=int(space.fixed.get("load_size", 128)))
-    for split in ("train", "val", "test"):
-        if split not in dataset.splits or len(dataset.splits[split].images) == 0:
-            raise UsageError(f"{dataset.source}: the search needs a non-empty {split!r} split")
-    pool = dataset.splits.get("unlabeled")
-    if (pool is None or len(pool.images) == 0) and space.fixed.get("student_epochs", 1) != 0:
-        # Without a pool stage 2 is skipped; ASHA's horizon must be stage 1 alone.
-        print(f"note: {dataset.source} has no unlabeled pool: stage 2 off, ASHA max_t = epochs")
-        space = space.with_budget(student_epochs=0)
-    return dataset, space
-
-
-def make_plan(args: argparse.Namespace) -> Plan:
-    """Validate flags, space and data; raises UsageError / SpaceError / DataError before Ray."""
-    from search.preflight import folder_problem
-    from trainables import TrialResources
-
-    storage = args.storage if is_uri(args.storage) else str(Path(args.storage).expanduser().resolve())
-    saved = resumed_spec(args, storage) if args.resume else {}
-    space = load_space(saved.get("space_path") or args.space or DEFAULT_SPACE)
-    smoke = args.smoke or saved.get("smoke", False)
-    if smoke:
-        space = space.with_budget(**SMOKE_BUDGET)
-    seed = args.seed if args.seed is not None else saved.get("seed")
-    if seed is not None:
-        space = dataclasses.replace(space, seed=seed)
-        if not any(p.name == "seed" for p in space.parameters):
-            space.fixed = {**space.fixed, "seed": seed}
-
-    name = args.name or (space.name + ("-smoke" if smoke else ""))
-    experiment = f"{storage.rstrip('/')}/{name}"
-    local_dir = Path(experiment) if not is_uri(storage) else LOCAL_MIRROR / name
-    if not args.resume and _experiment_exists(experiment):
-        raise UsageError(
-            f"experiment {experiment} exists: continue it with --resume --name {name}, "
-            "or start another with --name NEW"
-        )
-    try:
-        resources = TrialResources(
-            workers=args.workers_per_trial,
-            cpus_per_worker=args.cpus_per_worker,
-            gpus_per_worker=args.gpus_per_worker,
-        )
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-
-    data_path = saved.get("data", args.data)
-    if data_path is not None and not is_uri(data_path):
-        data_path = str(Path(data_path).expanduser().resolve())
-    dataset, space = load_search_data(data_path, space)
-
-    chosen_export = args.export_dir or saved.get("export_dir")  # a resumed search exports where it said it would
-    export_dir = Path(chosen_export).expanduser().resolve() if chosen_export else local_dir / "export"
-    for flag, folder in (("--storage", storage), ("--export-dir", str(export_dir))):
-        problem = None if is_uri(folder) else folder_problem(folder)
-        if problem:  # unwritable, a file, or a nearly full disk: refuse before Ray starts
-            raise UsageError(f"{flag} {folder}: {problem}")
-    return Plan(
-        space=space,
-        data_path=data_path,
-        dataset=dataset,
-        name=name,
-        storage=storage,
-        experiment=experiment,
-        local_dir=local_dir,
-        export_dir=export_dir,
-        resources=resources,
-        # A resumed search keeps the budget it started with (Tuner.restore does too).
-        num_samples=saved.get("num_samples") or args.num_samples or space.num_samples,
-        max_concurrent=saved.get("max_concurrent") or args.max_concurrent or space.max_concurrent,
-        max_failures=args.max_failures,
-        confirm_top=_saved_or(saved, "confirm_top", args.confirm_top, space.confirm_top),
-        confirm_seeds=_saved_or(saved, "confirm_seeds", args.confirm_seeds, space.confirm_seeds),
-        address=args.address,
-        dashboard_host=args.dashboard_host,
-        resume=args.resume,
-        smoke=smoke,
-    )
-
-
-def _saved_or(saved: dict[str, Any], key: str, flag: int | None, default: int) -> int:
-    """A resumed search keeps what it started with; else the flag, else the space's value."""
-    if key in saved:
-        return int(saved[key])
-    return flag if flag is not None else default
-
-
-def spec_of(plan: Plan) -> dict[str, Any]:
-    """What --resume and search.export need to know about how the search started."""
-    return {
-        "space_path": str(plan.space.path),
-        "data": plan.data_path,
-        "smoke": plan.smoke,
-        "seed": plan.space.seed,
-        "num_samples": plan.num_samples,
-        "max_concurrent": plan.max_concurrent,
-        "confirm_top": plan.confirm_top,
-        "confirm_seeds": plan.confirm_seeds,
-        "export_dir": str(plan.export_dir),
-        "metric": plan.space.metric,
-        "mode": plan.space.mode,
-        "time_attr": plan.space.time_attr,
-        "max_t": plan.space.max_t,
-        "stage1_epochs": int(plan.space.fixed.get("epochs", 0)),
-        "baseline": plan.space.baseline_point(),
-        "params": [p.name for p in plan.space.parameters],
-        "study_name": plan.name,
-        "experiment": plan.experiment,
-        "resources": dataclasses.asdict(plan.resources),
-    }
-
-
 # --------------------------------------------------------------------------- Ray
 
 
@@ -350,19 +158,11 @@ TOKEN_HELP = ("RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/au
 
 
 def enable_token_auth() -> bool:
-    """Send this machine's Ray auth token, when it has one, to whatever cluster we join.
+    """Send this machine's Ray auth token, when it has one, to the cluster we join: Ray's
+    private helper, through search/internals.py (the one door to Ray's internals)."""
+    from search.internals import enable_token_auth as enable
 
-    Ray does this itself for 'auto' but not for an explicit HOST:PORT, and the switch must
-    also refresh Ray's already-loaded config, so an environment variable set here is not
-    enough: Ray's own helper does both (private API, Ray 2.60; the fallback leaves it to
-    the user's RAY_AUTH_MODE=token)."""
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:
-        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
-    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    return enable()
 
 
 def join_cluster(address: str, env: dict[str, str]) -> Any:
@@ -386,66 +186,6 @@ def join_cluster(address: str, env: dict[str, str]) -> Any:
             f"its token: {TOKEN_HELP}"
         ) from None
     return context
-
-
-def build_tuner(plan: Plan, trainable: Any, max_concurrent: int) -> Any:
-    from ray import tune
-
-    from search.asha import PersistentASHA
-    from search.optuna_bridge import PruningOptunaSearch, open_study_storage
-    from search.tuning import run_config, tune_config
-
-    space = plan.space
-    scheduler = PersistentASHA(
-        time_attr=space.time_attr,
-        max_t=space.max_t,
-        grace_period=space.grace_period,
-        reduction_factor=space.reduction_factor,
-    )
-    searcher = PruningOptunaSearch(
-        space=space,
-        metric=space.metric,
-        mode=space.mode,
-        points_to_evaluate=[space.baseline_point()],
-        sampler=space.build_sampler(),
-        storage=open_study_storage(str(plan.study_path)),
-        study_name=plan.name,
-        max_t=space.max_t,
-        time_attr=space.time_attr,
-        scheduler=scheduler,
-    )
-    return tune.Tuner(
-        trainable,
-        tune_config=tune_config(
-            plan,
-            max_concurrent,
-            search_alg=searcher,  # Tune wraps it in a ConcurrencyLimiter(max_concurrent_trials)
-            scheduler=scheduler,
-            num_samples=plan.num_samples,
-        ),
-        run_config=run_config(plan, plan.name, plan.storage),
-    )
-
-
-def run_search(plan: Plan) -> None:
-    """Start or resume the Tuner and wait for it; Ctrl-C returns with the state saved."""
-    from ray import tune
-
-    from search.report import write_spec
-    from search.tuning import fit_concurrency, trial_data
-    from trainables import make_trainable
-
-    max_concurrent = fit_concurrency(plan)
-    trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode)
-    if plan.resume:
-        tuner = tune.Tuner.restore(
-            plan.experiment, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
-        )
-    else:
-        plan.local_dir.mkdir(parents=True, exist_ok=True)
-        write_spec(plan.local_dir, spec_of(plan))
-        tuner = build_tuner(plan, trainable, max_concurrent)
-    tuner.fit()
 
 
 # --------------------------------------------------------------------------- main
@@ -476,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from fer.data import DataError
     from search.preflight import storage_failure
+    from trainables.internals import VersionError  # Ray or Optuna outside the tested range
 
     try:
         plan = make_plan(args)
@@ -485,13 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         dashboard = start_ray(plan)
-    except UsageError as err:  # a cluster that cannot be joined: before any work starts
+    except (UsageError, VersionError) as err:  # a cluster that cannot be joined: before any work starts
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_start(plan, dashboard)
     try:
         run_search(plan)
-    except ValueError as err:  # e.g. a trial that can never fit on this cluster
+    except (ValueError, VersionError) as err:  # e.g. a trial that can never fit on this cluster
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (OSError, EOFError, pickle.UnpicklingError) as err:  # storage full mid-search: Tune reads back

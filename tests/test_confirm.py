@@ -78,7 +78,7 @@ def test_winner_is_the_best_mean_not_the_best_single_run():
 @pytest.mark.slow
 def test_trials_receive_the_data_without_its_test_split(ray_cluster, tmp_path):
     from search import run as search_run
-    from search.tuning import trial_data
+    from search.tuner import trial_data
 
     plan = search_run.make_plan(search_run.build_parser().parse_args(["--space", "smoke", "--storage", str(tmp_path)]))
     shared = trial_data(plan).get()

@@ -242,7 +242,7 @@ def test_two_worker_trial_runs_the_pipeline_in_one_worker_group(ray_cluster, tmp
     import torch
 
     from fer.checkpoint import model_from_checkpoint
-    from fer.evaluate import predict_logits
+    from fer.infer import predict_logits
     from fer.metrics import compute_metrics
 
     data, grid = _run_trial(2, str(tmp_path), dict(TINY))
@@ -269,13 +269,13 @@ def test_a_stopped_trials_placement_group_is_released(ray_cluster, tmp_path):
     import ray
     from ray.util.placement_group import placement_group, placement_group_table
 
-    from trainables.release import RecordPlacementGroup, remove_recorded
+    from trainables.release import record_placement_group, remove_recorded
 
     pg = placement_group([{"CPU": 1}])
     ray.get(pg.ready(), timeout=60)
     path = str(tmp_path / "pg")
     state = SimpleNamespace(placement_group_handle=SimpleNamespace(placement_group=pg))
-    RecordPlacementGroup(path).after_worker_group_start(SimpleNamespace(get_worker_group_state=lambda: state))
+    record_placement_group(path).after_worker_group_start(SimpleNamespace(get_worker_group_state=lambda: state))
     assert remove_recorded(path) and not os.path.exists(path)
     assert placement_group_table(pg)["state"] == "REMOVED"
     assert not remove_recorded(path)  # nothing recorded any more: a no-op

@@ -29,10 +29,12 @@ import os
 import tempfile
 from typing import Any, Callable
 
-from fer.checkpoint import load_weights_only, save_checkpoint
+import fer.checkpoint
+from fer.checkpoint import load_weights_only, resume_from, save_resumable
+from fer.state import PipelineState
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the epoch's model checkpoint dict, in every epoch's folder
-RESUME_KEY = "resume"  # the pipeline's resume state inside it
+RESUME_KEY = fer.checkpoint.RESUME_KEY  # the pipeline's resume state inside it (fer.train --resume's too)
 # Checkpoint folders storage keeps per trial: this many best-scoring ones, plus always the
 # latest (Ray never deletes the latest). A folder holds the weights 3 times (the epoch's,
 # AdamW's two moments), 4 when the stage's best epoch is an earlier one: 18.5-25 MB for
@@ -56,16 +58,16 @@ def checkpoint_dir_name(epoch: int) -> str:
 
 
 def report_with_checkpoint(send: Callable[..., None], make: Callable[[str], Any], metrics: dict[str, Any],
-                           checkpoint: dict[str, Any], state: dict[str, Any], **kwargs: Any) -> None:
-    """Save the model checkpoint with the resume state to a temporary folder and report it;
-    both Tune and Train copy the folder to storage before `send` returns, so the folder
-    can go right after."""
+                           checkpoint: dict[str, Any], state: PipelineState, **kwargs: Any) -> None:
+    """Save the model checkpoint with the resume state (`fer.checkpoint.save_resumable`, the
+    format `fer.train --resume` uses too) to a temporary folder and report it; both Tune and
+    Train copy the folder to storage before `send` returns, so the folder can go right after."""
     with tempfile.TemporaryDirectory(prefix="fer-ckpt-") as tmp:
-        save_checkpoint({**checkpoint, RESUME_KEY: state}, os.path.join(tmp, CHECKPOINT_FILE))
+        save_resumable(os.path.join(tmp, CHECKPOINT_FILE), checkpoint, state)
         send(metrics, checkpoint=make(tmp), **kwargs)
 
 
-def resume_state(checkpoint: Any) -> dict[str, Any] | None:
+def resume_state(checkpoint: Any) -> PipelineState | None:
     """The resume state in a reported checkpoint (`tune.get_checkpoint()` or
     `ray.train.get_checkpoint()`), or None when there is none to resume from."""
     if checkpoint is None:
@@ -74,7 +76,7 @@ def resume_state(checkpoint: Any) -> dict[str, Any] | None:
         path = os.path.join(folder, CHECKPOINT_FILE)
         if not os.path.isfile(path):
             return None
-        return load_weights_only(path).get(RESUME_KEY)
+        return resume_from(load_weights_only(path))
 
 
 def checkpoint_config(make: Callable[..., Any], metric: str, mode: str) -> Any:

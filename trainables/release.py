@@ -7,7 +7,7 @@ asks the State API whether the controller is alive, which fails without the dash
 (`include_dashboard=False`) or when two local clusters share a machine ("Found multiple
 active Ray instances"). Measured on Ray 2.60: the next trial's worker group then waits
 for resources forever. So the controller records the placement group's id in a file
-(`RecordPlacementGroup`, a Train callback, runs in the controller, which Ray pins to the
+(`record_placement_group`, a Train callback, runs in the controller, which Ray pins to the
 trial's node), and the trial process removes that placement group as soon as Tune asks
 the trial to stop (`release_on_stop`), or at exit.
 """
@@ -15,31 +15,41 @@ the trial to stop (`release_on_stop`), or at exit.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import threading
 from typing import Any
 
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from trainables import internals
 
 
-class RecordPlacementGroup(WorkerGroupCallback):
-    """Train controller callback: write the worker group's placement group id to `path`."""
+def record_placement_group(path: str) -> Any:
+    """A Train controller callback that writes the worker group's placement group id to
+    `path`. Its class derives from a private Ray class, so it is built on first use
+    (trainables/internals.py), and `import trainables` needs no Ray internals."""
+    return _record_placement_group_class()(path)
 
-    def __init__(self, path: str) -> None:
-        self.path = path
 
-    def after_worker_group_start(self, worker_group: Any) -> None:
-        handle = worker_group.get_worker_group_state().placement_group_handle
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as out:
-            out.write(handle.placement_group.id.hex())
-        os.replace(tmp, self.path)
+@functools.cache
+def _record_placement_group_class() -> type:
+    class RecordPlacementGroup(internals.worker_group_callback()):
+        """Train controller callback: write the worker group's placement group id to `path`."""
+
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def after_worker_group_start(self, worker_group: Any) -> None:
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as out:
+                out.write(internals.placement_group_hex(worker_group))
+            os.replace(tmp, self.path)
+
+    return RecordPlacementGroup
 
 
 def remove_recorded(path: str) -> bool:
     """Remove the placement group recorded in `path` (and the file); True if there was one."""
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
 
     try:
         with open(path, encoding="utf-8") as handle:
@@ -48,7 +58,7 @@ def remove_recorded(path: str) -> bool:
     except FileNotFoundError:
         return False
     try:
-        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+        remove_placement_group(internals.placement_group_from_hex(pg_id))
     except Exception:  # already removed by Train's own shutdown, or Ray is going down
         return False
     return True
@@ -61,9 +71,7 @@ def release_on_stop(path: str) -> None:
     finished trial is cleaned up; a run that ended normally has already deleted `path`, so
     only a stopped one releases anything. `atexit` covers an actor that exits first.
     """
-    from ray.train._internal.session import get_session
-
-    stop_event = get_session().stop_event
+    stop_event = internals.trial_stop_event()
 
     def watch() -> None:
         stop_event.wait()

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
-from ray.train import ScalingConfig
-from ray.tune import PlacementGroupFactory
 
 # Memory (bytes) the waiting trial actor of a multi-worker trial reserves. Tune refuses an
 # empty request, and "memory" is a resource every node has, unlike a custom one.
@@ -54,15 +53,20 @@ def worker_bundle(res: TrialResources) -> dict[str, float]:
     return bundle
 
 
-def trial_resources(res: TrialResources) -> PlacementGroupFactory:
-    """The request to give `tune.with_resources` for one trial."""
+def trial_resources(res: TrialResources) -> Any:
+    """The request to give `tune.with_resources` for one trial (a PlacementGroupFactory)."""
+    # Ray imported here, not at the top: `import trainables` stays free of ray.tune / ray.train
+    from ray.tune import PlacementGroupFactory
+
     if res.workers == 1:
         return PlacementGroupFactory([worker_bundle(res)])
     return PlacementGroupFactory([{"memory": DRIVER_MEMORY}])
 
 
-def scaling_config(res: TrialResources) -> ScalingConfig:
+def scaling_config(res: TrialResources) -> Any:
     """Ray Train's worker group for a multi-worker trial (gloo on CPU, NCCL when use_gpu)."""
+    from ray.train import ScalingConfig
+
     return ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
                          resources_per_worker=worker_bundle(res))
 

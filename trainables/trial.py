@@ -29,12 +29,11 @@ import time
 from typing import Any, Callable
 
 import pyarrow.fs
-import ray
-from ray import tune
+import ray  # plain ray; ray.tune and ray.train are imported where used (import trainables stays light)
 
 from fer.config import TrialConfig, apply_overrides
 from trainables.checkpoints import checkpoint_config, resume_state, train_run_name
-from trainables.release import RecordPlacementGroup, release_on_stop, remove_recorded
+from trainables.release import record_placement_group, release_on_stop, remove_recorded
 from trainables.resources import TrialResources, process_group_backend, scaling_config, trial_resources
 from trainables.worker import (
     DataRef,
@@ -56,6 +55,8 @@ def pipeline_trial(config: dict[str, Any], data: DataRef, resources: TrialResour
     `metric`/`mode` (which checkpoint storage keeps) come through `tune.with_parameters`
     (use `make_trainable`). A retried or restored trial resumes after its last reported
     epoch; one that diverged before fails again at once instead of retraining."""
+    from ray import tune
+
     started = time.time()
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_overrides(TrialConfig(), config, source=f"trial {trial_id} config")
@@ -92,7 +93,7 @@ def run_worker_group(job: RankJob, resources: TrialResources, trial_id: str,
             storage_path=storage.experiment_fs_path,  # <experiment>/train-<trial id>/checkpoint_epoch_NNNN
             storage_filesystem=storage.storage_filesystem,
             checkpoint_config=checkpoint_config(ray.train.CheckpointConfig, metric, mode),
-            callbacks=[TuneReportCallback(), RecordPlacementGroup(placement_file)],
+            callbacks=[TuneReportCallback(), record_placement_group(placement_file)],
         ),
     )
     try:
@@ -127,6 +128,8 @@ def make_trainable(data: Any, resources: TrialResources = TrialResources(), metr
     it to `tune.Tuner`, with `checkpoint_config(tune.CheckpointConfig, metric, mode)` in its
     RunConfig. `data` is a `fer.data.Dataset` (put into the object store here, once) or a
     `DataRef`. With `candidates` (name -> TrialConfig overrides) it is `candidate_trial`."""
+    from ray import tune
+
     ref = data if isinstance(data, DataRef) else put_dataset(data)
     if candidates is None:
         bound = tune.with_parameters(pipeline_trial, data=ref, resources=resources, metric=metric, mode=mode)
@@ -140,6 +143,8 @@ def trial_folder() -> str:
     """The trial's folder in experiment storage when that is a local (or mounted) file
     system, so TensorBoard logs land there as they are written; otherwise Tune's local
     trial folder, which reaches storage with `tune.SyncConfig(sync_artifacts=True)`."""
+    from ray import tune
+
     storage = _storage()
     if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
         path = storage.trial_fs_path
@@ -151,7 +156,7 @@ def trial_folder() -> str:
 
 def _storage() -> Any:
     # Ray has no public accessor for the trial's StorageContext (storage path, file system,
-    # experiment and trial folder names); ray.train._internal.session.get_storage is it.
-    from ray.train._internal.session import get_storage
+    # experiment and trial folder names): trainables/internals.py reaches it.
+    from trainables.internals import trial_storage
 
-    return get_storage()
+    return trial_storage()

@@ -1,0 +1,153 @@
+"""The search's Tuner: Optuna TPE proposing, ASHA stopping, Ray Tune running the trials;
+and the Tune settings the search and the confirmation stage share (concurrency that fits
+the cluster, trial names, checkpoint keeping, the data set as trials receive it).
+
+`plan` is search.plan's Plan (space, resources, storage, max_concurrent, max_failures,
+dataset, name, study_path), or anything with those attributes (the benchmarks build one);
+this module sits below search.run, search.confirm and benchmarks/common.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class NoEarlyStops:
+    """What PruningOptunaSearch asks a scheduler when there is none (FIFO): no trial was stopped early."""
+
+    stopped_early: frozenset = frozenset()
+
+
+def fit_concurrency(plan: Any) -> int:
+    """The requested concurrency, lowered to the number of trials the cluster can hold."""
+    import ray
+
+    from trainables import max_concurrent_trials
+
+    fits = max_concurrent_trials(plan.resources, ray.cluster_resources())  # raises if one trial never fits
+    if fits < plan.max_concurrent:
+        print(f"note: the cluster holds {fits} trial(s) at once; --max-concurrent {plan.max_concurrent} lowered")
+    return min(fits, plan.max_concurrent)
+
+
+def trial_name(trial: Any) -> str:
+    """Trial folders and table rows named by trial id alone: no timestamp, no config dump."""
+    return f"trial_{trial.trial_id}"
+
+
+def tune_config(plan: Any, max_concurrent: int, **more: Any) -> Any:
+    """What the search's and the confirmation's Tuners share."""
+    from ray import tune
+
+    return tune.TuneConfig(
+        metric=plan.space.metric,
+        mode=plan.space.mode,
+        max_concurrent_trials=max_concurrent,
+        trial_name_creator=trial_name,
+        trial_dirname_creator=trial_name,
+        # A single-worker trial trains in its own process: reusing that process saves
+        # ~5 s of actor start per trial (benchmarks/trial_overhead.py), which is most of
+        # the fixed cost of the many trials ASHA stops after a few epochs. Multi-worker
+        # trials start a Ray Train worker group anyway, so there is nothing to reuse.
+        reuse_actors=plan.resources.workers == 1,
+        **more,
+    )
+
+
+def run_config(plan: Any, name: str, storage: str, **more: Any) -> Any:
+    """What the search's and the confirmation's Tuners keep; `more` goes to tune.RunConfig
+    (a benchmark's callbacks and verbosity)."""
+    from ray import tune
+
+    from trainables import checkpoint_config
+
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage,
+        failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+        # Every epoch reports a checkpoint folder with its resume state; keep the best
+        # by the search metric (what export reads) and the latest (what a retried or
+        # resumed trial continues from).
+        checkpoint_config=checkpoint_config(tune.CheckpointConfig, plan.space.metric, plan.space.mode),
+        **more,
+    )
+
+
+def trial_data(plan: Any) -> Any:
+    """The data set as trials get it, put into Ray's object store once per search: without
+    its test split, so no trial can read test; only search.finish does, for the two
+    models it compares."""
+    if plan.data_ref is None:
+        from fer.data import Dataset
+        from trainables import put_dataset
+
+        dataset = plan.dataset
+        splits = {name: split for name, split in dataset.splits.items() if name != "test"}
+        plan.data_ref = put_dataset(Dataset(classes=dataset.classes, splits=splits, source=dataset.source))
+    return plan.data_ref
+
+
+def build_tuner(plan: Any, trainable: Any, max_concurrent: int, *, asha: bool = True, **run: Any) -> Any:
+    """The search's Tuner: PruningOptunaSearch (the space's sampler, its baseline first) with
+    PersistentASHA, or with no scheduler when not `asha` (a benchmark's FIFO); `run` goes to
+    tune.RunConfig."""
+    from ray import tune
+
+    from search.asha import PersistentASHA
+    from search.internals import check_versions
+    from search.optuna_bridge import PruningOptunaSearch, open_study_storage
+
+    check_versions()  # the door to ASHA's and OptunaSearch's internals: one line if untested
+    space = plan.space
+    scheduler = PersistentASHA(
+        time_attr=space.time_attr,
+        max_t=space.max_t,
+        grace_period=space.grace_period,
+        reduction_factor=space.reduction_factor,
+    ) if asha else None
+    Path(plan.study_path).parent.mkdir(parents=True, exist_ok=True)
+    searcher = PruningOptunaSearch(
+        space=space,
+        metric=space.metric,
+        mode=space.mode,
+        points_to_evaluate=[space.baseline_point()],
+        sampler=space.build_sampler(),
+        storage=open_study_storage(str(plan.study_path)),
+        study_name=plan.name,
+        max_t=space.max_t,
+        time_attr=space.time_attr,
+        scheduler=scheduler if asha else NoEarlyStops(),
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune_config(
+            plan,
+            max_concurrent,
+            search_alg=searcher,  # Tune wraps it in a ConcurrencyLimiter(max_concurrent_trials)
+            scheduler=scheduler,
+            num_samples=plan.num_samples,
+        ),
+        run_config=run_config(plan, plan.name, plan.storage, **run),
+    )
+
+
+def run_search(plan: Any) -> None:
+    """Start or resume the Tuner and wait for it; Ctrl-C returns with the state saved."""
+    from ray import tune
+
+    from search.plan import spec_of
+    from search.report import write_spec
+    from trainables import make_trainable
+
+    max_concurrent = fit_concurrency(plan)
+    trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode)
+    if plan.resume:
+        tuner = tune.Tuner.restore(
+            plan.experiment, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        )
+    else:
+        plan.local_dir.mkdir(parents=True, exist_ok=True)
+        write_spec(plan.local_dir, spec_of(plan))
+        tuner = build_tuner(plan, trainable, max_concurrent)
+    tuner.fit()
