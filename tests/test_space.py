@@ -221,14 +221,48 @@ def test_enqueued_baseline_is_sampled_first():
     assert trial.params == space.baseline_point()
 
 
-def test_space_choices_follow_the_lookup_dicts():
-    space = load_space("imbalance")
-    choices = config_choices()
-    for param in space.parameters:
-        if param.kind == "choice" and param.name in choices:
-            assert set(param.values) <= set(choices[param.name])
+@pytest.mark.parametrize("field", sorted(config_choices()))
+def test_space_choices_follow_the_lookup_dicts(tmp_path, field):
+    """A choice the lookup dict lacks is refused at load, naming file, line, key and the allowed names."""
+    allowed = config_choices()[field]
+    default = getattr(TrialConfig(), field)
+    path = write(tmp_path, f"parameters:\n  {field}:\n    choice: [{default}, no_such_{field}]\n")
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert f"{path}:3:" in message, message
+    assert f"parameters.{field}.choice.1" in message, message
+    assert f"{field}='no_such_{field}' is not allowed" in message, message
+    assert f"Choose one of: {', '.join(allowed)}" in message, message
 
 
 def test_with_budget_shrinks_the_horizon():
     space = load_space("imbalance").with_budget(epochs=1, student_epochs=1, num_samples=2)
     assert space.max_t == 2 and space.num_samples == 2 and space.grace_period <= 2
+
+
+def test_loading_every_shipped_space_imports_no_torch():
+    """Reading and validating a space is plain data: model names wait for Space.check_models."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from search.space import load_space; "
+            f"[load_space(name) for name in {SHIPPED!r}]; "
+            "print(sorted(m for m in ('torch', 'timm', 'ray', 'optuna') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_unknown_model_among_choices_names_file_line_and_key(tmp_path):
+    path = write(tmp_path, "parameters:\n  model:\n    choice: [resnet10t, resnet_18]\n")
+    space = load_space(path)  # no model is resolved while reading
+    with pytest.raises(SpaceError) as info:
+        space.check_models()
+    message = str(info.value)
+    assert message.startswith(f"{path}:3: parameters.model.choice.1: model='resnet_18': Unknown model 'resnet_18'")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_space_models_resolve(name):
+    load_space(name).check_models()
