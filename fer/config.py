@@ -159,18 +159,13 @@ _RANGES: dict[str, tuple[float, float]] = {
     "pseudo_weight": (0.0, 100.0),
 }
 
+
 def config_choices() -> dict[str, tuple[str, ...]]:
     """Allowed values of every choice-valued field (fer.names: plain tuples, no torch)."""
     return {
-        "stem": names.STEMS,
-        "loss": names.LOSSES,
-        "class_weights": names.WEIGHT_SCHEMES,
-        "sampler": names.SAMPLERS,
-        "augment": names.AUGMENTS,
-        "student_augment": names.AUGMENTS,
-        "pseudo_selection": names.SELECTIONS,
-        "posthoc": names.POSTHOC,
-        "optimizer": names.OPTIMIZERS,
+        "stem": names.STEMS, "loss": names.LOSSES, "class_weights": names.WEIGHT_SCHEMES,
+        "sampler": names.SAMPLERS, "augment": names.AUGMENTS, "student_augment": names.AUGMENTS,
+        "pseudo_selection": names.SELECTIONS, "posthoc": names.POSTHOC, "optimizer": names.OPTIMIZERS,
         "student_init": names.STUDENT_INITS,
     }
 

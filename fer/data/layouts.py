@@ -55,18 +55,26 @@ def read_classes(path: Path) -> list[str] | None:
     return classes
 
 
+def split_files(root: Path, suffix: str, layout: str) -> dict[str, Path]:
+    """{split: root/<split><suffix>} for train, val and test (required: DataError naming the
+    missing file and the `layout`) and unlabeled (when present)."""
+    files = {}
+    for split in SPLITS + ("unlabeled",):
+        path = root / f"{split}{suffix}"
+        if path.is_file():
+            files[split] = path
+        elif split != "unlabeled":
+            raise DataError(f"{root}: missing {path.name} ({layout})")
+    return files
+
+
 def decode_split_folder(root: Path, load_size: int = 0) -> tuple[list[str], dict[str, Split]]:
     """train.csv, val.csv, test.csv (emotion,pixels) and an optional unlabeled.csv (pixels,
     optionally emotion as held-out truth). Classes: classes.txt, else FER2013's seven."""
     classes = read_classes(root / "classes.txt") or list(FER_CLASSES)
     splits = {}
-    for split in SPLITS + ("unlabeled",):
-        path = root / f"{split}.csv"
-        if split == "unlabeled" and not path.is_file():
-            continue
-        if not path.is_file():
-            raise DataError(f"{root}: missing {path.name} (a split folder holds train.csv, val.csv, "
-                            f"test.csv and optionally unlabeled.csv)")
+    for split, path in split_files(root, ".csv", "a split folder holds train.csv, val.csv, test.csv and "
+                                                 "optionally unlabeled.csv").items():
         required = ["pixels"] if split == "unlabeled" else ["emotion", "pixels"]
         columns, lines = read_csv_columns(path, required, optional=["emotion"])
         if len(lines) == 0:
@@ -129,13 +137,8 @@ def load_images(paths: list[Path], size: int, where: list[str]) -> np.ndarray:
 def read_dr_lists(root: Path) -> dict[str, tuple[Path, list[tuple[int, str, str]]]]:
     """{split: (list file, entries)} for train/val/test (required) and unlabeled (optional)."""
     listed = {}
-    for split in SPLITS + ("unlabeled",):
-        path = root / f"{split}.txt"
-        if split == "unlabeled" and not path.is_file():
-            continue
-        if not path.is_file():
-            raise DataError(f"{root}: missing {path.name} (a DR folder holds train.txt, val.txt and "
-                            f"test.txt with lines '<file name> <integer label>')")
+    for split, path in split_files(root, ".txt", "a DR folder holds train.txt, val.txt and test.txt with "
+                                                 "lines '<file name> <integer label>'").items():
         entries = read_list(path)
         if not entries:
             raise DataError(f"{path}: no images listed (the {split} split is empty)")
