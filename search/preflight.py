@@ -7,9 +7,12 @@ mid-trial while a checkpoint is being copied. Both are cheaper to refuse up fron
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # Free space a search needs at the start. A mobilenet_v3_small checkpoint is about 6 MB and
@@ -60,3 +63,35 @@ def storage_failure(experiment: str, err: BaseException) -> str:
         base = existing_ancestor(Path(experiment))
         line += f" ({shutil.disk_usage(base).free / 2**20:.1f} MB free in {base})"
     return line + "; fix the storage, then continue with --resume"
+
+
+class Held:
+    """What `held_stderr` held back (filled when the block ends, however it ends)."""
+
+    text: str = ""
+
+
+@contextlib.contextmanager
+def held_stderr() -> Iterator[Held]:
+    """Hold back everything written to file descriptor 2 (Python's and Ray's C++ logging
+    alike) while the block runs; replay it when the block succeeds, drop it when it raises
+    (the caller can still read it from the yielded `Held`).
+
+    Joining a cluster with a wrong token makes Ray's GCS client log one warning a second
+    for 20 s before ray.init gives up; the caller's one-line error says what they meant."""
+    sys.stderr.flush()
+    saved, result, succeeded = os.dup(2), Held(), False
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield result
+            succeeded = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            result.text = held.read().decode(errors="replace")
+    if succeeded and result.text:
+        sys.stderr.write(result.text)
+        sys.stderr.flush()
