@@ -71,6 +71,15 @@ class PipelineState:
         """The epoch number reports carry: stage 2 continues after the teacher's epochs."""
         return self.fit.epoch + (teacher_epochs if self.stage == "student" else 0)
 
+    def best_score(self) -> float:
+        """The best validation macro-F1 of the run so far, over both stages: the current
+        stage's best epoch, and in stage 2 also the teacher's. Derived from the resume
+        state, so a retried or resumed trial reports the same value it would have."""
+        best = float(self.fit.best["f1"])
+        if self.stage == "student" and self.teacher is not None:
+            best = max(best, float(self.teacher["best_metrics"]["val_macro_f1"]))
+        return best
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"stage": self.stage, "fit": self.fit.to_dict()}
         if self.stage == "student":

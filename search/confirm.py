@@ -134,7 +134,8 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
     candidates (their runs are read with `collect_confirmation`)."""
     from ray import tune
 
-    from search.tuner import fit_concurrency, run_config, trial_data, tune_config
+    from search.progress import CONFIRM_COLUMNS
+    from search.tuner import fit_concurrency, restore_tuner, run_config, trial_data, tune_config
     from trainables import make_trainable
 
     experiment = f"{plan.experiment.rstrip('/')}/{CONFIRM_DIR}"
@@ -152,15 +153,14 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
     print(f"\nconfirmation: {len(candidates)} configurations x seeds {seeds} = {len(candidates) * len(seeds)} runs "
           f"at the full budget ({', '.join(c.name for c in candidates)})")
     if saved is not None and tune.Tuner.can_restore(experiment):
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False)
+        tuner = restore_tuner(experiment, trainable)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space={"candidate": tune.grid_search([c.name for c in candidates]),
                          "seed": tune.grid_search(seeds)},
             tune_config=tune_config(plan, fit_concurrency(plan)),
-            run_config=run_config(plan, CONFIRM_DIR, plan.experiment),
+            run_config=run_config(plan, CONFIRM_DIR, plan.experiment, columns=CONFIRM_COLUMNS),
         )
     tuner.fit()
     return candidates

@@ -149,8 +149,20 @@ def finish(plan: Any, wall_s: float) -> int:
     summary = summarize(plan, records, winner, search_baseline, confirmation, tested, test, card, wall_s)
     (plan.local_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=str))
     sync_up(plan)
+    leave_ray(plan)
     print_summary(summary)
     return 0
+
+
+def leave_ray(plan: Any) -> None:
+    """Disconnect from Ray (our own local cluster stops) once nothing needs it: Ray's log
+    monitor forwards the trials' output (pseudo-label tables) with a delay, and would print
+    it after the closing message instead of before. A cluster that was running before
+    search.run started (a test session's) is left as it is."""
+    if getattr(plan, "owns_ray", False):
+        import ray
+
+        ray.shutdown()
 
 
 def print_search(records: list[TrialRecord], wall_s: float, importance: str) -> None:
@@ -164,6 +176,7 @@ def print_search(records: list[TrialRecord], wall_s: float, importance: str) -> 
 
 def interrupted(plan: Any, what: str) -> int:
     """Say what is unfinished and how to continue; the reports so far go to storage."""
+    leave_ray(plan)
     print(f"{what}; results so far in {plan.local_dir}.\n{continue_hint(plan)}")
     sync_up(plan)
     return 130

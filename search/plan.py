@@ -47,6 +47,7 @@ class Plan:
     confirm_top: int = 0  # search/confirm.py; 0 = no confirmation stage
     confirm_seeds: int = 0
     data_ref: Any = None  # the data set without its test split, in Ray's object store (trial_data)
+    owns_ray: bool = False  # start_ray started or joined the cluster (not a test's): finish leaves it
 
     @property
     def study_path(self) -> Path:

@@ -55,13 +55,19 @@ def tune_config(plan: Any, max_concurrent: int, **more: Any) -> Any:
     )
 
 
-def run_config(plan: Any, name: str, storage: str, **more: Any) -> Any:
-    """What the search's and the confirmation's Tuners keep; `more` goes to tune.RunConfig
-    (a benchmark's callbacks and verbosity)."""
+def run_config(plan: Any, name: str, storage: str, columns: dict[str, str] | None = None, **more: Any) -> Any:
+    """What the search's and the confirmation's Tuners keep; `columns` are the live table's
+    parameter columns (config key -> column name; default: the space's searched parameters);
+    `more` goes to tune.RunConfig (a benchmark's callbacks and verbosity)."""
     from ray import tune
 
+    from search.progress import progress_reporter, quiet_driver, search_columns
     from trainables import checkpoint_config
 
+    quiet_driver()  # before the RunConfig: it reads which output engine to use
+    more.setdefault("verbose", 1)  # the table; 3 adds every result of every trial
+    more.setdefault("progress_reporter",
+                    progress_reporter(plan.space.metric, search_columns(plan.space) if columns is None else columns))
     return tune.RunConfig(
         name=name,
         storage_path=storage,
@@ -72,6 +78,18 @@ def run_config(plan: Any, name: str, storage: str, **more: Any) -> Any:
         checkpoint_config=checkpoint_config(tune.CheckpointConfig, plan.space.metric, plan.space.mode),
         **more,
     )
+
+
+def restore_tuner(experiment: str, trainable: Any) -> Any:
+    """Tuner.restore for `--resume`: unfinished trials continue, errored ones stay errored.
+    The restored RunConfig brings its live table back; the driver's switches are set again."""
+    from ray import tune
+
+    from search.progress import quiet_driver
+
+    quiet_driver()
+    return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
+                              restart_errored=False)
 
 
 def trial_data(plan: Any) -> Any:
@@ -134,8 +152,6 @@ def build_tuner(plan: Any, trainable: Any, max_concurrent: int, *, asha: bool = 
 
 def run_search(plan: Any) -> None:
     """Start or resume the Tuner and wait for it; Ctrl-C returns with the state saved."""
-    from ray import tune
-
     from search.plan import spec_of
     from search.report import write_spec
     from trainables import make_trainable
@@ -143,9 +159,7 @@ def run_search(plan: Any) -> None:
     max_concurrent = fit_concurrency(plan)
     trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode)
     if plan.resume:
-        tuner = tune.Tuner.restore(
-            plan.experiment, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
-        )
+        tuner = restore_tuner(plan.experiment, trainable)
     else:
         plan.local_dir.mkdir(parents=True, exist_ok=True)
         write_spec(plan.local_dir, spec_of(plan))

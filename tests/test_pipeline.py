@@ -220,6 +220,29 @@ def test_a_stage_two_resume_state_needs_stage_two():
         run_pipeline(tiny_cfg(), make_data(), progress=False, resume=PipelineState.from_dict(states[-1]["fit"]))
 
 
+def test_best_score_is_the_best_val_macro_f1_so_far_over_both_stages():
+    """What trials report as best_val_macro_f1 (the live table's best f1): read from the
+    resume state each epoch, so a resumed trial reports the same."""
+    seen = []
+    run_pipeline(tiny_cfg(), make_data(), progress=False,
+                 report=lambda metrics, ckpt, state: seen.append(
+                     (metrics["val_macro_f1"], PipelineState.from_dict(saved_and_loaded(state.to_dict())))))
+    assert [state.stage for _, state in seen] == ["teacher", "teacher", "student", "student"]
+    for i, (_, state) in enumerate(seen):
+        assert state.best_score() == pytest.approx(max(value for value, _ in seen[:i + 1]))
+
+
+def test_best_score_keeps_a_better_teacher_in_stage_two():
+    student = PipelineState.from_dict({"stage": "teacher", "fit": {
+        "epoch": 1, "step": 3, "history": [], "model": {}, "optimizer": {}, "scheduler": {}, "scaler": {},
+        "best": {"f1": 0.25, "epoch": 0, "confusion": [[1]]}}})
+    assert student.best_score() == 0.25  # stage 1: the fit's own best
+    student.stage, student.teacher, student.pseudo = "student", {"best_metrics": {"val_macro_f1": 0.5}}, {}
+    assert student.best_score() == 0.5
+    student.teacher["best_metrics"]["val_macro_f1"] = 0.1
+    assert student.best_score() == 0.25
+
+
 def test_train_cli_resumes_an_interrupted_run_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     import fer.models
     from fer.synth import write_csv

@@ -69,6 +69,18 @@ def placement_group_from_hex(pg_id: str) -> Any:
     return PlacementGroup(PlacementGroupID.from_hex(pg_id))
 
 
+def train_report_logger() -> Any:
+    """The logger of Ray Train v2's "Reporting training result N: TrainingReport(...)" INFO
+    line, which every rank logs at every report. It is named by its file's path, not
+    `ray.train...`, so RunConfig's LoggingConfig (which filters `ray.train` records) misses it."""
+    require_ray()
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    return logging.getLogger(context.__file__)
+
+
 def trial_stop_event() -> Any:
     """The threading.Event Tune sets when it stops (or cleans up) this function trial."""
     require_ray()

@@ -23,6 +23,7 @@ when ASHA stops it, its placement group is released at once (trainables/release.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -46,6 +47,11 @@ from trainables.worker import (
 )
 
 HEALTH_CHECK_INTERVAL_S = "0.5"  # Ray Train controller poll period for multi-worker trials
+# Ray logs "Checkpoint successfully created at ..." at INFO for every epoch's report, from
+# the trial process (single worker) and from rank 0's Train worker (several), and forwards
+# it to the driver's terminal between the live table's updates; WARNING keeps Ray Train's
+# warnings and errors. The checkpoint paths are in each trial's result.json.
+RAY_TRAIN_LOG_LEVEL = "WARNING"
 
 
 def pipeline_trial(config: dict[str, Any], data: DataRef, resources: TrialResources = TrialResources(),
@@ -58,6 +64,7 @@ def pipeline_trial(config: dict[str, Any], data: DataRef, resources: TrialResour
     from ray import tune
 
     started = time.time()
+    logging.getLogger("ray.train._internal.storage").setLevel(RAY_TRAIN_LOG_LEVEL)  # see RAY_TRAIN_LOG_LEVEL
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_overrides(TrialConfig(), config, source=f"trial {trial_id} config")
     job = RankJob(cfg=cfg, data=data, trial_dir=trial_folder(),
@@ -94,6 +101,7 @@ def run_worker_group(job: RankJob, resources: TrialResources, trial_id: str,
             storage_filesystem=storage.storage_filesystem,
             checkpoint_config=checkpoint_config(ray.train.CheckpointConfig, metric, mode),
             callbacks=[TuneReportCallback(), record_placement_group(placement_file)],
+            logging_config=ray.train.LoggingConfig(log_level=RAY_TRAIN_LOG_LEVEL),
         ),
     )
     try:

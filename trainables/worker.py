@@ -28,6 +28,10 @@ TIMING_FILE = "trial_timing.json"  # wall-clock marks of the trial (rank 0), for
 # with this file it fails at once with the same message instead.
 DIVERGED_FILE = "diverged.txt"
 TENSORBOARD_DIR = "tensorboard"
+# The best val_macro_f1 of the trial so far (both stages), reported next to the epoch's own
+# so the live table can show it; added last, after the epoch's metrics, and never the
+# search metric: ASHA, checkpoint keeping and search/report.py read their keys by name.
+BEST_KEY = "best_val_macro_f1"
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,9 @@ def train_worker(job: RankJob) -> None:
     `ray.train.get_checkpoint()` is then the run's latest checkpoint, on every rank."""
     import ray.train
 
+    from trainables.internals import train_report_logger
+
+    train_report_logger().setLevel("WARNING")  # one line per rank per epoch, with the whole metrics dict
     rank = ray.train.get_context().get_world_rank()
     run_rank(job, rank, train_report(rank), detect_device(in_train_worker=True),
              resume_state(ray.train.get_checkpoint()))
@@ -126,6 +133,7 @@ def train_report(rank: int) -> Callable[[dict[str, Any], dict, PipelineState], N
     import ray.train
 
     def report(metrics: dict[str, Any], checkpoint: dict, state: PipelineState) -> None:
+        metrics = with_best(metrics, state)
         if rank != 0:
             ray.train.report(metrics)
             return
@@ -139,7 +147,13 @@ def tune_report(metrics: dict[str, Any], checkpoint: dict, state: PipelineState)
     """`report(metrics, checkpoint, state)` for a single-worker trial, straight to Tune."""
     from ray import tune
 
-    report_with_checkpoint(tune.report, tune.Checkpoint.from_directory, metrics, checkpoint, state)
+    report_with_checkpoint(tune.report, tune.Checkpoint.from_directory, with_best(metrics, state), checkpoint, state)
+
+
+def with_best(metrics: dict[str, Any], state: PipelineState) -> dict[str, Any]:
+    """The epoch's metrics plus the trial's best score so far (a copy: `metrics` is also
+    the fit's history entry)."""
+    return {**metrics, BEST_KEY: state.best_score()}
 
 
 def _make_writer(trial_dir: str) -> Any:
