@@ -24,13 +24,14 @@ import sys
 import time
 from typing import Any
 
+from search.dashboard import start_dashboard, stop_dashboard  # main calls them by this name (tests replace them)
 from search.plan import DEFAULT_SPACE, DEFAULT_STORAGE, Plan, UsageError, make_plan, spec_of
 from search.space import SMOKE_BUDGET, SpaceError
 from search.tuner import run_search  # main calls it by this module's name (tests replace it)
 
 # The CLI's API: main and its steps, which tests call or replace one by one.
-__all__ = ["Plan", "UsageError", "build_parser", "join_cluster", "main", "make_plan", "run_search", "spec_of",
-           "start_ray"]
+__all__ = ["Plan", "UsageError", "build_parser", "join_cluster", "main", "make_plan", "run_search", "search_and_finish",
+           "spec_of", "start_dashboard", "start_ray", "stop_dashboard"]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seeds per confirmed configuration (default: the space's run.confirm_seeds, 3; 0 = off)")
     add("--dashboard-host", default="127.0.0.1", metavar="HOST",
         help="interface the Ray dashboard binds to on a local cluster (default: 127.0.0.1, this machine only)")
+    add("--dashboard", action="store_true",
+        help="also serve the Optuna study live with optuna-dashboard on 127.0.0.1 (port 8080, or a free one "
+        "when it is taken): trials, per-epoch values, parallel coordinates, importances; stopped at the end")
     return parser
 
 
@@ -134,7 +138,9 @@ def start_ray(plan: Plan) -> str | None:
     """Start (or join) the cluster; returns the dashboard URL when there is one."""
     import ray
 
-    # Ray hides Train runs from the dashboard's Train view unless this is set.
+    # Ray Train records its runs (train-<trial id>, each worker's actor id and PID) in the
+    # dashboard's JSON API (/api/train/v2/runs) only when this is set; the open-source
+    # dashboard has no page for them (ray-project/ray#26325).
     env = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
     os.environ.update(env)
     if ray.is_initialized():  # e.g. a test session's cluster
@@ -149,6 +155,7 @@ def start_ray(plan: Plan) -> str | None:
             address="local", include_dashboard=True, dashboard_host=plan.dashboard_host,
             runtime_env={"env_vars": env},
         )
+    plan.owns_ray = True  # search.finish shuts it down before the closing summary
     url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url and not url.startswith("http") else url
 
@@ -174,12 +181,18 @@ def join_cluster(address: str, env: dict[str, str]) -> Any:
     ends in a 20-line traceback (issue 17). So: token mode whenever a token is there."""
     import ray
 
-    token = enable_token_auth()
+    from search.preflight import held_stderr
+
+    token = False
     try:
-        context = ray.init(address=address, runtime_env={"env_vars": env})
+        with held_stderr() as held:  # a failed join logs a line a second for 20 s; ours is the one line
+            token = enable_token_auth()
+            context = ray.init(address=address, runtime_env={"env_vars": env})
     except (ConnectionError, RuntimeError, ValueError) as err:
         cause = " ".join(str(err).split())[:300] or type(err).__name__
         sent = "this machine's auth token was sent" if token else "no auth token was found on this machine"
+        if "InvalidAuthToken" in held.text:  # what Ray's GCS client logged while it retried
+            sent += " and the cluster refused it (wrong token)" if token else " and the cluster asks for one"
         raise UsageError(
             f"--address {address}: could not join the Ray cluster ({type(err).__name__}: {cause}); {sent}. "
             f"Check that a cluster runs there (`ray status --address {address}`) and that this machine has "
@@ -206,7 +219,12 @@ def print_start(plan: Plan, dashboard: str | None) -> None:
     else:
         print("no confirmation stage: the search's best single trial wins and is not compared with the baseline")
     if dashboard:
-        print(f"Ray dashboard: {dashboard}  (cluster, actors, jobs, logs; it has no Tune or Train page)")
+        # A trial is an actor, Tune's function trial (repr pipeline_trial), with several workers
+        # also its RayTrainWorker actors; the Actors page lists them by PID, with their logs.
+        print(f"Ray dashboard: {dashboard}  (Actors page: each trial's pipeline_trial actor, by the PID in "
+              "the table's loc column, its RayTrainWorkers, and their logs)")
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":  # ray.init's default for a new cluster
+            print("               it asks for the cluster's auth token: `ray get-auth-token` prints it")
     print(f"TensorBoard:   tensorboard --logdir {plan.experiment}")
     print(f"Optuna study:  optuna-dashboard sqlite:///{plan.study_path}")
 
@@ -215,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from fer.data import DataError
-    from search.preflight import storage_failure
     from trainables.internals import VersionError  # Ray or Optuna outside the tested range
 
     try:
@@ -230,6 +247,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_start(plan, dashboard)
+    study_view = start_dashboard(plan.study_path) if args.dashboard else None
+    try:
+        return search_and_finish(plan, started)
+    finally:  # also on Ctrl-C and errors: the server is ours to stop
+        stop_dashboard(study_view)
+
+
+def search_and_finish(plan: Plan, started: float) -> int:
+    """run_search, then finish; a failure a user can act on is one error line and 2."""
+    from search.finish import finish
+    from search.preflight import storage_failure
+    from trainables.internals import VersionError
+
     try:
         run_search(plan)
     except (ValueError, VersionError) as err:  # e.g. a trial that can never fit on this cluster
@@ -239,8 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         # the truncated files it wrote (tests/test_faults.py)
         print(f"error: {storage_failure(plan.experiment, err)}", file=sys.stderr)
         return 2
-    from search.finish import finish
-
     try:
         return finish(plan, wall_s=time.time() - started)  # the search's wall time; confirmation's is its own
     except OSError as err:  # the reports or the export could not be written

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -118,6 +119,57 @@ def test_seed_reaches_searcher_and_trials(tmp_path):
     args = search_run.build_parser().parse_args(["--space", "smoke", "--seed", "7", "--storage", str(tmp_path)])
     plan = search_run.make_plan(args)
     assert plan.space.seed == 7 and plan.space.fixed["seed"] == 7
+
+
+# --------------------------------------------------------------------------- what the user sees
+
+
+@pytest.mark.parametrize("auth", ["token", "disabled"])
+def test_banner_points_to_the_actors_page_and_claims_no_train_view(tmp_path, capsys, monkeypatch, auth):
+    monkeypatch.setenv("RAY_AUTH_MODE", auth)  # what ray.init sets for a new local cluster (Ray 2.60: token)
+    plan = search_run.make_plan(search_run.build_parser().parse_args(["--space", "smoke", "--storage", str(tmp_path)]))
+    search_run.print_start(plan, "http://127.0.0.1:8265")
+    out = capsys.readouterr().out
+    assert "Actors page" in out and "pipeline_trial" in out and "RayTrainWorker" in out and "loc" in out
+    assert not any(claim in out for claim in ("Train view", "Train page", "Tune page", "Tune view"))
+    assert ("`ray get-auth-token` prints it" in out) == (auth == "token")
+    assert out.count("tensorboard --logdir") == 1
+
+
+class Steps:
+    """search.finish's collaborators replaced by recorders: what happens, in order."""
+
+    def __init__(self, monkeypatch, tmp_path):
+        import ray
+
+        import search.finish as finish_module
+
+        self.events = []
+        record = SimpleNamespace(status="TERMINATED", baseline=False)
+        fakes = {
+            "sync_down": lambda plan: str(tmp_path), "collect_trials": lambda *a: [record],
+            "pick_winner": lambda records, mode: record, "write_reports": lambda *a: "",
+            "print_search": lambda *a: None, "load_trial": lambda *a: ("p", {}),
+            "evaluate_on_test": lambda *a: {}, "export_trial": lambda *a, **k: {},
+            "summarize": lambda *a: {"summary": 1}, "sync_up": lambda plan: None,
+            "print_summary": lambda summary: self.events.append("summary"),
+        }
+        for name, fake in fakes.items():
+            monkeypatch.setattr(finish_module, name, fake)
+        monkeypatch.setattr(ray, "shutdown", lambda: self.events.append("ray.shutdown"))
+        self.finish = finish_module.finish
+
+
+@pytest.mark.parametrize("owns_ray", [True, False])
+def test_summary_is_printed_after_ray_is_shut_down(tmp_path, monkeypatch, owns_ray):
+    """Ray's log monitor forwards trial output late; once Ray is shut down nothing follows
+    the summary. A cluster search.run did not start (a test session's) is left running."""
+    steps = Steps(monkeypatch, tmp_path)
+    space = SimpleNamespace(metric="val_macro_f1", mode="max", time_attr="epoch", max_t=2, baseline_point=dict)
+    plan = SimpleNamespace(space=space, num_samples=1, confirm_top=0, confirm_seeds=0, local_dir=tmp_path,
+                        export_dir=tmp_path, dataset=None, owns_ray=owns_ray)
+    assert steps.finish(plan, wall_s=1.0) == 0
+    assert steps.events == (["ray.shutdown", "summary"] if owns_ray else ["summary"])
 
 
 # --------------------------------------------------------------------------- end to end
