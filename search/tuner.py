@@ -92,6 +92,19 @@ def restore_tuner(experiment: str, trainable: Any) -> Any:
                               restart_errored=False)
 
 
+def check_resumable(experiment: Path) -> None:
+    """Refuse, in one line, an experiment whose newest Tune searcher state is empty.
+
+    Tune writes `searcher-state-*.pkl` in place, not atomically; a driver killed while it
+    was writing one leaves it empty, and Tuner.restore then waits forever for a searcher
+    that yields no trial and never finishes (seen once in CI: the resumed search hung)."""
+    states = sorted(Path(experiment).glob("searcher-state-*.pkl"))
+    if states and states[-1].stat().st_size == 0:
+        raise ValueError(f"{experiment}: Tune's searcher state {states[-1].name} is empty (the driver was "
+                         "killed while writing it), so this search cannot be resumed; start it again "
+                         "under a new --name")
+
+
 def trial_data(plan: Any) -> Any:
     """The data set as trials get it, put into Ray's object store once per search: without
     its test split, so no trial can read test; only search.finish does, for the two
@@ -159,6 +172,7 @@ def run_search(plan: Any) -> None:
     max_concurrent = fit_concurrency(plan)
     trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode)
     if plan.resume:
+        check_resumable(plan.local_dir)
         tuner = restore_tuner(plan.experiment, trainable)
     else:
         plan.local_dir.mkdir(parents=True, exist_ok=True)

@@ -498,7 +498,12 @@ def tune_recorded_a_finished_trial(experiment: Path) -> bool:
     """A trial wrote its final checkpoint and Tune's experiment state says TERMINATED."""
     done = [p for p in experiment.glob("trial_*") if (p / "best.pt").is_file()]
     states = list(experiment.glob("experiment_state-*.json"))
-    return bool(done) and any("TERMINATED" in p.read_text(errors="replace") for p in states)
+    # Tune writes its searcher state in place, not atomically: a kill while it is empty
+    # leaves a search that cannot be resumed (search.tuner refuses it in one line), so the
+    # kill waits for a moment when every state file has content.
+    searchers = list(experiment.glob("searcher-state-*.pkl"))
+    return bool(done) and any("TERMINATED" in p.read_text(errors="replace") for p in states) and \
+        bool(searchers) and all(p.stat().st_size > 0 for p in searchers)
 
 
 @pytest.mark.slow
@@ -539,3 +544,15 @@ def test_checkpoint_folder_filling_up_mid_search_errors_the_trial_not_the_search
     line = [line for line in err.strip().splitlines() if line.strip()][-1]
     assert line.startswith(f"error: the search stopped on a storage error in {small / 'runs' / 'one'}: "), err[-3000:]
     assert "MB free in" in line and line.endswith("fix the storage, then continue with --resume")
+
+
+def test_an_empty_searcher_state_is_refused_in_one_line_not_resumed_forever(tmp_path):
+    """Tune writes searcher-state-*.pkl in place; a driver killed mid-write leaves it empty
+    and Tuner.restore would then wait forever: --resume refuses it, naming the file."""
+    from search.tuner import check_resumable
+
+    (tmp_path / "searcher-state-2026-11-30_14-40-26.pkl").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"searcher-state-2026-11-30_14-40-26\.pkl is empty .* new --name"):
+        check_resumable(tmp_path)
+    (tmp_path / "searcher-state-2026-11-30_14-40-49.pkl").write_bytes(b"state")  # a newer, whole one
+    check_resumable(tmp_path)
