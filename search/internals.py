@@ -11,6 +11,7 @@ module imports neither Ray nor Optuna.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -19,7 +20,8 @@ OPTUNA_TESTED = ("4.0", "5.1")
 
 __all__ = [
     "asha_brackets", "asha_horizon", "asha_num_stopped", "asha_trial_info", "bracket_rungs",
-    "check_versions", "completed_trials", "enable_token_auth", "optuna_study", "optuna_trials",
+    "check_versions", "completed_trials", "enable_token_auth", "guarded_cli_reporter", "optuna_study",
+    "optuna_trials",
     "set_asha_num_stopped", "set_bracket_rungs",
 ]
 
@@ -102,6 +104,44 @@ def completed_trials(searcher: Any) -> set:
     """Ray trial ids OptunaSearch has already told the study about."""
     check_versions()
     return searcher._completed_trials
+
+
+# --------------------------------------------------------------------------- CLIReporter
+
+
+@functools.cache
+def guarded_cli_reporter() -> type:
+    """search.progress's live table: a CLIReporter subclass that overrides its private
+    `_sort_by_metric`, `_current_best_trial` and `_print` (built on first use)."""
+    require_ray()
+    from ray import tune
+
+    class SearchReporter(tune.CLIReporter):
+        """Tune's CLIReporter with two guards, both for trials that lack a value:
+        sorting by the metric compares None with a float when a finished trial never reported
+        it, so such a table is left unsorted; and the "Current best trial" line looks every
+        parameter column up in the best trial's config without a default, which raises for a
+        conditional parameter the trial did not use (focal_gamma without focal loss), so that
+        line is left out (the sorted table and its best f1 column show the same). Its "Result
+        logdir" line is left out too: it names the driver's staging folder inside Ray's
+        session directory (/tmp/ray/session_*), not the experiment the banner names."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._sort_wanted = self._sort_by_metric
+
+        def report(self, trials: list[Any], done: bool, *sys_info: str) -> None:
+            self._sort_by_metric = self._sort_wanted and all(
+                isinstance(t.last_result.get(self._metric), (int, float)) for t in trials if t.status == "TERMINATED")
+            super().report(trials, done, *sys_info)
+
+        def _current_best_trial(self, trials: list[Any]) -> tuple[None, str | None]:
+            return None, self._metric
+
+        def _print(self, msg: str) -> None:
+            super()._print("\n".join(line for line in msg.split("\n") if not line.startswith("Result logdir:")))
+
+    return SearchReporter
 
 
 # --------------------------------------------------------------------------- token auth

@@ -16,8 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ray import tune
-
+from search import internals
 from trainables.worker import BEST_KEY
 
 # Short column names for the searched parameters; any other name is shown as it is.
@@ -65,30 +64,8 @@ def metric_columns(metric: str) -> dict[str, str]:
     return columns
 
 
-class SearchReporter(tune.CLIReporter):
-    """Tune's CLIReporter with two guards, both for trials that lack a value:
-    sorting by the metric compares None with a float when a finished trial never reported
-    it, so such a table is left unsorted; and the "Current best trial" line looks every
-    parameter column up in the best trial's config without a default, which raises for a
-    conditional parameter the trial did not use (focal_gamma without focal loss), so that
-    line is left out (the sorted table and its best f1 column show the same). Its "Result
-    logdir" line is left out too: it names the driver's staging folder inside Ray's
-    session directory (/tmp/ray/session_*), not the experiment the banner names."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._sort_wanted = self._sort_by_metric
-
-    def report(self, trials: list[Any], done: bool, *sys_info: str) -> None:
-        self._sort_by_metric = self._sort_wanted and all(
-            isinstance(t.last_result.get(self._metric), (int, float)) for t in trials if t.status == "TERMINATED")
-        super().report(trials, done, *sys_info)
-
-    def _current_best_trial(self, trials: list[Any]) -> tuple[None, str | None]:
-        return None, self._metric
-
-    def _print(self, msg: str) -> None:
-        super()._print("\n".join(line for line in msg.split("\n") if not line.startswith("Result logdir:")))
+# Tune's CLIReporter with guards that reach its private state: built by the door.
+SearchReporter = internals.guarded_cli_reporter()
 
 
 def progress_reporter(metric: str, parameters: dict[str, str]) -> SearchReporter:
