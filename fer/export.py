@@ -1,6 +1,7 @@
 """Export a checkpoint to ONNX that takes raw pixels and returns calibrated class scores.
 
     python -m fer.export --checkpoint runs/x/best.pt --out deploy/ [--int8] [--data PATH]
+        [--tflite [--tflite-quant fp16 dynamic-int8 int8] [--tflite-max-f1-drop 0.02]]
 
 The graph's input is `pixels`: uint8, (batch, H, W, C) -- channels last, exactly the
 layout of `fer.data.Split.images` and of an image array from PIL/OpenCV with a batch axis
@@ -14,78 +15,37 @@ Written to --out: model.onnx, parity.json (onnxruntime vs PyTorch on >= 64 real 
 max |score difference| and top-1 agreement), model_card.json (classes, input spec,
 metrics, config, sha256, ONNX Runtime CPU latency) and, with --int8, model.int8.onnx
 (static QDQ quantization calibrated on real images) with its accuracy and macro-F1
-change against fp32. TensorFlow / TFLite export is out of scope.
+change against fp32. With --tflite (the optional extra `[tflite]`), the same model as
+model.tflite for the LiteRT interpreter, and quantized variants: see `fer.tflite`.
+The card's "artifacts" lists every file written with its sha256, input and measured
+parity (PyTorch vs the file; ONNX INT8: its top-1 agreement with fp32).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import json
 import os
 import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
+
+from fer import tflite as litert
+from fer.deploy import DeployModel, build_deploy_model
+from fer.io import file_digest
 
 PARITY_TOLERANCE = 1e-4  # max |score difference|, fp32 onnxruntime vs PyTorch
 MIN_PARITY_IMAGES = 64
 OPSET = 18  # Resize with antialias needs opset >= 18
-
-
-class DeployModel(nn.Module):
-    """uint8 pixels (B, H, W, C) -> network logits + post-hoc offsets (B, K)."""
-
-    def __init__(self, model: nn.Module, *, image_size: int, input_hw: tuple[int, int],
-                 offsets: list[float] | np.ndarray | None, num_classes: int) -> None:
-        from fer.transforms import MEAN, STD
-
-        super().__init__()
-        self.model = model.eval()
-        self.image_size = int(image_size)
-        self.resize = tuple(input_hw) != (self.image_size, self.image_size)
-        # antialias only changes a downscale; leaving it off for upscales keeps the graph
-        # exportable by the TorchScript exporter as well (aten::_upsample_bilinear2d_aa is not)
-        self.antialias = self.resize and min(input_hw) > self.image_size
-        channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
-        mean = torch.as_tensor(MEAN, dtype=torch.float32).flatten()
-        std = torch.as_tensor(STD, dtype=torch.float32).flatten()
-        self.register_buffer("mean", mean.expand(channels).clone().view(1, -1, 1, 1))
-        self.register_buffer("std", std.expand(channels).clone().view(1, -1, 1, 1))
-        offsets = np.zeros(num_classes) if offsets is None else np.asarray(offsets)
-        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.float32).view(1, -1))
-
-    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`fer.transforms.make_eval_transform` on channels-last uint8 input.
-
-        Identical when no resize is needed. When one is, the graph resizes in float;
-        torchvision resizes the uint8 tensor with a fixed-point kernel, so the two can
-        differ by one gray level per pixel (no ONNX op reproduces that kernel).
-        """
-        x = pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0
-        if self.resize:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False, antialias=self.antialias)
-        return (x - self.mean) / self.std
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model(self.preprocess(pixels)) + self.offsets
-
-
-def build_deploy_model(ckpt: dict[str, Any], input_hw: tuple[int, int]) -> DeployModel:
-    """The checkpoint's network (eval mode, CPU) wrapped with preprocessing and offsets."""
-    from fer.checkpoint import model_from_checkpoint
-
-    model = model_from_checkpoint(ckpt, "cpu")
-    return DeployModel(model, image_size=int(ckpt["config"]["image_size"]), input_hw=input_hw,
-                       offsets=ckpt.get("posthoc_offsets"), num_classes=len(ckpt["classes"])).eval()
 
 
 def export_onnx(module: DeployModel, sample: torch.Tensor, path: str) -> str:
@@ -220,11 +180,7 @@ def measure_latency(onnx_path: str, image: np.ndarray, runs: int = 50, threads: 
 
 
 def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(Path(path)).hex()
 
 
 def _scores(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -251,8 +207,10 @@ def _input_spec(images: np.ndarray, image_size: int) -> dict[str, Any]:
 def export_checkpoint(ckpt_path_or_dict: str | dict[str, Any], out_dir: str, *, images: np.ndarray,
                       labels: np.ndarray | None = None, int8: bool = False,
                       calib_images: np.ndarray | None = None, latency_runs: int = 50,
-                      data_source: str | None = None, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Export, check parity, optionally quantize, write the model card; returns the card.
+                      data_source: str | None = None, provenance: dict[str, Any] | None = None,
+                      tflite: litert.TFLiteOptions | None = None) -> dict[str, Any]:
+    """Export, check parity, optionally quantize and convert to TFLite, write the model card;
+    returns the card.
 
     `images` (uint8, N >= 64, (N, H, W, C)) are real images for the parity check and, with
     `labels`, the fp32 / INT8 metrics; `calib_images` calibrate INT8 (default: `images`).
@@ -273,22 +231,14 @@ def export_checkpoint(ckpt_path_or_dict: str | dict[str, Any], out_dir: str, *, 
     module = build_deploy_model(ckpt, images.shape[1:3])
     onnx_path = os.path.join(out_dir, "model.onnx")
     exporter = export_onnx(module, torch.from_numpy(images[:2].copy()), onnx_path)
-
     parity = check_parity(module, onnx_path, images)
     parity.update(exporter=exporter, data=data_source)
     _write_json(os.path.join(out_dir, "parity.json"), parity)
     print(f"parity (onnxruntime vs PyTorch, {parity['images']} images): max |score diff| "
           f"{parity['max_abs_score_diff']:.2e} (tolerance {PARITY_TOLERANCE:g}), top-1 identical: "
           f"{parity['top1_identical']} -> {'PASSED' if parity['passed'] else 'FAILED'}")
-
-    metrics: dict[str, Any] = {"checkpoint": ckpt.get("metrics", {})}
     fp32_scores = run_onnx(onnx_path, images)
-    if labels is not None:
-        offsets = module.offsets.numpy()
-        metrics["onnx_fp32"] = _scores(labels, fp32_scores.argmax(1), len(classes))
-        metrics["onnx_fp32_without_offsets"] = _scores(labels, (fp32_scores - offsets).argmax(1),
-                                                       len(classes))
-        metrics["images"] = int(len(labels))
+    metrics = _onnx_metrics(ckpt, labels, fp32_scores, module.offsets.numpy())
     card: dict[str, Any] = {
         "file": "model.onnx", "sha256": sha256_file(onnx_path), "format": f"onnx opset {OPSET}",
         "exporter": exporter, "classes": classes, "input": _input_spec(images, module.image_size),
@@ -299,14 +249,32 @@ def export_checkpoint(ckpt_path_or_dict: str | dict[str, Any], out_dir: str, *, 
         "config": ckpt["config"], "source": {"epoch": ckpt.get("epoch"), "stage": ckpt.get("stage"),
                                              "data": data_source, **(provenance or {})},
     }
+    calib_images = calib_images if calib_images is not None else images
     if int8:
-        card["int8"] = _export_int8(onnx_path, out_dir, images, labels, fp32_scores,
-                                    calib_images if calib_images is not None else images,
+        card["int8"] = _export_int8(onnx_path, out_dir, images, labels, fp32_scores, calib_images,
                                     len(classes), latency_runs)
+    onnx_files = [dict(file=card["file"], sha256=card["sha256"], parity=parity)] + ([card["int8"]] if int8 else [])
+    card["artifacts"] = [dict(entry, format=card["format"], input=card["input"]) for entry in onnx_files]
+    if tflite is not None:
+        card["tflite"] = litert.export_tflite(module, out_dir, images, labels, run_torch(module, images),
+                                              calib_images, tflite, latency_runs)
+        card["artifacts"] += litert.artifacts(card["tflite"], card["input"])
     _write_json(os.path.join(out_dir, "model_card.json"), card)
     print(f"latency (ORT CPU, batch 1, 1 thread): {card['latency']['median_ms']:.2f} ms/image; "
           f"wrote {onnx_path} and model_card.json")
     return card
+
+
+def _onnx_metrics(ckpt: dict[str, Any], labels: np.ndarray | None, fp32_scores: np.ndarray,
+                  offsets: np.ndarray) -> dict[str, Any]:
+    """The checkpoint's own metrics and, with labels, the ONNX model's with and without offsets."""
+    metrics: dict[str, Any] = {"checkpoint": ckpt.get("metrics", {})}
+    if labels is not None:
+        k = len(ckpt["classes"])
+        metrics["onnx_fp32"] = _scores(labels, fp32_scores.argmax(1), k)
+        metrics["onnx_fp32_without_offsets"] = _scores(labels, (fp32_scores - offsets).argmax(1), k)
+        metrics["images"] = int(len(labels))
+    return metrics
 
 
 def _export_int8(onnx_path: str, out_dir: str, images: np.ndarray, labels: np.ndarray | None,
@@ -359,6 +327,12 @@ def export_images(dataset, minimum: int = MIN_PARITY_IMAGES) -> tuple[np.ndarray
     return images, labels, "+".join(name for name, _ in parts)
 
 
+def calibration_images(dataset, count: int = 256) -> np.ndarray:
+    """`count` training images spread evenly over the train split, for INT8 calibration."""
+    train = dataset.splits["train"].images
+    return train[np.linspace(0, len(train) - 1, min(count, len(train))).astype(int)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fer.export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by fer.train")
@@ -366,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8", action="store_true", help="also write a static INT8 model")
     parser.add_argument("--data", default=None, help="data for the checks (default: the checkpoint config's)")
     parser.add_argument("--latency-runs", type=int, default=50)
+    litert.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        tflite = litert.options_from_args(args)  # before any expensive work: is the extra there?
         from fer.checkpoint import load_checkpoint
         from fer.data import load_dataset
 
@@ -379,15 +355,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.checkpoint}: checkpoint classes {ckpt['classes']} differ from "
                              f"the data set's {dataset.classes} ({dataset.source})")
         images, labels, splits = export_images(dataset)
-        train = dataset.splits["train"].images
-        calib = train[np.linspace(0, len(train) - 1, min(256, len(train))).astype(int)]
+        val = dataset.splits.get("val")
+        if tflite is not None and val is not None and val.labels is not None:  # INT8 is kept on val's macro-F1
+            tflite = dataclasses.replace(tflite, check_images=val.images, check_labels=val.labels)
         card = export_checkpoint(ckpt, args.out, images=images, labels=labels, int8=args.int8,
-                                 calib_images=calib, latency_runs=args.latency_runs,
-                                 data_source=f"{dataset.source} [{splits}]")
+                                 calib_images=calibration_images(dataset), latency_runs=args.latency_runs,
+                                 data_source=f"{dataset.source} [{splits}]", tflite=tflite)
     except (ValueError, OSError) as err:  # user errors: bad checkpoint or data path, unwritable --out
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0 if card["parity"]["passed"] else 1
+    return 0 if card["parity"]["passed"] and ("tflite" not in card or litert.passed(card["tflite"])) else 1
 
 
 if __name__ == "__main__":

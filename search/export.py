@@ -1,6 +1,7 @@
 """Export the best run(s) of a finished or resumed experiment to ONNX.
 
     python -m search.export --experiment runs/imbalance [--top-k 3] [--out DIR]
+        [--tflite [--tflite-quant fp16 dynamic-int8 int8] [--tflite-max-f1-drop 0.02]]
 
 `search.run` calls `export_trial` for the winner at the end of a search; this CLI repeats
 that, or exports the K best (into DIR/rank1-<trial id>, DIR/rank2-..., ...). After a
@@ -8,7 +9,8 @@ confirmation stage the ranking is the confirmed configurations' by mean validati
 each exported as its best seed's run, as search.run picks the winner; without one it is
 the search's trials by best validation score. The parity check and model card come from
 `fer.export`; they use validation images, so the test split stays read by `search.run`
-alone.
+alone. `--tflite` adds the TFLite models of `fer.tflite` (full INT8 calibrated on training
+images and kept only if validation macro-F1 holds).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fer import tflite
 from search.confirm import collect_confirmation, rank_confirmed, read_confirm_spec
 from search.report import TrialRecord, collect_trials, rank_trials, read_spec
 
@@ -41,11 +44,13 @@ def load_trial(record: TrialRecord, metric: str, mode: str) -> tuple[str, dict[s
 
 
 def export_trial(record: TrialRecord, out_dir: str | os.PathLike, dataset: Any, metric: str, mode: str,
-                 why: str, loaded: tuple[str, dict[str, Any]] | None = None) -> dict:
+                 why: str, loaded: tuple[str, dict[str, Any]] | None = None,
+                 tflite: Any = None) -> dict:
     """fer.export's ONNX export + parity check + model card for one trial, on val images; the
     card's "source" names the run and `why` it was the one exported. `loaded` is the run's
-    (path, checkpoint) from `load_trial` when the caller has it already."""
-    from fer.export import export_checkpoint
+    (path, checkpoint) from `load_trial` when the caller has it already; `tflite`
+    (fer.tflite.TFLiteOptions) adds the TFLite models."""
+    from fer.export import calibration_images, export_checkpoint
 
     val = dataset.splits["val"]
     path, checkpoint = loaded or load_trial(record, metric, mode)
@@ -56,6 +61,8 @@ def export_trial(record: TrialRecord, out_dir: str | os.PathLike, dataset: Any, 
         labels=val.labels,
         data_source=f"{dataset.source} (val split)",
         provenance={"trial_id": record.trial_id, "checkpoint": path, "trial_dir": record.path, "why": why},
+        calib_images=calibration_images(dataset) if tflite is not None else None,
+        tflite=tflite,
     )
 
 
@@ -88,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <experiment>/export)")
     parser.add_argument("--data", default=None, metavar="PATH",
                         help="data for the parity check (default: the data the search used)")
+    tflite.add_arguments(parser)
     return parser
 
 
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from fer.data import DataError, load_dataset
 
     try:
+        options = tflite.options_from_args(args)  # first: a missing [tflite] extra fails in one line
         if args.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
         # Ray's ExperimentAnalysis reads a plain relative path as a URI without a scheme and
@@ -110,14 +119,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {len(ranked)} ranked run(s) to export, not {args.top_k}")
         dataset = load_dataset(args.data if args.data is not None else spec["data"])
         out = Path(args.out) if args.out else Path(args.experiment, "export")
+        failed = False
         for rank, (record, how) in enumerate(ranked[: args.top_k], start=1):
             target = out if args.top_k == 1 else out / f"rank{rank}-{record.trial_id}"
             print(f"rank {rank}: {how} -> {target}")
-            export_trial(record, target, dataset, spec["metric"], spec["mode"], why=f"rank {rank}: {how}")
+            card = export_trial(record, target, dataset, spec["metric"], spec["mode"], why=f"rank {rank}: {how}",
+                                tflite=options)
+            failed = failed or ("tflite" in card and not tflite.passed(card["tflite"]))
     except (ValueError, DataError, OSError) as err:  # OSError: an unwritable or full --out
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""The deployed graph: uint8 pixels (B, H, W, C) in, calibrated class scores (B, K) out.
+
+What `fer.export` writes to ONNX and `fer.tflite` converts to TFLite: the checkpoint's
+network with `fer.transforms`' eval preprocessing in front and its post-hoc offsets
+(`fer.posthoc`) behind, so a deployed model takes raw pixels as PIL/OpenCV give them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DeployModel(nn.Module):
+    """uint8 pixels (B, H, W, C) -> network logits + post-hoc offsets (B, K)."""
+
+    def __init__(self, model: nn.Module, *, image_size: int, input_hw: tuple[int, int],
+                 offsets: list[float] | np.ndarray | None, num_classes: int) -> None:
+        from fer.transforms import MEAN, STD
+
+        super().__init__()
+        self.model = model.eval()
+        self.image_size = int(image_size)
+        self.resize = tuple(input_hw) != (self.image_size, self.image_size)
+        # antialias only changes a downscale; leaving it off for upscales keeps the graph
+        # exportable by the TorchScript exporter as well (aten::_upsample_bilinear2d_aa is not)
+        self.antialias = self.resize and min(input_hw) > self.image_size
+        channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+        mean = torch.as_tensor(MEAN, dtype=torch.float32).flatten()
+        std = torch.as_tensor(STD, dtype=torch.float32).flatten()
+        self.register_buffer("mean", mean.expand(channels).clone().view(1, -1, 1, 1))
+        self.register_buffer("std", std.expand(channels).clone().view(1, -1, 1, 1))
+        offsets = np.zeros(num_classes) if offsets is None else np.asarray(offsets)
+        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.float32).view(1, -1))
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`fer.transforms.make_eval_transform` on channels-last uint8 input.
+
+        Identical when no resize is needed. When one is, the graph resizes in float;
+        torchvision resizes the uint8 tensor with a fixed-point kernel, so the two can
+        differ by one gray level per pixel (no ONNX op reproduces that kernel).
+        """
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        if self.resize:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False, antialias=self.antialias)
+        return (x - self.mean) / self.std
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(self.preprocess(pixels)) + self.offsets
+
+
+def build_deploy_model(ckpt: dict[str, Any], input_hw: tuple[int, int]) -> DeployModel:
+    """The checkpoint's network (eval mode, CPU) wrapped with preprocessing and offsets."""
+    from fer.checkpoint import model_from_checkpoint
+
+    model = model_from_checkpoint(ckpt, "cpu")
+    return DeployModel(model, image_size=int(ckpt["config"]["image_size"]), input_hw=input_hw,
+                       offsets=ckpt.get("posthoc_offsets"), num_classes=len(ckpt["classes"])).eval()
