@@ -52,3 +52,35 @@ def test_importing_reaches_no_ray_train_internals(module):
             "print([m for m in sys.modules if m.startswith('ray.train.v2._internal')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_trial_actor_is_named_after_its_trial():
+    """Tune's wrap_function puts the function's __mixins__ before FunctionTrainable, and its
+    actor's repr (what the Ray dashboard's Actors page and log prefixes show) is `_name`:
+    once setup has run, that is the function's name and the trial's."""
+    from ray.tune.trainable.function_trainable import FunctionTrainable, wrap_function
+
+    def pipeline_trial(config):
+        return None
+
+    actor_class = wrap_function(trainables_internals.name_trial_actors(pipeline_trial))
+    mro = actor_class.__mro__
+    assert mro.index(trainables_internals.TrialNamedActor) < mro.index(FunctionTrainable)
+
+    class Trainable:  # what FunctionTrainable gives the mixin: the trial's name, then setup
+        _name = "pipeline_trial"
+        trial_name = "trial_1f640df6"
+
+        def setup(self, config):
+            self.configured = config
+
+        def __repr__(self):
+            return self._name
+
+    class Actor(trainables_internals.TrialNamedActor, Trainable):
+        pass
+
+    actor = Actor()
+    actor.setup({"lr": 0.01})
+    assert repr(actor) == "pipeline_trial trial_1f640df6" and actor.configured == {"lr": 0.01}
+    assert repr(Actor()) == "pipeline_trial"  # the class keeps its name; each actor gets its own

@@ -95,3 +95,24 @@ def trial_storage() -> Any:
     from ray.train._internal.session import get_storage
 
     return get_storage()
+
+
+class TrialNamedActor:
+    """Mixin for Tune's function-trial actor, given through `__mixins__`, which
+    `ray.tune.trainable.function_trainable.wrap_function` (a DeveloperAPI) puts before
+    FunctionTrainable and `tune.with_parameters` carries over. Tune's actor repr is the
+    function's name alone; Ray reads an actor's repr once its constructor has run, and the
+    dashboard's Actors page and the driver's log prefixes show it. So `setup`, which the
+    constructor calls once the trial is known, appends the trial's name: `pipeline_trial
+    trial_1f640df6` (its Ray Train run, with several workers, is train-1f640df6)."""
+
+    def setup(self, config: dict[str, Any]) -> None:
+        require_ray()
+        self._name = f"{self._name} {self.trial_name}"
+        super().setup(config)
+
+
+def name_trial_actors(trial_function: Any) -> Any:
+    """Mark a Tune function trainable so that its actors carry the trial's name (above)."""
+    trial_function.__mixins__ = (TrialNamedActor,)
+    return trial_function

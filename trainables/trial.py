@@ -138,7 +138,11 @@ def make_trainable(data: Any, resources: TrialResources = TrialResources(), metr
     `DataRef`. With `candidates` (name -> TrialConfig overrides) it is `candidate_trial`."""
     from ray import tune
 
+    from trainables.internals import name_trial_actors
+
     ref = data if isinstance(data, DataRef) else put_dataset(data)
+    name_trial_actors(pipeline_trial)
+    name_trial_actors(candidate_trial)
     if candidates is None:
         bound = tune.with_parameters(pipeline_trial, data=ref, resources=resources, metric=metric, mode=mode)
     else:
