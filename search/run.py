@@ -219,12 +219,17 @@ def print_start(plan: Plan, dashboard: str | None) -> None:
     else:
         print("no confirmation stage: the search's best single trial wins and is not compared with the baseline")
     if dashboard:
-        # A trial is an actor, Tune's function trial (repr pipeline_trial), with several workers
-        # also its RayTrainWorker actors; the Actors page lists them by PID, with their logs.
-        print(f"Ray dashboard: {dashboard}  (Actors page: each trial's pipeline_trial actor, by the PID in "
-              "the table's loc column, its RayTrainWorkers, and their logs)")
+        # A trial is an actor, Tune's function trial (repr `pipeline_trial trial_<id>`, see
+        # trainables.internals.TrialNamedActor), with several workers also its RayTrainWorker
+        # actors; the Actors page lists them with their PIDs and logs.
+        print(f"Ray dashboard: {dashboard}  (Actors page: each trial's actor, `pipeline_trial <trial name>`, with "
+              "the PID of the table's loc column, its RayTrainWorkers, and their logs)")
         if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":  # ray.init's default for a new cluster
-            print("               it asks for the cluster's auth token: `ray get-auth-token` prints it")
+            # Ray's dashboard takes the token only through its own form (no URL form): it sets
+            # an HttpOnly cookie for 30 days, per host, and every local cluster shares
+            # ~/.ray/auth_token, so a browser asks once, not once per search.
+            print("               it asks once per browser for the cluster's auth token (kept 30 days): "
+                  "`ray get-auth-token` prints it")
     print(f"TensorBoard:   tensorboard --logdir {plan.experiment}")
     print(f"Optuna study:  optuna-dashboard sqlite:///{plan.study_path}")
 

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -15,9 +12,10 @@ import optuna
 import pytest
 
 import search.run as search_run
+from browser import CHROMIUM, NO_CHROMIUM, chromium
+from readme import readme_argv
 from search import dashboard as dash
 
-CHROMIUM = shutil.which("chromium")  # Debian's package: /usr/bin/chromium
 
 
 def small_study(path: Path, name: str = "demo", trials: int = 3) -> None:
@@ -135,37 +133,26 @@ def test_main_without_the_flag_starts_no_dashboard(tmp_path, monkeypatch, capsys
     assert calls == ["search", "finish", ("stop", None)]
 
 
-def chromium(url: str, *out: str, budget_ms: int = 10000) -> subprocess.CompletedProcess:
-    """Headless Chromium on `url` (`--screenshot=PNG` or `--dump-dom` in `out`). The network
-    flags keep it from calling home: on a closed network those calls are refused and slow it."""
-    with tempfile.TemporaryDirectory() as profile:
-        return subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--window-size=1400,900", f"--virtual-time-budget={budget_ms}",
-             *out, url],
-            capture_output=True, text=True, timeout=180,
-        )
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium; .ci/run tries)")
-def test_screenshot_of_the_dashboard_after_a_smoke_search(ray_cluster, tmp_path, capsys):
-    """A real smoke search with --dashboard, then its study served and rendered by headless
-    Chromium: the page lists the study's trials, and the PNG is a real screenshot."""
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
+def test_screenshot_of_the_dashboard_after_a_smoke_search(ray_cluster, tmp_path, capsys, monkeypatch):
+    """The README's search with --dashboard (at the smoke budget), then its study served
+    and rendered by headless Chromium: the page lists the study's trials, and the PNG is a
+    real screenshot."""
+    monkeypatch.chdir(tmp_path)
     storage = tmp_path / "runs"
-    argv = ["--space", "smoke", "--smoke", "--confirm-top", "0", "--storage", str(storage), "--dashboard"]
+    argv = readme_argv("python -m search.run --space imbalance.yaml --dashboard")[3:] + ["--smoke", "--confirm-top", "0"]
     assert search_run.main(argv) == 0, capsys.readouterr().err[-3000:]
     out = capsys.readouterr().out
     assert "Optuna dashboard: http://127.0.0.1:" in out
     url = out.split("Optuna dashboard: ")[1].split()[0]
     with pytest.raises(OSError):  # stopped when the search ended
         urllib.request.urlopen(url, timeout=5)
-    dashboard = dash.start_dashboard(storage / "smoke-smoke" / "optuna.db")
+    dashboard = dash.start_dashboard(storage / "imbalance-smoke" / "optuna.db")
     assert dashboard is not None, capsys.readouterr().err
     try:
         studies = get_json(api(dashboard))["study_summaries"]
-        assert [s["study_name"] for s in studies] == ["smoke-smoke"]
+        assert [s["study_name"] for s in studies] == ["imbalance-smoke"]
         trials = get_json(f"{api(dashboard)}/{studies[0]['study_id']}")["trials"]
         assert len(trials) == 2 and all(t["intermediate_values"] for t in trials)
         page = f"{dashboard.url}/studies/{studies[0]['study_id']}"
