@@ -58,18 +58,19 @@ def untimed(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def sigkill_search_driver(argv: list[str], log_path: Path, condition: Callable[[], bool],
-                          timeout_s: float = 900.0) -> None:
+                          timeout_s: float = 900.0, cwd: Path = ROOT) -> None:
     """Run `python -m search.run ARGV` as a subprocess on the session's cluster and SIGKILL it
     (no handler runs: nothing saved on the way out) as soon as `condition()` holds. The
     driver joins the session's cluster: a second local cluster on one machine confuses
-    Ray's address lookup ("Found multiple active Ray instances")."""
+    Ray's address lookup ("Found multiple active Ray instances"). `cwd`: where the user
+    typed the command (relative paths in `argv` are from there)."""
     import ray
 
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONPATH": str(ROOT)}
     with log_path.open("w") as log:
         driver = subprocess.Popen(
             [sys.executable, "-m", "search.run", *map(str, argv), "--address", ray.get_runtime_context().gcs_address],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + timeout_s
             while not condition():

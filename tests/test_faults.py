@@ -30,6 +30,7 @@ from fer.config import TrialConfig
 from fer.data import FER_CLASSES
 from search import export as search_export
 from search import run as search_run
+from readme import readme_argv
 from support import ROOT, live_actor_pids, sigkill_search_driver, watch
 
 # --------------------------------------------------------------------------- helpers
@@ -508,21 +509,34 @@ def tune_recorded_a_finished_trial(experiment: Path) -> bool:
 
 @pytest.mark.slow
 def test_sigkilled_driver_resumes_and_keeps_finished_trials(ray_cluster, tmp_path, capsys, monkeypatch):
-    space = tmp_path / "fast.yaml"
-    space.write_text(FAST_SPACE)
-    storage = tmp_path / "runs"
-    experiment = storage / "killed"
-    sigkill_search_driver(["--space", space, "--storage", storage, "--name", "killed"], tmp_path / "driver.log",
-                          lambda: tune_recorded_a_finished_trial(experiment))
+    """The README's commands as a user types them, from the folder they ran in: the
+    Quickstart search (at the smoke budget, one trial at a time) dies by SIGKILL once a
+    trial has finished; `--resume --name imbalance` finishes the other without rerunning
+    it; `search.export --experiment runs/imbalance --top-k 3` exports both, best first."""
+    experiment = tmp_path / "runs" / "imbalance"
+    argv = readme_argv("python -m search.run --space imbalance.yaml")[3:] + [
+        "--smoke", "--num-samples", "2", "--max-concurrent", "1", "--confirm-top", "0", "--name", "imbalance"]
+    sigkill_search_driver(argv, tmp_path / "driver.log", lambda: tune_recorded_a_finished_trial(experiment),
+                          cwd=tmp_path)
     done = {p.name: (p / "result.json").read_text() for p in experiment.glob("trial_*") if (p / "best.pt").is_file()}
-    assert done and not (experiment / "trials.csv").exists()
+    assert len(done) == 1 and not (experiment / "trials.csv").exists()
 
-    code, out, err = run_main(search_run.main, ["--resume", "--name", "killed", "--storage", storage], capsys)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(search_run.main, readme_argv("python -m search.run --resume --name imbalance")[3:],
+                              capsys)
     assert code == 0, out[-3000:] + err[-3000:]
     frame = pd.read_csv(experiment / "trials.csv")
-    assert len(frame) == 3 and set(frame["status"]) == {"TERMINATED"}
+    assert len(frame) == 2 and set(frame["status"]) == {"TERMINATED"}
     for name, results in done.items():  # finished before the kill: kept, not run again
         assert (experiment / name / "result.json").read_text() == results
+
+    argv = readme_argv("python -m search.export --experiment runs/imbalance --top-k 3")[3:]
+    code, out, err = run_main(search_export.main, argv, capsys)
+    assert code == 0 and "note: 2 ranked run(s) to export, not 3" in out, out[-3000:] + err[-3000:]
+    best_first = frame.sort_values("best_val_macro_f1", ascending=False)["trial_id"]
+    ranked = [f"rank{i}-{trial}" for i, trial in enumerate(best_first, start=1)]
+    assert sorted(p.name for p in (experiment / "export").iterdir() if p.is_dir()) == sorted(ranked)
+    assert all((experiment / "export" / name / "model.onnx").is_file() for name in ranked)
 
 
 ONE_TRIAL_SPACE = FAST_SPACE.replace("num_samples: 3", "num_samples: 1")

@@ -15,6 +15,7 @@ import pytest
 from fer.config import TrialConfig, apply_overrides, load_config_file
 from search import export as search_export
 from search import run as search_run
+from readme import readme_argv
 from support import sigkill_search_driver, watch
 
 
@@ -246,8 +247,9 @@ def test_smoke_search_with_confirmation_killed_and_resumed(ray_cluster, tmp_path
     dataset = load_dataset(data)
     storage, export_dir = tmp_path / "runs", tmp_path / "deploy"
     experiment = storage / "smoke-smoke"
-    sigkill_search_driver(["--space", "smoke", "--smoke", "--data", data, "--storage", storage,
-                           "--export-dir", export_dir], tmp_path / "driver.log",
+    argv = readme_argv("python -m search.run --space smoke --smoke")[3:]
+    sigkill_search_driver([*argv, "--data", data, "--storage", storage, "--export-dir", export_dir],
+                          tmp_path / "driver.log",
                           lambda: confirm_run_recorded(experiment))
     assert not (experiment / "summary.json").exists()  # killed before any read of test
     done = {p.name: (p / "result.json").read_text()
