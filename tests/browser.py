@@ -92,7 +92,14 @@ class DevToolsPage:
         return result.get("result", {}).get("value")
 
     async def text(self) -> str:
-        return await self.evaluate("document.body ? document.body.innerText : ''") or ""
+        """The page's rendered text; empty while it navigates (the dashboard reloads itself
+        once the token is accepted, and the protocol then answers 'target navigated')."""
+        try:
+            return await self.evaluate("document.body ? document.body.innerText : ''") or ""
+        except RuntimeError as err:
+            if "navigated" in str(err) or "context" in str(err).lower():
+                return ""
+            raise
 
     async def wait_for_text(self, *needles: str, timeout_s: float = 90.0, absent: bool = False) -> str:
         """Poll the rendered text until it holds every needle (or none of them, `absent`)."""

@@ -141,7 +141,8 @@ def test_screenshot_of_the_dashboard_after_a_smoke_search(ray_cluster, tmp_path,
     real screenshot."""
     monkeypatch.chdir(tmp_path)
     storage = tmp_path / "runs"
-    argv = readme_argv("python -m search.run --space imbalance.yaml --dashboard")[3:] + ["--smoke", "--confirm-top", "0"]
+    argv = readme_argv("python -m search.run --space imbalance.yaml --dashboard")[3:] + [
+        "--smoke", "--num-samples", "1", "--confirm-top", "0"]
     assert search_run.main(argv) == 0, capsys.readouterr().err[-3000:]
     out = capsys.readouterr().out
     assert "Optuna dashboard: http://127.0.0.1:" in out
@@ -154,7 +155,7 @@ def test_screenshot_of_the_dashboard_after_a_smoke_search(ray_cluster, tmp_path,
         studies = get_json(api(dashboard))["study_summaries"]
         assert [s["study_name"] for s in studies] == ["imbalance-smoke"]
         trials = get_json(f"{api(dashboard)}/{studies[0]['study_id']}")["trials"]
-        assert len(trials) == 2 and all(t["intermediate_values"] for t in trials)
+        assert len(trials) == 1 and all(t["intermediate_values"] for t in trials)
         page = f"{dashboard.url}/studies/{studies[0]['study_id']}"
         assert "History" in chromium(page, "--dump-dom").stdout  # the study page's first chart
         listed = chromium(f"{page}/trials", "--dump-dom").stdout  # the trial list
