@@ -14,6 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The bound every deployed file (ONNX, TFLite fp32) is held to against PyTorch, on at least
+# MIN_PARITY_IMAGES real images: max |score difference| and identical top-1.
+PARITY_TOLERANCE = 1e-4
+MIN_PARITY_IMAGES = 64
+
 
 class DeployModel(nn.Module):
     """uint8 pixels (B, H, W, C) -> network logits + post-hoc offsets (B, K)."""

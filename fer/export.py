@@ -40,11 +40,9 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from fer import tflite as litert
-from fer.deploy import DeployModel, build_deploy_model
+from fer.deploy import MIN_PARITY_IMAGES, PARITY_TOLERANCE, DeployModel, build_deploy_model
 from fer.io import file_digest
 
-PARITY_TOLERANCE = 1e-4  # max |score difference|, fp32 onnxruntime vs PyTorch
-MIN_PARITY_IMAGES = 64
 OPSET = 18  # Resize with antialias needs opset >= 18
 
 

@@ -43,8 +43,6 @@ INSTALL = "pip install -e '.[tflite]'"
 EXTRA_MODULES = ("litert_torch", "ai_edge_quantizer", "ai_edge_litert")
 QUANT_MODES = ("fp16", "dynamic-int8", "int8")
 INT8_MAX_F1_DROP = 0.02  # validation macro-F1 full INT8 may lose against fp32 (the issue's bound)
-PARITY_TOLERANCE = 1e-4  # fp32 TFLite vs PyTorch, the ONNX export's bound
-MIN_PARITY_IMAGES = 64
 CALIBRATION_THREADS = 2
 
 
@@ -240,6 +238,8 @@ def export_tflite(module: torch.nn.Module, out_dir: str, images: np.ndarray, lab
     """
     import torch
 
+    from fer.deploy import MIN_PARITY_IMAGES, PARITY_TOLERANCE  # the ONNX export's bound too
+
     require_extra()
     fp32_path = convert(module, torch.from_numpy(images[:1].copy()), os.path.join(out_dir, "model.tflite"))
     fp32_scores = run_tflite(fp32_path, images)
@@ -258,7 +258,7 @@ def export_tflite(module: torch.nn.Module, out_dir: str, images: np.ndarray, lab
     section: dict[str, Any] = {"converter": _versions(), "batch": 1, "models": {"fp32": fp32},
                                "batch_note": "fixed batch 1: litert-torch cannot export this graph with a "
                                              "dynamic batch axis; feed one image per invoke"}
-    measure = _Measure(images, labels, reference, fp32_scores, num_classes, latency_runs)
+    measure = _Measure(images, labels, reference, fp32_scores, num_classes, latency_runs, fp32.get("macro_f1"))
     for mode in options.quant:
         path = os.path.join(out_dir, f"model.{mode}.tflite")
         quantize(fp32_path, path, mode, calib_images)
@@ -281,6 +281,7 @@ class _Measure:
     fp32_scores: np.ndarray
     num_classes: int
     latency_runs: int
+    fp32_macro_f1: float | None  # the fp32 file's, on `labels` (None without them)
 
     def __call__(self, path: str, mode: str) -> tuple[dict[str, Any], str]:
         scores = run_tflite(path, self.images)
@@ -291,7 +292,7 @@ class _Measure:
         line = f"tflite {mode}: {entry['bytes'] / 2**20:.2f} MB, top-1 agreement with fp32 {fp32['top1_agreement']:.3f}"
         if self.labels is not None:
             entry["macro_f1"] = macro_f1(self.labels, scores, self.num_classes)
-            entry["macro_f1_change"] = entry["macro_f1"] - macro_f1(self.labels, self.fp32_scores, self.num_classes)
+            entry["macro_f1_change"] = entry["macro_f1"] - self.fp32_macro_f1
             line += f", macro-F1 change {entry['macro_f1_change']:+.4f}"
         return entry, line
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fer.models
-from fer import tflite
+from fer import deploy, tflite
 from fer.deploy import DeployModel
 from fer.export import build_deploy_model, export_checkpoint, main, run_torch
 from test_export import CLASSES, bar_images
@@ -254,7 +254,7 @@ def test_every_model_family_converts_with_fp32_parity(name, tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (8, size, size, 1), dtype=np.uint8)
     path = tflite.convert(module, torch.from_numpy(images[:1].copy()), str(tmp_path / "model.tflite"))
     parity = tflite.compare(tflite.run_tflite(path, images), run_torch(module, images))
-    assert parity["max_abs_score_diff"] <= tflite.PARITY_TOLERANCE and parity["top1_identical"], parity
+    assert parity["max_abs_score_diff"] <= deploy.PARITY_TOLERANCE and parity["top1_identical"], parity
 
 
 def test_antialiased_downscale_is_refused_in_one_line(tmp_path):
