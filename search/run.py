@@ -222,8 +222,9 @@ def print_start(plan: Plan, dashboard: str | None) -> None:
         # A trial is an actor, Tune's function trial (repr `pipeline_trial trial_<id>`, see
         # trainables.internals.TrialNamedActor), with several workers also its RayTrainWorker
         # actors; the Actors page lists them with their PIDs and logs.
-        print(f"Ray dashboard: {dashboard}  (Actors page: each trial's actor, `pipeline_trial <trial name>`, with "
-              "the PID of the table's loc column, its RayTrainWorkers, and their logs)")
+        print(f"Ray dashboard: {dashboard}  (Actors page: each trial's actor, `pipeline_trial <trial name>` or, "
+              "when confirming, `candidate_trial <trial name>`, with the PID of the table's loc column, its "
+              "RayTrainWorkers, and their logs)")
         if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":  # ray.init's default for a new cluster
             # Ray's dashboard takes the token only through its own form (no URL form): it sets
             # an HttpOnly cookie for 30 days, per host, and every local cluster shares
