@@ -71,6 +71,11 @@ class TrialConfig:
     pseudo_weight: float = 1.0  # loss weight of pseudo-labelled samples
     student_init: str = "teacher"  # teacher (start from the teacher's weights) or scratch
     student_augment: str = "strong"  # augmentation for stage 2
+    # After stage 2, fit the student's recipe (same start, epochs, augmentation, at least as
+    # many images per epoch) on the labelled split alone: the supervised-only control that
+    # says what the pool bought (metrics "control_val_macro_f1", "pool_gain_val"). Costs
+    # student_epochs more epochs, only in runs that finish stage 2.
+    pool_control: bool = True
 
     # --- post-hoc decision rule ----------------------------------------------
     posthoc: str = "tau"  # see fer.posthoc.POSTHOC: none, tau (tau * log prior), bias (per-class)

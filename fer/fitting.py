@@ -224,6 +224,9 @@ def _train_epoch(run: _Run, epoch: int, progress: bool, writer: Any) -> tuple[di
     if bar is not None:
         bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{metrics['val_macro_f1']:.4f}")
         bar.close()
+    elif progress and ddp.main:
+        print(f"{stage.name} epoch {global_epoch}: train loss {train_loss:.4f}, val macro-F1 "
+              f"{metrics['val_macro_f1']:.4f}, {seconds:.1f} s", flush=True)
     if writer is not None and ddp.main:
         log_epoch(writer, metrics, cm, run.classes, global_epoch)
     return metrics, checkpoint

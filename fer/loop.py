@@ -10,6 +10,7 @@ the WHOLE validation split.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -272,6 +273,7 @@ def epoch_metrics(cm: np.ndarray, classes: list[str], *, stage: str, epoch: int,
     for name in classes:
         out[f"val_f1_{metric_key(name)}"] = float(m["per_class"][name]["f1"])
     out["train_seconds"] = seconds
+    out["train_images"] = images  # this epoch's length (all ranks), which the pool control matches
     out["train_images_per_s"] = images / max(seconds, 1e-9)
     return out
 
@@ -292,8 +294,9 @@ def log_epoch(writer: Any, metrics: dict[str, Any], cm: np.ndarray, classes: lis
 
 
 def progress_bar(show: bool, total: int, desc: str) -> Any:
-    """A tqdm bar over one epoch's batches, or None."""
-    if not show:
+    """A tqdm bar over one epoch's batches on a terminal; None otherwise (a log file gets
+    fit's one line per epoch instead of carriage-return frames)."""
+    if not show or not sys.stderr.isatty():
         return None
     from tqdm.auto import tqdm
 

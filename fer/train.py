@@ -16,12 +16,14 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from fer.checkpoint import RESUME_KEY, load_weights_only, resume_from, save_resumable
 from fer.config import TrialConfig, apply_overrides, load_config_file, parse_set_args
 from fer.infer import is_main
 from fer.io import to_plain
+from fer.metrics import pool_verdict
 from fer.pipeline import PipelineResult, run_pipeline
 from fer.state import PipelineState
 
@@ -119,22 +121,36 @@ def _summarize(cfg: TrialConfig, data: Any, result: PipelineResult, out_dir: str
                                "val": final.best_metrics, "pipeline": result.metrics,
                                "pseudo": result.pseudo, "history": result.history}
 
-    def evaluate(model: nn.Module, split: str, offsets: list[float] | None) -> dict[str, Any]:
+    def evaluate(model: nn.Module, split: str, offsets: list[float] | None) -> tuple[dict[str, Any], np.ndarray]:
         part = data.splits[split]
-        metrics, _ = evaluate_model(model, part.images, part.labels, data.classes,
-                                    image_size=cfg.image_size, device=device, offsets=offsets)
-        return metrics
+        metrics, probs = evaluate_model(model, part.images, part.labels, data.classes,
+                                        image_size=cfg.image_size, device=device, offsets=offsets)
+        return metrics, probs
 
-    write_report(evaluate(result.model, "val", ckpt["posthoc_offsets"]), data.classes, out_dir, "val")
+    write_report(evaluate(result.model, "val", ckpt["posthoc_offsets"])[0], data.classes, out_dir, "val")
     if "test" in data.splits and data.splits["test"].labels is not None:
-        test_metrics = evaluate(result.model, "test", ckpt["posthoc_offsets"])
+        test_metrics = evaluate(result.model, "test", ckpt["posthoc_offsets"])[0]
         write_report(test_metrics, data.classes, out_dir, "test")
         summary["test"] = {k: test_metrics[k] for k in ("macro_f1", "balanced_accuracy", "accuracy", "kappa")}
-        for name, fitted in (("teacher", result.teacher), ("student", result.student)):
-            if fitted is not None:  # each stage's best weights, plain argmax
-                summary[f"{name}_test_macro_f1"] = evaluate(fitted.model, "test", None)["macro_f1"]
+        preds = {}
+        for name, fitted in (("teacher", result.teacher), ("student", result.student), ("control", result.control)):
+            if fitted is not None:  # each stage's best weights, plain argmax; each read once
+                metrics, probs = evaluate(fitted.model, "test", None)
+                summary[f"{name}_test_macro_f1"], preds[name] = metrics["macro_f1"], probs.argmax(axis=1)
         summary["test_without_offsets_macro_f1"] = summary[f"{stage}_test_macro_f1"]
+        if "control" in preds:
+            summary["pool_test"] = pool_on_test(data, preds["student"], preds["control"])
     return summary
+
+
+def pool_on_test(data: Any, student: np.ndarray, control: np.ndarray) -> dict[str, Any]:
+    """Student minus its supervised-only control in test macro-F1 (plain argmax), with the
+    paired bootstrap interval of the difference: what the pool bought, on the split no
+    choice was made on."""
+    from fer.evaluate import paired_bootstrap_macro_f1
+
+    diff, low, high = paired_bootstrap_macro_f1(data.splits["test"].labels, student, control, len(data.classes))
+    return {"difference": diff, "ci95": [low, high], "excludes_zero": bool(low > 0 or high < 0)}
 
 
 def _print_summary(summary: dict[str, Any], out_dir: str) -> None:
@@ -150,6 +166,14 @@ def _print_summary(summary: dict[str, Any], out_dir: str) -> None:
         pseudo = summary["pseudo"]
         precision = "" if pseudo.get("precision") is None else f", precision {pseudo['precision']:.3f}"
         print(f"pseudo-labels: kept {pseudo['kept']} of {pseudo.get('pool_size', '?')}{precision}")
+    if "pool_gain_val" in pipe:
+        print(pool_verdict(pipe))
+    if "pool_test" in summary:
+        pool = summary["pool_test"]
+        low, high = pool["ci95"]
+        print(f"control: test macro-F1 {summary['control_test_macro_f1']:.4f}; student - control on test "
+              f"{pool['difference']:+.4f}, paired 95% bootstrap interval {low:+.4f} to {high:+.4f}"
+              + (" (excludes 0)" if pool["excludes_zero"] else " (includes 0)"))
     line = (f"best epoch {summary['best_epoch']}: val macro-F1 {pipe['val_macro_f1_raw']:.4f} "
             f"({summary['final_stage']}; {pipe['val_macro_f1_posthoc']:.4f} with post-hoc {pipe['posthoc']} offsets)")
     if "test" in summary:
@@ -169,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="shorthand for --set epochs=N")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (on a terminal) and no per-epoch line (elsewhere)")
     parser.add_argument("--resume", action="store_true",
                         help=f"continue an interrupted run in --out after its last epoch (from --out/{RESUME_FILE}; "
                              "same config)")

@@ -147,6 +147,7 @@ def finish(plan: Any, wall_s: float) -> int:
            f"the search's best trial by {space.metric} (no confirmation stage)")
     card = export_trial(tested, plan.export_dir, plan.dataset, space.metric, space.mode, why=why, loaded=loaded)
     summary = summarize(plan, records, winner, search_baseline, confirmation, tested, test, card, wall_s)
+    summary["pool"] = pool_summary(loaded[1])
     (plan.local_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=str))
     sync_up(plan)
     leave_ray(plan)
@@ -247,6 +248,19 @@ def summarize(plan, records, search_winner, search_baseline, confirmation, teste
     }
 
 
+POOL_KEYS = ("teacher_val_macro_f1", "student_val_macro_f1", "control_val_macro_f1", "pool_gain_val",
+             "pool_gain_val_ci95", "pool_helped", "pseudo_kept", "pseudo_precision")
+
+
+def pool_summary(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """What the unlabeled pool bought the exported run (fer.pipeline's stage-2 control, on
+    val), from its final checkpoint; None when stage 2 or its control did not run."""
+    pipeline = (checkpoint.get("metrics") or {}).get("pipeline") or {}
+    if "pool_gain_val" not in pipeline:
+        return None
+    return {key: pipeline[key] for key in POOL_KEYS if key in pipeline}
+
+
 def _params(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
@@ -274,6 +288,12 @@ def print_summary(s: dict[str, Any]) -> None:
         print("no confirmation stage (--confirm-top 0): the winner is the search's best single trial, which "
               "is partly the luckiest; the plain baseline is not compared on test")
     print(f"winner {s['winner']['trial_id']} ({s['winner']['configuration']}): {_params(s['winner']['params'])}")
+    from fer.metrics import pool_verdict
+
+    if s.get("pool"):
+        print(f"winner's {pool_verdict(s['pool'])}")
+    else:
+        print("winner's pool: not measured (stage 2 skipped or pool_control=false)")
     rare = test["rare_classes"]
     for role in ("winner", "baseline"):
         if role in test:

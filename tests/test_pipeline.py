@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fer.fitting
+import fer.pipeline
 import fer.train
 from fer.checkpoint import load_checkpoint
 from fer.config import TrialConfig
@@ -111,6 +112,41 @@ def test_pool_runs_stage_two_with_global_epochs(tmp_path, selection):
     assert ckpt["metrics"]["pipeline"]["teacher_val_macro_f1"] == result.metrics["teacher_val_macro_f1"]
 
 
+def test_pool_control_trains_the_student_recipe_on_labels_alone(monkeypatch):
+    """The supervised-only control: same start and epochs, the labelled split only, at least
+    as many images per epoch as the student; its val score and the pool's gain in metrics."""
+    stages = []
+    fit = fer.pipeline.fit
+
+    def recording_fit(cfg, stage, *args, **kwargs):
+        result = fit(cfg, stage, *args, **kwargs)
+        stages.append((stage.name, len(stage.images), stage.epochs, stage.epoch_offset, stage.init_state is None,
+                       stage.sample_weight is None, [m["train_images"] for m in result.history],
+                       result.best_metrics["val_macro_f1"]))
+        return result
+
+    monkeypatch.setattr(fer.pipeline, "fit", recording_fit)
+    result = run_pipeline(tiny_cfg(pseudo_threshold=0.0), make_data(), progress=False)
+    (_, teacher_n, *_), student, control = stages
+    assert student[:6] == ("student", 80 + 60, 2, 2, False, False)
+    assert control[:6] == ("control", teacher_n, 2, 2, False, True)  # from the teacher, no pseudo weights
+    assert all(seen >= max(student[6]) for seen in control[6])  # the control is not given fewer steps
+    metrics = result.metrics
+    assert metrics["control_val_macro_f1"] == control[7]
+    assert metrics["pool_gain_val"] == pytest.approx(metrics["student_val_macro_f1"] - metrics["control_val_macro_f1"])
+    low, high = metrics["pool_gain_val_ci95"]
+    assert low <= high and metrics["pool_helped"] == (low > 0)  # helped: the paired val interval excludes 0
+    assert [m["stage"] for m in result.history] == ["teacher"] * 2 + ["student"] * 2  # the control is no stage
+
+
+def test_pool_control_off_or_without_stage_two_adds_nothing():
+    off = run_pipeline(tiny_cfg(pool_control=False, student_epochs=1), make_data(), progress=False)
+    skipped = run_pipeline(tiny_cfg(), make_data(pool=False), progress=False)
+    for result in (off, skipped):
+        assert not {"control_val_macro_f1", "pool_gain_val", "pool_gain_val_ci95", "pool_helped"} & set(result.metrics)
+        assert result.control is None
+
+
 def test_pool_without_true_labels_reports_no_precision():
     result = run_pipeline(tiny_cfg(student_epochs=1, student_init="scratch"),
                           make_data(pool_labels=False), progress=False)
@@ -161,8 +197,13 @@ def test_train_cli_runs_both_stages_and_reports_each(tmp_path, monkeypatch, caps
     assert fer.train.main(args) == 0
     printed = capsys.readouterr().out
     assert "teacher: best val macro-F1" in printed and "student: best val macro-F1" in printed
-    assert "test macro-F1" in printed
+    assert "test macro-F1" in printed and "pool: student val macro-F1" in printed
     summary = json.loads((out / "metrics.json").read_text())
+    assert {"control_val_macro_f1", "pool_gain_val", "pool_helped"} <= set(summary["pipeline"])
+    pool = summary["pool_test"]  # student - control on test, paired interval around the difference
+    assert pool["difference"] == pytest.approx(summary["student_test_macro_f1"] - summary["control_test_macro_f1"])
+    assert pool["ci95"][0] <= pool["difference"] <= pool["ci95"][1]
+    assert "student - control on test" in printed
     assert {"teacher_test_macro_f1", "student_test_macro_f1", "test"} <= set(summary)
     assert summary["pipeline"]["student_best_epoch"] == 2
     assert load_checkpoint(str(out / "best.pt"))["posthoc_offsets"] is not None

@@ -307,6 +307,13 @@ def test_smoke_search_with_confirmation_killed_and_resumed(ray_cluster, tmp_path
     rarest = {dataset.classes[i] for i in np.argsort(dataset.class_counts("train"), kind="stable")[:2]}
     assert set(test["winner"]["rare_f1"]) == set(test["baseline"]["rare_f1"]) == set(test["rare_classes"]) == rarest
     assert "winner - baseline:" in out and "test split read 2 time(s)" in out
+    # what the pool bought the exported run: its stage-2 control, from its final checkpoint
+    pipeline = torch_load(test["winner"]["checkpoint"])["metrics"]["pipeline"]
+    assert ("student_val_macro_f1" in pipeline) == (summary["pool"] is not None)
+    if summary["pool"] is not None:
+        assert summary["pool"]["pool_gain_val"] == pytest.approx(
+            pipeline["student_val_macro_f1"] - pipeline["control_val_macro_f1"])
+        assert "winner's pool: student val macro-F1" in out
     assert (experiment / "confirmation.png").stat().st_size > 0
     assert (experiment / "test_baseline_metrics.json").is_file()
     check_onnx(export_dir / "model.onnx", dataset)
@@ -326,6 +333,32 @@ def test_smoke_search_with_confirmation_killed_and_resumed(ray_cluster, tmp_path
     assert "note: 1 ranked run(s) to export, not 2" in capsys.readouterr().out
     assert [p.name for p in (tmp_path / "top").iterdir()] == [f"rank1-{best_run}"]
     assert (tmp_path / "top" / f"rank1-{best_run}" / "model.onnx").is_file()
+
+
+def torch_load(path):
+    from fer.checkpoint import load_checkpoint
+
+    return load_checkpoint(str(path))
+
+
+def test_the_summary_says_what_the_pool_bought_the_exported_run(capsys):
+    from search.finish import pool_summary
+
+    pipeline = {"teacher_val_macro_f1": 0.5, "student_val_macro_f1": 0.56, "control_val_macro_f1": 0.52,
+                "pool_gain_val": 0.04, "pool_gain_val_ci95": [0.01, 0.07], "pool_helped": True, "pseudo_kept": 10,
+                "val_macro_f1_raw": 0.56}
+    pool = pool_summary({"metrics": {"pipeline": pipeline}})
+    assert pool == {k: v for k, v in pipeline.items() if k != "val_macro_f1_raw"}
+    assert pool_summary({"metrics": {"pipeline": {"teacher_val_macro_f1": 0.5}}}) is None  # no stage 2
+    from fer.metrics import pool_verdict
+
+    assert pool_verdict(pool) == ("pool: student val macro-F1 0.5600 vs supervised-only at the same budget "
+                                  "0.5200: +0.0400, paired 95% interval +0.0100 to +0.0700: the pool helped "
+                                  "(the interval excludes 0)")
+    assert pool_verdict(dict(pool, pool_gain_val_ci95=[-0.01, 0.07])).endswith(
+        "no measurable gain from the pool (the interval includes 0)")
+    assert pool_verdict(dict(pool, pool_gain_val=-0.04, pool_gain_val_ci95=[-0.07, -0.01])).endswith(
+        "the pool hurt (the interval excludes 0)")
 
 
 FAILING_SPACE = """\

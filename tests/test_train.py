@@ -278,3 +278,16 @@ def test_train_cli_names_a_broken_config_file_in_one_line(text, expected, tmp_pa
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {config}: ") and expected in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_progress_off_a_terminal_is_one_line_per_epoch(capsys):
+    """A log file (nohup, ray job submit, CI) gets one line per epoch, no tqdm frames."""
+    x, y = make_images(96, 16, seed=1)
+    xv, yv = make_images(40, 16, seed=2)
+    cfg = tiny_cfg(epochs=2)
+    fit(cfg, Stage.of(cfg, "teacher", x, y, np.bincount(y, minlength=4)), Split(xv, yv), CLASSES,
+        progress=True, device="cpu")
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("teacher epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["teacher epoch 1", "teacher epoch 2"]
+    assert "val macro-F1" in lines[0] and "\r" not in out + err
