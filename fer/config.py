@@ -64,7 +64,7 @@ class TrialConfig:
     # --- semi-supervised stage 2 ---------------------------------------------
     student_epochs: int = 4  # 0 = no stage 2
     pseudo_threshold: float = 0.9  # keep pool images whose teacher confidence is at least this
-    pseudo_selection: str = "threshold"  # see fer.pseudo.SELECTIONS: threshold, crest, flexmatch
+    pseudo_selection: str = "threshold"  # see fer.pseudo.SELECTIONS: threshold, crest, flexmatch, aligned
     crest_alpha: float = 0.5  # crest: keep rate of class k is (N_{K+1-k}/N_1)^alpha (Wei et al. 2021)
     pseudo_tta: bool = False  # average the teacher's predictions over the TTA views
     pseudo_temperature: bool = True  # fit temperature scaling on val before thresholding

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fer.pseudo import (
+    aligned_quotas,
     SELECTIONS,
     crest_keep_rates,
     fit_temperature,
@@ -64,6 +65,22 @@ def test_crest_caps_each_class_keeping_most_confident():
                                           class_counts=np.array([100, 50, 20]), crest_alpha=1.0)
     assert idx.tolist() == [8, 9, 11, 12, 14, 15, 16]
     assert np.bincount(labels, minlength=3).tolist() == [2, 2, 3]
+
+
+def test_aligned_keeps_as_many_as_threshold_shared_out_by_the_labelled_prior():
+    rows = [(0, 0.99 - 0.001 * i) for i in range(10)]      # 0..9: the easy class, all confident
+    rows += [(1, 0.6), (1, 0.8), (1, 0.7)]                  # 10..12: below the threshold
+    rows += [(2, 0.5)]                                      # 13: rare, one candidate
+    probs = table(rows)
+    # 10 would pass the threshold; the prior 6:3:1 makes the quotas 6, 3 and 1
+    idx, labels, conf = select_pseudo_labels(probs, selection="aligned", threshold=0.9,
+                                             class_counts=np.array([60, 30, 10]))
+    assert idx.tolist() == [0, 1, 2, 3, 4, 5, 10, 11, 12, 13]  # each class's most confident first
+    assert np.bincount(labels, minlength=3).tolist() == [6, 3, 1]
+    threshold_idx, _, _ = select_pseudo_labels(probs, selection="threshold", threshold=0.9)
+    assert len(idx) == len(threshold_idx) == 10
+    assert aligned_quotas(10, np.array([60, 30, 10])).tolist() == [6, 3, 1]
+    assert aligned_quotas(7, np.array([0, 0, 0])).tolist() == [2, 2, 2]  # no counts: uniform
 
 
 def flex_rows():
