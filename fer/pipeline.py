@@ -26,10 +26,9 @@ non-deterministic kernels).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -38,10 +37,10 @@ from torch import nn
 
 from fer.checkpoint import model_from_checkpoint, save_checkpoint
 from fer.config import TrialConfig
+from fer.evaluate import paired_bootstrap_macro_f1
 from fer.fitting import FitResult, Report, Stage, fit
 from fer.infer import is_main, predict_logits_sharded, resolve_device
 from fer.io import to_plain
-from fer.evaluate import paired_bootstrap_macro_f1
 from fer.posthoc import fit_offsets, macro_f1
 from fer.pseudo import fit_temperature, select_pseudo_labels, summarize_selection, write_pseudo_csv
 from fer.state import FitState, PipelineState
@@ -186,7 +185,7 @@ def _run_control(cfg: TrialConfig, data: Any, teacher: FitResult, student: FitRe
     train = data.splits["train"]
     # images the student saw per epoch (a resume state saved before this key existed has none)
     student_epoch = max((int(m.get("train_images", 0)) for m in student.history), default=0)
-    control_cfg = dataclasses.replace(cfg, epoch_images=max(cfg.epoch_images, student_epoch))
+    control_cfg = replace(cfg, epoch_images=max(cfg.epoch_images, student_epoch))
     init = teacher.model.state_dict() if cfg.student_init == "teacher" else None
     stage = Stage(name="control", images=train.images, labels=train.labels, counts=data.class_counts("train"),
                   epochs=cfg.student_epochs, augment=cfg.student_augment, epoch_offset=cfg.epochs, init_state=init)

@@ -127,10 +127,14 @@ def _select_crest(conf: np.ndarray, pred: np.ndarray, *, threshold: float,
         idx = np.flatnonzero(candidates & (pred == k))
         if len(idx) == 0:
             continue
-        cap = int(np.floor(rates[k] * len(idx) + 0.5))
-        order = idx[np.lexsort((idx, -conf[idx]))]  # by confidence desc, then index asc
-        keep[order[:cap]] = True
+        _keep_most_confident(keep, idx, conf, int(np.floor(rates[k] * len(idx) + 0.5)))
     return keep
+
+
+def _keep_most_confident(keep: np.ndarray, idx: np.ndarray, conf: np.ndarray, count: int) -> None:
+    """Mark the `count` most confident of `idx` in `keep`; ties go to the lower pool index."""
+    order = idx[np.lexsort((idx, -conf[idx]))]  # by confidence desc, then index asc
+    keep[order[:count]] = True
 
 
 def flexmatch_thresholds(conf: np.ndarray, pred: np.ndarray, num_classes: int, threshold: float,
@@ -183,9 +187,7 @@ def _select_aligned(conf: np.ndarray, pred: np.ndarray, *, threshold: float,
     total = int(np.count_nonzero(conf >= threshold))
     keep = np.zeros(len(conf), dtype=bool)
     for k, quota in enumerate(aligned_quotas(total, class_counts)):
-        idx = np.flatnonzero(pred == k)
-        order = idx[np.lexsort((idx, -conf[idx]))]  # by confidence desc, then index asc
-        keep[order[:quota]] = True
+        _keep_most_confident(keep, np.flatnonzero(pred == k), conf, int(quota))
     return keep
 
 

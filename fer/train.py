@@ -123,9 +123,8 @@ def _summarize(cfg: TrialConfig, data: Any, result: PipelineResult, out_dir: str
 
     def evaluate(model: nn.Module, split: str, offsets: list[float] | None) -> tuple[dict[str, Any], np.ndarray]:
         part = data.splits[split]
-        metrics, probs = evaluate_model(model, part.images, part.labels, data.classes,
-                                        image_size=cfg.image_size, device=device, offsets=offsets)
-        return metrics, probs
+        return evaluate_model(model, part.images, part.labels, data.classes,
+                              image_size=cfg.image_size, device=device, offsets=offsets)
 
     write_report(evaluate(result.model, "val", ckpt["posthoc_offsets"])[0], data.classes, out_dir, "val")
     if "test" in data.splits and data.splits["test"].labels is not None:
@@ -193,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="shorthand for --set epochs=N")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (on a terminal) and no per-epoch line (elsewhere)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (on a terminal) and no per-epoch line (elsewhere)")
     parser.add_argument("--resume", action="store_true",
                         help=f"continue an interrupted run in --out after its last epoch (from --out/{RESUME_FILE}; "
                              "same config)")
