@@ -49,8 +49,8 @@ def stage_budget(cfg: TrialConfig, labels: np.ndarray, stage: str = "teacher", w
 
 
 def describe_budget(cfg: TrialConfig, data: Any) -> str:
-    """Two lines for the start of a run: what each stage's epochs amount to on `data` (a
-    fer.data.Dataset); the student line only when there is a pool for stage 2."""
+    """Lines for the start of a run: what each stage's epochs amount to on `data` (a
+    fer.data.Dataset); the student and control lines only when there is a pool for stage 2."""
     train_labels = data.splits["train"].labels
     pool = data.splits.get("unlabeled")
     teacher = stage_budget(cfg, train_labels, "teacher")
@@ -60,4 +60,7 @@ def describe_budget(cfg: TrialConfig, data: Any) -> str:
         least = max(cfg.epoch_images, len(train_labels))
         lines.append(f"        student: {cfg.student_epochs} epochs of at least {least} images "
                      f"(labelled + kept pseudo-labels, repeated up to epoch_images)")
+        if cfg.pool_control:
+            lines.append(f"        control: {cfg.student_epochs} more epochs of the student's recipe on the labelled "
+                         f"split alone, to measure what the pool bought (pool_control=false skips it)")
     return "\n".join(lines)

@@ -32,6 +32,8 @@ def test_describe_names_the_repeats_and_the_student():
     text = describe_budget(TrialConfig(epochs=10, student_epochs=4, epoch_images=3000), data)
     assert "teacher: 10 epochs x 3000 images, the 377-image split 8.0x = 240 optimizer steps" in text
     assert "student: 4 epochs of at least 3000 images" in text
+    assert "control: 4 more epochs of the student's recipe on the labelled split alone" in text
+    assert "control" not in describe_budget(TrialConfig(epochs=10, student_epochs=4, pool_control=False), data)
     no_pool = Dataset(list("abcdefg"), {"train": Split(images, labels)}, "t")
     assert "student" not in describe_budget(TrialConfig(student_epochs=4), no_pool)
 
