@@ -174,3 +174,33 @@ def test_gpu_space_is_a_valid_search_space(tmp_path):
     assert gpu.steady_rate([{"epoch": 1, "train_images_per_s": 10.0, "train_seconds": 1.0},
                             {"epoch": 2, "train_images_per_s": 100.0, "train_seconds": 2.0},
                             {"epoch": 3, "train_images_per_s": 200.0, "train_seconds": 1.0}]) == pytest.approx(400 / 3)
+
+
+def test_digits_set_is_long_tailed_with_balanced_eval_and_a_labelled_pool(tmp_path):
+    """The real data set of quality.py: scikit-learn's bundled digits 0-6 as a split folder."""
+    import numpy as np
+
+    from fer.data import load_dataset
+
+    peers = load("peers")
+    data = load_dataset(peers.write_digits(tmp_path / "digits", seed=0), cache_dir=tmp_path / "cache")
+    counts = {name: np.bincount(split.labels, minlength=7) for name, split in data.splits.items()}
+    assert data.classes == [str(k) for k in range(7)]
+    assert data.splits["train"].images.shape[1:] == (48, 48, 1)
+    assert sorted(counts["train"]) == [6, 9, 14, 22, 36, 57, 90]  # 16:1, ranks shuffled by the seed
+    assert list(counts["val"]) == [20] * 7 and list(counts["test"]) == [30] * 7
+    # every other image of the seven digits is in the pool, with its held-out truth
+    assert counts["unlabeled"].sum() + sum(counts[s].sum() for s in ("train", "val", "test")) == 1264
+    assert data.splits["unlabeled"].labels is not None
+
+
+def test_classical_peers_use_the_pool_and_read_test(tmp_path):
+    """LabelSpreading on the digits beats chance by far; a broken wiring (labels shuffled,
+    pool ignored as labelled class -1) would not."""
+    from fer.data import load_dataset
+
+    peers = load("peers")
+    data = load_dataset(peers.write_digits(tmp_path / "digits", seed=0), cache_dir=tmp_path / "cache")
+    scores = peers.classical_peers(data)
+    assert set(scores) == {"linear", "label_spreading", "self_training"}
+    assert all(0.8 < s["test_macro_f1"] <= 1.0 for s in scores.values())
