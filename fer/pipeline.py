@@ -1,8 +1,9 @@
 """The two-stage pipeline of one trial: teacher -> pseudo-labels -> student -> post-hoc rule.
 
     stage 1  fit on the labelled train split (stage="teacher", epochs 1..cfg.epochs)
-    pseudo   the teacher labels the unlabeled pool (temperature-scaled on val, optional
-             TTA), a selection rule keeps some (fer.pseudo), pseudo_labeled.csv written
+    pseudo   the teacher labels the unlabeled pool (its post-hoc offsets and a temperature
+             fitted on val, optional TTA), a selection rule keeps some (fer.pseudo),
+             pseudo_labeled.csv written
     stage 2  fit on train + kept pool images (stage="student", global epochs continue at
              cfg.epochs + 1), pseudo-labelled samples weighted by cfg.pseudo_weight,
              initialised from the teacher or from scratch
@@ -77,27 +78,49 @@ def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any
                  out_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
     """Teacher labels the pool; returns (kept pool indices, labels, summary, confidences).
 
-    Temperature scaling (Guo et al. 2017) is fitted on the validation logits first, so
-    cfg.pseudo_threshold applies to calibrated confidences rather than the teacher's
-    usually over-confident raw softmax.
+    The teacher's logits get its post-hoc offsets (cfg.pseudo_debias) and temperature
+    scaling (Guo et al. 2017), both fitted on val (`teacher_calibration`), so
+    cfg.pseudo_threshold applies to calibrated confidences of the rebalanced decision rule
+    rather than the teacher's usually over-confident, head-biased raw softmax.
     """
     pool, val = data.splits["unlabeled"], data.splits["val"]
-    temperature = 1.0
-    if cfg.pseudo_temperature:
-        temperature = fit_temperature(_predict(cfg, teacher, val.images, device, cfg.pseudo_tta), val.labels)
-    logits = _predict(cfg, teacher, pool.images, device, cfg.pseudo_tta)
+    offsets, temperature = np.zeros(len(data.classes)), 1.0
+    if cfg.pseudo_temperature or cfg.pseudo_debias:
+        val_logits = _predict(cfg, teacher, val.images, device, cfg.pseudo_tta)
+        offsets, temperature = teacher_calibration(cfg, val_logits, val.labels, data.class_counts("train"))
+    logits = _predict(cfg, teacher, pool.images, device, cfg.pseudo_tta) + offsets
     probs = torch.softmax(torch.from_numpy(logits) / temperature, dim=1).numpy()
     indices, labels, confidences = select_pseudo_labels(
         probs, selection=cfg.pseudo_selection, threshold=cfg.pseudo_threshold,
         class_counts=data.class_counts("train"), crest_alpha=cfg.crest_alpha)
     truth = pool.labels[indices] if pool.labels is not None else None
     summary, table = summarize_selection(labels, data.classes, truth, pool_size=len(pool.images))
-    summary.update(temperature=temperature, selection=cfg.pseudo_selection,
-                   threshold=cfg.pseudo_threshold, tta=cfg.pseudo_tta)
+    summary.update(temperature=temperature, selection=cfg.pseudo_selection, threshold=cfg.pseudo_threshold,
+                   tta=cfg.pseudo_tta, debias_offsets=[float(v) for v in offsets])
+    debiased = f", {cfg.posthoc} offsets" if np.any(offsets) else ""
     _say(f"pseudo-labels ({cfg.pseudo_selection}, threshold {cfg.pseudo_threshold}, "
-         f"temperature {temperature:.3f}):\n{table}")
+         f"temperature {temperature:.3f}{debiased}):\n{table}")
     _write_pseudo(out_dir, indices, labels, confidences, summary, data.classes)
     return indices, labels, summary, confidences
+
+
+def teacher_calibration(cfg: TrialConfig, val_logits: np.ndarray, val_labels: np.ndarray,
+                        train_counts: np.ndarray) -> tuple[np.ndarray, float]:
+    """(per-class offsets, temperature) the teacher's pool logits get before selection.
+
+    The offsets are cfg.posthoc's, fitted on val as the final model's are (zeros unless
+    cfg.pseudo_debias): a teacher trained on imbalanced labels under-predicts the rare
+    classes, and its argmax on the pool would pass that bias on to the student. The
+    temperature (when cfg.pseudo_temperature) is the teacher's own, fitted on the raw val
+    logits, and divides the offset logits: the offsets choose the class, the teacher's
+    calibration how sure it is. (Fitted on the offset logits instead, where the offsets are
+    large, it can run to its bound and flatten every confidence below any threshold.)
+    """
+    offsets = np.zeros(val_logits.shape[1])
+    if cfg.pseudo_debias:
+        offsets = fit_offsets(val_logits, val_labels, train_counts, cfg.posthoc)
+    temperature = fit_temperature(val_logits, val_labels) if cfg.pseudo_temperature else 1.0
+    return offsets, temperature
 
 
 def _write_pseudo(out_dir: str | None, indices: np.ndarray, labels: np.ndarray, confidences: np.ndarray,
@@ -110,7 +133,7 @@ def _write_pseudo(out_dir: str | None, indices: np.ndarray, labels: np.ndarray, 
         json.dump(summary, handle, indent=2)
 
 
-def _student_inputs(cfg: TrialConfig, data: Any, indices: np.ndarray,
+def student_inputs(cfg: TrialConfig, data: Any, indices: np.ndarray,
                     labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Train + kept pool images, their labels, per-sample loss weights and class counts."""
     train, pool = data.splits["train"], data.splits["unlabeled"]
@@ -165,7 +188,7 @@ def _run_student(cfg: TrialConfig, data: Any, teacher: FitResult, metrics: dict[
     if skip is not None:
         _say(f"{skip}: stage 2 skipped")
         return None, summary
-    images, all_labels, weights, counts = _student_inputs(cfg, data, indices, labels)
+    images, all_labels, weights, counts = student_inputs(cfg, data, indices, labels)
     init = teacher.model.state_dict() if cfg.student_init == "teacher" else None
     pseudo = {"indices": indices.tolist(), "labels": labels.tolist(),
               "confidences": np.asarray(confidences, dtype=np.float64).tolist(), "summary": to_plain(summary)}
@@ -181,7 +204,9 @@ def _run_control(cfg: TrialConfig, data: Any, teacher: FitResult, student: FitRe
     """The supervised-only control of stage 2: the student's recipe on the labelled split
     alone, from the same start, for the same epochs with at least as many images per epoch
     as the student's (the pool's images are the only difference). Adds its val macro-F1 and
-    the pool's gain (student - control) to `metrics`; reports nothing to a search."""
+    the pool's gain to `metrics`: student - control in val macro-F1, each with its own
+    cfg.posthoc offsets fitted on val (a student on head-heavy pseudo-labels is more biased
+    before offsets, and both are handed out after them); reports nothing to a search."""
     train = data.splits["train"]
     # images the student saw per epoch (a resume state saved before this key existed has none)
     student_epoch = max((int(m.get("train_images", 0)) for m in student.history), default=0)
@@ -191,13 +216,17 @@ def _run_control(cfg: TrialConfig, data: Any, teacher: FitResult, student: FitRe
                   epochs=cfg.student_epochs, augment=cfg.student_augment, epoch_offset=cfg.epochs, init_state=init)
     control = fit(control_cfg, stage, data.splits["val"], data.classes, **common)
     val = data.splits["val"]
-    _, low, high = paired_bootstrap_macro_f1(
-        val.labels, *(_predict(cfg, fitted.model, val.images, common["device"], tta=False).argmax(axis=1)
-                      for fitted in (student, control)), len(data.classes))
-    gain = student.best_metrics["val_macro_f1"] - control.best_metrics["val_macro_f1"]
+    # each with its own post-hoc offsets, as the final model gets them: what a user would be handed
+    (student_f1, student_offsets, student_logits), (control_f1, control_offsets, control_logits) = (
+        _posthoc_fit(cfg, fitted, val, common["device"]) for fitted in (student, control))
+    _, low, high = paired_bootstrap_macro_f1(val.labels, (student_logits + student_offsets).argmax(axis=1),
+                                             (control_logits + control_offsets).argmax(axis=1), len(data.classes))
     # "helped" only when the paired interval excludes 0: a +0.001 on a few hundred val images is noise
-    metrics.update(control_val_macro_f1=control.best_metrics["val_macro_f1"], pool_gain_val=gain,
-                   pool_gain_val_ci95=[low, high], pool_helped=bool(low > 0))
+    metrics.update(control_val_macro_f1=control.best_metrics["val_macro_f1"],
+                   student_val_macro_f1_posthoc=student_f1, control_val_macro_f1_posthoc=control_f1,
+                   pool_gain_val=student_f1 - control_f1, pool_gain_val_ci95=[low, high], pool_helped=bool(low > 0),
+                   pool_offsets={"student": [float(v) for v in student_offsets],
+                                 "control": [float(v) for v in control_offsets]})
     return control
 
 
@@ -269,17 +298,22 @@ def _stage2_skip_reason(cfg: TrialConfig, data: Any) -> str | None:
     return None
 
 
+def _posthoc_fit(cfg: TrialConfig, fitted: FitResult, val: Any, device: Any) -> tuple[float, np.ndarray, np.ndarray]:
+    """(val macro-F1 with offsets, cfg.posthoc offsets fitted on val, val logits) of a fitted stage."""
+    logits = _predict(cfg, fitted.model, val.images, device, tta=False)
+    offsets = fit_offsets(logits, val.labels, np.asarray(fitted.checkpoint["class_counts"]), cfg.posthoc)
+    return macro_f1(val.labels, logits, offsets), offsets, logits
+
+
 def _apply_posthoc(cfg: TrialConfig, final: Any, val: Any, device: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit cfg.posthoc offsets on the final model's val logits; checkpoint copy with them set."""
-    counts = np.asarray(final.checkpoint["class_counts"])
-    logits = _predict(cfg, final.model, val.images, device, tta=False)
-    offsets = fit_offsets(logits, val.labels, counts, cfg.posthoc)
+    f1, offsets, logits = _posthoc_fit(cfg, final, val, device)
     checkpoint = dict(final.checkpoint, metrics=dict(final.checkpoint["metrics"]),
                       posthoc_offsets=[float(v) for v in offsets])
     summary = {
         "posthoc": cfg.posthoc,
         "posthoc_offsets": checkpoint["posthoc_offsets"],
         "val_macro_f1_raw": macro_f1(val.labels, logits),
-        "val_macro_f1_posthoc": macro_f1(val.labels, logits, offsets),
+        "val_macro_f1_posthoc": f1,
     }
     return checkpoint, summary

@@ -112,7 +112,8 @@ def _run_with_resume_file(cfg: TrialConfig, data: Any, out_dir: str, device: str
 def _summarize(cfg: TrialConfig, data: Any, result: PipelineResult, out_dir: str,
                device: str | None) -> dict[str, Any]:
     """metrics.json's content; writes the val (and test) reports: metrics JSON, confusion PNG."""
-    from fer.evaluate import evaluate_model, write_report
+    from fer.evaluate import evaluate_model, metrics_from_logits, write_report
+    from fer.infer import predict_logits
 
     ckpt, stage = result.checkpoint, result.metrics["final_stage"]
     final = result.student if stage == "student" else result.teacher
@@ -126,6 +127,13 @@ def _summarize(cfg: TrialConfig, data: Any, result: PipelineResult, out_dir: str
         return evaluate_model(model, part.images, part.labels, data.classes,
                               image_size=cfg.image_size, device=device, offsets=offsets)
 
+    def test_with_offsets(model: nn.Module, offsets: list[float]) -> tuple[float, np.ndarray]:
+        """(test macro-F1, predictions) with these offsets (evaluate_model's probabilities are unshifted)."""
+        test = data.splits["test"]
+        logits = predict_logits(model, test.images, image_size=cfg.image_size, device=device)
+        metrics, _, predicted = metrics_from_logits(logits, test.labels, data.classes, offsets)
+        return metrics["macro_f1"], predicted
+
     write_report(evaluate(result.model, "val", ckpt["posthoc_offsets"])[0], data.classes, out_dir, "val")
     if "test" in data.splits and data.splits["test"].labels is not None:
         test_metrics = evaluate(result.model, "test", ckpt["posthoc_offsets"])[0]
@@ -138,14 +146,18 @@ def _summarize(cfg: TrialConfig, data: Any, result: PipelineResult, out_dir: str
                 summary[f"{name}_test_macro_f1"], preds[name] = metrics["macro_f1"], probs.argmax(axis=1)
         summary["test_without_offsets_macro_f1"] = summary[f"{stage}_test_macro_f1"]
         if "control" in preds:
-            summary["pool_test"] = pool_on_test(data, preds["student"], preds["control"])
+            offsets = result.metrics["pool_offsets"]  # each model's own, fitted on val
+            pool = {name: test_with_offsets(fitted.model, offsets[name])
+                    for name, fitted in (("student", result.student), ("control", result.control))}
+            summary["pool_test"] = pool_on_test(data, pool["student"][1], pool["control"][1])
+            summary["pool_test"].update({f"{name}_macro_f1": pool[name][0] for name in pool})
     return summary
 
 
 def pool_on_test(data: Any, student: np.ndarray, control: np.ndarray) -> dict[str, Any]:
-    """Student minus its supervised-only control in test macro-F1 (plain argmax), with the
-    paired bootstrap interval of the difference: what the pool bought, on the split no
-    choice was made on."""
+    """Student minus its supervised-only control in test macro-F1 (the predictions given, each
+    model's with its own post-hoc offsets), with the paired bootstrap interval of the
+    difference: what the pool bought, on the split no choice was made on."""
     from fer.evaluate import paired_bootstrap_macro_f1
 
     diff, low, high = paired_bootstrap_macro_f1(data.splits["test"].labels, student, control, len(data.classes))
@@ -170,8 +182,9 @@ def _print_summary(summary: dict[str, Any], out_dir: str) -> None:
     if "pool_test" in summary:
         pool = summary["pool_test"]
         low, high = pool["ci95"]
-        print(f"control: test macro-F1 {summary['control_test_macro_f1']:.4f}; student - control on test "
-              f"{pool['difference']:+.4f}, paired 95% bootstrap interval {low:+.4f} to {high:+.4f}"
+        print(f"pool on test (each with its post-hoc offsets): student {pool['student_macro_f1']:.4f}, control "
+              f"{pool['control_macro_f1']:.4f}; student - control {pool['difference']:+.4f}, paired 95% bootstrap "
+              f"interval {low:+.4f} to {high:+.4f}"
               + (" (excludes 0)" if pool["excludes_zero"] else " (includes 0)"))
     line = (f"best epoch {summary['best_epoch']}: val macro-F1 {pipe['val_macro_f1_raw']:.4f} "
             f"({summary['final_stage']}; {pipe['val_macro_f1_posthoc']:.4f} with post-hoc {pipe['posthoc']} offsets)")

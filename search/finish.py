@@ -248,7 +248,8 @@ def summarize(plan, records, search_winner, search_baseline, confirmation, teste
     }
 
 
-POOL_KEYS = ("teacher_val_macro_f1", "student_val_macro_f1", "control_val_macro_f1", "pool_gain_val",
+POOL_KEYS = ("teacher_val_macro_f1", "student_val_macro_f1", "control_val_macro_f1",
+             "student_val_macro_f1_posthoc", "control_val_macro_f1_posthoc", "pool_gain_val",
              "pool_gain_val_ci95", "pool_helped", "pseudo_kept", "pseudo_precision")
 
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def tiny_cfg(**overrides):
     base = dict(model="mobilenet_v3_small", epoch_images=0, image_size=16, batch_size=32, epochs=2,
                 student_epochs=2, augment="none",
                 student_augment="weak", dropout=0.0, warmup_epochs=0, amp=False, lr=3e-3,
-                pseudo_threshold=0.3)
+                pseudo_threshold=0.0)  # the tiny teacher is near chance: keep the whole pool, so stage 2 runs
     base.update(overrides)
     return TrialConfig(**base)
 
@@ -112,6 +113,38 @@ def test_pool_runs_stage_two_with_global_epochs(tmp_path, selection):
     assert ckpt["metrics"]["pipeline"]["teacher_val_macro_f1"] == result.metrics["teacher_val_macro_f1"]
 
 
+def test_teacher_calibration_passes_the_rebalanced_rule_to_the_pool():
+    """A teacher that under-predicts the rare class: with pseudo_debias its val-fitted tau
+    offsets move rare-class pool images to the rare class, as the final model's would."""
+    from fer.pipeline import teacher_calibration
+    from fer.posthoc import fit_offsets
+
+    rng = np.random.default_rng(0)
+    counts = np.array([90, 10])  # training prior: class 1 rare
+    labels = np.repeat([0, 1], 50)  # balanced val
+    # class-1 images score a little lower on logit 1 than the head's log prior lead
+    logits = np.stack([np.full(100, 1.0), np.where(labels == 1, 0.6, -1.0)], axis=1) + rng.normal(0, 0.1, (100, 2))
+    plain, plain_t = teacher_calibration(TrialConfig(pseudo_debias=False), logits, labels, counts)
+    assert not plain.any() and plain_t > 0
+    offsets, temperature = teacher_calibration(TrialConfig(), logits, labels, counts)
+    np.testing.assert_allclose(offsets, fit_offsets(logits, labels, counts, "tau"))
+    assert (logits.argmax(1) == 0).all()  # the teacher's own argmax never says 1
+    assert ((logits + offsets).argmax(1) == labels).mean() > 0.9  # the offset rule does
+    none, _ = teacher_calibration(TrialConfig(posthoc="none"), logits, labels, counts)
+    assert not none.any()
+    assert teacher_calibration(TrialConfig(pseudo_temperature=False), logits, labels, counts)[1] == 1.0
+
+
+def test_pseudo_labels_use_the_offsets_and_record_them(capsys):
+    cfg = tiny_cfg(epochs=1, student_epochs=1, pool_control=False)
+    result = run_pipeline(cfg, make_data(), progress=False)
+    offsets = result.pseudo["debias_offsets"]
+    assert len(offsets) == 4
+    plain = run_pipeline(replace(cfg, pseudo_debias=False), make_data(), progress=False)
+    assert not any(plain.pseudo["debias_offsets"])
+    assert any(offsets) == ("tau offsets" in capsys.readouterr().out)
+
+
 def test_pool_control_trains_the_student_recipe_on_labels_alone(monkeypatch):
     """The supervised-only control: same start and epochs, the labelled split only, at least
     as many images per epoch as the student; its val score and the pool's gain in metrics."""
@@ -133,7 +166,15 @@ def test_pool_control_trains_the_student_recipe_on_labels_alone(monkeypatch):
     assert all(seen >= max(student[6]) for seen in control[6])  # the control is not given fewer steps
     metrics = result.metrics
     assert metrics["control_val_macro_f1"] == control[7]
-    assert metrics["pool_gain_val"] == pytest.approx(metrics["student_val_macro_f1"] - metrics["control_val_macro_f1"])
+    # the gain is read with each model's own post-hoc offsets, fitted on val like the final model's
+    assert metrics["pool_gain_val"] == pytest.approx(
+        metrics["student_val_macro_f1_posthoc"] - metrics["control_val_macro_f1_posthoc"])
+    val = make_data().splits["val"]
+    for name, fitted in (("student", result.student), ("control", result.control)):
+        logits = fer.pipeline._predict(tiny_cfg(), fitted.model, val.images, None, tta=False)
+        offsets = fer.pipeline.fit_offsets(logits, val.labels, np.asarray(fitted.checkpoint["class_counts"]), "tau")
+        assert metrics["pool_offsets"][name] == pytest.approx(list(offsets))
+        assert metrics[f"{name}_val_macro_f1_posthoc"] == pytest.approx(fer.pipeline.macro_f1(val.labels, logits, offsets))
     low, high = metrics["pool_gain_val_ci95"]
     assert low <= high and metrics["pool_helped"] == (low > 0)  # helped: the paired val interval excludes 0
     assert [m["stage"] for m in result.history] == ["teacher"] * 2 + ["student"] * 2  # the control is no stage
@@ -200,10 +241,10 @@ def test_train_cli_runs_both_stages_and_reports_each(tmp_path, monkeypatch, caps
     assert "test macro-F1" in printed and "pool: student val macro-F1" in printed
     summary = json.loads((out / "metrics.json").read_text())
     assert {"control_val_macro_f1", "pool_gain_val", "pool_helped"} <= set(summary["pipeline"])
-    pool = summary["pool_test"]  # student - control on test, paired interval around the difference
-    assert pool["difference"] == pytest.approx(summary["student_test_macro_f1"] - summary["control_test_macro_f1"])
+    pool = summary["pool_test"]  # student - control on test, each with its offsets, paired interval
+    assert pool["difference"] == pytest.approx(pool["student_macro_f1"] - pool["control_macro_f1"])
     assert pool["ci95"][0] <= pool["difference"] <= pool["ci95"][1]
-    assert "student - control on test" in printed
+    assert "pool on test (each with its post-hoc offsets)" in printed
     assert {"teacher_test_macro_f1", "student_test_macro_f1", "test"} <= set(summary)
     assert summary["pipeline"]["student_best_epoch"] == 2
     assert load_checkpoint(str(out / "best.pt"))["posthoc_offsets"] is not None
