@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 from browser import CHROMIUM, NO_CHROMIUM, DevToolsPage
 from readme import readme_argv, split_env
+from support import fifth_of_the_demo_data
 
 pytestmark = pytest.mark.slow
 
@@ -217,7 +218,7 @@ def test_on_the_head_address_auto_joins_and_runs_two_workers_per_trial(head, tmp
                        {"/shared/fer-search": str(tmp_path / "runs")})
     with second_node(head):
         done = run([sys.executable, *argv[1:], "--space", "smoke", "--smoke", "--num-samples", "1",
-                    "--confirm-top", "0"], head.env, cwd=tmp_path)
+                    "--confirm-top", "0", "--data", fifth_of_the_demo_data(tmp_path / "data")], head.env, cwd=tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "Ray dashboard: " in done.stdout and head.dashboard.split("//")[1] in done.stdout
     summary = json.loads((tmp_path / "runs" / "smoke-smoke" / "summary.json").read_text())

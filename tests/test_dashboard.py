@@ -15,6 +15,7 @@ import search.run as search_run
 from browser import CHROMIUM, NO_CHROMIUM, chromium
 from readme import readme_argv
 from search import dashboard as dash
+from support import fifth_of_the_demo_data
 
 
 
@@ -138,11 +139,11 @@ def test_main_without_the_flag_starts_no_dashboard(tmp_path, monkeypatch, capsys
 def test_screenshot_of_the_dashboard_after_a_smoke_search(ray_cluster, tmp_path, capsys, monkeypatch):
     """The README's search with --dashboard (at the smoke budget), then its study served
     and rendered by headless Chromium: the page lists the study's trials, and the PNG is a
-    real screenshot."""
+    real screenshot. On a fifth of the demo data: the page is the point, not the model."""
     monkeypatch.chdir(tmp_path)
     storage = tmp_path / "runs"
     argv = readme_argv("python -m search.run --space imbalance.yaml --dashboard")[3:] + [
-        "--smoke", "--num-samples", "1", "--confirm-top", "0"]
+        "--smoke", "--num-samples", "1", "--confirm-top", "0", "--data", fifth_of_the_demo_data(tmp_path / "data")]
     assert search_run.main(argv) == 0, capsys.readouterr().err[-3000:]
     out = capsys.readouterr().out
     assert "Optuna dashboard: http://127.0.0.1:" in out

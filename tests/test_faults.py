@@ -31,7 +31,7 @@ from fer.data import FER_CLASSES
 from search import export as search_export
 from search import run as search_run
 from readme import readme_argv
-from support import ROOT, live_actor_pids, sigkill_search_driver, watch
+from support import ROOT, fifth_of_the_demo_data, live_actor_pids, sigkill_search_driver, watch
 
 # --------------------------------------------------------------------------- helpers
 
@@ -512,10 +512,12 @@ def test_sigkilled_driver_resumes_and_keeps_finished_trials(ray_cluster, tmp_pat
     """The README's commands as a user types them, from the folder they ran in: the
     Quickstart search (at the smoke budget, one trial at a time) dies by SIGKILL once a
     trial has finished; `--resume --name imbalance` finishes the other without rerunning
-    it; `search.export --experiment runs/imbalance --top-k 3` exports both, best first."""
+    it; `search.export --experiment runs/imbalance --top-k 3` exports both, best first.
+    On a fifth of the demo data (the search's point here is the kill and the resume)."""
     experiment = tmp_path / "runs" / "imbalance"
     argv = readme_argv("python -m search.run --space imbalance.yaml")[3:] + [
-        "--smoke", "--num-samples", "2", "--max-concurrent", "1", "--confirm-top", "0", "--name", "imbalance"]
+        "--smoke", "--num-samples", "2", "--max-concurrent", "1", "--confirm-top", "0", "--name", "imbalance",
+        "--data", fifth_of_the_demo_data(tmp_path / "data")]
     sigkill_search_driver(argv, tmp_path / "driver.log", lambda: tune_recorded_a_finished_trial(experiment),
                           cwd=tmp_path)
     done = {p.name: (p / "result.json").read_text() for p in experiment.glob("trial_*") if (p / "best.pt").is_file()}

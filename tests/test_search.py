@@ -14,7 +14,7 @@ from fer.config import TrialConfig, apply_overrides, load_config_file
 from search import export as search_export
 from search import run as search_run
 from readme import readme_argv
-from support import sigkill_search_driver
+from support import fifth_of_the_demo_data, sigkill_search_driver
 
 
 def run_cli(argv, capsys):
@@ -255,10 +255,8 @@ def test_smoke_search_with_confirmation_killed_and_resumed(ray_cluster, tmp_path
     confirmation run has finished; --resume completes the confirmation without rerunning
     that run, then reads test exactly twice (winner, baseline) and exports the winner."""
     from fer.data import load_dataset
-    from fer.synth import write_csv
 
-    # A fifth of the demo data: the same classes and imbalance, a quarter of the minutes.
-    data = write_csv(str(tmp_path / "data"), seed=0, scale=0.2)
+    data = fifth_of_the_demo_data(tmp_path / "data")
     dataset = load_dataset(data)
     storage, export_dir = tmp_path / "runs", tmp_path / "deploy"
     experiment = storage / "smoke-smoke"
@@ -312,7 +310,7 @@ def test_smoke_search_with_confirmation_killed_and_resumed(ray_cluster, tmp_path
     assert ("student_val_macro_f1" in pipeline) == (summary["pool"] is not None)
     if summary["pool"] is not None:
         assert summary["pool"]["pool_gain_val"] == pytest.approx(
-            pipeline["student_val_macro_f1"] - pipeline["control_val_macro_f1"])
+            pipeline["student_val_macro_f1_posthoc"] - pipeline["control_val_macro_f1_posthoc"])
         assert "winner's pool: student val macro-F1" in out
     assert (experiment / "confirmation.png").stat().st_size > 0
     assert (experiment / "test_baseline_metrics.json").is_file()
@@ -345,15 +343,15 @@ def test_the_summary_says_what_the_pool_bought_the_exported_run(capsys):
     from search.finish import pool_summary
 
     pipeline = {"teacher_val_macro_f1": 0.5, "student_val_macro_f1": 0.56, "control_val_macro_f1": 0.52,
-                "pool_gain_val": 0.04, "pool_gain_val_ci95": [0.01, 0.07], "pool_helped": True, "pseudo_kept": 10,
+                "student_val_macro_f1_posthoc": 0.58, "control_val_macro_f1_posthoc": 0.54, "pool_gain_val": 0.04, "pool_gain_val_ci95": [0.01, 0.07], "pool_helped": True, "pseudo_kept": 10,
                 "val_macro_f1_raw": 0.56}
     pool = pool_summary({"metrics": {"pipeline": pipeline}})
     assert pool == {k: v for k, v in pipeline.items() if k != "val_macro_f1_raw"}
     assert pool_summary({"metrics": {"pipeline": {"teacher_val_macro_f1": 0.5}}}) is None  # no stage 2
     from fer.metrics import pool_verdict
 
-    assert pool_verdict(pool) == ("pool: student val macro-F1 0.5600 vs supervised-only at the same budget "
-                                  "0.5200: +0.0400, paired 95% interval +0.0100 to +0.0700: the pool helped "
+    assert pool_verdict(pool) == ("pool: student val macro-F1 0.5800 vs supervised-only at the same budget "
+                                  "0.5400 (each with its post-hoc offsets): +0.0400, paired 95% interval +0.0100 to +0.0700: the pool helped "
                                   "(the interval excludes 0)")
     assert pool_verdict(dict(pool, pool_gain_val_ci95=[-0.01, 0.07])).endswith(
         "no measurable gain from the pool (the interval includes 0)")
