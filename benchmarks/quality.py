@@ -9,13 +9,14 @@ nothing downloaded). On each, test macro-F1 of:
   (a) LogisticRegression(class_weight="balanced") on raw pixels / 255;
   (s) LabelSpreading and SelfTrainingClassifier (scikit-learn) with the unlabeled pool;
   (b) `python -m fer.train` with every default (as a user types it), once per `--seeds`
-      seed, and from the same run its supervised-only control (the student's recipe,
-      same start and epochs, labelled split only: what the pool bought, `pool_test`);
+      seed, and from the same run its student and its supervised-only control (the
+      student's recipe, same start and epochs, labelled split only), each with its own
+      post-hoc offsets: what the pool bought (`pool_test`);
   (c) the Quickstart search's winner: `python -m search.run --space imbalance.yaml`
       (its summary.json: after the search's confirmation stage, the winner and the plain
       baseline each read test once, with the paired interval of their difference).
 
-Targets: (b) >= (a) + 0.10 (issue "Models that learn"); student - control >= +0.02 with a
+Targets: (b) >= (a) + 0.10 on the demo data (issue "Models that learn"); student - control >= +0.02 with a
 paired interval excluding 0, and (b) >= the best of (s) (issue "A semi-supervised stage that
 earns its place"); (c) >= 0.65 at full size. Also the training images/s of the default
 model against MobileNetV3-small at the same input size, measured in this process, one
@@ -48,6 +49,7 @@ from peers import classical_peers, write_digits  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SETS = {"demo": 1.0, "demo/8": 0.125, "digits": None}  # demo data scale; None = the digits set
 TARGET_OVER_LINEAR, TARGET_SEARCH, TARGET_POOL = 0.10, 0.65, 0.02
+LINEAR_TARGET_SETS = ("demo", "demo/8")  # the +0.10 over the linear model is the demo data's target
 
 
 def write_data(name: str, folder: Path) -> str | None:
@@ -69,11 +71,23 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.time() - start
 
 
+def pool_lines(log: str) -> str:
+    """What a fer.train log says about the pool: the pseudo-label table and the pool lines."""
+    keep, table = [], False
+    for line in log.splitlines():
+        table = table or line.startswith("pseudo-labels (")
+        if table or line.startswith(("pool:", "pool on test")):
+            keep.append(line)
+        table = table and not line.startswith("all ")
+    return "\n".join(keep)
+
+
 def default_train(data_path: str | None, out: Path, seed: int) -> dict[str, Any]:
     """(b): `python -m fer.train --out OUT [--data PATH] --set seed=S`, every other default."""
     cmd = [sys.executable, "-m", "fer.train", "--out", str(out), "--no-progress", "--set", f"seed={seed}"]
     seconds = _run(cmd + (["--data", data_path] if data_path else []), out.with_suffix(".log"))
     metrics = json.loads((out / "metrics.json").read_text())
+    print(pool_lines(out.with_suffix(".log").read_text()), flush=True)
     pipe = metrics["pipeline"]
     return {"seed": seed, "test_macro_f1": metrics["test"]["macro_f1"], "val_macro_f1": pipe["val_macro_f1_posthoc"],
             "final_stage": metrics["final_stage"], "seconds": seconds, "model": metrics["config"]["model"],
@@ -137,7 +151,8 @@ def rows_of(name: str, result: dict[str, Any]) -> list[list[Any]]:
         gain = "-" if pool is None else f"{pool['difference']:+.3f} ({pool['ci95'][0]:+.3f} to {pool['ci95'][1]:+.3f})"
         rows.append([name, result["train_images"], result["pool_images"], peers["linear"]["test_macro_f1"],
                      peers["label_spreading"]["test_macro_f1"], peers["self_training"]["test_macro_f1"], run["seed"],
-                     run["control_test"], run["student_test"], run["test_macro_f1"], gain,
+                     *((None, None) if pool is None else (pool["control_macro_f1"], pool["student_macro_f1"])),
+                     run["test_macro_f1"], gain,
                      run["test_macro_f1"] - best_peer, round(run["seconds"])])
     return rows
 
@@ -149,8 +164,9 @@ def verdicts(name: str, result: dict[str, Any]) -> list[str]:
     for run in result["default"]:
         b, seed = run["test_macro_f1"], run["seed"]
         margin = b - peers["linear"]["test_macro_f1"]
-        lines.append(f"{name} seed {seed}: (b) - (a) = {margin:+.3f} (target >= +{TARGET_OVER_LINEAR}): "
-                     + ("met" if margin >= TARGET_OVER_LINEAR else f"MISSED by {TARGET_OVER_LINEAR - margin:.3f}"))
+        if name in LINEAR_TARGET_SETS:
+            lines.append(f"{name} seed {seed}: (b) - (a) = {margin:+.3f} (target >= +{TARGET_OVER_LINEAR}): "
+                         + ("met" if margin >= TARGET_OVER_LINEAR else f"MISSED by {TARGET_OVER_LINEAR - margin:.3f}"))
         pool = run["pool_test"]
         if pool is None:
             lines.append(f"{name} seed {seed}: student - control: not measured (stage 2 did not run)")

@@ -204,3 +204,27 @@ def test_classical_peers_use_the_pool_and_read_test(tmp_path):
     scores = peers.classical_peers(data)
     assert set(scores) == {"linear", "label_spreading", "self_training"}
     assert all(0.8 < s["test_macro_f1"] <= 1.0 for s in scores.values())
+
+
+def test_quality_keeps_what_fer_train_said_of_the_pool_and_judges_each_target():
+    quality = load("quality")
+    log = ("budget: teacher: 10 epochs\npseudo-labels (threshold, threshold 0.9, temperature 1.378, tau offsets):\n"
+           "class        kept  precision\nAngry           0          -\nall           602      1.000   (of 3014 pool "
+           "images)\npseudo-labels: kept 602 of 3014\npool: student val macro-F1 0.6 vs ...\n"
+           "pool on test (each with its post-hoc offsets): student 0.6\nwrote runs/x/best.pt\n")
+    assert quality.pool_lines(log).splitlines() == log.splitlines()[1:5] + log.splitlines()[6:8]
+    peers = {"linear": {"test_macro_f1": 0.44}, "label_spreading": {"test_macro_f1": 0.13},
+             "self_training": {"test_macro_f1": 0.17}}
+    run = {"seed": 0, "test_macro_f1": 0.676, "seconds": 400.0,
+           "pool_test": {"difference": 0.03, "ci95": [0.01, 0.05], "student_macro_f1": 0.64, "control_macro_f1": 0.61}}
+    result = {"peers": peers, "train_images": 3014, "pool_images": 3014,
+              "default": [run, dict(run, seed=1, pool_test=dict(run["pool_test"], ci95=[-0.01, 0.07]))]}
+    lines = quality.verdicts("demo", result)
+    assert lines[:3] == ["demo seed 0: (b) - (a) = +0.236 (target >= +0.1): met",
+                         "demo seed 0: student - control = +0.030, interval from +0.010 (target >= +0.02, "
+                         "excluding 0): met",
+                         "demo seed 0: (b) - best classical SSL peer = +0.506 (target >= 0): met"]
+    assert lines[4].endswith("(target >= +0.02, excluding 0): MISSED")  # seed 1's interval includes 0
+    assert not any("(b) - (a)" in line for line in quality.verdicts("digits", result))  # a demo-data target
+    rows = quality.rows_of("demo", result)
+    assert [row[7:11] for row in rows[:1]] == [[0.61, 0.64, 0.676, "+0.030 (+0.010 to +0.050)"]]
