@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -50,6 +50,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SETS = {"demo": 1.0, "demo/8": 0.125, "digits": None}  # demo data scale; None = the digits set
 TARGET_OVER_LINEAR, TARGET_SEARCH, TARGET_POOL = 0.10, 0.65, 0.02
 LINEAR_TARGET_SETS = ("demo", "demo/8")  # the +0.10 over the linear model is the demo data's target
+
+
+def each_set(names: list[str], prefix: str) -> Iterator[tuple[str, Path, str | None]]:
+    """(name, its folder, its data path) of each named set, written one at a time into one
+    temporary folder with its own data cache; all removed when the loop ends."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        os.environ.setdefault("FER_CACHE_DIR", str(Path(tmp) / "cache"))
+        for name in names:
+            folder = Path(tmp) / name.replace("/", "-")
+            folder.mkdir()
+            yield name, folder, write_data(name, folder)
 
 
 def write_data(name: str, folder: Path) -> str | None:
@@ -198,24 +209,19 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = TrialConfig()
     rows, results = [], {}
-    with tempfile.TemporaryDirectory(prefix="fer-quality-") as tmp:
-        os.environ.setdefault("FER_CACHE_DIR", str(Path(tmp) / "cache"))
-        for name in args.sets:
-            folder = Path(tmp) / name.replace("/", "-")
-            folder.mkdir()
-            data_path = write_data(name, folder)
-            data = load_dataset(data_path)
-            result = {"peers": classical_peers(data), "train_images": len(data.splits["train"].labels),
-                      "pool_images": len(data.splits["unlabeled"].images), "default": []}
-            print(f"{name}: peers {result['peers']}", flush=True)
-            for seed in args.seeds:
-                result["default"].append(default_train(data_path, folder / f"train-{seed}", seed))
-                print(f"{name}: (b) {result['default'][-1]}", flush=True)
-            if args.search == "all" or (args.search == "full" and name == "demo"):
-                result["search"] = quickstart_search(data_path, folder / "runs")
-            results[name] = result
-            rows.extend(rows_of(name, result))
-            print(format_table(HEADER, rows_of(name, result)), flush=True)
+    for name, folder, data_path in each_set(args.sets, "fer-quality-"):
+        data = load_dataset(data_path)
+        result = {"peers": classical_peers(data), "train_images": len(data.splits["train"].labels),
+                  "pool_images": len(data.splits["unlabeled"].images), "default": []}
+        print(f"{name}: peers {result['peers']}", flush=True)
+        for seed in args.seeds:
+            result["default"].append(default_train(data_path, folder / f"train-{seed}", seed))
+            print(f"{name}: (b) {result['default'][-1]}", flush=True)
+        if args.search == "all" or (args.search == "full" and name == "demo"):
+            result["search"] = quickstart_search(data_path, folder / "runs")
+        results[name] = result
+        rows.extend(rows_of(name, result))
+        print(format_table(HEADER, rows_of(name, result)), flush=True)
     speed = {name: throughput(name, cfg.image_size, stem) for name, stem in
              ((cfg.model, cfg.stem), ("mobilenet_v3_small", "standard"))}
     print("\n=== test macro-F1: peers, the supervised-only control, the student and fer.train's final model ===")
