@@ -1,0 +1,125 @@
+"""How much could the unlabeled pool buy at most? Its true labels against the pipeline's
+pseudo-labels and the supervised-only control, from one shared teacher. Val only.
+
+The demo data and the digits set keep the pool's true labels as held-out truth (the
+pipeline never trains on them). From one teacher (`fer.train`'s defaults), stage 2's
+recipe (student_epochs, student_augment, from the teacher's weights) on:
+
+  control   the labelled split alone (the pipeline's supervised-only control);
+  oracle    labelled + the whole pool with its true labels: the ceiling of any pseudo-labels;
+  pipeline  labelled + the pseudo-labels the default selection keeps (pseudo_debias on);
+  plain     the same with pseudo_debias off (the teacher's own argmax and confidences);
+
+all at the same images per epoch (the largest of the four inputs), scored on val raw and
+with each model's own post-hoc offsets (fitted on val, as the final model's are), with
+each minus the control and its paired bootstrap interval. Test is never read here: this
+is where defaults are chosen.
+
+    python benchmarks/pool_ceiling.py                     # demo, demo/8 and digits
+    python benchmarks/pool_ceiling.py --sets digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import format_table, save_json  # noqa: E402
+from quality import SETS, each_set  # noqa: E402
+
+
+def stage_two_inputs(cfg: Any, data: Any, teacher: Any) -> dict[str, tuple[Any, ...]]:
+    """{variant: (images, labels, weights, counts, label precision on the pool)} of the four inputs."""
+    from fer.pipeline import pseudo_label, student_inputs
+
+    train, pool = data.splits["train"], data.splits["unlabeled"]
+    inputs = {"control": (train.images, train.labels.astype(np.int64), None, data.class_counts("train"), None),
+              "oracle": (*student_inputs(cfg, data, np.arange(len(pool.labels)), pool.labels), 1.0)}
+    for name, debias in (("pipeline", True), ("plain", False)):
+        indices, labels, summary, _ = pseudo_label(replace(cfg, pseudo_debias=debias), teacher.model, data)
+        inputs[name] = (*student_inputs(cfg, data, indices, labels), summary.get("precision"))
+    return inputs
+
+
+def scored(cfg: Any, fitted: Any, val: Any) -> tuple[float, float, np.ndarray]:
+    """(val macro-F1 raw, with the model's own post-hoc offsets, val predictions with them)."""
+    from fer.infer import predict_logits
+    from fer.posthoc import fit_offsets, macro_f1
+
+    logits = predict_logits(fitted.model, val.images, image_size=cfg.image_size).numpy()
+    offsets = fit_offsets(logits, val.labels, np.asarray(fitted.checkpoint["class_counts"]), cfg.posthoc)
+    return macro_f1(val.labels, logits), macro_f1(val.labels, logits, offsets), (logits + offsets).argmax(axis=1)
+
+
+def measure(name: str, data_path: str | None) -> dict[str, Any]:
+    """Teacher once, then the four stage-2 variants; their val scores against the control."""
+    from fer.config import TrialConfig
+    from fer.data import load_dataset
+    from fer.evaluate import paired_bootstrap_macro_f1
+    from fer.fitting import Stage, fit
+
+    data = load_dataset(data_path)
+    cfg, val = TrialConfig(data=data_path), data.splits["val"]
+    start = time.time()
+    teacher = fit(cfg, Stage.teacher(cfg, data), val, data.classes, progress=False)
+    result: dict[str, Any] = {"teacher_val": teacher.best_metrics["val_macro_f1"], "teacher_s": time.time() - start,
+                              "variants": {}}
+    inputs = stage_two_inputs(cfg, data, teacher)
+    per_epoch = max(cfg.epoch_images, *(len(images) for images, *_ in inputs.values()))
+    stage_cfg = replace(cfg, epoch_images=per_epoch)
+    predictions = {}
+    for variant, (images, labels, weights, counts, precision) in inputs.items():
+        start = time.time()
+        stage = Stage.student(stage_cfg, images, labels, weights, counts, teacher.model.state_dict())
+        fitted = fit(stage_cfg, stage, val, data.classes, progress=False)
+        raw, posthoc, predictions[variant] = scored(cfg, fitted, val)
+        result["variants"][variant] = {"images": len(labels), "precision": precision, "val_raw": raw,
+                                       "val_posthoc": posthoc, "seconds": time.time() - start}
+        print(f"{name} {variant}: {result['variants'][variant]}", flush=True)
+    control = result["variants"]["control"]["val_posthoc"]
+    for variant, entry in result["variants"].items():
+        if variant != "control":
+            _, low, high = paired_bootstrap_macro_f1(val.labels, predictions[variant], predictions["control"],
+                                                     len(data.classes))
+            entry.update(minus_control=entry["val_posthoc"] - control, ci95=[low, high])
+    result["images_per_epoch"] = per_epoch
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
+    parser.add_argument("--json", default=None, help="where the raw results go")
+    args = parser.parse_args(argv)
+    rows, results = [], {}
+    for name, _, data_path in each_set(args.sets, "fer-ceiling-"):
+        results[name] = measure(name, data_path)
+        for variant, entry in results[name]["variants"].items():
+            gain = "-" if variant == "control" else \
+                f"{entry['minus_control']:+.3f} ({entry['ci95'][0]:+.3f} to {entry['ci95'][1]:+.3f})"
+            rows.append([name, variant, entry["images"], entry["precision"], entry["val_raw"],
+                         entry["val_posthoc"], gain, round(entry["seconds"])])
+    print("\n=== val macro-F1 of stage 2 from one teacher: the pool's true labels, the pipeline's pseudo-labels, none ===")
+    print(format_table(["set", "stage 2 on", "images", "label precision", "val raw", "val post-hoc",
+                        "- control, post-hoc (95% CI)", "s"], rows))
+    for name, result in results.items():
+        oracle = result["variants"]["oracle"]["minus_control"]
+        pipeline = result["variants"]["pipeline"]["minus_control"]
+        share = "-" if oracle <= 0 else f"{pipeline / oracle:.2f}"
+        print(f"{name}: teacher val {result['teacher_val']:.4f}; the pool's true labels would buy {oracle:+.3f} "
+              f"over the control, the pipeline's pseudo-labels buy {pipeline:+.3f} (share of the ceiling {share})")
+    path = save_json("pool_ceiling", "default", {"results": results}, args.json)
+    print(f"raw results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
