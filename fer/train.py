@@ -127,30 +127,29 @@ def _summarize(cfg: TrialConfig, data: Any, result: PipelineResult, out_dir: str
         return evaluate_model(model, part.images, part.labels, data.classes,
                               image_size=cfg.image_size, device=device, offsets=offsets)
 
-    def test_with_offsets(model: nn.Module, offsets: list[float]) -> tuple[float, np.ndarray]:
-        """(test macro-F1, predictions) with these offsets (evaluate_model's probabilities are unshifted)."""
-        test = data.splits["test"]
-        logits = predict_logits(model, test.images, image_size=cfg.image_size, device=device)
-        metrics, _, predicted = metrics_from_logits(logits, test.labels, data.classes, offsets)
-        return metrics["macro_f1"], predicted
-
     write_report(evaluate(result.model, "val", ckpt["posthoc_offsets"])[0], data.classes, out_dir, "val")
     if "test" in data.splits and data.splits["test"].labels is not None:
-        test_metrics = evaluate(result.model, "test", ckpt["posthoc_offsets"])[0]
+        test = data.splits["test"]
+        # each stage's best weights read test once; every score below comes from these logits
+        logits = {name: predict_logits(fitted.model, test.images, image_size=cfg.image_size, device=device)
+                  for name, fitted in (("teacher", result.teacher), ("student", result.student),
+                                       ("control", result.control)) if fitted is not None}
+
+        def scored(name: str, offsets: list[float] | None) -> tuple[dict[str, Any], np.ndarray]:
+            metrics, _, predicted = metrics_from_logits(logits[name], test.labels, data.classes, offsets)
+            return metrics, predicted
+
+        test_metrics = scored(stage, ckpt["posthoc_offsets"])[0]  # the final model: its stage with offsets
         write_report(test_metrics, data.classes, out_dir, "test")
         summary["test"] = {k: test_metrics[k] for k in ("macro_f1", "balanced_accuracy", "accuracy", "kappa")}
-        preds = {}
-        for name, fitted in (("teacher", result.teacher), ("student", result.student), ("control", result.control)):
-            if fitted is not None:  # each stage's best weights, plain argmax; each read once
-                metrics, probs = evaluate(fitted.model, "test", None)
-                summary[f"{name}_test_macro_f1"], preds[name] = metrics["macro_f1"], probs.argmax(axis=1)
+        for name in logits:  # plain argmax
+            summary[f"{name}_test_macro_f1"] = scored(name, None)[0]["macro_f1"]
         summary["test_without_offsets_macro_f1"] = summary[f"{stage}_test_macro_f1"]
-        if "control" in preds:
+        if "control" in logits:
             offsets = result.metrics["pool_offsets"]  # each model's own, fitted on val
-            pool = {name: test_with_offsets(fitted.model, offsets[name])
-                    for name, fitted in (("student", result.student), ("control", result.control))}
+            pool = {name: scored(name, offsets[name]) for name in ("student", "control")}
             summary["pool_test"] = pool_on_test(data, pool["student"][1], pool["control"][1])
-            summary["pool_test"].update({f"{name}_macro_f1": pool[name][0] for name in pool})
+            summary["pool_test"].update({f"{name}_macro_f1": pool[name][0]["macro_f1"] for name in pool})
     return summary
 
 
