@@ -7,10 +7,11 @@ recipe (student_epochs, student_augment, from the teacher's weights) on:
 
   control   the labelled split alone (the pipeline's supervised-only control);
   oracle    labelled + the whole pool with its true labels: the ceiling of any pseudo-labels;
-  pipeline  labelled + the pseudo-labels the default selection keeps (pseudo_debias on);
-  plain     the same with pseudo_debias off (the teacher's own argmax and confidences);
+  pipeline  labelled + the pseudo-labels the defaults keep (pseudo_debias on, pseudo_graph auto);
+  no graph  the same with pseudo_graph none (the debiased teacher alone labels the pool);
+  plain     the same with pseudo_debias off too (the teacher's own argmax and confidences);
 
-all at the same images per epoch (the largest of the four inputs), scored on val raw and
+all at the same images per epoch (the largest of the five inputs), scored on val raw and
 with each model's own post-hoc offsets (fitted on val, as the final model's are), with
 each minus the control and its paired bootstrap interval. Test is never read here: this
 is where defaults are chosen.
@@ -36,15 +37,20 @@ from common import format_table, save_json  # noqa: E402
 from quality import SETS, each_set  # noqa: E402
 
 
+# the pipeline's pseudo-labels as the defaults make them, and with its two helpers taken away
+VARIANTS = {"pipeline": {}, "no graph": {"pseudo_graph": "none"},
+            "plain": {"pseudo_graph": "none", "pseudo_debias": False}}
+
+
 def stage_two_inputs(cfg: Any, data: Any, teacher: Any) -> dict[str, tuple[Any, ...]]:
-    """{variant: (images, labels, weights, counts, label precision on the pool)} of the four inputs."""
+    """{variant: (images, labels, weights, counts, label precision on the pool)} of the five inputs."""
     from fer.pipeline import pseudo_label, student_inputs
 
     train, pool = data.splits["train"], data.splits["unlabeled"]
     inputs = {"control": (train.images, train.labels.astype(np.int64), None, data.class_counts("train"), None),
               "oracle": (*student_inputs(cfg, data, np.arange(len(pool.labels)), pool.labels), 1.0)}
-    for name, debias in (("pipeline", True), ("plain", False)):
-        indices, labels, summary, _ = pseudo_label(replace(cfg, pseudo_debias=debias), teacher.model, data)
+    for name, changes in VARIANTS.items():
+        indices, labels, summary, _ = pseudo_label(replace(cfg, **changes), teacher.model, data)
         inputs[name] = (*student_inputs(cfg, data, indices, labels), summary.get("precision"))
     return inputs
 
@@ -60,7 +66,7 @@ def scored(cfg: Any, fitted: Any, val: Any) -> tuple[float, float, np.ndarray]:
 
 
 def measure(name: str, data_path: str | None) -> dict[str, Any]:
-    """Teacher once, then the four stage-2 variants; their val scores against the control."""
+    """Teacher once, then the five stage-2 variants; their val scores against the control."""
     from fer.config import TrialConfig
     from fer.data import load_dataset
     from fer.evaluate import paired_bootstrap_macro_f1

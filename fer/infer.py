@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -167,11 +168,33 @@ def predict_logits_sharded(model: nn.Module, images: np.ndarray, **kwargs) -> to
     """`predict_logits` on this rank's shard (`fer.samplers.shard`), gathered so every rank
     has all N rows in order. Without torch.distributed (or with one rank) this is just
     `predict_logits`."""
+    return torch.from_numpy(_sharded(lambda part: predict_logits(model, part, **kwargs).numpy(), images))
+
+
+def predict_features_sharded(model: nn.Module, images: np.ndarray, **kwargs) -> np.ndarray:
+    """Penultimate features (N, D) float32: what the classifier layer (the last Linear, as
+    `fer.models.head_name` finds it, for timm and torchvision models alike) receives, read by
+    a forward pre-hook during `predict_logits` (no TTA), sharded and gathered like it."""
+
+    def features(part: np.ndarray) -> np.ndarray:
+        head = [m for m in unwrap(model).modules() if isinstance(m, nn.Linear)][-1]
+        captured: list[torch.Tensor] = []
+        hook = head.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach().float().cpu()))
+        try:
+            predict_logits(model, part, **kwargs, tta=False)
+        finally:
+            hook.remove()
+        return torch.cat(captured).numpy() if captured else np.zeros((0, head.in_features), np.float32)
+
+    return _sharded(features, images)
+
+
+def _sharded(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """`predict` on this rank's shard of `images`, gathered in order on every rank."""
     ranks = Ranks.current()
     if ranks.world == 1:
-        return predict_logits(model, images, **kwargs)
+        return predict(images)
     from fer.samplers import shard
 
     mine = shard(np.arange(len(images)), ranks.rank, ranks.world)
-    local = predict_logits(model, images[mine], **kwargs).numpy()
-    return torch.from_numpy(gather_rows(local, mine, len(images)))
+    return gather_rows(predict(images[mine]), mine, len(images))

@@ -13,6 +13,7 @@ STEMS = ("standard", "small")
 MODELS = ("mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "efficientnet_b0")  # our own adaptations
 POSTHOC = ("none", "tau", "bias")
 SELECTIONS = ("threshold", "crest", "flexmatch", "aligned")
+PSEUDO_GRAPHS = ("none", "pixels", "features", "auto")
 SAMPLERS = ("uniform", "sqrt", "balanced")
 AUGMENTS = ("none", "weak", "strong")
 OPTIMIZERS = ("adamw", "sgd")

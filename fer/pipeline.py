@@ -40,9 +40,10 @@ from fer.checkpoint import model_from_checkpoint, save_checkpoint
 from fer.config import TrialConfig
 from fer.evaluate import paired_bootstrap_macro_f1
 from fer.fitting import FitResult, Report, Stage, fit
-from fer.infer import is_main, predict_logits_sharded, resolve_device
+from fer.infer import is_main, predict_features_sharded, predict_logits_sharded, resolve_device
 from fer.io import to_plain
 from fer.posthoc import fit_offsets, macro_f1
+from fer.propagate import feature_space, graph_pseudo_probs, pixel_space
 from fer.pseudo import fit_temperature, select_pseudo_labels, summarize_selection, write_pseudo_csv
 from fer.state import FitState, PipelineState
 
@@ -85,19 +86,24 @@ def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any
     """
     pool, val = data.splits["unlabeled"], data.splits["val"]
     offsets, temperature = np.zeros(len(data.classes)), 1.0
+    val_logits = _predict(cfg, teacher, val.images, device, cfg.pseudo_tta)
     if cfg.pseudo_temperature or cfg.pseudo_debias:
-        val_logits = _predict(cfg, teacher, val.images, device, cfg.pseudo_tta)
         offsets, temperature = teacher_calibration(cfg, val_logits, val.labels, data.class_counts("train"))
-    logits = _predict(cfg, teacher, pool.images, device, cfg.pseudo_tta) + offsets
-    probs = torch.softmax(torch.from_numpy(logits) / temperature, dim=1).numpy()
+    pool_logits = _predict(cfg, teacher, pool.images, device, cfg.pseudo_tta)
+    probs, graph = graph_pseudo_probs(
+        cfg.pseudo_graph, *(_calibrated(logits, offsets, temperature) for logits in (pool_logits, val_logits)),
+        data.splits["train"].labels, val.labels, lambda name: _graph_space(cfg, name, teacher, data, device))
     indices, labels, confidences = select_pseudo_labels(
         probs, selection=cfg.pseudo_selection, threshold=cfg.pseudo_threshold,
         class_counts=data.class_counts("train"), crest_alpha=cfg.crest_alpha)
     truth = pool.labels[indices] if pool.labels is not None else None
     summary, table = summarize_selection(labels, data.classes, truth, pool_size=len(pool.images))
     summary.update(temperature=temperature, selection=cfg.pseudo_selection, threshold=cfg.pseudo_threshold,
-                   tta=cfg.pseudo_tta, debias_offsets=[float(v) for v in offsets])
+                   tta=cfg.pseudo_tta, debias_offsets=[float(v) for v in offsets], **graph)
+    if pool.labels is not None:  # the pool's own labels are held-out truth: how good was each labeller?
+        summary["pool_label_accuracy"] = float(np.mean(probs.argmax(axis=1) == pool.labels))
     debiased = f", {cfg.posthoc} offsets" if np.any(offsets) else ""
+    _say(f"pseudo-label source ({cfg.pseudo_graph}): {_graph_line(graph)}")
     _say(f"pseudo-labels ({cfg.pseudo_selection}, threshold {cfg.pseudo_threshold}, "
          f"temperature {temperature:.3f}{debiased}):\n{table}")
     _write_pseudo(out_dir, indices, labels, confidences, summary, data.classes)
@@ -121,6 +127,26 @@ def teacher_calibration(cfg: TrialConfig, val_logits: np.ndarray, val_labels: np
         offsets = fit_offsets(val_logits, val_labels, train_counts, cfg.posthoc)
     temperature = fit_temperature(val_logits, val_labels) if cfg.pseudo_temperature else 1.0
     return offsets, temperature
+
+
+def _calibrated(logits: np.ndarray, offsets: np.ndarray, temperature: float) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(logits + offsets) / temperature, dim=1).numpy()
+
+
+def _graph_space(cfg: TrialConfig, name: str, teacher: nn.Module, data: Any, device: Any) -> np.ndarray:
+    """Train, pool and val images embedded for the label-spreading graph `name` (fer.propagate)."""
+    images = np.concatenate([data.splits[split].images for split in ("train", "unlabeled", "val")])
+    if name == "pixels":
+        return pixel_space(images, seed=cfg.seed)
+    return feature_space(predict_features_sharded(teacher, images, image_size=cfg.image_size,
+                                                  batch_size=max(256, cfg.batch_size), device=device))
+
+
+def _graph_line(graph: dict[str, Any]) -> str:
+    scores = ", ".join(f"{'teacher alone' if name == 'none' else 'teacher + ' + name + ' graph'} "
+                       f"{value:.3f}" for name, value in graph["graph_val_macro_f1"].items())
+    chosen = "teacher alone" if graph["graph"] == "none" else f"teacher + {graph['graph']} graph"
+    return f"val macro-F1 of its labels: {scores}; using {chosen}"
 
 
 def _write_pseudo(out_dir: str | None, indices: np.ndarray, labels: np.ndarray, confidences: np.ndarray,
@@ -183,6 +209,8 @@ def _run_student(cfg: TrialConfig, data: Any, teacher: FitResult, metrics: dict[
         indices, labels, confidences, summary = _selection(cfg, data, teacher, resume, out_dir, common["device"])
         metrics["pseudo_kept"] = summary["kept"]
         metrics["pseudo_precision"] = summary.get("precision")
+        metrics["pseudo_graph"] = summary.get("graph")
+        metrics["pseudo_label_accuracy"] = summary.get("pool_label_accuracy")
         if len(indices) == 0:
             skip = f"no pool image reached the pseudo-label threshold {cfg.pseudo_threshold}"
     if skip is not None:

@@ -287,6 +287,7 @@ REGISTRIES = [
     ("STEMS", "fer.models", "STEMS"),
     ("POSTHOC", "fer.posthoc", "POSTHOC"),
     ("SELECTIONS", "fer.pseudo", "SELECTIONS"),
+    ("PSEUDO_GRAPHS", "fer.propagate", "CANDIDATES"),
     ("SAMPLERS", "fer.samplers", "SAMPLERS"),
     ("AUGMENTS", "fer.transforms", "AUGMENTS"),
 ]
