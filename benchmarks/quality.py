@@ -83,11 +83,11 @@ def _run(cmd: list[str], log: Path) -> float:
 
 
 def pool_lines(log: str) -> str:
-    """What a fer.train log says about the pool: the pseudo-label table and the pool lines."""
+    """What a fer.train log says about the pool: its pseudo-label source, table and pool lines."""
     keep, table = [], False
     for line in log.splitlines():
         table = table or line.startswith("pseudo-labels (")
-        if table or line.startswith(("pool:", "pool on test")):
+        if table or line.startswith(("pseudo-label source", "pool:", "pool on test")):
             keep.append(line)
         table = table and not line.startswith("all ")
     return "\n".join(keep)
@@ -106,7 +106,8 @@ def default_train(data_path: str | None, out: Path, seed: int) -> dict[str, Any]
             **{f"{stage}_test": metrics.get(f"{stage}_test_macro_f1") for stage in ("teacher", "student", "control")},
             "pool_test": metrics.get("pool_test"), "pool_gain_val": pipe.get("pool_gain_val"),
             "pool_gain_val_ci95": pipe.get("pool_gain_val_ci95"), "pseudo_kept": pipe.get("pseudo_kept"),
-            "pseudo_precision": pipe.get("pseudo_precision")}
+            "pseudo_precision": pipe.get("pseudo_precision"), "pseudo_graph": pipe.get("pseudo_graph"),
+            "pseudo_label_accuracy": pipe.get("pseudo_label_accuracy")}
 
 
 def quickstart_search(data_path: str | None, storage: Path) -> dict[str, Any]:

@@ -171,22 +171,25 @@ def predict_logits_sharded(model: nn.Module, images: np.ndarray, **kwargs) -> to
     return torch.from_numpy(_sharded(lambda part: predict_logits(model, part, **kwargs).numpy(), images))
 
 
-def predict_features_sharded(model: nn.Module, images: np.ndarray, **kwargs) -> np.ndarray:
-    """Penultimate features (N, D) float32: what the classifier layer (the last Linear, as
-    `fer.models.head_name` finds it, for timm and torchvision models alike) receives, read by
-    a forward pre-hook during `predict_logits` (no TTA), sharded and gathered like it."""
+def predict_features_sharded(model: nn.Module, images: np.ndarray, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, K), penultimate features (N, D)) float32 from one pass, no TTA: the features
+    are what the classifier layer (the last Linear, as `fer.models.head_name` finds it, for timm
+    and torchvision models alike) receives, read by a forward pre-hook during `predict_logits`;
+    sharded and gathered like `predict_logits_sharded`."""
+    head = [m for m in unwrap(model).modules() if isinstance(m, nn.Linear)][-1]
 
-    def features(part: np.ndarray) -> np.ndarray:
-        head = [m for m in unwrap(model).modules() if isinstance(m, nn.Linear)][-1]
+    def both(part: np.ndarray) -> np.ndarray:
         captured: list[torch.Tensor] = []
         hook = head.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach().float().cpu()))
         try:
-            predict_logits(model, part, **kwargs, tta=False)
+            logits = predict_logits(model, part, **kwargs, tta=False)
         finally:
             hook.remove()
-        return torch.cat(captured).numpy() if captured else np.zeros((0, head.in_features), np.float32)
+        features = torch.cat(captured) if captured else torch.zeros(0, head.in_features)
+        return torch.cat([logits, features], dim=1).numpy()  # one array, so one gather
 
-    return _sharded(features, images)
+    rows = _sharded(both, images)
+    return rows[:, :head.out_features], rows[:, head.out_features:]
 
 
 def _sharded(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:

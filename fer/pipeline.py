@@ -43,7 +43,7 @@ from fer.fitting import FitResult, Report, Stage, fit
 from fer.infer import is_main, predict_features_sharded, predict_logits_sharded, resolve_device
 from fer.io import to_plain
 from fer.posthoc import fit_offsets, macro_f1
-from fer.propagate import feature_space, graph_pseudo_probs, pixel_space
+from fer.propagate import CANDIDATES, feature_space, graph_pseudo_probs, pixel_space
 from fer.pseudo import fit_temperature, select_pseudo_labels, summarize_selection, write_pseudo_csv
 from fer.state import FitState, PipelineState
 
@@ -86,13 +86,12 @@ def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any
     """
     pool, val = data.splits["unlabeled"], data.splits["val"]
     offsets, temperature = np.zeros(len(data.classes)), 1.0
-    val_logits = _predict(cfg, teacher, val.images, device, cfg.pseudo_tta)
+    (val_logits, pool_logits), space = _teacher_outputs(cfg, teacher, data, device)
     if cfg.pseudo_temperature or cfg.pseudo_debias:
         offsets, temperature = teacher_calibration(cfg, val_logits, val.labels, data.class_counts("train"))
-    pool_logits = _predict(cfg, teacher, pool.images, device, cfg.pseudo_tta)
     probs, graph = graph_pseudo_probs(
         cfg.pseudo_graph, *(_calibrated(logits, offsets, temperature) for logits in (pool_logits, val_logits)),
-        data.splits["train"].labels, val.labels, lambda name: _graph_space(cfg, name, teacher, data, device))
+        data.splits["train"].labels, val.labels, space)
     indices, labels, confidences = select_pseudo_labels(
         probs, selection=cfg.pseudo_selection, threshold=cfg.pseudo_threshold,
         class_counts=data.class_counts("train"), crest_alpha=cfg.crest_alpha)
@@ -133,13 +132,31 @@ def _calibrated(logits: np.ndarray, offsets: np.ndarray, temperature: float) -> 
     return torch.softmax(torch.from_numpy(logits + offsets) / temperature, dim=1).numpy()
 
 
-def _graph_space(cfg: TrialConfig, name: str, teacher: nn.Module, data: Any, device: Any) -> np.ndarray:
-    """Train, pool and val images embedded for the label-spreading graph `name` (fer.propagate)."""
-    images = np.concatenate([data.splits[split].images for split in ("train", "unlabeled", "val")])
-    if name == "pixels":
-        return pixel_space(images, seed=cfg.seed)
-    return feature_space(predict_features_sharded(teacher, images, image_size=cfg.image_size,
-                                                  batch_size=max(256, cfg.batch_size), device=device))
+def _teacher_outputs(cfg: TrialConfig, teacher: nn.Module, data: Any,
+                     device: Any) -> tuple[tuple[np.ndarray, np.ndarray], Callable[[str], np.ndarray]]:
+    """The teacher's (val, pool) logits, and the embedding of train, pool and val for the
+    label-spreading graph `name` (fer.propagate), computed when asked for. Where a feature
+    graph may be built (and without TTA, whose logits average several views) one pass over val
+    and the pool gives logits and features together, so the features cost one more pass, over
+    train."""
+    splits = [data.splits[name].images for name in ("train", "unlabeled", "val")]
+    kwargs = dict(image_size=cfg.image_size, batch_size=max(256, cfg.batch_size), device=device)
+    if "features" not in CANDIDATES[cfg.pseudo_graph] or cfg.pseudo_tta:
+        logits = tuple(_predict(cfg, teacher, images, device, cfg.pseudo_tta) for images in splits[1:])
+        features = None
+    else:
+        (pool_logits, pool_features), (val_logits, val_features) = (
+            predict_features_sharded(teacher, images, **kwargs) for images in splits[1:])
+        logits, features = (pool_logits, val_logits), (pool_features, val_features)
+
+    def space(name: str) -> np.ndarray:
+        if name == "pixels":
+            return pixel_space(np.concatenate(splits), seed=cfg.seed)
+        rest = features if features is not None else tuple(
+            predict_features_sharded(teacher, images, **kwargs)[1] for images in splits[1:])
+        return feature_space(np.concatenate([predict_features_sharded(teacher, splits[0], **kwargs)[1], *rest]))
+
+    return (logits[1], logits[0]), space
 
 
 def _graph_line(graph: dict[str, Any]) -> str:

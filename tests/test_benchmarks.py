@@ -208,11 +208,12 @@ def test_classical_peers_use_the_pool_and_read_test(tmp_path):
 
 def test_quality_keeps_what_fer_train_said_of_the_pool_and_judges_each_target():
     quality = load("quality")
-    log = ("budget: teacher: 10 epochs\npseudo-labels (threshold, threshold 0.9, temperature 1.378, tau offsets):\n"
+    log = ("budget: teacher: 10 epochs\npseudo-label source (auto): val macro-F1 of its labels: teacher alone 0.5; "
+           "using teacher alone\npseudo-labels (threshold, threshold 0.9, temperature 1.378, tau offsets):\n"
            "class        kept  precision\nAngry           0          -\nall           602      1.000   (of 3014 pool "
            "images)\npseudo-labels: kept 602 of 3014\npool: student val macro-F1 0.6 vs ...\n"
            "pool on test (each with its post-hoc offsets): student 0.6\nwrote runs/x/best.pt\n")
-    assert quality.pool_lines(log).splitlines() == log.splitlines()[1:5] + log.splitlines()[6:8]
+    assert quality.pool_lines(log).splitlines() == log.splitlines()[1:6] + log.splitlines()[7:9]
     peers = {"linear": {"test_macro_f1": 0.44}, "label_spreading": {"test_macro_f1": 0.13},
              "self_training": {"test_macro_f1": 0.17}}
     run = {"seed": 0, "test_macro_f1": 0.676, "seconds": 400.0,

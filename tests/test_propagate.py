@@ -109,11 +109,32 @@ def test_predict_features_are_what_the_classifier_layer_receives():
     torch.manual_seed(0)
     model = tiny_model("tiny", 4).eval()
     images = np.random.default_rng(0).integers(0, 255, (10, 16, 16, 1), dtype=np.uint8)
-    features = predict_features_sharded(model, images, image_size=16, batch_size=4)
-    assert features.shape == (10, 8)
+    logits, features = predict_features_sharded(model, images, image_size=16, batch_size=4)
+    assert logits.shape == (10, 4) and features.shape == (10, 8)
+    np.testing.assert_array_equal(logits, predict_logits(model, images, image_size=16, batch_size=4).numpy())
     head = model[-1]
-    logits = torch.from_numpy(features) @ head.weight.T + head.bias
-    torch.testing.assert_close(logits, predict_logits(model, images, image_size=16), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(features) @ head.weight.T + head.bias, torch.from_numpy(logits),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_one_pass_gives_logits_and_features_unless_tta(monkeypatch):
+    """With a feature graph possible, val and the pool are predicted once for logits and
+    features; the graph's features cost one more pass, over train. With TTA the logits need
+    their own passes."""
+    import fer.pipeline
+
+    calls = []
+    for name in ("predict_features_sharded", "_predict"):
+        original = getattr(fer.pipeline, name)
+        monkeypatch.setattr(fer.pipeline, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    data, model = make_data(), tiny_model("tiny", 4).eval()
+    for cfg, expected in ((tiny_cfg(pseudo_graph="auto"), ["predict_features_sharded"] * 3),
+                          (tiny_cfg(pseudo_graph="pixels"), ["_predict"] * 2),
+                          (tiny_cfg(pseudo_graph="features", pseudo_tta=True),
+                           ["_predict"] * 2 + ["predict_features_sharded"] * 3)):
+        calls.clear()
+        fer.pipeline.pseudo_label(cfg, model, data)
+        assert calls == expected, cfg.pseudo_graph
 
 
 def test_a_bad_graph_name_is_one_line_naming_the_choices():
