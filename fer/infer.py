@@ -91,9 +91,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _head(net: nn.Module) -> nn.Linear | None:
+    """The classifier layer: the last Linear in module order (as `fer.models.head_name`)."""
+    return next((m for m in reversed(list(net.modules())) if isinstance(m, nn.Linear)), None)
+
+
 def _num_outputs(net: nn.Module) -> int:
-    last = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    return last[-1].out_features if last else 0
+    head = _head(net)
+    return head.out_features if head is not None else 0
 
 
 @torch.no_grad()
@@ -176,7 +181,7 @@ def predict_features_sharded(model: nn.Module, images: np.ndarray, **kwargs) -> 
     are what the classifier layer (the last Linear, as `fer.models.head_name` finds it, for timm
     and torchvision models alike) receives, read by a forward pre-hook during `predict_logits`;
     sharded and gathered like `predict_logits_sharded`."""
-    head = [m for m in unwrap(model).modules() if isinstance(m, nn.Linear)][-1]
+    head = _head(unwrap(model))
 
     def both(part: np.ndarray) -> np.ndarray:
         captured: list[torch.Tensor] = []

@@ -69,10 +69,14 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
+def _inference(cfg: TrialConfig, device: Any) -> dict[str, Any]:
+    """How the pipeline runs inference (pool, val, graph features): cfg's image size, big batches."""
+    return dict(image_size=cfg.image_size, batch_size=max(256, cfg.batch_size), device=device)
+
+
 def _predict(cfg: TrialConfig, model: nn.Module, images: np.ndarray, device: Any, tta: bool) -> np.ndarray:
     """Logits of `images`, each DDP rank on its shard, gathered in order on every rank."""
-    return predict_logits_sharded(model, images, image_size=cfg.image_size,
-                                  batch_size=max(256, cfg.batch_size), device=device, tta=tta).numpy()
+    return predict_logits_sharded(model, images, tta=tta, **_inference(cfg, device)).numpy()
 
 
 def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any = None,
@@ -140,7 +144,7 @@ def _teacher_outputs(cfg: TrialConfig, teacher: nn.Module, data: Any,
     and the pool gives logits and features together, so the features cost one more pass, over
     train."""
     splits = [data.splits[name].images for name in ("train", "unlabeled", "val")]
-    kwargs = dict(image_size=cfg.image_size, batch_size=max(256, cfg.batch_size), device=device)
+    kwargs = _inference(cfg, device)
     if "features" not in CANDIDATES[cfg.pseudo_graph] or cfg.pseudo_tta:
         logits = tuple(_predict(cfg, teacher, images, device, cfg.pseudo_tta) for images in splits[1:])
         features = None
@@ -160,10 +164,11 @@ def _teacher_outputs(cfg: TrialConfig, teacher: nn.Module, data: Any,
 
 
 def _graph_line(graph: dict[str, Any]) -> str:
-    scores = ", ".join(f"{'teacher alone' if name == 'none' else 'teacher + ' + name + ' graph'} "
-                       f"{value:.3f}" for name, value in graph["graph_val_macro_f1"].items())
-    chosen = "teacher alone" if graph["graph"] == "none" else f"teacher + {graph['graph']} graph"
-    return f"val macro-F1 of its labels: {scores}; using {chosen}"
+    def source(name: str) -> str:
+        return "teacher alone" if name == "none" else f"teacher + {name} graph"
+
+    scores = ", ".join(f"{source(name)} {value:.3f}" for name, value in graph["graph_val_macro_f1"].items())
+    return f"val macro-F1 of its labels: {scores}; using {source(graph['graph'])}"
 
 
 def _write_pseudo(out_dir: str | None, indices: np.ndarray, labels: np.ndarray, confidences: np.ndarray,

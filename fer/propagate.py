@@ -33,6 +33,7 @@ import numpy as np
 
 from fer import names
 from fer.names import check_registry
+from fer.posthoc import macro_f1
 
 GRAPH_SIDE = 32  # images are area-downsampled to at most this side before PCA
 GRAPH_COMPONENTS = 50  # as the classical peer (benchmarks/peers.py)
@@ -82,14 +83,6 @@ def spread(space: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarra
     return out
 
 
-def macro_f1_of(probs: np.ndarray, labels: np.ndarray) -> float:
-    from sklearn.metrics import f1_score
-
-    num_classes = probs.shape[1]
-    return float(f1_score(labels, probs.argmax(axis=1), labels=list(range(num_classes)), average="macro",
-                          zero_division=0))
-
-
 def graph_pseudo_probs(graph: str, teacher_pool: np.ndarray, teacher_val: np.ndarray, train_labels: np.ndarray,
                        val_labels: np.ndarray, space: Callable[[str], np.ndarray]) -> tuple[np.ndarray, dict]:
     """The pool's pseudo-label distribution under cfg.pseudo_graph, and what was chosen.
@@ -107,6 +100,6 @@ def graph_pseudo_probs(graph: str, teacher_pool: np.ndarray, teacher_val: np.nda
             spread_rest = spread(space(name), train_labels, num_classes)
             pools[name] = (teacher_pool + spread_rest[:pool_size]) / 2.0
             val = (teacher_val + spread_rest[pool_size:]) / 2.0
-        scores[name] = macro_f1_of(val, val_labels)
+        scores[name] = macro_f1(val_labels, val)  # argmax of probabilities, as of logits
     chosen = max(scores, key=lambda name: (scores[name], -CANDIDATES[graph].index(name)))
     return pools[chosen], {"graph": chosen, "graph_val_macro_f1": scores}
