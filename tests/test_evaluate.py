@@ -109,6 +109,29 @@ def test_bootstrap_interval_contains_the_point_estimate_and_narrows_with_n():
 
 
 
+@pytest.mark.parametrize("n, classes, chunked", [(300, 5, False), (40, 7, False), (2**21 + 3, 3, True)])
+def test_bootstrap_scores_are_sklearns_macro_f1_on_each_resample(n, classes, chunked):
+    """The counted macro-F1 of every resample equals sklearn's f1_score(average="macro",
+    labels=range(K), zero_division=0) on the same resampled images, with classes that some
+    resamples miss (7 classes in 40 images) and when the resamples are drawn in chunks."""
+    from sklearn.metrics import f1_score
+
+    from fer.evaluate import _bootstrap_scores
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, classes, n)
+    a = np.where(rng.random(n) < 0.6, y, rng.integers(0, classes, n))
+    b = rng.integers(0, classes - 1, n)  # never predicts the last class
+    samples = 3 if chunked else 25
+    scores = _bootstrap_scores(y, [a, b], classes, samples, seed=5)
+    draw = np.random.default_rng(5)
+    picks = [draw.integers(0, n, n) for _ in range(samples)] if chunked else draw.integers(0, n, (samples, n))
+    for row, pick in zip(scores, picks):
+        expected = [f1_score(y[pick], p[pick], labels=list(range(classes)), average="macro", zero_division=0)
+                    for p in (a, b)]
+        assert row == pytest.approx(expected, abs=1e-12)
+
+
 def test_paired_bootstrap_matches_a_hand_computed_case():
     """Two images, labels [0, 1]; a is right on both, b wrong on both. The 4 equally likely
     resamples: {0,1} and {1,0} give a 1.0 and b 0.0; {0,0} gives a 0.5 (class 1 absent
