@@ -1,4 +1,4 @@
-"""The confirmation stage: the search's best configurations and the plain baseline, each
+"""The confirmation stage: the search's best configurations and the plain baseline,
 retrained to the full budget with fresh seeds; the winner is the best mean validation score.
 
 Why: at the search's budget, run-to-run noise is as large as the differences between
@@ -8,11 +8,16 @@ the luckiest one: the winner's curse. Averaging R runs of each of the K best
 configurations, with seeds the search never used, ranks them by what they do on
 average; the plain baseline gets the same R runs, so the comparison is like for like.
 
+Seeds are raced (search/racing.py): every configuration gets one fresh seed, the baseline
+no more, and the contenders get further seeds (up to R) only while they cannot be told
+apart; a contender's full-budget run in the search counts as one of its values.
+
 The runs are Ray trials of their own Tune experiment, `<experiment>/confirm`, with the
 search's resources and concurrency; its trials are {"candidate": NAME, "seed": S}
-(trainables.candidate_trial), and `confirm_spec.json` names each candidate's config. An
-interrupted confirmation continues with `search.run --resume` like the search does:
-finished runs are kept, unfinished ones continue from their last checkpoint.
+(trainables.candidate_trial) proposed by the race's Tune searcher, and `confirm_spec.json`
+names each candidate's config. An interrupted confirmation continues with `search.run
+--resume` like the search does: finished runs are kept, unfinished ones continue from
+their last checkpoint, and the race goes on from Tune's saved searcher state.
 """
 
 from __future__ import annotations
@@ -45,12 +50,20 @@ class Candidate:
     config: dict[str, Any]  # TrialConfig overrides, without the seed
     search_trial: str | None = None  # the search trial it came from
     search_val: float | None = None  # that trial's best score in the search
+    # That trial's score when it ran the full budget (ASHA did not stop it): counted as one
+    # value of the configuration, from the search's seed (search/racing.py, rule 2).
+    prior: float | None = None
     runs: list[TrialRecord] = field(default_factory=list)  # filled in by collect_confirmation
     seeds: dict[str, int] = field(default_factory=dict)  # run trial id -> seed
 
-    def values(self, mode: str) -> list[float]:
-        """Best score of each finished run."""
+    def fresh(self, mode: str) -> list[float]:
+        """Best score of each finished fresh-seed run."""
         return [r.best(mode)[1] for r in self.runs if r.status == "TERMINATED" and r.best(mode)[1] is not None]
+
+    def values(self, mode: str) -> list[float]:
+        """What the configuration is judged by: its full-budget search run's score, when
+        counted, then its fresh runs' scores."""
+        return ([self.prior] if self.prior is not None else []) + self.fresh(mode)
 
     def mean(self, mode: str) -> float | None:
         values = self.values(mode)
@@ -62,9 +75,10 @@ class Candidate:
         return statistics.stdev(values) if len(values) > 1 else None
 
     def best_run(self, mode: str) -> TrialRecord | None:
-        """The run handed on (tested, exported): the seed with the best validation score,
-        ties to the lower seed. The baseline's is picked by the same rule, so the test
-        comparison gives neither side an advantage."""
+        """The run handed on (tested, exported): the fresh seed with the best validation
+        score, ties to the lower seed. Never the search's run, whose score is the best of
+        several trials (the winner's curse); the baseline's is a fresh seed too, so the test
+        comparison is between two runs trained alike."""
         sign = 1.0 if mode == "max" else -1.0
         done = [r for r in self.runs if r.status == "TERMINATED" and r.best(mode)[1] is not None]
         return max(done, key=lambda r: (sign * r.best(mode)[1], -self.seeds[r.trial_id]), default=None)
@@ -88,7 +102,8 @@ AFTER_TRAINING = ("posthoc",)
 def choose_candidates(records: list[TrialRecord], space: Any, top: int) -> tuple[list[Candidate], list[str]]:
     """The `top` best configurations of the search by best score that train differently
     from each other and from the plain baseline, then the plain baseline; and a note for
-    each configuration passed over."""
+    each configuration passed over. A configuration whose search trial ran the full budget
+    carries that score as its `prior`."""
     baseline = {k: v for k, v in {**space.fixed, **space.baseline_point(), **PLAIN}.items() if k != "seed"}
     seen, chosen, notes = [_training(space, baseline)], [], []
     for record in rank_trials(records, space.mode):
@@ -100,7 +115,9 @@ def choose_candidates(records: list[TrialRecord], space: Any, top: int) -> tuple
                          f"{', '.join(AFTER_TRAINING)}, which the val metric does not see): not confirmed again")
             continue
         seen.append(training)
-        chosen.append(Candidate(f"rank{len(chosen) + 1}", config, record.trial_id, record.best(space.mode)[1]))
+        score = record.best(space.mode)[1]
+        full = record.status == "TERMINATED" and not record.stopped_early
+        chosen.append(Candidate(f"rank{len(chosen) + 1}", config, record.trial_id, score, score if full else None))
         if len(chosen) == top:
             break
     return chosen + [Candidate(BASELINE, baseline)], notes
@@ -115,8 +132,8 @@ def _training(space: Any, config: dict[str, Any]) -> dict[str, Any]:
 
 def write_confirm_spec(folder: Path, candidates: list[Candidate], seeds: list[int]) -> None:
     spec = {"seeds": seeds, "candidates": [
-        {"name": c.name, "config": c.config, "search_trial": c.search_trial, "search_val": c.search_val}
-        for c in candidates]}
+        {"name": c.name, "config": c.config, "search_trial": c.search_trial, "search_val": c.search_val,
+         "prior": c.prior} for c in candidates]}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIRM_SPEC).write_text(json.dumps(spec, indent=2, default=str))
 
@@ -129,12 +146,33 @@ def read_confirm_spec(folder: Path) -> tuple[list[Candidate], list[int]] | None:
     return [Candidate(**c) for c in spec["candidates"]], [int(s) for s in spec["seeds"]]
 
 
+def race_of(candidates: list[Candidate], seeds: list[int], mode: str) -> Any:
+    """The race (search/racing.py) as the candidates' collected runs have it: each fresh
+    seed's best score (None when it errored), the seeds still unfinished, the priors."""
+    from search.racing import RaceState
+
+    state = RaceState(contenders=[c.name for c in candidates if c.name != BASELINE], baseline=BASELINE,
+                      seeds=list(seeds), mode=mode,
+                      prior={c.name: c.prior for c in candidates if c.prior is not None and c.name != BASELINE})
+    for c in candidates:
+        for run in c.runs:
+            seed = c.seeds[run.trial_id]
+            if run.status == "TERMINATED":
+                state.done.setdefault(c.name, {})[seed] = run.best(mode)[1]
+            elif run.status == "ERROR":
+                state.done.setdefault(c.name, {})[seed] = None
+            else:
+                state.running.setdefault(c.name, set()).add(seed)
+    return state
+
+
 def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
-    """Start, or continue after an interruption, the confirmation runs; returns the
+    """Start, or continue after an interruption, the confirmation's race; returns the
     candidates (their runs are read with `collect_confirmation`)."""
     from ray import tune
 
     from search.progress import CONFIRM_COLUMNS
+    from search.racing import RacingSearcher
     from search.tuner import fit_concurrency, restore_tuner, run_config, trial_data, tune_config
     from trainables import make_trainable
 
@@ -150,16 +188,19 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
         candidates, seeds = saved
     trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode,
                                candidates={c.name: c.config for c in candidates})
-    print(f"\nconfirmation: {len(candidates)} configurations x seeds {seeds} = {len(candidates) * len(seeds)} runs "
-          f"at the full budget ({', '.join(c.name for c in candidates)})")
+    counted = [c.name for c in candidates if c.prior is not None]
+    print(f"\nconfirmation: {', '.join(c.name for c in candidates)} raced over fresh seeds {seeds} at the full "
+          f"budget: one seed each, more only while contenders cannot be told apart (at most "
+          f"{len(candidates) * len(seeds)} runs)"
+          + (f"; the search's full-budget run counts as one value of {', '.join(counted)}" if counted else ""))
     if saved is not None and tune.Tuner.can_restore(experiment):
         tuner = restore_tuner(experiment, trainable)
     else:
+        searcher = RacingSearcher(race_of(candidates, seeds, plan.space.mode), plan.space.metric)
         tuner = tune.Tuner(
             trainable,
-            param_space={"candidate": tune.grid_search([c.name for c in candidates]),
-                         "seed": tune.grid_search(seeds)},
-            tune_config=tune_config(plan, fit_concurrency(plan)),
+            tune_config=tune_config(plan, fit_concurrency(plan), search_alg=searcher,
+                                    num_samples=len(candidates) * len(seeds)),
             run_config=run_config(plan, CONFIRM_DIR, plan.experiment, columns=CONFIRM_COLUMNS),
         )
     tuner.fit()
@@ -186,10 +227,19 @@ def collect_confirmation(experiment: str | Path, candidates: list[Candidate], me
     return candidates
 
 
-def unfinished_runs(candidates: list[Candidate], seeds: int) -> int:
-    """Runs not yet finished (or never started) of an interrupted confirmation."""
-    done = sum(1 for c in candidates for r in c.runs if r.status in ("TERMINATED", "ERROR"))
-    return len(candidates) * seeds - done
+def race_over(candidates: list[Candidate], seeds: list[int], mode: str) -> bool:
+    """Whether the collected runs finish the race: none unfinished, and no seed left to
+    start (an interrupted confirmation says no)."""
+    from search.racing import DONE, next_run
+
+    return next_run(race_of(candidates, seeds, mode)) == DONE
+
+
+def dropped(candidates: list[Candidate], seeds: list[int], mode: str) -> dict[str, str]:
+    """Why each contender left the race, as its collected runs have it."""
+    from search.racing import standing
+
+    return standing(race_of(candidates, seeds, mode))[1]
 
 
 def rank_confirmed(candidates: list[Candidate], mode: str) -> list[Candidate]:
@@ -205,13 +255,16 @@ def pick_confirmed(candidates: list[Candidate], mode: str) -> Candidate | None:
     return next(iter(rank_confirmed(candidates, mode)), None)
 
 
-def describe(candidate: Candidate, mode: str) -> dict[str, Any]:
-    """A candidate as summary.json and the terminal show it."""
+def describe(candidate: Candidate, mode: str, dropped: str | None = None) -> dict[str, Any]:
+    """A candidate as summary.json and the terminal show it; `dropped` says why the race
+    stopped giving it seeds."""
     sd = candidate.sd(mode)
     return {
         "name": candidate.name,
         "search_trial": candidate.search_trial,
         "search_val": candidate.search_val,
+        "search_run_counted": candidate.prior is not None,
+        "dropped": dropped,
         "val_mean": candidate.mean(mode),
         "val_sd": sd,
         "runs": [{"trial_id": r.trial_id, "seed": candidate.seeds[r.trial_id], "val": r.best(mode)[1],
@@ -228,8 +281,10 @@ def format_candidate(summary: dict[str, Any], metric: str) -> str:
                       else f"{r['seed']}: {r['status']}" for r in summary["runs"])
     origin = ""
     if summary["search_trial"]:
-        origin = f" (search trial {summary['search_trial']}, {summary['search_val']:.4f})"
-    return f"  {summary['name']:<9} {metric} {spread}  [seed {seeds}]{origin}"
+        counted = ", counted: it ran the full budget" if summary.get("search_run_counted") else ""
+        origin = f" (search trial {summary['search_trial']}, {summary['search_val']:.4f}{counted})"
+    line = f"  {summary['name']:<9} {metric} {spread}  [seed {seeds}]{origin}"
+    return line + (f"\n            {summary['dropped']}" if summary.get("dropped") else "")
 
 
 def plot_seed_spread(candidates: list[Candidate], winner: Candidate | None, metric: str, mode: str,
@@ -243,18 +298,18 @@ def plot_seed_spread(candidates: list[Candidate], winner: Candidate | None, metr
 
     fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(candidates) + 2), 4.5))
     for x, candidate in enumerate(candidates):
-        values = candidate.values(mode)
+        values = candidate.fresh(mode)
         color = "tab:red" if candidate is winner else ("black" if candidate.name == BASELINE else "tab:blue")
         ax.scatter([x] * len(values), values, color=color, alpha=0.7, zorder=3)
-        if values:
+        if candidate.values(mode):
             sd = candidate.sd(mode) or 0.0
             ax.errorbar(x + 0.15, candidate.mean(mode), yerr=sd, fmt="s", color=color, capsize=4, zorder=4)
         if candidate.search_val is not None:
             ax.scatter([x - 0.15], [candidate.search_val], marker="x", color="tab:gray", zorder=3)
     ax.set_xticks(range(len(candidates)), [c.name + (" (winner)" if c is winner else "") for c in candidates])
     ax.set_ylabel(f"best {metric} per run")
-    ax.set_title("confirmation: one dot per seed, square = mean ± sd,\n"
-                 "x = the configuration's one run in the search", fontsize=10)
+    ax.set_title("confirmation: one dot per fresh seed, square = mean ± sd (with the search run\n"
+                 "where it ran the full budget), x = the configuration's one run in the search", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -13,11 +13,12 @@ from search.confirm import (
     collect_confirmation,
     confirm_seeds,
     describe,
+    dropped,
     format_candidate,
     pick_confirmed,
     plot_seed_spread,
+    race_over,
     run_confirmation,
-    unfinished_runs,
 )
 from search.export import export_trial, load_trial
 from search.report import (
@@ -143,7 +144,7 @@ def finish(plan: Any, wall_s: float) -> int:
     loaded = load_trial(tested, space.metric, space.mode)  # one load for the test read and the export
     test = evaluate_on_test(tested, compared, plan.dataset, space.metric, space.mode, plan.local_dir, loaded)
     why = (f"the confirmed winner {confirmation['winner']}'s seed {confirmation['exported_seed']} run: the best "
-           f"{space.metric} of its {plan.confirm_seeds} seeds" if confirmation else
+           f"{space.metric} of its {confirmation['winner_fresh_runs']} fresh seed(s)" if confirmation else
            f"the search's best trial by {space.metric} (no confirmation stage)")
     card = export_trial(tested, plan.export_dir, plan.dataset, space.metric, space.mode, why=why, loaded=loaded)
     summary = summarize(plan, records, winner, search_baseline, confirmation, tested, test, card, wall_s)
@@ -197,10 +198,11 @@ def confirm_winner(plan: Any, records: list[TrialRecord], wall_s: float) -> tupl
     runs = [r for c in candidates for r in c.runs]
     write_trials_csv(records + runs, [p.name for p in space.parameters], space.metric, space.mode,
                      plan.local_dir / TRIALS_CSV)
-    left = unfinished_runs(candidates, plan.confirm_seeds)
-    if left:
-        return interrupted(plan, f"confirmation interrupted ({left} of {len(candidates) * plan.confirm_seeds} "
-                                 "runs unfinished)"), None, None, None
+    seeds = confirm_seeds(space, plan.confirm_seeds)
+    if not race_over(candidates, seeds, space.mode):
+        finished = sum(r.status in ("TERMINATED", "ERROR") for r in runs)
+        return interrupted(plan, f"confirmation interrupted ({finished} runs finished, the race not over)"), \
+            None, None, None
     chosen = pick_confirmed(candidates, space.mode)
     if chosen is None:
         print("no confirmation run of a searched configuration finished; nothing to export")
@@ -210,12 +212,14 @@ def confirm_winner(plan: Any, records: list[TrialRecord], wall_s: float) -> tupl
     tested, compared = chosen.best_run(space.mode), plain.best_run(space.mode)
     plot_seed_spread(candidates, chosen, space.metric, space.mode, plan.local_dir / CONFIRM_PNG)
     write_best_config(tested, plan.data_path, space.metric, space.mode, plan.local_dir / BEST_CONFIG)
+    why = dropped(candidates, seeds, space.mode)
     confirmation = {
-        "top": plan.confirm_top, "seeds": confirm_seeds(space, plan.confirm_seeds),
+        "top": plan.confirm_top, "seeds": seeds,
+        "runs": len(runs), "grid_runs": len(candidates) * len(seeds),  # what R seeds for everyone would cost
         "wall_s": round(confirm_s, 1), "wall_fraction_of_search": round(confirm_s / max(wall_s, 1e-9), 2),
         "winner": chosen.name, "exported_run": tested.trial_id,
-        "exported_seed": chosen.seeds[tested.trial_id],
-        "candidates": [describe(c, space.mode) for c in candidates],
+        "exported_seed": chosen.seeds[tested.trial_id], "winner_fresh_runs": len(chosen.fresh(space.mode)),
+        "candidates": [describe(c, space.mode, why.get(c.name)) for c in candidates],
     }
     return None, confirmation, tested, compared
 
@@ -277,14 +281,16 @@ def print_summary(s: dict[str, Any]) -> None:
         note = f" (stopped early at epoch {b['epochs_run']})" if b["stopped_early"] else ""
         print(f"search baseline {b['trial_id']}: {metric} {b['val']:.4f}{note}")
     if confirmation:
-        print(f"confirmation: {len(confirmation['candidates'])} configurations x {len(confirmation['seeds'])} seeds "
-              f"in {confirmation['wall_s'] / 60:.1f} min ({confirmation['wall_fraction_of_search']:.2f} x the "
+        print(f"confirmation: {len(confirmation['candidates'])} configurations raced over up to "
+              f"{len(confirmation['seeds'])} fresh seeds, {confirmation['runs']} runs of the "
+              f"{confirmation['grid_runs']} that every seed for every configuration would take, in "
+              f"{confirmation['wall_s'] / 60:.1f} min ({confirmation['wall_fraction_of_search']:.2f} x the "
               f"search); mean ± sd of the best {metric} per run:")
         for candidate in confirmation["candidates"]:
             print(format_candidate(candidate, metric) + ("  <- winner" if candidate["name"] == confirmation["winner"]
                                                          else ""))
         print(f"exported: run {confirmation['exported_run']} (seed {confirmation['exported_seed']}), the winner's "
-              f"seed with the best {metric}; the baseline's tested run is picked the same way")
+              f"fresh seed with the best {metric}; the baseline's tested run is picked the same way")
     else:
         print("no confirmation stage (--confirm-top 0): the winner is the search's best single trial, which "
               "is partly the luckiest; the plain baseline is not compared on test")

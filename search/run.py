@@ -118,11 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-failures", type=_nonneg_int, default=1, metavar="N",
         help="retries of a trial whose process or worker dies, from its last checkpoint (default: 1)")
     add("--confirm-top", type=_nonneg_int, default=None, metavar="K",
-        help="after the search, retrain the K best configurations and the plain baseline with "
-        "fresh seeds; the winner is the best mean validation score (default: the space's "
-        "run.confirm_top, 3; 0 = off: the best single trial wins)")
+        help="after the search, race the K best configurations and the plain baseline over fresh "
+        "seeds; the winner is the best mean validation score (default: the space's run.confirm_top, "
+        "else 3; 0 = off: the best single trial wins)")
     add("--confirm-seeds", type=_nonneg_int, default=None, metavar="R",
-        help="seeds per confirmed configuration (default: the space's run.confirm_seeds, 3; 0 = off)")
+        help="at most R fresh seeds per configuration (default: run.confirm_seeds, else 3; 0 = off)")
     add("--dashboard-host", default="127.0.0.1", metavar="HOST",
         help="interface the Ray dashboard binds to on a local cluster (default: 127.0.0.1, this machine only)")
     add("--dashboard", action="store_true",
@@ -214,8 +214,9 @@ def print_start(plan: Plan, dashboard: str | None) -> None:
     print(describe_budget(plan.space.trial_config({}), plan.dataset))  # the fixed values; searched ones vary
     print(f"experiment: {plan.experiment}  ({plan.num_samples} trials, up to {plan.max_concurrent} at once)")
     if plan.confirm_top and plan.confirm_seeds:
-        print(f"then confirmation: the {plan.confirm_top} best configurations and the plain baseline, "
-              f"{plan.confirm_seeds} fresh seeds each, at the full budget (--confirm-top 0 skips it)")
+        print(f"then confirmation: the {plan.confirm_top} best configurations and the plain baseline raced at the "
+              f"full budget, one fresh seed each and up to {plan.confirm_seeds} while the configurations cannot be "
+              "told apart (--confirm-top 0 skips it)")
     else:
         print("no confirmation stage: the search's best single trial wins and is not compared with the baseline")
     if dashboard:

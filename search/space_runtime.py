@@ -35,7 +35,8 @@ class Space:
     num_samples: int = 12
     max_concurrent: int = 2
     # The confirmation stage (search/confirm.py): the best `confirm_top` configurations and
-    # the plain baseline, each retrained `confirm_seeds` times; 0 in either turns it off.
+    # the plain baseline, raced over up to `confirm_seeds` fresh seeds each
+    # (search/racing.py); 0 in either turns it off.
     confirm_top: int = 3
     confirm_seeds: int = 3
     description: str = ""

@@ -1,0 +1,183 @@
+"""The confirmation stage as a race: fresh seeds go only where they can still change the
+winner.
+
+Why: retraining every confirmed configuration and the plain baseline with R seeds costs
+(K + 1) x R full runs, about twice the search's own wall time on 2 cores (BENCHMARKS.md),
+while most of those runs cannot change the outcome: the baseline is the reference for the
+test comparison, not a contender, and a configuration whose first fresh run lies far below
+the leader's is not going to win. Racing (Maron & Moore 1994; irace, Lopez-Ibanez et al.
+2016; SMAC's intensification, Hutter et al. 2011) spends runs while contenders cannot be
+told apart and stops a contender once it is clearly worse.
+
+The rules, all read from finished runs only (so a resumed race makes the same decisions):
+1. Every contender and the plain baseline get one fresh seed. The baseline gets no more:
+   one run is what the test comparison needs.
+2. A contender's full-budget run in the search (not stopped by ASHA) counts as one of its
+   values, as SMAC counts an incumbent's past runs. It came from the search's own seed.
+3. A contender is dropped when its mean lies clearly below the leader's: the difference
+   exceeds 1.96 pooled standard deviations of one run times sqrt(1/n + 1/n_leader), the
+   pooled sd read from every contender with two or more values. While no contender has two
+   values there is no sd, and a contender below the leader is dropped (SMAC's rule: a
+   challenger no better than the incumbent on its runs so far is rejected).
+4. While two or more contenders remain, each of them with the fewest fresh runs gets the
+   next seed, up to `seeds` fresh runs each; then the race ends and the best mean wins.
+
+`next_run` is the whole policy as a pure function; `RacingSearcher` hands its choices to
+Ray Tune as a Searcher, so the confirmation's runs are ordinary Tune trials (concurrency,
+fault tolerance, `--resume`, the live table) and the race is in Tune's searcher state.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune.search import Searcher
+
+Z95 = 1.96  # two-sided 95% normal quantile: a contender outside the leader's interval is dropped
+WAIT, DONE = "wait", "done"  # next_run's answers when no run is to start now
+
+
+@dataclass
+class RaceState:
+    """What the race knows: per configuration, each fresh seed's best score (None when the
+    run errored) and the seeds still running; per contender, its full-budget search run."""
+
+    contenders: list[str]  # best search rank first; ties in mean go to the better rank
+    baseline: str
+    seeds: list[int]  # the fresh seeds, in the order they are handed out
+    mode: str = "max"
+    prior: dict[str, float] = field(default_factory=dict)  # contender -> its full-budget search score
+    done: dict[str, dict[int, float | None]] = field(default_factory=dict)
+    running: dict[str, set[int]] = field(default_factory=dict)
+
+    def values(self, name: str) -> list[float]:
+        """The scores a contender is judged by: its full-budget search run, then its fresh seeds."""
+        fresh = [v for v in self.done.get(name, {}).values() if v is not None and math.isfinite(v)]
+        return ([self.prior[name]] if name in self.prior else []) + fresh
+
+    def used(self, name: str) -> set[int]:
+        return set(self.done.get(name, {})) | self.running.get(name, set())
+
+    def next_seed(self, name: str) -> int | None:
+        return next((s for s in self.seeds if s not in self.used(name)), None)
+
+    def fresh_runs(self, name: str) -> int:
+        """Fresh seeds tried (finished, errored or running)."""
+        return len(self.used(name))
+
+
+def pooled_sd(state: RaceState) -> float | None:
+    """The sd of one run's score, pooled over contenders with two or more values."""
+    groups = [v for v in (state.values(c) for c in state.contenders) if len(v) >= 2]
+    dof = sum(len(v) - 1 for v in groups)
+    if not dof:
+        return None
+    return math.sqrt(sum(statistics.variance(v) * (len(v) - 1) for v in groups) / dof)
+
+
+def standing(state: RaceState) -> tuple[list[str], dict[str, str]]:
+    """(contenders still in the race, best mean first; why each other one left it)."""
+    sign = 1.0 if state.mode == "max" else -1.0
+    scored = [c for c in state.contenders if state.values(c)]
+    rank = {c: i for i, c in enumerate(state.contenders)}
+    scored.sort(key=lambda c: (-sign * statistics.fmean(state.values(c)), rank[c]))
+    if not scored:
+        return [], {}
+    leader, sd = scored[0], pooled_sd(state)
+    lead = statistics.fmean(state.values(leader))
+    alive, dropped = [leader], {}
+    for name in scored[1:]:
+        values = state.values(name)
+        gap = sign * (lead - statistics.fmean(values))
+        if sd is None:
+            clearly_worse = gap > 0
+            why = f"below {leader} ({gap:+.4f}) with no second run yet to measure the noise"
+        else:
+            margin = Z95 * sd * math.sqrt(1 / len(values) + 1 / len(state.values(leader)))
+            clearly_worse = gap > margin
+            why = f"{gap:.4f} below {leader}, more than the 95% margin {margin:.4f} (pooled sd {sd:.4f})"
+        if clearly_worse:
+            dropped[name] = f"dropped after {len(values)} value(s): {why}"
+        else:
+            alive.append(name)
+    return alive, dropped
+
+
+def next_run(state: RaceState) -> tuple[str, int] | str:
+    """(configuration, seed) to start now, or WAIT (a running seed decides what comes next),
+    or DONE."""
+    for name in [*state.contenders, state.baseline]:  # rule 1: one fresh seed each
+        if not _has_fresh_value(state, name) and not state.running.get(name):
+            seed = state.next_seed(name)
+            if seed is not None:
+                return name, seed
+    if any(state.running.get(c) and not state.values(c) for c in state.contenders):
+        return WAIT  # a contender's first score is still coming: nothing to compare yet
+    alive, _ = standing(state)
+    if len(alive) > 1:  # rule 4: the contenders that cannot be told apart get another seed
+        fewest = min(state.fresh_runs(c) for c in alive)
+        for name in alive:
+            if state.fresh_runs(name) == fewest and not state.running.get(name):
+                seed = state.next_seed(name)
+                if seed is not None:
+                    return name, seed
+    return WAIT if any(state.running.values()) else DONE
+
+
+def _has_fresh_value(state: RaceState, name: str) -> bool:
+    return any(v is not None for v in state.done.get(name, {}).values())
+
+
+class RacingSearcher(Searcher):
+    """Ray Tune's view of the race: `suggest` returns {"candidate": NAME, "seed": S} for
+    trainables.candidate_trial, None while the race waits on a running seed, FINISHED when
+    it is over. Picklable plain state, so Tune's searcher checkpoint resumes it."""
+
+    def __init__(self, state: RaceState, metric: str):
+        super().__init__(metric=metric, mode=state.mode)
+        self.state = state
+        self.trials: dict[str, tuple[str, int]] = {}  # Tune trial id -> (configuration, seed)
+        self.best: dict[str, float] = {}  # Tune trial id -> its best score so far
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        choice = next_run(self.state)
+        if choice == DONE:
+            return Searcher.FINISHED
+        if choice == WAIT:
+            return None
+        name, seed = choice
+        self.trials[trial_id] = (name, seed)
+        self.state.running.setdefault(name, set()).add(seed)
+        return {"candidate": name, "seed": seed}
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        value = result.get(self.metric)
+        if value is None or not math.isfinite(float(value)):
+            return
+        sign = 1.0 if self.mode == "max" else -1.0
+        if trial_id not in self.best or sign * float(value) > sign * self.best[trial_id]:
+            self.best[trial_id] = float(value)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id not in self.trials:
+            return
+        if result is not None and not error:
+            self.on_trial_result(trial_id, result)
+        name, seed = self.trials[trial_id]
+        self.state.running.get(name, set()).discard(seed)
+        self.state.done.setdefault(name, {})[seed] = None if error else self.best.get(trial_id)
+
+    def save(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump((self.state, self.trials, self.best), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "rb") as f:
+            self.state, self.trials, self.best = pickle.load(f)

@@ -1,0 +1,119 @@
+"""search/racing.py: which confirmation run starts next, when a contender is dropped, and the
+race as a Ray Tune searcher (suggest, results, errors, its saved state) without a cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from search.confirm import BASELINE, Candidate, race_of
+from search.racing import DONE, WAIT, RaceState, RacingSearcher, next_run, pooled_sd, standing
+from search.report import TrialRecord
+
+
+def race(**kwargs) -> RaceState:
+    return RaceState(contenders=["rank1", "rank2"], baseline=BASELINE, seeds=[1, 2, 3], **kwargs)
+
+
+def finish(state: RaceState, name: str, seed: int, value: float | None) -> None:
+    state.done.setdefault(name, {})[seed] = value
+
+
+def test_every_configuration_gets_one_fresh_seed_first_the_baseline_no_more():
+    state = race()
+    started = []
+    while (choice := next_run(state)) not in (WAIT, DONE):
+        started.append(choice)
+        state.running.setdefault(choice[0], set()).add(choice[1])
+    assert started == [("rank1", 1), ("rank2", 1), (BASELINE, 1)]
+    assert next_run(state) == WAIT  # nothing to compare before the contenders' first scores
+    for name, value in (("rank1", 0.60), (BASELINE, 0.40)):
+        state.running[name].discard(1)
+        finish(state, name, 1, value)
+    assert next_run(state) == WAIT  # rank2's first score is still coming
+
+
+def test_a_contender_below_the_leader_with_no_noise_measured_is_dropped_as_smac_does():
+    state = race()
+    for name, value in (("rank1", 0.60), ("rank2", 0.55), (BASELINE, 0.40)):
+        finish(state, name, 1, value)
+    alive, dropped = standing(state)
+    assert alive == ["rank1"] and "no second run" in dropped["rank2"]
+    assert next_run(state) == DONE  # 3 runs where 3 configurations x 3 seeds would take 9
+
+
+def test_contenders_that_cannot_be_told_apart_get_more_seeds_up_to_the_limit():
+    state = race(prior={"rank1": 0.62})  # rank1's search trial ran the full budget: one value
+    for name, value in (("rank1", 0.58), ("rank2", 0.59), (BASELINE, 0.40)):
+        finish(state, name, 1, value)
+    assert state.values("rank1") == [0.62, 0.58]
+    assert pooled_sd(state) == pytest.approx(0.0283, abs=1e-4)
+    assert standing(state)[0] == ["rank1", "rank2"]  # 0.01 apart, margin 1.96 * 0.028 * sqrt(1.5)
+    assert next_run(state) == ("rank1", 2)  # both have one fresh run: both get the next seed
+    state.running["rank1"] = {2}
+    assert next_run(state) == ("rank2", 2)
+    state.running["rank2"] = {2}
+    assert next_run(state) == WAIT
+    state.running = {}
+    finish(state, "rank1", 2, 0.60)
+    finish(state, "rank2", 2, 0.60)
+    finish(state, "rank1", 3, 0.61)
+    finish(state, "rank2", 3, 0.59)
+    assert standing(state)[0] == ["rank1", "rank2"] and next_run(state) == DONE  # the seeds are used up
+
+
+def test_a_contender_clearly_below_once_the_noise_is_measured_is_dropped():
+    state = race()
+    for seed, (a, b) in enumerate(((0.60, 0.50), (0.61, 0.49)), start=1):
+        finish(state, "rank1", seed, a)
+        finish(state, "rank2", seed, b)
+    finish(state, BASELINE, 1, 0.40)
+    alive, dropped = standing(state)
+    assert alive == ["rank1"] and "more than the 95% margin" in dropped["rank2"]
+    assert next_run(state) == DONE
+
+
+def test_an_errored_run_is_replaced_by_the_next_seed_and_minimisation_ranks_low_first():
+    state = RaceState(contenders=["rank1", "rank2"], baseline=BASELINE, seeds=[1, 2], mode="min")
+    finish(state, "rank1", 1, 0.30)
+    finish(state, "rank2", 1, 0.20)
+    finish(state, BASELINE, 1, None)  # errored
+    assert next_run(state) == (BASELINE, 2)
+    finish(state, BASELINE, 2, 0.5)
+    assert standing(state)[0] == ["rank2"] and next_run(state) == DONE
+
+
+def test_the_race_rebuilt_from_collected_runs_matches_the_candidates():
+    def run(trial_id: str, value: float, status: str = "TERMINATED") -> TrialRecord:
+        return TrialRecord(trial_id=trial_id, path="", status=status, config={}, curve=[(1, value / 2), (2, value)])
+
+    rank1, plain = Candidate("rank1", {}, "t1", 0.7, prior=0.7), Candidate(BASELINE, {})
+    for candidate, trial_id, seed, status in ((rank1, "a", 1, "TERMINATED"), (rank1, "b", 2, "RUNNING"),
+                                              (plain, "c", 1, "ERROR")):
+        candidate.runs.append(run(trial_id, 0.6, status))
+        candidate.seeds[trial_id] = seed
+    state = race_of([rank1, plain], [1, 2], "max")
+    assert state.contenders == ["rank1"] and state.prior == {"rank1": 0.7}
+    assert state.done == {"rank1": {1: 0.6}, BASELINE: {1: None}} and state.running == {"rank1": {2}}
+    assert rank1.values("max") == [0.7, 0.6] and rank1.fresh("max") == [0.6]
+    assert rank1.best_run("max").trial_id == "a"  # a fresh seed, never the search's run
+
+
+def test_the_searcher_proposes_records_and_resumes_the_race(tmp_path):
+    from ray.tune.search import Searcher
+
+    searcher = RacingSearcher(race(), "val_macro_f1")
+    assert [searcher.suggest(t) for t in ("a", "b", "c")] == [
+        {"candidate": "rank1", "seed": 1}, {"candidate": "rank2", "seed": 1}, {"candidate": BASELINE, "seed": 1}]
+    assert searcher.suggest("d") is None  # Tune asks again later
+    searcher.on_trial_result("a", {"val_macro_f1": 0.7})
+    searcher.on_trial_complete("a", {"val_macro_f1": 0.5})  # the run's best epoch counts, not its last
+    searcher.on_trial_complete("c", error=True)
+    searcher.save(str(tmp_path / "race.pkl"))
+
+    resumed = RacingSearcher(race(), "val_macro_f1")
+    resumed.restore(str(tmp_path / "race.pkl"))
+    assert resumed.state.done == {"rank1": {1: 0.7}, BASELINE: {1: None}}
+    assert resumed.suggest("e") == {"candidate": BASELINE, "seed": 2}  # the errored baseline's next seed
+    resumed.on_trial_complete("b", {"val_macro_f1": 0.4})
+    resumed.on_trial_complete("e", {"val_macro_f1": 0.3})
+    assert resumed.suggest("f") == Searcher.FINISHED  # rank2 is below rank1: dropped
