@@ -9,8 +9,8 @@ configurations, with seeds the search never used, ranks them by what they do on
 average; the plain baseline gets the same R runs, so the comparison is like for like.
 
 Seeds are raced (search/racing.py): every configuration gets one fresh seed, the baseline
-no more, and the contenders get further seeds (up to R) only while they cannot be told
-apart; a contender's full-budget run in the search counts as one of its values.
+no more, and the contenders get further seeds (up to R values) only while they cannot be
+told apart; a contender's full-budget run in the search counts as one of its values.
 
 The runs are Ray trials of their own Tune experiment, `<experiment>/confirm`, with the
 search's resources and concurrency; its trials are {"candidate": NAME, "seed": S}

@@ -13,14 +13,15 @@ The rules, all read from finished runs only (so a resumed race makes the same de
 1. Every contender and the plain baseline get one fresh seed. The baseline gets no more:
    one run is what the test comparison needs.
 2. A contender's full-budget run in the search (not stopped by ASHA) counts as one of its
-   values, as SMAC counts an incumbent's past runs. It came from the search's own seed.
+   values, and as one of its `seeds`, as SMAC counts an incumbent's past runs; it still
+   gets at least one fresh seed, the run that is tested and exported.
 3. A contender is dropped when its mean lies clearly below the leader's: the difference
    exceeds 1.96 pooled standard deviations of one run times sqrt(1/n + 1/n_leader), the
    pooled sd read from every contender with two or more values. While no contender has two
    values there is no sd, and a contender below the leader is dropped (SMAC's rule: a
    challenger no better than the incumbent on its runs so far is rejected).
-4. While two or more contenders remain, each of them with the fewest fresh runs gets the
-   next seed, up to `seeds` fresh runs each; then the race ends and the best mean wins.
+4. While two or more contenders remain, each of them with the fewest values gets the next
+   seed, up to len(`seeds`) values each; then the race ends and the best mean wins.
 
 `next_run` is the whole policy as a pure function; `RacingSearcher` hands its choices to
 Ray Tune as a Searcher, so the confirmation's runs are ordinary Tune trials (concurrency,
@@ -64,9 +65,14 @@ class RaceState:
     def next_seed(self, name: str) -> int | None:
         return next((s for s in self.seeds if s not in self.used(name)), None)
 
-    def fresh_runs(self, name: str) -> int:
-        """Fresh seeds tried (finished, errored or running)."""
-        return len(self.used(name))
+    def planned(self, name: str) -> int:
+        """Values it has or will have once its running seeds finish."""
+        return len(self.values(name)) + len(self.running.get(name, set()))
+
+    def room(self, name: str) -> bool:
+        """Whether it may get another fresh seed: up to len(seeds) values, the search run
+        counted, and a fresh seed left."""
+        return self.planned(name) < len(self.seeds) and self.next_seed(name) is not None
 
 
 def pooled_sd(state: RaceState) -> float | None:
@@ -118,12 +124,10 @@ def next_run(state: RaceState) -> tuple[str, int] | str:
         return WAIT  # a contender's first score is still coming: nothing to compare yet
     alive, _ = standing(state)
     if len(alive) > 1:  # rule 4: the contenders that cannot be told apart get another seed
-        fewest = min(state.fresh_runs(c) for c in alive)
+        fewest = min(state.planned(c) for c in alive)
         for name in alive:
-            if state.fresh_runs(name) == fewest and not state.running.get(name):
-                seed = state.next_seed(name)
-                if seed is not None:
-                    return name, seed
+            if state.planned(name) == fewest and not state.running.get(name) and state.room(name):
+                return name, state.next_seed(name)
     return WAIT if any(state.running.values()) else DONE
 
 

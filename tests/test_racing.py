@@ -48,17 +48,26 @@ def test_contenders_that_cannot_be_told_apart_get_more_seeds_up_to_the_limit():
     assert state.values("rank1") == [0.62, 0.58]
     assert pooled_sd(state) == pytest.approx(0.0283, abs=1e-4)
     assert standing(state)[0] == ["rank1", "rank2"]  # 0.01 apart, margin 1.96 * 0.028 * sqrt(1.5)
-    assert next_run(state) == ("rank1", 2)  # both have one fresh run: both get the next seed
-    state.running["rank1"] = {2}
-    assert next_run(state) == ("rank2", 2)
+    assert next_run(state) == ("rank2", 2)  # the fewest values first: rank1's search run counts
     state.running["rank2"] = {2}
+    assert next_run(state) == ("rank1", 2)  # level at 2 values each
+    state.running["rank1"] = {2}
     assert next_run(state) == WAIT
     state.running = {}
     finish(state, "rank1", 2, 0.60)
     finish(state, "rank2", 2, 0.60)
-    finish(state, "rank1", 3, 0.61)
+    assert next_run(state) == ("rank2", 3)  # rank1 has its 3 values (len(seeds)), seed 3 stays unused
     finish(state, "rank2", 3, 0.59)
-    assert standing(state)[0] == ["rank1", "rank2"] and next_run(state) == DONE  # the seeds are used up
+    assert standing(state)[0] == ["rank1", "rank2"] and next_run(state) == DONE
+
+
+def test_the_search_run_counts_as_one_seed_but_a_fresh_seed_is_always_run():
+    state = RaceState(contenders=["rank1"], baseline=BASELINE, seeds=[1], prior={"rank1": 0.7})
+    assert next_run(state) == ("rank1", 1)  # one value already, and seeds=[1]: still one fresh run
+    finish(state, "rank1", 1, 0.6)
+    assert next_run(state) == (BASELINE, 1)
+    finish(state, BASELINE, 1, 0.5)
+    assert next_run(state) == DONE
 
 
 def test_a_contender_clearly_below_once_the_noise_is_measured_is_dropped():
@@ -117,3 +126,31 @@ def test_the_searcher_proposes_records_and_resumes_the_race(tmp_path):
     resumed.on_trial_complete("b", {"val_macro_f1": 0.4})
     resumed.on_trial_complete("e", {"val_macro_f1": 0.3})
     assert resumed.suggest("f") == Searcher.FINISHED  # rank2 is below rank1: dropped
+
+
+@pytest.mark.parametrize("run, prior, runs, winner", [
+    # run 1: rank1 was the search's one full-budget trial (best epoch 5, past the last rung)
+    (1, True, 4, "rank1"),
+    # run 2: the search's baseline trial was the one that ran the full budget (BENCHMARKS.md)
+    (2, False, 3, "rank1"),
+])
+def test_the_race_on_the_two_recorded_quickstart_confirmations(run, prior, runs, winner):
+    """Replayed on the val scores the two measured Quickstart confirmations recorded
+    (benchmarks/results/confirm_quickstart_N.json: every configuration x seeds 1 and 2, 6
+    runs each), the race needs 4 and 3 of those runs and picks the same winners."""
+    import json
+    from pathlib import Path
+
+    summary = json.loads((Path(__file__).parents[1] / "benchmarks" / "results"
+                          / f"confirm_quickstart_{run}.json").read_text())
+    recorded = {c["name"]: {r["seed"]: r["val"] for r in c["runs"]} for c in summary["confirmation"]["candidates"]}
+    rank1 = next(c for c in summary["confirmation"]["candidates"] if c["name"] == "rank1")
+    state = RaceState(contenders=["rank1", "rank2"], baseline=BASELINE, seeds=[1, 2],
+                      prior={"rank1": rank1["search_val"]} if prior else {})
+    started = 0
+    while (choice := next_run(state)) != DONE:
+        assert choice != WAIT  # nothing is left running here
+        name, seed = choice
+        finish(state, name, seed, recorded[name][seed])
+        started += 1
+    assert started == runs and standing(state)[0][0] == winner == summary["confirmation"]["winner"]
