@@ -30,6 +30,7 @@ fault tolerance, `--resume`, the live table) and the race is in Tune's searcher 
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -53,6 +54,21 @@ class RaceState:
     prior: dict[str, float] = field(default_factory=dict)  # contender -> its full-budget search score
     done: dict[str, dict[int, float | None]] = field(default_factory=dict)
     running: dict[str, set[int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data: the searcher's saved state (nothing in the product unpickles)."""
+        return {"contenders": self.contenders, "baseline": self.baseline, "seeds": self.seeds, "mode": self.mode,
+                "prior": self.prior,
+                "done": {name: [[seed, value] for seed, value in runs.items()] for name, runs in self.done.items()},
+                "running": {name: sorted(seeds) for name, seeds in self.running.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RaceState:
+        return cls(contenders=list(data["contenders"]), baseline=data["baseline"],
+                   seeds=[int(s) for s in data["seeds"]], mode=data["mode"],
+                   prior={name: float(v) for name, v in data["prior"].items()},
+                   done={name: {int(seed): value for seed, value in runs} for name, runs in data["done"].items()},
+                   running={name: {int(s) for s in seeds} for name, seeds in data["running"].items()})
 
     def values(self, name: str) -> list[float]:
         """The scores a contender is judged by: its full-budget search run, then its fresh seeds."""
@@ -138,7 +154,8 @@ def _has_fresh_value(state: RaceState, name: str) -> bool:
 class RacingSearcher(Searcher):
     """Ray Tune's view of the race: `suggest` returns {"candidate": NAME, "seed": S} for
     trainables.candidate_trial, None while the race waits on a running seed, FINISHED when
-    it is over. Picklable plain state, so Tune's searcher checkpoint resumes it."""
+    it is over. Its state is plain data (RaceState.to_dict), saved with Tune's searcher
+    checkpoint, so `--resume` continues the race."""
 
     def __init__(self, state: RaceState, metric: str):
         super().__init__(metric=metric, mode=state.mode)
@@ -175,13 +192,13 @@ class RacingSearcher(Searcher):
         self.state.done.setdefault(name, {})[seed] = None if error else self.best.get(trial_id)
 
     def save(self, checkpoint_path: str) -> None:
-        import pickle
-
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump((self.state, self.trials, self.best), f)
+        state = {"race": self.state.to_dict(), "trials": self.trials, "best": self.best}
+        with open(checkpoint_path, "w") as f:
+            json.dump(state, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        import pickle
-
-        with open(checkpoint_path, "rb") as f:
-            self.state, self.trials, self.best = pickle.load(f)
+        with open(checkpoint_path) as f:
+            state = json.load(f)
+        self.state = RaceState.from_dict(state["race"])
+        self.trials = {trial: (name, int(seed)) for trial, (name, seed) in state["trials"].items()}
+        self.best = {trial: float(value) for trial, value in state["best"].items()}

@@ -117,11 +117,12 @@ def test_the_searcher_proposes_records_and_resumes_the_race(tmp_path):
     searcher.on_trial_result("a", {"val_macro_f1": 0.7})
     searcher.on_trial_complete("a", {"val_macro_f1": 0.5})  # the run's best epoch counts, not its last
     searcher.on_trial_complete("c", error=True)
-    searcher.save(str(tmp_path / "race.pkl"))
+    searcher.save(str(tmp_path / "race.json"))
 
     resumed = RacingSearcher(race(), "val_macro_f1")
-    resumed.restore(str(tmp_path / "race.pkl"))
-    assert resumed.state.done == {"rank1": {1: 0.7}, BASELINE: {1: None}}
+    resumed.restore(str(tmp_path / "race.json"))
+    assert resumed.state == searcher.state and resumed.trials == searcher.trials
+    assert resumed.state.done == {"rank1": {1: 0.7}, BASELINE: {1: None}} and {k: v for k, v in resumed.state.running.items() if v} == {"rank2": {1}}
     assert resumed.suggest("e") == {"candidate": BASELINE, "seed": 2}  # the errored baseline's next seed
     resumed.on_trial_complete("b", {"val_macro_f1": 0.4})
     resumed.on_trial_complete("e", {"val_macro_f1": 0.3})
