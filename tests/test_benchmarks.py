@@ -229,3 +229,22 @@ def test_quality_keeps_what_fer_train_said_of_the_pool_and_judges_each_target():
     assert not any("(b) - (a)" in line for line in quality.verdicts("digits", result))  # a demo-data target
     rows = quality.rows_of("demo", result)
     assert [row[7:11] for row in rows[:1]] == [[0.61, 0.64, 0.676, "+0.030 (+0.010 to +0.050)"]]
+
+
+def test_cpu_step_reports_each_switch_against_plain_and_the_matmul_peak(tmp_path, capsys):
+    """benchmarks/cpu_step.py on a tiny budget: every variant's images/s, its ratio to plain
+    NCHW (1.00 for plain itself) and a FLOP fraction of the matmul peak between 0 and 1."""
+    import json
+
+    cpu_step = load("cpu_step")
+    out = tmp_path / "step.json"
+    assert cpu_step.main(["--model", "mobilenet_v3_small", "--image-size", "32", "--batch-size", "8", "--steps", "1",
+                          "--threads", "1", "--no-compile", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = result["threads"]["1"]["images_per_s"]
+    assert set(rows) == {"plain NCHW", "channels_last", "batch 4", "batch 16"}
+    assert all(value > 0 for value in rows.values()) and result["flops_per_image"] > 1e6
+    assert "1.00x plain" in printed
+    peak = result["threads"]["1"]["matmul_gflops"] * 1e9
+    assert 0 < rows["plain NCHW"] * result["flops_per_image"] / peak < 1
