@@ -189,9 +189,12 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
     trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode,
                                candidates={c.name: c.config for c in candidates})
     counted = [c.name for c in candidates if c.prior is not None]
+    # the race's longest course: every contender to R values (its search run counted, one fresh
+    # seed at least), the baseline once; an errored run is replaced by the next seed
+    most = 1 + sum(max(len(seeds) - (c.prior is not None), 1) for c in candidates if c.name != BASELINE)
     print(f"\nconfirmation: {', '.join(c.name for c in candidates)} raced over fresh seeds {seeds} at the full "
-          f"budget: one seed each, more only while contenders cannot be told apart (at most "
-          f"{len(candidates) * len(seeds)} runs)"
+          f"budget: one seed each, more only while contenders cannot be told apart (at most {most} runs "
+          f"unless one errors)"
           + (f"; the search's full-budget run counts as one value of {', '.join(counted)}" if counted else ""))
     if saved is not None and tune.Tuner.can_restore(experiment):
         tuner = restore_tuner(experiment, trainable)
