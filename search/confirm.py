@@ -189,9 +189,7 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
     trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode,
                                candidates={c.name: c.config for c in candidates})
     counted = [c.name for c in candidates if c.prior is not None]
-    # the race's longest course: every contender to R values (its search run counted, one fresh
-    # seed at least), the baseline once; an errored run is replaced by the next seed
-    most = 1 + sum(max(len(seeds) - (c.prior is not None), 1) for c in candidates if c.name != BASELINE)
+    most = race_of(candidates, seeds, plan.space.mode).longest()
     print(f"\nconfirmation: {', '.join(c.name for c in candidates)} raced over fresh seeds {seeds} at the full "
           f"budget: one seed each, more only while contenders cannot be told apart (at most {most} runs "
           f"unless one errors)"

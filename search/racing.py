@@ -85,6 +85,11 @@ class RaceState:
         """Values it has or will have once its running seeds finish."""
         return len(self.values(name)) + len(self.running.get(name, set()))
 
+    def longest(self) -> int:
+        """Runs in the race's longest course without errors: each contender to len(seeds)
+        values with at least one fresh seed, the baseline once."""
+        return 1 + sum(max(len(self.seeds) - (c in self.prior), 1) for c in self.contenders)
+
     def room(self, name: str) -> bool:
         """Whether it may get another fresh seed: up to len(seeds) values, the search run
         counted, and a fresh seed left."""

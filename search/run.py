@@ -215,8 +215,8 @@ def print_start(plan: Plan, dashboard: str | None) -> None:
     print(f"experiment: {plan.experiment}  ({plan.num_samples} trials, up to {plan.max_concurrent} at once)")
     if plan.confirm_top and plan.confirm_seeds:
         print(f"then confirmation: the {plan.confirm_top} best configurations and the plain baseline raced at the "
-              f"full budget, one fresh seed each and up to {plan.confirm_seeds} while the configurations cannot be "
-              "told apart (--confirm-top 0 skips it)")
+              f"full budget, one fresh seed each and up to {plan.confirm_seeds} values (a full-budget search run "
+              "counted) while the configurations cannot be told apart (--confirm-top 0 skips it)")
     else:
         print("no confirmation stage: the search's best single trial wins and is not compared with the baseline")
     if dashboard:

@@ -155,3 +155,9 @@ def test_the_race_on_the_two_recorded_quickstart_confirmations(run, prior, runs,
         finish(state, name, seed, recorded[name][seed])
         started += 1
     assert started == runs and standing(state)[0][0] == winner == summary["confirmation"]["winner"]
+
+
+def test_the_longest_course_counts_the_search_run_as_a_seed():
+    assert race().longest() == 7  # 3 + 3 fresh seeds, the baseline once
+    assert race(prior={"rank1": 0.6}).longest() == 6
+    assert RaceState(contenders=["rank1"], baseline=BASELINE, seeds=[1], prior={"rank1": 0.6}).longest() == 2
