@@ -10,8 +10,10 @@ recipe (student_epochs, student_augment, from the teacher's weights) on:
   pipeline  labelled + the pseudo-labels the defaults keep (pseudo_debias on, pseudo_graph auto);
   no graph  the same with pseudo_graph none (the debiased teacher alone labels the pool);
   plain     the same with pseudo_debias off too (the teacher's own argmax and confidences);
+  aligned 0.5  as many as a 0.5 threshold keeps, shared out by the labelled class prior;
+  whole pool   every pool image with the pipeline's label (threshold 0);
 
-all at the same images per epoch (the largest of the five inputs), scored on val raw and
+all at the same images per epoch (the largest of the inputs), scored on val raw and
 with each model's own post-hoc offsets (fitted on val, as the final model's are), with
 each minus the control and its paired bootstrap interval. Test is never read here: this
 is where defaults are chosen.
@@ -39,11 +41,14 @@ from quality import SETS, each_set  # noqa: E402
 
 # the pipeline's pseudo-labels as the defaults make them, and with its two helpers taken away
 VARIANTS = {"pipeline": {}, "no graph": {"pseudo_graph": "none"},
-            "plain": {"pseudo_graph": "none", "pseudo_debias": False}}
+            "plain": {"pseudo_graph": "none", "pseudo_debias": False},
+            # a teacher too unsure for 0.9 (few labels): more of the pool, at lower precision
+            "aligned 0.5": {"pseudo_selection": "aligned", "pseudo_threshold": 0.5},
+            "whole pool": {"pseudo_threshold": 0.0}}
 
 
 def stage_two_inputs(cfg: Any, data: Any, teacher: Any) -> dict[str, tuple[Any, ...]]:
-    """{variant: (images, labels, weights, counts, label precision on the pool)} of the five inputs."""
+    """{variant: (images, labels, weights, counts, label precision on the pool)} of every input."""
     from fer.pipeline import pseudo_label, student_inputs
 
     train, pool = data.splits["train"], data.splits["unlabeled"]
@@ -66,7 +71,7 @@ def scored(cfg: Any, fitted: Any, val: Any) -> tuple[float, float, np.ndarray]:
 
 
 def measure(name: str, data_path: str | None) -> dict[str, Any]:
-    """Teacher once, then the five stage-2 variants; their val scores against the control."""
+    """Teacher once, then every stage-2 variant; their val scores against the control."""
     from fer.config import TrialConfig
     from fer.data import load_dataset
     from fer.evaluate import paired_bootstrap_macro_f1

@@ -94,6 +94,21 @@ def test_expression_changes_the_drawn_face(label, other):
 def test_bad_scale_raises():
     with pytest.raises(ValueError, match="scale must be > 0, got 0"):
         synth.split_counts(0)
+    with pytest.raises(ValueError, match="eval_scale must be > 0, got -1"):
+        synth.split_counts(0.5, eval_scale=-1)
+
+
+def test_val_and_test_can_be_sized_apart_from_the_labels():
+    """Few labels, measured on as many val and test images as the full-size set: the
+    labelled split and the pool are those of `scale`, the labelled split the same images."""
+    few, full = synth.split_counts(0.125, eval_scale=1.0), synth.split_counts(1.0)
+    np.testing.assert_array_equal(few["train"], synth.split_counts(0.125)["train"])
+    np.testing.assert_array_equal(few["unlabeled"], few["train"])
+    for name in ("val", "test"):
+        np.testing.assert_array_equal(few[name], full[name])
+    small, measured = (synth.generate_arrays(0, 0.02, eval_scale) for eval_scale in (None, 0.1))
+    np.testing.assert_array_equal(small["train"][1], measured["train"][1])  # drawn first: the same faces
+    assert len(measured["test"][0]) == 70 and len(small["test"][0]) == 14
 
 
 def test_write_csv_roundtrips(tmp_path):
