@@ -1,11 +1,10 @@
 """Faults a long search meets, injected: storage that cannot be written or is full, corrupt
-or hostile checkpoints, a trial whose loss turns NaN, a trial process killed mid-trial,
-the driver killed mid-search. Each ends in a clear one-line error (exit code 2) or in a
+or hostile checkpoints, a trial whose loss turns NaN, a trial process killed mid-trial
+(the driver killed mid-search, twice, is tests/test_search.py's end-to-end test). Each ends in a clear one-line error (exit code 2) or in a
 search that goes on and completes.
 
 The fast tests need no Ray. The slow ones share the session's Ray cluster
-(tests/conftest.py); the killed driver joins it as a subprocess with `--address`, so no
-second local cluster is started on the machine.
+(tests/conftest.py), so no second local cluster is started on the machine.
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ from fer.config import TrialConfig
 from fer.data import FER_CLASSES
 from search import export as search_export
 from search import run as search_run
-from readme import readme_argv
-from support import ROOT, fifth_of_the_demo_data, live_actor_pids, sigkill_search_driver, watch
+from support import ROOT, live_actor_pids, watch
 
 # --------------------------------------------------------------------------- helpers
 
@@ -493,52 +491,6 @@ searcher: {seed: 0, n_startup_trials: 1, baseline: {lr: 0.002}}
 scheduler: {grace_period: 1}
 run: {num_samples: 3, max_concurrent: 1, confirm_top: 0}
 """
-
-
-def tune_recorded_a_finished_trial(experiment: Path) -> bool:
-    """A trial wrote its final checkpoint and Tune's experiment state says TERMINATED."""
-    done = [p for p in experiment.glob("trial_*") if (p / "best.pt").is_file()]
-    states = list(experiment.glob("experiment_state-*.json"))
-    # Tune writes its searcher state in place, not atomically: a kill while it is empty
-    # leaves a search that cannot be resumed (search.tuner refuses it in one line), so the
-    # kill waits for a moment when every state file has content.
-    searchers = list(experiment.glob("searcher-state-*.pkl"))
-    return bool(done) and any("TERMINATED" in p.read_text(errors="replace") for p in states) and \
-        bool(searchers) and all(p.stat().st_size > 0 for p in searchers)
-
-
-@pytest.mark.slow
-def test_sigkilled_driver_resumes_and_keeps_finished_trials(ray_cluster, tmp_path, capsys, monkeypatch):
-    """The README's commands as a user types them, from the folder they ran in: the
-    Quickstart search (at the smoke budget, one trial at a time) dies by SIGKILL once a
-    trial has finished; `--resume --name imbalance` finishes the other without rerunning
-    it; `search.export --experiment runs/imbalance --top-k 3` exports both, best first.
-    On a fifth of the demo data (the search's point here is the kill and the resume)."""
-    experiment = tmp_path / "runs" / "imbalance"
-    argv = readme_argv("python -m search.run --space imbalance.yaml")[3:] + [
-        "--smoke", "--num-samples", "2", "--max-concurrent", "1", "--confirm-top", "0", "--name", "imbalance",
-        "--data", fifth_of_the_demo_data(tmp_path / "data")]
-    sigkill_search_driver(argv, tmp_path / "driver.log", lambda: tune_recorded_a_finished_trial(experiment),
-                          cwd=tmp_path)
-    done = {p.name: (p / "result.json").read_text() for p in experiment.glob("trial_*") if (p / "best.pt").is_file()}
-    assert len(done) == 1 and not (experiment / "trials.csv").exists()
-
-    monkeypatch.chdir(tmp_path)
-    code, out, err = run_main(search_run.main, readme_argv("python -m search.run --resume --name imbalance")[3:],
-                              capsys)
-    assert code == 0, out[-3000:] + err[-3000:]
-    frame = pd.read_csv(experiment / "trials.csv")
-    assert len(frame) == 2 and set(frame["status"]) == {"TERMINATED"}
-    for name, results in done.items():  # finished before the kill: kept, not run again
-        assert (experiment / name / "result.json").read_text() == results
-
-    argv = readme_argv("python -m search.export --experiment runs/imbalance --top-k 3")[3:]
-    code, out, err = run_main(search_export.main, argv, capsys)
-    assert code == 0 and "note: 2 ranked run(s) to export, not 3" in out, out[-3000:] + err[-3000:]
-    best_first = frame.sort_values("best_val_macro_f1", ascending=False)["trial_id"]
-    ranked = [f"rank{i}-{trial}" for i, trial in enumerate(best_first, start=1)]
-    assert sorted(p.name for p in (experiment / "export").iterdir() if p.is_dir()) == sorted(ranked)
-    assert all((experiment / "export" / name / "model.onnx").is_file() for name in ranked)
 
 
 ONE_TRIAL_SPACE = FAST_SPACE.replace("num_samples: 3", "num_samples: 1")

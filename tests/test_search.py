@@ -225,6 +225,18 @@ def stored_states(experiment: Path, name: str):
     return [t.state.name for t in study.get_trials(deepcopy=False)]
 
 
+def search_trial_recorded(experiment: Path) -> bool:
+    """A search trial wrote its final checkpoint, Tune's experiment state says TERMINATED,
+    and every searcher state file has content. Tune writes its searcher state in place, not
+    atomically: a kill while it is empty leaves a search that cannot be resumed
+    (search.tuner refuses it in one line), so the kill waits for a moment when it is whole."""
+    done = [p for p in experiment.glob("trial_*") if (p / "best.pt").is_file()]
+    states = list(experiment.glob("experiment_state-*.json"))
+    searchers = list(experiment.glob("searcher-state-*.pkl"))
+    return bool(done) and any("TERMINATED" in p.read_text(errors="replace") for p in states) and \
+        bool(searchers) and all(p.stat().st_size > 0 for p in searchers)
+
+
 def confirm_run_recorded(experiment: Path) -> bool:
     """A confirmation run wrote its final checkpoint and Tune's state for the confirmation says TERMINATED."""
     folder = experiment / "confirm"
@@ -249,32 +261,42 @@ def count_test_reads(monkeypatch, test_images: np.ndarray) -> list[int]:
 
 
 @pytest.mark.slow
-def test_smoke_search_with_confirmation_killed_and_resumed(ray_cluster, tmp_path, capsys, monkeypatch):
-    """The --smoke search end to end: 2 trials, then the confirmation race (the best
-    configuration and the plain baseline, one fresh seed each: with one contender there is
-    nothing to race). One run at a time, and the driver is SIGKILLed once the first
-    confirmation run has finished; --resume continues the race from Tune's searcher state
-    without rerunning that run, then reads test exactly twice (winner, baseline) and
-    exports the winner."""
+def test_smoke_search_killed_twice_and_resumed_as_the_readme_says(ray_cluster, tmp_path, capsys, monkeypatch):
+    """The --smoke search end to end, typed as the README writes it, from the folder the user
+    is in: 2 trials, then the confirmation race (the best configuration and the plain
+    baseline, one fresh seed each: with one contender there is nothing to race). One run at
+    a time. The driver is SIGKILLed twice (no handler runs: nothing saved on the way out):
+    once a search trial has finished, and, after `--resume --name imbalance`, once the first
+    confirmation run has finished; neither finished run is trained again. The last resume
+    reads test exactly twice (winner, baseline) and exports the winner; `search.export
+    --experiment runs/imbalance --top-k 3` repeats the export from the folder alone."""
     from fer.data import load_dataset
 
     data = fifth_of_the_demo_data(tmp_path / "data")
     dataset = load_dataset(data)
-    storage, export_dir = tmp_path / "runs", tmp_path / "deploy"
-    experiment = storage / "smoke-smoke"
+    export_dir = tmp_path / "deploy"
+    experiment = tmp_path / "runs" / "imbalance"
     argv = readme_argv("python -m search.run --space smoke --smoke")[3:]
-    sigkill_search_driver([*argv, "--data", data, "--storage", storage, "--export-dir", export_dir,
-                           "--max-concurrent", "1"],
-                          tmp_path / "driver.log",
-                          lambda: confirm_run_recorded(experiment))
+    resume = readme_argv("python -m search.run --resume --name imbalance")[3:]
+    sigkill_search_driver([*argv, "--data", data, "--export-dir", export_dir, "--max-concurrent", "1",
+                           "--name", "imbalance"],
+                          tmp_path / "driver.log", lambda: search_trial_recorded(experiment), cwd=tmp_path)
+    searched = {p.name: (p / "result.json").read_text()
+                for p in experiment.glob("trial_*") if (p / "best.pt").is_file()}
+    assert len(searched) == 1 and not (experiment / "trials.csv").exists()
+
+    sigkill_search_driver(resume, tmp_path / "resumed.log", lambda: confirm_run_recorded(experiment), cwd=tmp_path)
     assert not (experiment / "summary.json").exists()  # killed before any read of test
+    for name, results in searched.items():  # finished before the first kill: kept, not run again
+        assert (experiment / name / "result.json").read_text() == results
     done = {p.name: (p / "result.json").read_text()
             for p in (experiment / "confirm").glob("trial_*") if (p / "best.pt").is_file()}
     assert len(done) == 1
 
     test_images = dataset.splits["test"].images
     reads = count_test_reads(monkeypatch, test_images)
-    code, out, err = run_cli(["--resume", "--name", "smoke-smoke", "--storage", storage], capsys)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(resume, capsys)
     assert code == 0, out[-3000:] + err[-3000:]
     for name, results in done.items():  # finished before the kill: kept, not run again
         assert (experiment / "confirm" / name / "result.json").read_text() == results
@@ -321,22 +343,29 @@ def test_smoke_search_with_confirmation_killed_and_resumed(ray_cluster, tmp_path
     assert (experiment / "confirmation.png").stat().st_size > 0
     assert (experiment / "test_baseline_metrics.json").is_file()
     check_onnx(export_dir / "model.onnx", dataset)
-    states = stored_states(experiment, "smoke-smoke")
+    states = stored_states(experiment, "imbalance")
     search = frame[frame["stage"] == "search"]
     assert len(states) == 2 and states.count("PRUNED") == int(search["stopped_early"].sum())
 
     # a finished experiment is not resumed again: that would read test a third time
-    code, _, err = run_cli(["--resume", "--name", "smoke-smoke", "--storage", storage], capsys)
+    code, _, err = run_cli(resume, capsys)
     assert code == 2 and "has finished" in err and len(reads) == 2
 
     # search.export repeats an export from the folder alone, given as the README writes it:
-    # a path relative to where search.run ran (Ray's ExperimentAnalysis takes URIs only)
-    monkeypatch.chdir(tmp_path)
+    # a path relative to where search.run ran (Ray's ExperimentAnalysis takes URIs only).
     # It ranks the confirmed configurations as search.run did: one here, its best seed's run.
-    assert search_export.main(["--experiment", "runs/smoke-smoke", "--top-k", "2", "--out", "top"]) == 0
-    assert "note: 1 ranked run(s) to export, not 2" in capsys.readouterr().out
-    assert [p.name for p in (tmp_path / "top").iterdir()] == [f"rank1-{best_run}"]
-    assert (tmp_path / "top" / f"rank1-{best_run}" / "model.onnx").is_file()
+    code, out, err = run_main_export(readme_argv("python -m search.export --experiment runs/imbalance --top-k 3")[3:],
+                                     capsys)
+    assert code == 0 and "note: 1 ranked run(s) to export, not 3" in out, out[-3000:] + err[-3000:]
+    exported = experiment / "export"
+    assert [p.name for p in exported.iterdir() if p.is_dir()] == [f"rank1-{best_run}"]
+    assert (exported / f"rank1-{best_run}" / "model.onnx").is_file()
+
+
+def run_main_export(argv, capsys):
+    code = search_export.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def torch_load(path):
