@@ -94,6 +94,18 @@ class TrialConfig:
     posthoc: str = "tau"  # see fer.posthoc.POSTHOC: none, tau (tau * log prior), bias (per-class)
 
 
+# Fields stage 1 (the teacher) never reads: runs that differ only in these train the same
+# teacher, which fer.teachers shares between them (tests/test_teachers.py trains two teachers
+# whose configurations differ in every one of these and compares their weights).
+STAGE2_FIELDS = (
+    "student_epochs", "pseudo_threshold", "pseudo_selection", "crest_alpha", "pseudo_tta", "pseudo_temperature",
+    "pseudo_debias", "pseudo_graph", "pseudo_weight", "student_init", "student_augment", "pool_control", "posthoc",
+)
+
+# Set on the epochs a run reports from a shared teacher (replayed, not trained again).
+SHARED_TEACHER_KEY = "teacher_shared"
+
+
 def config_field_names() -> list[str]:
     return [f.name for f in fields(TrialConfig)]
 

@@ -187,7 +187,7 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
     else:  # resumed: the same candidates, whatever the search's records say now
         candidates, seeds = saved
     trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode,
-                               candidates={c.name: c.config for c in candidates})
+                               candidates={c.name: c.config for c in candidates}, teachers=plan.teachers)
     counted = [c.name for c in candidates if c.prior is not None]
     most = race_of(candidates, seeds, plan.space.mode).longest()
     print(f"\nconfirmation: {', '.join(c.name for c in candidates)} raced over fresh seeds {seeds} at the full "
@@ -197,7 +197,8 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
     if saved is not None and tune.Tuner.can_restore(experiment):
         tuner = restore_tuner(experiment, trainable)
     else:
-        searcher = RacingSearcher(race_of(candidates, seeds, plan.space.mode), plan.space.metric)
+        searcher = RacingSearcher(race_of(candidates, seeds, plan.space.mode), plan.space.metric,
+                                  teachers=shared_teachers(plan, candidates), teacher_epochs=plan.space.teacher_epochs)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune_config(plan, fit_concurrency(plan), search_alg=searcher,
@@ -206,6 +207,18 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
         )
     tuner.fit()
     return candidates
+
+
+def shared_teachers(plan: Any, candidates: list[Candidate]) -> dict[str, str]:
+    """Each candidate's teacher identity (fer.teachers.teacher_key at a common seed), where
+    its runs share teachers through the experiment's store; {} where they cannot."""
+    from fer.config import TrialConfig, apply_overrides
+    from fer.teachers import teacher_key
+
+    if plan.teachers is None or plan.resources.workers != 1:
+        return {}
+    return {c.name: teacher_key(apply_overrides(TrialConfig(), {**c.config, "seed": 0}, models=False))
+            for c in candidates}
 
 
 def collect_confirmation(experiment: str | Path, candidates: list[Candidate], metric: str, time_attr: str,

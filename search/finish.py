@@ -171,9 +171,21 @@ def print_search(records: list[TrialRecord], wall_s: float, importance: str) -> 
     stopped = sum(r.stopped_early for r in records)
     errored = [r for r in records if r.status == "ERROR"]
     print(f"\n{len(records)} trials in {wall_s / 60:.1f} min: {stopped} stopped early by ASHA, {len(errored)} errored")
+    print(shared_line(records))
     for record in errored:
         print(f"  errored {record.trial_id}: {record.error}")
     print(f"parameter importance ({IMPORTANCE_CSV}):\n{importance}")
+
+
+def shared_line(records: list[TrialRecord]) -> str:
+    """How many epochs the runs trained, and how many they took from teachers earlier runs trained."""
+    shared = [r for r in records if r.shared_epochs]
+    trained = sum(r.epochs_trained for r in records)
+    line = f"epochs trained: {trained}"
+    if shared:
+        line += (f"; {len(shared)} run(s) started at stage 2 from a teacher an earlier run had trained "
+                 f"(fer.teachers), {sum(r.shared_epochs for r in shared)} teacher epochs not trained again")
+    return line
 
 
 def interrupted(plan: Any, what: str) -> int:
@@ -233,6 +245,9 @@ def summarize(plan, records, search_winner, search_baseline, confirmation, teste
         "trials": len(records),
         "stopped_early": sum(r.stopped_early for r in records),
         "errored": sum(r.status == "ERROR" for r in records),
+        "epochs_trained": sum(r.epochs_trained for r in records),
+        "teacher_shared": {"runs": sum(bool(r.shared_epochs) for r in records),
+                           "epochs": sum(r.shared_epochs for r in records)},
         "metric": plan.space.metric,
         "search_baseline": None if search_baseline is None else {
             "trial_id": search_baseline.trial_id, "val": search_baseline.best(mode)[1],

@@ -8,6 +8,12 @@ value, a trial that ended before `max_t` is told PRUNED (Optuna then takes its l
 intermediate value, and TPE ranks pruned trials below complete ones of more steps),
 and a complete trial is told its best epoch's value: the checkpoint that is kept.
 
+With `student_forks` F > 0 the search is stage-aware: a trial whose teacher finished stage 1
+(it reported the teacher's last epoch) has its teacher knobs enqueued in the study for up to
+F more trials, best teachers first, and Optuna samples only their stage-2 knobs
+(fer.config.STAGE2_FIELDS). Such a trial finds the teacher in the experiment's store
+(fer.teachers) and starts at stage 2: F + 1 student configurations for one teacher's epochs.
+
 "Stopped early" is asked of the scheduler when one is bound (`PersistentASHA.stopped_early`),
 because a trial can also end before `max_t` on its own (stage 2 skipped when no pool image
 reaches the pseudo-label threshold, or `patience`); without one, ending before `max_t` counts.
@@ -15,6 +21,7 @@ reaches the pseudo-label threshold, or `patience`); without one, ending before `
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import pickle
@@ -24,6 +31,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from fer.config import STAGE2_FIELDS
 from search import internals
 
 logger = logging.getLogger(__name__)
@@ -34,6 +42,10 @@ def open_study_storage(db_path: str) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(f"sqlite:///{db_path}")
 
 
+def _knobs_key(knobs: dict[str, Any]) -> str:
+    return json.dumps(knobs, sort_keys=True, default=str)
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -42,13 +54,44 @@ class PruningOptunaSearch(OptunaSearch):
     """OptunaSearch reporting per-epoch intermediate values and PRUNED for early stops."""
 
     def __init__(
-        self, *args: Any, max_t: int, time_attr: str = "epoch", scheduler: Any = None, **kwargs: Any
+        self, *args: Any, max_t: int, time_attr: str = "epoch", scheduler: Any = None,
+        teacher_epochs: int = 0, student_forks: int = 0, **kwargs: Any
     ) -> None:
         self._max_t = int(max_t)
         self._time_attr = time_attr
         self._scheduler = scheduler  # anything with a `stopped_early` set of trial ids
         self._reported: dict[str, dict[int, float]] = {}
+        self._teacher_epochs = int(teacher_epochs)  # the global epoch at which stage 1 ends
+        self._student_forks = int(student_forks) if self._max_t > self._teacher_epochs else 0
+        self._forks: dict[str, int] = {}  # a teacher's knobs (JSON) -> trials forked from it
         super().__init__(*args, **kwargs)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self._student_forks and trial_id not in internals.optuna_trials(self):
+            fork = self.teacher_to_fork()
+            if fork is not None:
+                knobs, parent = fork
+                self._forks[_knobs_key(knobs)] = self._forks.get(_knobs_key(knobs), 0) + 1
+                internals.optuna_study(self).enqueue_trial(knobs, user_attrs={"teacher_of_trial": parent},
+                                                           skip_if_exists=False)
+        return super().suggest(trial_id)
+
+    def teacher_to_fork(self) -> tuple[dict[str, Any], int] | None:
+        """(teacher knobs, Optuna number of the trial that trained it) of the best finished
+        teacher forked fewer than `student_forks` times, or None."""
+        sign = 1.0 if self.mode == "max" else -1.0
+        best: tuple[float, dict[str, Any], int] | None = None
+        for trial_id, reported in self._reported.items():
+            trial = internals.optuna_trials(self).get(trial_id)
+            if trial is None or self._teacher_epochs not in reported:
+                continue
+            knobs = {k: v for k, v in trial.params.items() if k not in STAGE2_FIELDS}
+            if self._forks.get(_knobs_key(knobs), 0) >= self._student_forks:
+                continue
+            score = sign * max(sign * v for step, v in reported.items() if step <= self._teacher_epochs)
+            if best is None or sign * score > sign * best[0]:
+                best = (score, knobs, trial.number)
+        return None if best is None else (best[1], best[2])
 
     def save(self, checkpoint_path: str) -> None:
         # The scheduler is saved by Tune with the tuner (one pickle, so the link survives

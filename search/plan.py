@@ -55,6 +55,16 @@ class Plan:
 
         return self.local_dir / STUDY_FILE
 
+    @property
+    def teachers(self) -> str | None:
+        """Where the search's and the confirmation's single-worker trials share finished
+        teachers (fer.teachers): the experiment folder's teachers/ when storage is a local
+        (or mounted) folder every trial can reach; None on remote storage (each trains its own)."""
+        return None if is_uri(self.storage) else str(Path(self.experiment) / TEACHERS_DIR)
+
+
+TEACHERS_DIR = "teachers"
+
 
 def is_uri(path: str) -> bool:
     return "://" in path

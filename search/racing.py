@@ -133,14 +133,19 @@ def standing(state: RaceState) -> tuple[list[str], dict[str, str]]:
     return alive, dropped
 
 
-def next_run(state: RaceState) -> tuple[str, int] | str:
-    """(configuration, seed) to start now, or WAIT (a running seed decides what comes next),
-    or DONE."""
+def next_run(state: RaceState, blocked: frozenset[tuple[str, int]] = frozenset()) -> tuple[str, int] | str:
+    """(configuration, seed) to start now, or WAIT (a running seed decides what comes next,
+    or every run due now is `blocked`), or DONE. `blocked` runs are due but must not start
+    yet (RacingSearcher: their teacher is being trained by a running one); the next due run
+    goes first."""
+    held = False
     for name in [*state.contenders, state.baseline]:  # rule 1: one fresh seed each
         if not _has_fresh_value(state, name) and not state.running.get(name):
             seed = state.next_seed(name)
             if seed is not None:
-                return name, seed
+                if (name, seed) not in blocked:
+                    return name, seed
+                held = True
     if any(state.running.get(c) and not state.values(c) for c in state.contenders):
         return WAIT  # a contender's first score is still coming: nothing to compare yet
     alive, _ = standing(state)
@@ -148,8 +153,10 @@ def next_run(state: RaceState) -> tuple[str, int] | str:
         fewest = min(state.planned(c) for c in alive)
         for name in alive:
             if state.planned(name) == fewest and not state.running.get(name) and state.room(name):
-                return name, state.next_seed(name)
-    return WAIT if any(state.running.values()) else DONE
+                if (name, state.next_seed(name)) not in blocked:
+                    return name, state.next_seed(name)
+                held = True
+    return WAIT if held or any(state.running.values()) else DONE
 
 
 def _has_fresh_value(state: RaceState, name: str) -> bool:
@@ -160,16 +167,36 @@ class RacingSearcher(Searcher):
     """Ray Tune's view of the race: `suggest` returns {"candidate": NAME, "seed": S} for
     trainables.candidate_trial, None while the race waits on a running seed, FINISHED when
     it is over. Its state is plain data (RaceState.to_dict), saved with Tune's searcher
-    checkpoint, so `--resume` continues the race."""
+    checkpoint, so `--resume` continues the race.
 
-    def __init__(self, state: RaceState, metric: str):
+    `teachers` (configuration -> its teacher's identity, fer.teachers.teacher_key at a common
+    seed) and `teacher_epochs`: two configurations with the same teacher train it once per
+    seed (the experiment's teacher store), so a run due while another of its teacher and seed
+    is still in stage 1 waits and the next due run starts first."""
+
+    def __init__(self, state: RaceState, metric: str, teachers: dict[str, str] | None = None,
+                 teacher_epochs: int = 0):
         super().__init__(metric=metric, mode=state.mode)
         self.state = state
         self.trials: dict[str, tuple[str, int]] = {}  # Tune trial id -> (configuration, seed)
         self.best: dict[str, float] = {}  # Tune trial id -> its best score so far
+        self.teachers = dict(teachers or {})
+        self.teacher_epochs = int(teacher_epochs)
+        self.epochs: dict[str, int] = {}  # Tune trial id -> its last reported epoch
+
+    def blocked(self) -> frozenset[tuple[str, int]]:
+        """Runs whose teacher (same teacher, same seed) a running trial is still training."""
+        held = set()
+        for trial_id, (name, seed) in self.trials.items():
+            if seed not in self.state.running.get(name, set()) or \
+                    self.epochs.get(trial_id, 0) >= self.teacher_epochs or name not in self.teachers:
+                continue
+            held |= {(other, seed) for other, key in self.teachers.items()
+                     if other != name and key == self.teachers[name]}
+        return frozenset(held)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        choice = next_run(self.state)
+        choice = next_run(self.state, self.blocked())
         if choice == DONE:
             return Searcher.FINISHED
         if choice == WAIT:
@@ -180,6 +207,8 @@ class RacingSearcher(Searcher):
         return {"candidate": name, "seed": seed}
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if isinstance(result.get("epoch"), (int, float)):
+            self.epochs[trial_id] = max(self.epochs.get(trial_id, 0), int(result["epoch"]))
         value = result.get(self.metric)
         if value is None or not math.isfinite(float(value)):
             return
@@ -197,7 +226,8 @@ class RacingSearcher(Searcher):
         self.state.done.setdefault(name, {})[seed] = None if error else self.best.get(trial_id)
 
     def save(self, checkpoint_path: str) -> None:
-        state = {"race": self.state.to_dict(), "trials": self.trials, "best": self.best}
+        state = {"race": self.state.to_dict(), "trials": self.trials, "best": self.best,
+                 "teachers": self.teachers, "teacher_epochs": self.teacher_epochs, "epochs": self.epochs}
         with open(checkpoint_path, "w") as f:
             json.dump(state, f)
 
@@ -207,3 +237,6 @@ class RacingSearcher(Searcher):
         self.state = RaceState.from_dict(state["race"])
         self.trials = {trial: (name, int(seed)) for trial, (name, seed) in state["trials"].items()}
         self.best = {trial: float(value) for trial, value in state["best"].items()}
+        self.teachers = dict(state.get("teachers", {}))
+        self.teacher_epochs = int(state.get("teacher_epochs", 0))
+        self.epochs = {trial: int(epoch) for trial, epoch in state.get("epochs", {}).items()}

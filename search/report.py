@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from fer.config import TrialConfig, apply_overrides
+from fer.config import SHARED_TEACHER_KEY, TrialConfig, apply_overrides
 from search.asha import STATE_FILE
 
 SPEC_FILE = "search_spec.json"  # what the search was started with; --resume and search.export read it
@@ -47,10 +47,16 @@ class TrialRecord:
     baseline: bool = False
     stage: str = "search"  # or "confirm": a seed-repeated run of search/confirm.py
     candidate: str = ""  # confirm runs: the configuration (rank1, ..., baseline)
+    shared_epochs: int = 0  # teacher epochs replayed from a teacher an earlier run trained (fer.teachers)
 
     @property
     def epochs_run(self) -> int:
         return max((e for e, _ in self.curve), default=0)
+
+    @property
+    def epochs_trained(self) -> int:
+        """Epochs this run trained itself: those run, less a shared teacher's."""
+        return self.epochs_run - self.shared_epochs
 
     def best(self, mode: str = "max") -> tuple[int | None, float | None]:
         """(epoch, value) of the best reported epoch; ties go to the earlier epoch."""
@@ -96,6 +102,9 @@ def collect_trials(
     for trial in analysis.trials:
         frame = frames.get(trial.trial_id)
         curve: list[tuple[int, float]] = []
+        shared = 0
+        if frame is not None and not frame.empty and SHARED_TEACHER_KEY in frame:
+            shared = int(frame[SHARED_TEACHER_KEY].fillna(False).astype(bool).sum())
         if frame is not None and not frame.empty and metric in frame and time_attr in frame:
             seen: dict[int, float] = {}
             for epoch, value in zip(frame[time_attr], frame[metric]):
@@ -109,6 +118,7 @@ def collect_trials(
             config=dict(trial.config),
             curve=curve,
             error=_read_error(trial),
+            shared_epochs=shared,
         )
         if asha_stopped is not None:
             record.stopped_early = trial.trial_id in asha_stopped
@@ -149,6 +159,8 @@ def write_trials_csv(records: list[TrialRecord], params: list[str], metric: str,
                 f"best_{metric}": value,
                 "best_epoch": epoch,
                 "epochs_run": record.epochs_run,
+                "teacher_shared": record.shared_epochs > 0,
+                "epochs_trained": record.epochs_trained,
                 "stopped_early": record.stopped_early,
                 "status": record.status,
                 "error": record.error,

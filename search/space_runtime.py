@@ -28,6 +28,9 @@ class Space:
     sampler: str = "tpe"
     seed: int = 0
     n_startup_trials: int = 4
+    # Stage-aware search (search/optuna_bridge.py): each teacher that finishes stage 1 is
+    # reused by up to this many more trials, which search only the stage-2 knobs; 0 = off.
+    student_forks: int = 0
     baseline: dict[str, Any] = field(default_factory=dict)
     time_attr: str = "epoch"
     grace_period: int = 1
@@ -48,11 +51,14 @@ class Space:
         return Path(self.path).stem
 
     @property
+    def teacher_epochs(self) -> int:
+        """The global epoch at which stage 1 ends (fixed, or TrialConfig's default)."""
+        return int(self.fixed.get("epochs", TrialConfig.epochs))
+
+    @property
     def max_t(self) -> int:
         """ASHA's horizon in global epochs: both stages."""
-        return int(self.fixed.get("epochs", TrialConfig.epochs)) + int(
-            self.fixed.get("student_epochs", TrialConfig.student_epochs)
-        )
+        return self.teacher_epochs + int(self.fixed.get("student_epochs", TrialConfig.student_epochs))
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         """Optuna define-by-run: suggest the active parameters, return the fixed values."""

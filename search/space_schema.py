@@ -14,7 +14,7 @@ from fer.config import TrialConfig
 
 TOP_KEYS = ("description", "metric", "fixed", "parameters", "searcher", "scheduler", "run")
 METRIC_KEYS = ("name", "mode")
-SEARCHER_KEYS = ("sampler", "seed", "n_startup_trials", "baseline")
+SEARCHER_KEYS = ("sampler", "seed", "n_startup_trials", "student_forks", "baseline")
 SCHEDULER_KEYS = ("name", "time_attr", "grace_period", "reduction_factor")
 RUN_KEYS = ("num_samples", "max_concurrent", "confirm_top", "confirm_seeds")
 PARAM_OPTION_KEYS = ("when", "step")

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from fer.config import TrialConfig, apply_overrides, config_field_names, yaml_problem
+from fer.config import STAGE2_FIELDS, TrialConfig, apply_overrides, config_field_names, yaml_problem
 from search.samplers import SEARCH_SAMPLERS
 from search.space_runtime import Space
 from search.space_schema import (
@@ -322,8 +322,23 @@ def _parse_searcher(reader: _Reader, raw: dict, space: Space) -> None:
         space.n_startup_trials = reader.number(
             raw["n_startup_trials"], ("searcher", "n_startup_trials"), integer=True, low=0
         )
+    if "student_forks" in raw:
+        space.student_forks = reader.number(raw["student_forks"], ("searcher", "student_forks"), integer=True, low=0)
+        _check_forks(reader, space)
     baseline = reader.mapping(raw.get("baseline"), ("searcher", "baseline"))
     space.baseline = complete_baseline(space.parameters, baseline, space.path, reader)
+
+
+def _check_forks(reader: _Reader, space: Space) -> None:
+    """Forks share a teacher and search the stage-2 knobs: the space must search some (stage 1
+    ends at the same epoch in every trial: a space may not search `epochs`)."""
+    if not space.student_forks:
+        return
+    searched = [p.name for p in space.parameters]
+    if not any(name in STAGE2_FIELDS for name in searched):
+        raise reader.error(("searcher", "student_forks"),
+                           f"the space searches no stage-2 knob ({', '.join(STAGE2_FIELDS)}): a fork would "
+                           "repeat its teacher's run; set it to 0 or search one")
 
 
 def _parse_scheduler(reader: _Reader, raw: dict, space: Space) -> None:

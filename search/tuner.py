@@ -149,6 +149,8 @@ def build_tuner(plan: Any, trainable: Any, max_concurrent: int, *, asha: bool = 
         max_t=space.max_t,
         time_attr=space.time_attr,
         scheduler=scheduler if asha else NoEarlyStops(),
+        teacher_epochs=space.teacher_epochs,
+        student_forks=space.student_forks if plan.teachers is not None and plan.resources.workers == 1 else 0,
     )
     return tune.Tuner(
         trainable,
@@ -170,7 +172,8 @@ def run_search(plan: Any) -> None:
     from trainables import make_trainable
 
     max_concurrent = fit_concurrency(plan)
-    trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode)
+    trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode,
+                               teachers=plan.teachers)
     if plan.resume:
         check_resumable(plan.local_dir)
         tuner = restore_tuner(plan.experiment, trainable)

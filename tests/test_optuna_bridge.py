@@ -115,3 +115,69 @@ def test_trial_ending_early_on_its_own_is_complete_when_asha_did_not_stop_it(tmp
     short, stopped = stored_trials(db)
     assert short.state == TrialState.COMPLETE and short.value == pytest.approx(0.35)
     assert stopped.state == TrialState.PRUNED
+
+
+FORK_SPACE = """\
+fixed: {model: mobilenet_v3_small, epochs: 2, student_epochs: 1}
+parameters:
+  loss: {choice: [ce, focal]}
+  focal_gamma: {uniform: [1.0, 2.0], when: {loss: focal}}
+  lr: {loguniform: [1.0e-3, 5.0e-3]}
+  pseudo_threshold: {uniform: [0.3, 0.9]}
+searcher: {seed: 0, n_startup_trials: 1, student_forks: 1, baseline: {loss: ce}}
+"""
+
+
+def fork_searcher(tmp_path, forks: int = 1):
+    path = tmp_path / "forks.yaml"
+    path.write_text(FORK_SPACE.replace("student_forks: 1", f"student_forks: {forks}"))
+    space = load_space(str(path))
+    return PruningOptunaSearch(space=space, metric="val_macro_f1", mode="max",
+                               points_to_evaluate=[space.baseline_point()], sampler=space.build_sampler(),
+                               storage=open_study_storage(str(tmp_path / "optuna.db")), study_name="forks",
+                               max_t=space.max_t, teacher_epochs=space.teacher_epochs,
+                               student_forks=space.student_forks)
+
+
+def report(searcher, trial_id, values):
+    for epoch, value in enumerate(values, start=1):
+        searcher.on_trial_result(trial_id, {"epoch": epoch, "val_macro_f1": value, "training_iteration": epoch})
+
+
+TEACHER_KNOBS = ("loss", "focal_gamma", "lr")
+
+
+def test_a_finished_teacher_is_forked_into_trials_that_search_only_stage_two(tmp_path):
+    """Once a trial reports the teacher's last epoch, the next trials take the best finished
+    teacher's knobs (the stage-2 knob sampled anew), each teacher at most student_forks
+    times; a teacher still training or stopped before its last epoch is not forked."""
+    searcher = fork_searcher(tmp_path, forks=2)
+    first = searcher.suggest("first")
+    second = searcher.suggest("second")
+    report(searcher, "second", [0.2])  # stopped after epoch 1 of 2: no finished teacher
+    assert searcher.teacher_to_fork() is None
+    report(searcher, "first", [0.3, 0.5])  # the teacher's last epoch
+    forks = [searcher.suggest(f"fork{i}") for i in range(2)]
+    for fork in forks:
+        assert {k: fork.get(k) for k in TEACHER_KNOBS} == {k: first.get(k) for k in TEACHER_KNOBS}
+    assert len({first["pseudo_threshold"], *(f["pseudo_threshold"] for f in forks)}) == 3
+    report(searcher, "fork0", [0.3, 0.5, 0.6])  # a fork's teacher is its parent's: no third fork
+    fresh = searcher.suggest("fresh")
+    assert {k: fresh.get(k) for k in TEACHER_KNOBS} != {k: first.get(k) for k in TEACHER_KNOBS}
+    assert second != first
+    study = optuna.load_study(study_name="forks", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    parents = [t.user_attrs.get("teacher_of_trial") for t in study.get_trials(deepcopy=False)]
+    assert parents == [None, None, 0, 0, None]
+
+
+def test_the_best_finished_teacher_is_forked_first_and_forks_survive_a_restore(tmp_path):
+    searcher = fork_searcher(tmp_path)
+    configs = {name: searcher.suggest(name) for name in ("a", "b")}
+    report(searcher, "a", [0.3, 0.4])
+    report(searcher, "b", [0.3, 0.6])
+    fork = searcher.suggest("fork")
+    assert fork["lr"] == configs["b"]["lr"]
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = fork_searcher(tmp_path)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.teacher_to_fork()[0]["lr"] == configs["a"]["lr"]  # b was forked once: a is next

@@ -161,3 +161,25 @@ def test_the_longest_course_counts_the_search_run_as_a_seed():
     assert race().longest() == 7  # 3 + 3 fresh seeds, the baseline once
     assert race(prior={"rank1": 0.6}).longest() == 6
     assert RaceState(contenders=["rank1"], baseline=BASELINE, seeds=[1], prior={"rank1": 0.6}).longest() == 2
+
+
+def test_a_run_whose_teacher_a_running_run_is_training_waits_for_it(tmp_path):
+    """rank1 and rank2 share a teacher (they differ in stage-2 knobs only): rank2's seed-1
+    run waits while rank1's seed-1 run is in stage 1, the baseline starts first; once rank1
+    has reported the teacher's last epoch (the teacher is in the store) rank2 starts and
+    trains stage 2 alone. A resumed searcher keeps what it knew."""
+    teachers = {"rank1": "t-a", "rank2": "t-a", BASELINE: "t-b"}
+    searcher = RacingSearcher(race(), "val_macro_f1", teachers=teachers, teacher_epochs=8)
+    assert searcher.suggest("a") == {"candidate": "rank1", "seed": 1}
+    assert searcher.suggest("b") == {"candidate": BASELINE, "seed": 1}  # rank2 waits for its teacher
+    assert searcher.blocked() == {("rank2", 1)}
+    assert searcher.suggest("c") is None
+    searcher.on_trial_result("a", {"epoch": 7, "val_macro_f1": 0.5})
+    assert searcher.suggest("c") is None
+    searcher.on_trial_result("a", {"epoch": 8, "val_macro_f1": 0.6})
+    searcher.save(str(tmp_path / "race.json"))
+    resumed = RacingSearcher(race(), "val_macro_f1")
+    resumed.restore(str(tmp_path / "race.json"))
+    assert resumed.blocked() == frozenset() and resumed.teachers == teachers
+    assert resumed.suggest("c") == {"candidate": "rank2", "seed": 1}
+    assert next_run(race(), frozenset({("rank1", 1), ("rank2", 1), (BASELINE, 1)})) == WAIT  # not DONE

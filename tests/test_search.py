@@ -417,3 +417,53 @@ def test_trial_that_raises_is_recorded_and_the_search_goes_on(ray_cluster, tmp_p
     assert len(failed) == 1 and "no such file" in failed["error"].iloc[0]
     assert summary["winner"]["trial_id"] == frame[frame["baseline"]]["trial_id"].iloc[0]
     assert sorted(stored_states(tmp_path / "runs" / "failing", "failing")) == ["COMPLETE", "FAIL"]
+
+
+FORKED_SPACE = """\
+fixed: {model: mobilenet_v3_small, epoch_images: 0, epochs: 1, student_epochs: 1, image_size: 32, batch_size: 128,
+        pseudo_threshold: 0.0, pseudo_temperature: false}
+parameters:
+  lr: {loguniform: [1.0e-3, 5.0e-3]}
+  pseudo_weight: {uniform: [0.2, 1.0]}   # a stage-2 knob: forks search it on a shared teacher
+searcher: {sampler: random, seed: 0, student_forks: 1, baseline: {lr: 0.002, pseudo_weight: 1.0}}
+scheduler: {grace_period: 1}
+run: {num_samples: 3, max_concurrent: 1, confirm_top: 0}
+"""
+
+
+@pytest.mark.slow
+def test_a_stage_aware_search_forks_a_finished_teacher_into_a_stage_two_trial(ray_cluster, tmp_path, capsys):
+    """student_forks 1, one trial at a time: the baseline's teacher finishes, so the second
+    trial takes its teacher knobs (Optuna samples only pseudo_weight), finds the teacher in
+    the experiment's store and trains stage 2 alone, its teacher epoch reported as the
+    baseline's; the third trial draws a teacher of its own."""
+    import optuna
+
+    space = tmp_path / "forked.yaml"
+    space.write_text(FORKED_SPACE)
+    storage = tmp_path / "runs"
+    code, out, err = run_cli(["--space", space, "--storage", storage, "--data",
+                              fifth_of_the_demo_data(tmp_path / "data")], capsys)
+    assert code == 0, out[-3000:] + err[-3000:]
+    experiment = storage / "forked"
+    frame, summary = check_outputs(experiment, trials=3, params=("lr", "pseudo_weight"))
+    assert frame["teacher_shared"].tolist() == [False, True, False]
+    baseline, fork, fresh = (frame.iloc[i] for i in range(3))
+    assert frame["epochs_run"].tolist()[:2] == [2, 2]  # the third: 1 or 2, as ASHA decides
+    assert frame["epochs_trained"].tolist() == [2, 1, fresh["epochs_run"]]
+    assert fork["lr"] == baseline["lr"] == 0.002 and fresh["lr"] != 0.002
+    assert fork["pseudo_weight"] != baseline["pseudo_weight"]
+    folders = {row["trial_id"]: next(experiment.glob(f"trial_{row['trial_id']}*")) for _, row in frame.iterrows()}
+    curves = {trial: [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()]
+              for trial, folder in folders.items()}
+    baseline_rows, fork_rows = curves[baseline["trial_id"]], curves[fork["trial_id"]]
+    assert fork_rows[0]["val_macro_f1"] == baseline_rows[0]["val_macro_f1"] and fork_rows[0]["teacher_shared"]
+    assert "teacher_shared" not in fork_rows[1] and fork_rows[1]["stage"] == "student"
+    assert len(list((experiment / "teachers").glob("teacher-*.pt"))) == 2  # the baseline's and the third's
+    final = torch_load(folders[fork["trial_id"]] / "best.pt")
+    assert final["config"]["pseudo_weight"] == pytest.approx(fork["pseudo_weight"])  # its own stage-2 knobs
+    study = optuna.load_study(study_name="forked", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    assert [t.user_attrs.get("teacher_of_trial") for t in study.get_trials(deepcopy=False)] == [None, 0, None]
+    assert summary["teacher_shared"] == {"runs": 1, "epochs": 1}
+    assert summary["epochs_trained"] == 3 + fresh["epochs_run"]
+    assert "1 run(s) started at stage 2 from a teacher an earlier run had trained" in out

@@ -143,6 +143,14 @@ BAD = {
         VALID.replace("baseline: {loss: ce}", "sampler: cmaes"),
         ["searcher.sampler", "unknown sampler 'cmaes'", "tpe, random"],
     ),
+    "student forks with no stage-2 knob searched": (
+        VALID.replace("  baseline: {loss: ce}", "  student_forks: 1\n  baseline: {loss: ce}"),
+        ["line 14", "searcher.student_forks", "searches no stage-2 knob", "pseudo_threshold", "set it to 0"],
+    ),
+    "negative student forks": (
+        VALID.replace("  baseline: {loss: ce}", "  student_forks: -1\n  baseline: {loss: ce}"),
+        ["searcher.student_forks"],
+    ),
     "grace period beyond max_t": (
         VALID.replace("grace_period: 1", "grace_period: 5"),
         ["scheduler.grace_period", "beyond max_t = epochs + student_epochs = 3"],
@@ -234,6 +242,18 @@ def test_space_choices_follow_the_lookup_dicts(tmp_path, field):
     assert f"parameters.{field}.choice.1" in message, message
     assert f"{field}='no_such_{field}' is not allowed" in message, message
     assert f"Choose one of: {', '.join(allowed)}" in message, message
+
+
+def test_student_forks_with_a_stage_two_knob_parse():
+    text = VALID.replace("  baseline: {loss: ce}", "  student_forks: 2\n  baseline: {loss: ce}").replace(
+        "  lr:\n", "  pseudo_threshold:\n    uniform: [0.3, 0.9]\n  lr:\n")
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        space = load_space(write(Path(tmp), text))
+    assert (space.student_forks, space.teacher_epochs, space.max_t) == (2, 2, 3)
+    assert load_space("smoke").student_forks == 0
 
 
 def test_with_budget_shrinks_the_horizon():

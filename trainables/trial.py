@@ -33,6 +33,7 @@ import pyarrow.fs
 import ray  # plain ray; ray.tune and ray.train are imported where used (import trainables stays light)
 
 from fer.config import TrialConfig, apply_overrides
+from fer.teachers import TeacherStore
 from trainables.checkpoints import checkpoint_config, resume_state, train_run_name
 from trainables.release import record_placement_group, release_on_stop, remove_recorded
 from trainables.resources import TrialResources, process_group_backend, scaling_config, trial_resources
@@ -41,6 +42,7 @@ from trainables.worker import (
     RankJob,
     detect_device,
     raise_if_diverged,
+    replay_shared_teacher,
     run_rank,
     train_worker,
     tune_report,
@@ -55,23 +57,30 @@ RAY_TRAIN_LOG_LEVEL = "WARNING"
 
 
 def pipeline_trial(config: dict[str, Any], data: DataRef, resources: TrialResources = TrialResources(),
-                   metric: str = "val_macro_f1", mode: str = "max") -> None:
+                   metric: str = "val_macro_f1", mode: str = "max", teachers: str | None = None) -> None:
     """Tune function trainable. `config` holds TrialConfig field overrides (the sampled
-    search parameters plus any fixed values); `data`, `resources` and the search's
-    `metric`/`mode` (which checkpoint storage keeps) come through `tune.with_parameters`
-    (use `make_trainable`). A retried or restored trial resumes after its last reported
-    epoch; one that diverged before fails again at once instead of retraining."""
+    search parameters plus any fixed values); `data`, `resources`, the search's
+    `metric`/`mode` (which checkpoint storage keeps) and `teachers` come through
+    `tune.with_parameters` (use `make_trainable`). A retried or restored trial resumes after
+    its last reported epoch; one that diverged before fails again at once instead of
+    retraining. With `teachers` (a fer.teachers.TeacherStore folder), a single-worker trial
+    stores its finished teacher there, and one whose teacher is there already starts at
+    stage 2 (multi-worker trials train their own: every rank would have to see the file)."""
     from ray import tune
 
     started = time.time()
     logging.getLogger("ray.train._internal.storage").setLevel(RAY_TRAIN_LOG_LEVEL)  # see RAY_TRAIN_LOG_LEVEL
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_overrides(TrialConfig(), config, source=f"trial {trial_id} config")
+    shared = teachers if resources.workers == 1 else None
     job = RankJob(cfg=cfg, data=data, trial_dir=trial_folder(),
-                  threads=max(1, int(resources.cpus_per_worker)), started=started)
+                  threads=max(1, int(resources.cpus_per_worker)), started=started, teachers=shared)
     raise_if_diverged(job.trial_dir)
     if resources.workers == 1:
-        run_rank(job, 0, tune_report, detect_device(in_train_worker=False), resume_state(tune.get_checkpoint()))
+        resume = resume_state(tune.get_checkpoint())
+        if resume is None and shared is not None:
+            resume = replay_shared_teacher(TeacherStore(shared), cfg)
+        run_rank(job, 0, tune_report, detect_device(in_train_worker=False), resume)
     else:
         run_worker_group(job, resources, trial_id, metric, mode)
 
@@ -116,13 +125,13 @@ def _per_worker(loop_config: dict[str, Any]) -> None:
 
 def candidate_trial(config: dict[str, Any], data: DataRef, candidates: dict[str, dict[str, Any]],
                     resources: TrialResources = TrialResources(), metric: str = "val_macro_f1",
-                    mode: str = "max") -> None:
+                    mode: str = "max", teachers: str | None = None) -> None:
     """Tune function trainable for repeated runs of known configurations: `config` is
     {"candidate": NAME, "seed": S}, and the trial runs `candidates[NAME]` with seed S
     (initial weights, sampling order and augmentation all follow the seed). Tune's table
     and trials.csv then show which configuration and seed a run is."""
     chosen = {**candidates[config["candidate"]], "seed": int(config["seed"])}
-    pipeline_trial(chosen, data, resources, metric, mode)
+    pipeline_trial(chosen, data, resources, metric, mode, teachers)
 
 
 def put_dataset(dataset: Any) -> DataRef:
@@ -131,11 +140,14 @@ def put_dataset(dataset: Any) -> DataRef:
 
 
 def make_trainable(data: Any, resources: TrialResources = TrialResources(), metric: str = "val_macro_f1",
-                   mode: str = "max", candidates: dict[str, dict[str, Any]] | None = None) -> Callable[..., Any]:
+                   mode: str = "max", candidates: dict[str, dict[str, Any]] | None = None,
+                   teachers: str | None = None) -> Callable[..., Any]:
     """`pipeline_trial` with the data reference, resources and the search metric bound: give
     it to `tune.Tuner`, with `checkpoint_config(tune.CheckpointConfig, metric, mode)` in its
     RunConfig. `data` is a `fer.data.Dataset` (put into the object store here, once) or a
-    `DataRef`. With `candidates` (name -> TrialConfig overrides) it is `candidate_trial`."""
+    `DataRef`. With `candidates` (name -> TrialConfig overrides) it is `candidate_trial`.
+    `teachers`: a folder every trial can read and write where finished teachers are shared
+    (fer.teachers; None: each trial trains its own)."""
     from ray import tune
 
     from trainables.internals import name_trial_actors
@@ -144,10 +156,11 @@ def make_trainable(data: Any, resources: TrialResources = TrialResources(), metr
     name_trial_actors(pipeline_trial)
     name_trial_actors(candidate_trial)
     if candidates is None:
-        bound = tune.with_parameters(pipeline_trial, data=ref, resources=resources, metric=metric, mode=mode)
+        bound = tune.with_parameters(pipeline_trial, data=ref, resources=resources, metric=metric, mode=mode,
+                                     teachers=teachers)
     else:
         bound = tune.with_parameters(candidate_trial, data=ref, candidates=candidates, resources=resources,
-                                     metric=metric, mode=mode)
+                                     metric=metric, mode=mode, teachers=teachers)
     return tune.with_resources(bound, trial_resources(resources))
 
 

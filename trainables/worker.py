@@ -18,8 +18,9 @@ from typing import Any, Callable
 import ray
 import torch
 
-from fer.config import TrialConfig
+from fer.config import SHARED_TEACHER_KEY, TrialConfig
 from fer.state import PipelineState
+from fer.teachers import TeacherStore, teacher_finished
 from trainables.checkpoints import checkpoint_dir_name, report_with_checkpoint, resume_state
 
 TIMING_FILE = "trial_timing.json"  # wall-clock marks of the trial (rank 0), for overhead checks
@@ -59,6 +60,7 @@ class RankJob:
     trial_dir: str  # where rank 0 writes TensorBoard logs, pipeline outputs and timings
     threads: int  # torch intra-op threads: the CPUs the rank was given
     started: float  # wall-clock time the trial function was entered
+    teachers: str | None = None  # a fer.teachers.TeacherStore folder: finished teachers are shared
 
 
 def detect_device(in_train_worker: bool) -> torch.device:
@@ -81,7 +83,9 @@ def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict, Pi
     torch.set_num_threads(job.threads)
     data = job.data.get()
     writer = _make_writer(job.trial_dir) if rank == 0 else None
-    marks = {"trial_start": job.started, "pipeline_start": time.time()}
+    marks: dict[str, Any] = {"trial_start": job.started, "pipeline_start": time.time()}
+    if job.teachers is not None and rank == 0:
+        report = storing_teachers(TeacherStore(job.teachers), job.cfg, report)
     if resume is not None:
         marks["resumed_after_epoch"] = resume.global_epoch(job.cfg.epochs)
         if rank == 0:
@@ -101,6 +105,40 @@ def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict, Pi
     if rank == 0:
         with open(os.path.join(job.trial_dir, TIMING_FILE), "w", encoding="utf-8") as handle:
             json.dump(marks, handle)
+
+
+def storing_teachers(store: TeacherStore, cfg: TrialConfig,
+                     report: Callable[[dict[str, Any], dict, PipelineState], None]
+                     ) -> Callable[[dict[str, Any], dict, PipelineState], None]:
+    """`report` that first stores the finished teacher (before Tune hears of its last epoch,
+    so a trial forked from it finds it), unless the store has it already."""
+
+    def report_and_store(metrics: dict[str, Any], checkpoint: dict, state: PipelineState) -> None:
+        if teacher_finished(cfg, state) and not os.path.isfile(store.path(cfg)):
+            store.save(cfg, metrics, checkpoint, state)
+        report(metrics, checkpoint, state)
+
+    return report_and_store
+
+
+def replay_shared_teacher(store: TeacherStore, cfg: TrialConfig) -> PipelineState | None:
+    """If the store holds cfg's teacher, report its epochs as this trial's own (the same
+    numbers: the same teacher), marked SHARED_TEACHER_KEY, the last with its checkpoint and state,
+    and return the state to run stage 2 from; None when there is no such teacher. Tune's
+    scheduler and searcher see the curve a trained teacher would have given."""
+    from ray import tune
+
+    shared = store.load(cfg)
+    if shared is None:
+        return None
+    best = float("-inf")
+    for metrics in shared.state.fit.history[:-1]:
+        best = max(best, float(metrics["val_macro_f1"]))
+        tune.report({**metrics, BEST_KEY: best, SHARED_TEACHER_KEY: True})
+    tune_report({**shared.metrics, SHARED_TEACHER_KEY: True}, shared.checkpoint, shared.state)
+    print(f"teacher shared: stage 1 of this configuration was trained by an earlier run ({store.path(cfg)}); "
+          f"its {len(shared.state.fit.history)} epochs replayed, stage 2 starts now", flush=True)
+    return shared.state
 
 
 def raise_if_diverged(trial_dir: str) -> None:
