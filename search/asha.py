@@ -25,9 +25,12 @@ STATE_FILE = "asha_state.json"
 
 
 class PersistentASHA(AsyncHyperBandScheduler):
-    """AsyncHyperBandScheduler that saves and reloads its rung history."""
+    """AsyncHyperBandScheduler that saves and reloads its rung history. A trial whose config
+    holds every item of `keep` (the plain baseline, when the confirmation takes its search run
+    as the baseline's run: search/confirm.py) runs to the end; its scores still enter the rungs."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, keep: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._keep = dict(keep or {})
         # Ray's default stops a trial the moment it reports epoch max_t, which kills the
         # pipeline before its post-hoc step writes the final checkpoint (best.pt); a
         # trial that reaches max_t is done anyway, so let it return on its own. The same
@@ -50,7 +53,9 @@ class PersistentASHA(AsyncHyperBandScheduler):
             return TrialScheduler.STOP
         action = super().on_trial_result(tune_controller, trial, result)  # records the rung
         time_attr, max_t = internals.asha_horizon(self)
-        if result.get(time_attr, -1) >= max_t:
+        if self._keep and all(trial.config.get(k) == v for k, v in self._keep.items()):
+            action = TrialScheduler.CONTINUE
+        elif result.get(time_attr, -1) >= max_t:
             # Its last epoch: stopping it now saves no training, only kills the pipeline's
             # final step (best.pt). This was a search's intermittently missing best.pt:
             # with grace_period 1 and max_t 1 the only rung is at max_t.

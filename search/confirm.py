@@ -22,7 +22,6 @@ their last checkpoint, and the race goes on from Tune's saved searcher state.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import statistics
@@ -30,18 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from search.baseline import AFTER_TRAINING, plain_config, search_baseline_is_plain, training_of
 from search.report import TrialRecord, collect_trials, rank_trials
 
 CONFIRM_DIR = "confirm"  # the confirmation's Tune experiment, inside the search's folder
 CONFIRM_SPEC = "confirm_spec.json"
 BASELINE = "baseline"
-# The baseline as a user without this tool would train it: plain cross-entropy on the
-# natural class mix, no class weights, no cap, argmax (no post-hoc offsets). Everything
-# else (model, budget, augmentation, stage 2) is the search's own baseline point.
-PLAIN = {"loss": "ce", "label_smoothing": 0.0, "class_weights": "none", "sampler": "uniform", "class_cap": 0,
-         "posthoc": "none"}
-
-
 @dataclass
 class Candidate:
     """One configuration the confirmation retrains."""
@@ -53,6 +46,9 @@ class Candidate:
     # That trial's score when it ran the full budget (ASHA did not stop it): counted as one
     # value of the configuration, from the search's seed (search/racing.py, rule 2).
     prior: float | None = None
+    # The plain baseline only: the search's seed when its search trial, which trains like the
+    # plain baseline and ran the full budget (ASHA keeps it: search/tuner.py), is its run.
+    search_seed: int | None = None
     runs: list[TrialRecord] = field(default_factory=list)  # filled in by collect_confirmation
     seeds: dict[str, int] = field(default_factory=dict)  # run trial id -> seed
 
@@ -76,9 +72,10 @@ class Candidate:
 
     def best_run(self, mode: str) -> TrialRecord | None:
         """The run handed on (tested, exported): the fresh seed with the best validation
-        score, ties to the lower seed. Never the search's run, whose score is the best of
-        several trials (the winner's curse); the baseline's is a fresh seed too, so the test
-        comparison is between two runs trained alike."""
+        score, ties to the lower seed. Never a contender's search run, whose score is the best
+        of several trials (the winner's curse). The plain baseline's run may be its search
+        run: the baseline was fixed before the search and picked by no score, so its run is
+        as unbiased a draw as a fresh seed, trained alike (the full budget)."""
         sign = 1.0 if mode == "max" else -1.0
         done = [r for r in self.runs if r.status == "TERMINATED" and r.best(mode)[1] is not None]
         return max(done, key=lambda r: (sign * r.best(mode)[1], -self.seeds[r.trial_id]), default=None)
@@ -93,22 +90,17 @@ def confirm_seeds(space: Any, count: int) -> list[int]:
     return [base + 1 + r for r in range(count)]
 
 
-# TrialConfig fields that act only after training: two configurations that differ in these
-# alone train the same model and score the same val macro-F1 (the metric is argmax), so
-# confirming both would spend runs on a tie.
-AFTER_TRAINING = ("posthoc",)
-
-
 def choose_candidates(records: list[TrialRecord], space: Any, top: int) -> tuple[list[Candidate], list[str]]:
     """The `top` best configurations of the search by best score that train differently
     from each other and from the plain baseline, then the plain baseline; and a note for
     each configuration passed over. A configuration whose search trial ran the full budget
-    carries that score as its `prior`."""
-    baseline = {k: v for k, v in {**space.fixed, **space.baseline_point(), **PLAIN}.items() if k != "seed"}
-    seen, chosen, notes = [_training(space, baseline)], [], []
+    carries that score as its `prior`; the plain baseline carries its search trial's seed
+    when that trial trains like it and ran the full budget (`with_search_run`)."""
+    baseline = plain_config(space)
+    seen, chosen, notes = [training_of(space, baseline)], [], []
     for record in rank_trials(records, space.mode):
         config = {k: v for k, v in record.config.items() if k != "seed"}
-        training = _training(space, config)
+        training = training_of(space, config)
         if training in seen:
             what = "the plain baseline" if training == seen[0] else "a better-ranked configuration"
             notes.append(f"search trial {record.trial_id} trains like {what} (it differs at most in "
@@ -120,20 +112,30 @@ def choose_candidates(records: list[TrialRecord], space: Any, top: int) -> tuple
         chosen.append(Candidate(f"rank{len(chosen) + 1}", config, record.trial_id, score, score if full else None))
         if len(chosen) == top:
             break
-    return chosen + [Candidate(BASELINE, baseline)], notes
+    plain = Candidate(BASELINE, baseline)
+    search_baseline = next((r for r in records if r.baseline), None)
+    if search_baseline is not None and search_baseline.status == "TERMINATED" and \
+            not search_baseline.stopped_early and search_baseline_is_plain(space):
+        plain.search_trial, plain.search_val = search_baseline.trial_id, search_baseline.best(space.mode)[1]
+        plain.search_seed = int(search_baseline.config.get("seed", space.trial_config({}).seed))
+    return chosen + [plain], notes
 
 
-def _training(space: Any, config: dict[str, Any]) -> dict[str, Any]:
-    """What decides the trained weights: the full TrialConfig less the seed (the confirmation
-    sets its own) and the fields that act after training."""
-    full = dataclasses.asdict(space.trial_config(config))
-    return {k: v for k, v in full.items() if k not in ("seed", *AFTER_TRAINING)}
+def with_search_run(candidates: list[Candidate], records: list[TrialRecord]) -> list[Candidate]:
+    """The plain baseline with its search trial as one of its runs, where it carries a
+    search seed (choose_candidates): the race then gives it no fresh seed."""
+    by_id = {r.trial_id: r for r in records}
+    for c in candidates:
+        if c.search_seed is not None and c.search_trial in by_id and c.search_trial not in c.seeds:
+            c.runs.append(by_id[c.search_trial])
+            c.seeds[c.search_trial] = c.search_seed
+    return candidates
 
 
 def write_confirm_spec(folder: Path, candidates: list[Candidate], seeds: list[int]) -> None:
     spec = {"seeds": seeds, "candidates": [
         {"name": c.name, "config": c.config, "search_trial": c.search_trial, "search_val": c.search_val,
-         "prior": c.prior} for c in candidates]}
+         "prior": c.prior, "search_seed": c.search_seed} for c in candidates]}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIRM_SPEC).write_text(json.dumps(spec, indent=2, default=str))
 
@@ -186,6 +188,7 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
         write_confirm_spec(plan.local_dir, candidates, seeds)
     else:  # resumed: the same candidates, whatever the search's records say now
         candidates, seeds = saved
+    candidates = with_search_run(candidates, records)
     trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode,
                                candidates={c.name: c.config for c in candidates}, teachers=plan.teachers)
     counted = [c.name for c in candidates if c.prior is not None]
@@ -282,7 +285,9 @@ def describe(candidate: Candidate, mode: str, dropped: str | None = None) -> dic
         "val_mean": candidate.mean(mode),
         "val_sd": sd,
         "runs": [{"trial_id": r.trial_id, "seed": candidate.seeds[r.trial_id], "val": r.best(mode)[1],
-                  "status": r.status} for r in sorted(candidate.runs, key=lambda r: candidate.seeds[r.trial_id])],
+                  "status": r.status, "teacher_shared": r.shared_epochs > 0,
+                  "search_run": candidate.search_seed is not None and r.trial_id == candidate.search_trial}
+                 for r in sorted(candidate.runs, key=lambda r: candidate.seeds[r.trial_id])],
     }
 
 
@@ -291,8 +296,10 @@ def format_candidate(summary: dict[str, Any], metric: str) -> str:
     spread = "n/a" if mean is None else f"{mean:.4f}"
     if mean is not None and sd is not None and math.isfinite(sd):
         spread += f" ± {sd:.4f}"
-    seeds = ", ".join(f"{r['seed']}: {r['val']:.4f}" if r["val"] is not None and r["status"] == "TERMINATED"
-                      else f"{r['seed']}: {r['status']}" for r in summary["runs"])
+    seeds = ", ".join((f"{r['seed']}: {r['val']:.4f}" if r["val"] is not None and r["status"] == "TERMINATED"
+                       else f"{r['seed']}: {r['status']}") + (" (teacher shared)" if r.get("teacher_shared") else "")
+                      + (" (its search run)" if r.get("search_run") else "")
+                      for r in summary["runs"])
     origin = ""
     if summary["search_trial"]:
         counted = ", counted: it ran the full budget" if summary.get("search_run_counted") else ""

@@ -89,8 +89,9 @@ def evaluate_on_test(winner: TrialRecord, baseline: TrialRecord | None, dataset:
     classes, labels = list(dataset.classes), dataset.splits["test"].labels
     rare = [classes[i] for i in dataset.class_counts("train").argsort(kind="stable")[:2]]
     reads = {"winner": read_test(winner, dataset, winner_loaded or load_trial(winner, metric, mode))}
-    if baseline is not None:
-        reads["baseline"] = read_test(baseline, dataset, load_trial(baseline, metric, mode))
+    if baseline is not None:  # the plain baseline decides by argmax, also when its run is the search's
+        path, ckpt = load_trial(baseline, metric, mode)
+        reads["baseline"] = read_test(baseline, dataset, (path, {**ckpt, "posthoc_offsets": None}))
     result: dict[str, Any] = {"reads": len(reads), "rare_classes": rare}
     for role, read in reads.items():
         metrics = read["metrics"]
@@ -207,7 +208,7 @@ def confirm_winner(plan: Any, records: list[TrialRecord], wall_s: float) -> tupl
     confirm_s = time.time() - started
     sync_down(plan)
     candidates = collect_confirmation(plan.local_dir, candidates, space.metric, space.time_attr, space.max_t)
-    runs = [r for c in candidates for r in c.runs]
+    runs = [r for c in candidates for r in c.runs if r.stage == "confirm"]  # the baseline's search run is a search row
     write_trials_csv(records + runs, [p.name for p in space.parameters], space.metric, space.mode,
                      plan.local_dir / TRIALS_CSV)
     seeds = confirm_seeds(space, plan.confirm_seeds)

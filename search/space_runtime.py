@@ -135,6 +135,9 @@ class Space:
             f"  searcher: optuna {self.sampler} (seed {self.seed}), baseline first: "
             + ", ".join(f"{k}={v}" for k, v in self.baseline_point().items())
         )
+        if self.student_forks:
+            lines.append(f"  stage-aware: each teacher that finishes stage 1 is reused by up to {self.student_forks} "
+                         "more trial(s) searching only the stage-2 knobs (single-worker trials, local storage)")
         lines.append(
             f"  scheduler: ASHA on {self.time_attr}, grace {self.grace_period}, "
             f"reduction {self.reduction_factor}, max_t {self.max_t}"

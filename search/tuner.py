@@ -126,16 +126,23 @@ def build_tuner(plan: Any, trainable: Any, max_concurrent: int, *, asha: bool = 
     from ray import tune
 
     from search.asha import PersistentASHA
+    from search.baseline import search_baseline_is_plain
     from search.internals import check_versions
     from search.optuna_bridge import PruningOptunaSearch, open_study_storage
 
     check_versions()  # the door to ASHA's and OptunaSearch's internals: one line if untested
     space = plan.space
+    # With the confirmation on, the plain baseline needs one full-budget run: where the
+    # search's baseline trial trains like it, ASHA lets that trial run to the end and the
+    # confirmation takes it (search/confirm.py) instead of starting another.
+    keep = space.baseline_point() if plan.confirm_top and plan.confirm_seeds and search_baseline_is_plain(space) \
+        else None
     scheduler = PersistentASHA(
         time_attr=space.time_attr,
         max_t=space.max_t,
         grace_period=space.grace_period,
         reduction_factor=space.reduction_factor,
+        keep=keep,
     ) if asha else None
     Path(plan.study_path).parent.mkdir(parents=True, exist_ok=True)
     searcher = PruningOptunaSearch(

@@ -137,3 +137,22 @@ def test_a_trial_under_the_cutoff_of_a_rung_at_max_t_still_finishes(tmp_path):
         plain.on_trial_add(None, trial)
         last = plain.on_trial_result(None, trial, {"epoch": 1, "val_macro_f1": score})
     assert last == TrialScheduler.STOP
+
+
+def test_the_kept_plain_baseline_runs_to_the_end_and_still_sets_the_cutoffs(tmp_path):
+    """With the confirmation on, the search's baseline trial is the plain baseline's
+    full-budget run (search/confirm.py): ASHA never stops it, whatever it scores, and its
+    scores still enter the rungs (a weaker trial after it is stopped)."""
+    scheduler = PersistentASHA(time_attr="epoch", metric="val_macro_f1", mode="max", max_t=MAX_T, grace_period=1,
+                               reduction_factor=2, keep={"loss": "ce", "lr": 0.002})
+    decisions = {}
+    for trial_id, config, score in (("strong", {"loss": "focal", "lr": 0.002}, 0.9),
+                                    ("baseline", {"loss": "ce", "lr": 0.002}, 0.1),
+                                    ("weak", {"loss": "ce", "lr": 0.004}, 0.05)):
+        trial = SimpleNamespace(trial_id=trial_id, config=config,
+                                storage=SimpleNamespace(experiment_driver_staging_path=str(tmp_path)))
+        scheduler.on_trial_add(None, trial)
+        decisions[trial_id] = [scheduler.on_trial_result(None, trial, {"epoch": e, "val_macro_f1": score})
+                               for e in range(1, MAX_T + 1)]
+    assert set(decisions["baseline"]) == {TrialScheduler.CONTINUE}
+    assert decisions["weak"][0] == TrialScheduler.STOP and scheduler.stopped_early == {"weak"}

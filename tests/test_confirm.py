@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from search.confirm import BASELINE, PLAIN, Candidate, choose_candidates, confirm_seeds, describe, pick_confirmed
+from search.baseline import PLAIN, search_baseline_is_plain
+from search.confirm import (BASELINE, Candidate, choose_candidates, confirm_seeds, describe, format_candidate,
+                            pick_confirmed)
 from search.report import TrialRecord
 from search.space import load_space
 
@@ -45,6 +47,38 @@ def test_a_configuration_that_trains_like_the_plain_baseline_is_not_confirmed_tw
     assert "search trial base trains like the plain baseline" in notes[0] and "posthoc" in notes[0]
 
 
+def test_the_search_baseline_that_ran_the_full_budget_is_the_plain_baselines_run():
+    """It trains like the plain baseline (it differs in posthoc, which acts after training)
+    and was picked by no score: the race counts it and starts no baseline run; stopped by
+    ASHA, or a baseline that trains otherwise, and the baseline gets its fresh seed."""
+    from search.confirm import race_of, with_search_run
+    from search.racing import next_run
+
+    space = load_space("imbalance")
+    assert search_baseline_is_plain(space)
+    base = record("base", 0.55, **{**space.fixed, **space.baseline_point()}, seed=0)
+    base.baseline = True
+    records = [base, record("x", 0.60, loss="focal", lr=0.004)]
+    candidates, _ = choose_candidates(records, space, top=1)
+    plain = candidates[-1]
+    assert (plain.search_trial, plain.search_seed, plain.prior) == ("base", 0, None)
+    with_search_run(candidates, records)
+    with_search_run(candidates, records)  # a resumed confirmation adds it once
+    assert plain.runs == [base] and plain.seeds == {"base": 0} and plain.best_run("max") is base
+    assert describe(plain, "max")["runs"][0]["search_run"] is True
+    state = race_of(candidates, [1, 2], "max")
+    assert next_run(state) == ("rank1", 1)
+    state.running["rank1"] = {1}
+    assert next_run(state) == "wait"  # no baseline run to start
+
+    base.stopped_early = True
+    assert choose_candidates(records, space, top=1)[0][-1].search_seed is None
+    base.stopped_early = False
+    space.baseline = {**space.baseline, "class_weights": "inverse"}  # trains otherwise than plain CE
+    assert not search_baseline_is_plain(space)
+    assert choose_candidates(records, space, top=1)[0][-1].search_seed is None
+
+
 def test_confirmation_seeds_are_ones_the_search_never_used():
     space = load_space("imbalance")
     assert confirm_seeds(space, 3) == [1, 2, 3]  # the search's trials all ran with seed 0
@@ -70,8 +104,11 @@ def test_winner_is_the_best_mean_not_the_best_single_run():
     assert steady.best_run("max").trial_id == "rank2-2"
     assert plain.best_run("max").trial_id == "baseline-1"  # a tie goes to the lower seed
     assert candidate("one", {4: 0.5}).sd("max") is None  # one run has no spread
+    steady.runs[1].shared_epochs = 8  # its seed-2 run started from a teacher another run had trained
     summary = describe(steady, "max")
     assert [run["seed"] for run in summary["runs"]] == [1, 2, 3] and summary["runs"][2]["status"] == "ERROR"
+    assert [run["teacher_shared"] for run in summary["runs"]] == [False, True, False]
+    assert "[seed 1: 0.5000, 2: 0.5200 (teacher shared), 3: ERROR]" in format_candidate(summary, "val_macro_f1")
     assert pick_confirmed([plain], "max") is None
 
 

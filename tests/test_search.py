@@ -237,12 +237,34 @@ def search_trial_recorded(experiment: Path) -> bool:
         bool(searchers) and all(p.stat().st_size > 0 for p in searchers)
 
 
-def confirm_run_recorded(experiment: Path) -> bool:
-    """A confirmation run wrote its final checkpoint and Tune's state for the confirmation says TERMINATED."""
+def reported_epochs(trial_dir: Path) -> list[int]:
+    rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    return [int(row["epoch"]) for row in rows if "epoch" in row]
+
+
+def confirm_run_checkpointed(experiment: Path) -> bool:
+    """A confirmation run is in the middle: it has reported an epoch with a checkpoint, has
+    not finished (no final checkpoint), and Tune's saved state and the race's searcher state
+    both know it, so a resumed driver continues it after that checkpoint."""
     folder = experiment / "confirm"
-    done = [p for p in folder.glob("trial_*") if (p / "best.pt").is_file()]
     states = list(folder.glob("experiment_state-*.json"))
-    return bool(done) and any("TERMINATED" in p.read_text(errors="replace") for p in states)
+    searchers = list(folder.glob("searcher-state-*.pkl"))
+    if not states or not searchers or not all(p.stat().st_size > 0 for p in searchers):
+        return False
+    saved = " ".join(p.read_text(errors="replace") for p in states)
+    for trial_dir in folder.glob("trial_*"):
+        try:
+            started = bool(reported_epochs(trial_dir))
+        except (OSError, ValueError):  # not synced yet, or caught mid-write
+            continue
+        trial_id = trial_dir.name.split("_")[1]
+        checkpoints = [p.parent.name for p in trial_dir.glob("checkpoint_*/checkpoint.pt")]
+        # Tune's saved state has the trial running and its checkpoint registered: a state saved
+        # between the report and the registration would restart the run from epoch 1
+        if started and checkpoints and not (trial_dir / "best.pt").exists() and trial_id in saved \
+                and "RUNNING" in saved and any(name in saved for name in checkpoints):
+            return True
+    return False
 
 
 def count_test_reads(monkeypatch, test_images: np.ndarray) -> list[int]:
@@ -262,12 +284,14 @@ def count_test_reads(monkeypatch, test_images: np.ndarray) -> list[int]:
 
 @pytest.mark.slow
 def test_smoke_search_killed_twice_and_resumed_as_the_readme_says(ray_cluster, tmp_path, capsys, monkeypatch):
-    """The --smoke search end to end, typed as the README writes it, from the folder the user
-    is in: 2 trials, then the confirmation race (the best configuration and the plain
-    baseline, one fresh seed each: with one contender there is nothing to race). One run at
-    a time. The driver is SIGKILLed twice (no handler runs: nothing saved on the way out):
-    once a search trial has finished, and, after `--resume --name imbalance`, once the first
-    confirmation run has finished; neither finished run is trained again. The last resume
+    """The Quickstart's search at the --smoke budget end to end, typed as the README writes
+    it, from the folder the user is in: 2 trials (the second a fork of the baseline's
+    teacher), the baseline's run to the full budget (it is the plain baseline's run), then
+    the confirmation: the best configuration's one fresh seed (with one contender there
+    is nothing to race). One run at a time. The driver is SIGKILLed twice (no handler runs:
+    nothing saved on the way out): once a search trial has finished, and, after `--resume
+    --name imbalance`, in the middle of the confirmation run; the finished trial is not
+    trained again and the confirmation run goes on after its last checkpoint. The last resume
     reads test exactly twice (winner, baseline) and exports the winner; `search.export
     --experiment runs/imbalance --top-k 3` repeats the export from the folder alone."""
     from fer.data import load_dataset
@@ -276,52 +300,57 @@ def test_smoke_search_killed_twice_and_resumed_as_the_readme_says(ray_cluster, t
     dataset = load_dataset(data)
     export_dir = tmp_path / "deploy"
     experiment = tmp_path / "runs" / "imbalance"
-    argv = readme_argv("python -m search.run --space smoke --smoke")[3:]
+    argv = readme_argv("python -m search.run --space imbalance.yaml")[3:]
     resume = readme_argv("python -m search.run --resume --name imbalance")[3:]
-    sigkill_search_driver([*argv, "--data", data, "--export-dir", export_dir, "--max-concurrent", "1",
+    sigkill_search_driver([*argv, "--smoke", "--data", data, "--export-dir", export_dir, "--max-concurrent", "1",
                            "--name", "imbalance"],
                           tmp_path / "driver.log", lambda: search_trial_recorded(experiment), cwd=tmp_path)
     searched = {p.name: (p / "result.json").read_text()
                 for p in experiment.glob("trial_*") if (p / "best.pt").is_file()}
     assert len(searched) == 1 and not (experiment / "trials.csv").exists()
 
-    sigkill_search_driver(resume, tmp_path / "resumed.log", lambda: confirm_run_recorded(experiment), cwd=tmp_path)
+    sigkill_search_driver(resume, tmp_path / "resumed.log", lambda: confirm_run_checkpointed(experiment),
+                          cwd=tmp_path)
     assert not (experiment / "summary.json").exists()  # killed before any read of test
     for name, results in searched.items():  # finished before the first kill: kept, not run again
         assert (experiment / name / "result.json").read_text() == results
-    done = {p.name: (p / "result.json").read_text()
-            for p in (experiment / "confirm").glob("trial_*") if (p / "best.pt").is_file()}
-    assert len(done) == 1
+    assert not list((experiment / "confirm").glob("trial_*/best.pt"))  # killed mid-run
 
     test_images = dataset.splits["test"].images
     reads = count_test_reads(monkeypatch, test_images)
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(resume, capsys)
     assert code == 0, out[-3000:] + err[-3000:]
-    for name, results in done.items():  # finished before the kill: kept, not run again
-        assert (experiment / "confirm" / name / "result.json").read_text() == results
+    for name, results in searched.items():
+        assert (experiment / name / "result.json").read_text() == results
 
-    frame, summary = check_outputs(experiment, trials=2, confirm_runs=2)
-    confirm = frame[frame["stage"] == "confirm"]
-    assert sorted(confirm["candidate"]) == ["baseline", "rank1"]
-    assert sorted(confirm["seed"]) == [1, 1]  # fresh seeds: the search ran with seed 0
+    frame, summary = check_outputs(experiment, trials=2, confirm_runs=1)
+    search, confirm = frame[frame["stage"] == "search"], frame[frame["stage"] == "confirm"]
+    assert confirm["candidate"].tolist() == ["rank1"] and confirm["seed"].tolist() == [1]  # a fresh seed
     assert set(confirm["status"]) == {"TERMINATED"}
-    assert (confirm[confirm["candidate"] == "baseline"][["loss", "lr"]].drop_duplicates().values.tolist()
-            == [["ce", 0.002]])
+    (run_dir,) = (experiment / "confirm").glob("trial_*")
+    epochs = reported_epochs(run_dir)  # [1, 2], or [1] when no pool image passed the threshold
+    assert epochs == sorted(set(epochs)) and epochs[0] == 1  # resumed after its checkpoint: no epoch twice
+    assert json.loads((run_dir / "trial_timing.json").read_text())["resumed_after_epoch"] in (1, 2)
+    baseline = search[search["baseline"]].iloc[0]
+    assert not baseline["stopped_early"]  # ASHA let it run to the end (stage 2 may have kept no pool image)
 
     confirmation, test = summary["confirmation"], summary["test"]
     assert confirmation["winner"] == "rank1" and len(confirmation["candidates"]) == 2
-    assert (confirmation["runs"], confirmation["grid_runs"]) == (2, 4)
+    assert (confirmation["runs"], confirmation["grid_runs"]) == (1, 4)
     for candidate in confirmation["candidates"]:
         values = [run["val"] for run in candidate["runs"]]
         if candidate["search_run_counted"]:  # rank1's search trial ran the full budget: one more value
             values.append(candidate["search_val"])
         assert candidate["val_mean"] == pytest.approx(np.mean(values))
         assert candidate["val_sd"] == (pytest.approx(np.std(values, ddof=1)) if len(values) > 1 else None)
-    # the exported model is the winner's best-val seed run; the baseline's run is picked alike
-    rank1 = confirm[confirm["candidate"] == "rank1"]
-    best_run = rank1.loc[rank1["best_val_macro_f1"].idxmax(), "trial_id"]
+    plain = next(c for c in confirmation["candidates"] if c["name"] == "baseline")
+    assert [(r["trial_id"], r["seed"], r["search_run"]) for r in plain["runs"]] == [(baseline["trial_id"], 0, True)]
+    assert "(its search run)" in out
+    # the exported model is the winner's best-val seed run; the baseline's run is its search run
+    best_run = confirm["trial_id"].iloc[0]
     assert summary["export"]["trial_id"] == best_run == confirmation["exported_run"] == test["winner"]["trial_id"]
+    assert test["baseline"]["trial_id"] == baseline["trial_id"]
     card = json.loads((export_dir / "model_card.json").read_text())
     assert card["source"]["trial_id"] == best_run and "best val_macro_f1 of its 1 fresh seed(s)" in card["source"]["why"]
 
@@ -344,12 +373,20 @@ def test_smoke_search_killed_twice_and_resumed_as_the_readme_says(ray_cluster, t
     assert (experiment / "test_baseline_metrics.json").is_file()
     check_onnx(export_dir / "model.onnx", dataset)
     states = stored_states(experiment, "imbalance")
-    search = frame[frame["stage"] == "search"]
     assert len(states) == 2 and states.count("PRUNED") == int(search["stopped_early"].sum())
 
     # a finished experiment is not resumed again: that would read test a third time
     code, _, err = run_cli(resume, capsys)
     assert code == 2 and "has finished" in err and len(reads) == 2
+    # the plain baseline's search run was tested as the plain baseline decides: by argmax
+    from fer.evaluate import predict_checkpoint
+
+    baseline_ckpt = torch_load(test["baseline"]["checkpoint"])
+    assert baseline_ckpt["config"]["posthoc"] != "none"  # the search's baseline fits offsets; the read ignores them
+    argmax, _, _ = predict_checkpoint({**baseline_ckpt, "posthoc_offsets": None}, test_images,
+                                      dataset.splits["test"].labels, device="cpu")
+    assert json.loads((experiment / "test_baseline_metrics.json").read_text())["macro_f1"] == \
+        pytest.approx(argmax["macro_f1"])
 
     # search.export repeats an export from the folder alone, given as the README writes it:
     # a path relative to where search.run ran (Ray's ExperimentAnalysis takes URIs only).
@@ -409,7 +446,8 @@ def test_trial_that_raises_is_recorded_and_the_search_goes_on(ray_cluster, tmp_p
     space = tmp_path / "failing.yaml"
     space.write_text(FAILING_SPACE)
     code, out, err = run_cli(
-        ["--space", space, "--storage", tmp_path / "runs", "--max-failures", "0"], capsys
+        ["--space", space, "--storage", tmp_path / "runs", "--max-failures", "0",
+         "--data", fifth_of_the_demo_data(tmp_path / "data")], capsys
     )
     assert code == 0, out[-3000:] + err[-3000:]
     frame, summary = check_outputs(tmp_path / "runs" / "failing", trials=2, params=("pretrained",))
@@ -419,39 +457,27 @@ def test_trial_that_raises_is_recorded_and_the_search_goes_on(ray_cluster, tmp_p
     assert sorted(stored_states(tmp_path / "runs" / "failing", "failing")) == ["COMPLETE", "FAIL"]
 
 
-FORKED_SPACE = """\
-fixed: {model: mobilenet_v3_small, epoch_images: 0, epochs: 1, student_epochs: 1, image_size: 32, batch_size: 128,
-        pseudo_threshold: 0.0, pseudo_temperature: false}
-parameters:
-  lr: {loguniform: [1.0e-3, 5.0e-3]}
-  pseudo_weight: {uniform: [0.2, 1.0]}   # a stage-2 knob: forks search it on a shared teacher
-searcher: {sampler: random, seed: 0, student_forks: 1, baseline: {lr: 0.002, pseudo_weight: 1.0}}
-scheduler: {grace_period: 1}
-run: {num_samples: 3, max_concurrent: 1, confirm_top: 0}
-"""
-
-
 @pytest.mark.slow
 def test_a_stage_aware_search_forks_a_finished_teacher_into_a_stage_two_trial(ray_cluster, tmp_path, capsys):
-    """student_forks 1, one trial at a time: the baseline's teacher finishes, so the second
-    trial takes its teacher knobs (Optuna samples only pseudo_weight), finds the teacher in
-    the experiment's store and trains stage 2 alone, its teacher epoch reported as the
-    baseline's; the third trial draws a teacher of its own."""
+    """The README's smoke search (student_forks 1) with 3 trials one at a time: the
+    baseline's teacher finishes, so the second trial takes its teacher knobs (Optuna samples
+    only pseudo_weight), finds the teacher in the experiment's store and trains stage 2
+    alone, its teacher epoch reported as the baseline's; the third draws a teacher of its own."""
     import optuna
 
-    space = tmp_path / "forked.yaml"
-    space.write_text(FORKED_SPACE)
     storage = tmp_path / "runs"
-    code, out, err = run_cli(["--space", space, "--storage", storage, "--data",
-                              fifth_of_the_demo_data(tmp_path / "data")], capsys)
+    argv = readme_argv("python -m search.run --space smoke --smoke")[3:]
+    code, out, err = run_cli([*argv, "--num-samples", "3", "--max-concurrent", "1", "--confirm-top", "0",
+                              "--name", "forked", "--storage", storage,
+                              "--data", fifth_of_the_demo_data(tmp_path / "data")], capsys)
     assert code == 0, out[-3000:] + err[-3000:]
     experiment = storage / "forked"
-    frame, summary = check_outputs(experiment, trials=3, params=("lr", "pseudo_weight"))
+    frame, summary = check_outputs(experiment, trials=3, params=("loss", "lr", "pseudo_weight"))
     assert frame["teacher_shared"].tolist() == [False, True, False]
     baseline, fork, fresh = (frame.iloc[i] for i in range(3))
     assert frame["epochs_run"].tolist()[:2] == [2, 2]  # the third: 1 or 2, as ASHA decides
     assert frame["epochs_trained"].tolist() == [2, 1, fresh["epochs_run"]]
-    assert fork["lr"] == baseline["lr"] == 0.002 and fresh["lr"] != 0.002
+    assert (fork["loss"], fork["lr"]) == (baseline["loss"], baseline["lr"]) and fresh["lr"] != baseline["lr"]
     assert fork["pseudo_weight"] != baseline["pseudo_weight"]
     folders = {row["trial_id"]: next(experiment.glob(f"trial_{row['trial_id']}*")) for _, row in frame.iterrows()}
     curves = {trial: [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()]

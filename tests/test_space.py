@@ -244,16 +244,13 @@ def test_space_choices_follow_the_lookup_dicts(tmp_path, field):
     assert f"Choose one of: {', '.join(allowed)}" in message, message
 
 
-def test_student_forks_with_a_stage_two_knob_parse():
+def test_student_forks_with_a_stage_two_knob_parse(tmp_path):
     text = VALID.replace("  baseline: {loss: ce}", "  student_forks: 2\n  baseline: {loss: ce}").replace(
         "  lr:\n", "  pseudo_threshold:\n    uniform: [0.3, 0.9]\n  lr:\n")
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        space = load_space(write(Path(tmp), text))
+    space = load_space(write(tmp_path, text))
     assert (space.student_forks, space.teacher_epochs, space.max_t) == (2, 2, 3)
-    assert load_space("smoke").student_forks == 0
+    assert "reused by up to 2 more trial(s) searching only the stage-2 knobs" in space.summary()
+    assert load_space("smoke").student_forks == 1 and "stage-aware" not in load_space(write(tmp_path, VALID)).summary()
 
 
 def test_with_budget_shrinks_the_horizon():

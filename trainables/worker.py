@@ -111,11 +111,17 @@ def storing_teachers(store: TeacherStore, cfg: TrialConfig,
                      report: Callable[[dict[str, Any], dict, PipelineState], None]
                      ) -> Callable[[dict[str, Any], dict, PipelineState], None]:
     """`report` that first stores the finished teacher (before Tune hears of its last epoch,
-    so a trial forked from it finds it), unless the store has it already."""
+    so a trial forked from it finds it), unless the store has it already or there is no
+    stage 2 to share it for. A store that cannot be written is one warning: runs then train
+    their own teachers."""
 
     def report_and_store(metrics: dict[str, Any], checkpoint: dict, state: PipelineState) -> None:
-        if teacher_finished(cfg, state) and not os.path.isfile(store.path(cfg)):
-            store.save(cfg, metrics, checkpoint, state)
+        if cfg.student_epochs > 0 and teacher_finished(cfg, state) and not os.path.isfile(store.path(cfg)):
+            try:
+                store.save(cfg, metrics, checkpoint, state)
+            except OSError as err:  # sharing saves time; the trial's own checkpoints are what must land
+                print(f"warning: the finished teacher could not be stored for other runs to share ({err})",
+                      flush=True)
         report(metrics, checkpoint, state)
 
     return report_and_store

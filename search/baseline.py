@@ -1,0 +1,43 @@
+"""The plain baseline: what it is, and whether the search's own baseline trial trains like it.
+
+The confirmation (search/confirm.py) compares the winner on test with the plain baseline,
+and the search's scheduler (search/tuner.py) lets the search's baseline trial run the full
+budget when that trial can serve as the plain baseline's run; both read it here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# The baseline as a user without this tool would train it: plain cross-entropy on the
+# natural class mix, no class weights, no cap, argmax (no post-hoc offsets). Everything
+# else (model, budget, augmentation, stage 2) is the search's own baseline point.
+PLAIN = {"loss": "ce", "label_smoothing": 0.0, "class_weights": "none", "sampler": "uniform", "class_cap": 0,
+         "posthoc": "none"}
+
+
+# TrialConfig fields that act only after training: two configurations that differ in these
+# alone train the same model and score the same val macro-F1 (the metric is argmax), so
+# confirming both would spend runs on a tie.
+AFTER_TRAINING = ("posthoc",)
+
+
+def plain_config(space: Any) -> dict[str, Any]:
+    """The plain baseline's TrialConfig overrides (no seed): the space's baseline point as a
+    user without this tool would train it (PLAIN)."""
+    return {k: v for k, v in {**space.fixed, **space.baseline_point(), **PLAIN}.items() if k != "seed"}
+
+
+def search_baseline_is_plain(space: Any) -> bool:
+    """Whether the search's baseline trial trains as the plain baseline does (it differs at
+    most in the seed and AFTER_TRAINING). Then, with the confirmation on, ASHA lets it run the
+    full budget and its run is the plain baseline's: one full-budget run less to start."""
+    return training_of(space, {**space.fixed, **space.baseline_point()}) == training_of(space, plain_config(space))
+
+
+def training_of(space: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """What decides the trained weights: the full TrialConfig less the seed (the confirmation
+    sets its own) and the fields that act after training."""
+    full = dataclasses.asdict(space.trial_config(config))
+    return {k: v for k, v in full.items() if k not in ("seed", *AFTER_TRAINING)}
