@@ -7,8 +7,8 @@ teacher, weight for weight on CPU. A `TeacherStore` keeps each finished teacher 
 key of its configuration; a run whose key is there starts after stage 1 from the stored
 state (`fer.pipeline.run_pipeline(resume=...)`, the path a retried trial takes) instead
 of training it again. The stored state is the teacher's last epoch with its best weights
-only (no optimizer moments: stage 1 will not train further), about one copy of the
-weights (21 MB for resnet10t).
+and no optimizer moments (stage 1 will not train further), beside that epoch's own
+checkpoint: two copies of the weights at most (40 MB for resnet10t).
 
 Plain files, no Ray: `trainables` gives every single-worker trial of a search the
 experiment's store (`<experiment>/teachers/`), and `search.run`'s searcher forks

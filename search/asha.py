@@ -19,6 +19,7 @@ from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
+from fer.config import SHARED_TEACHER_KEY
 from search import internals
 
 STATE_FILE = "asha_state.json"
@@ -51,6 +52,10 @@ class PersistentASHA(AsyncHyperBandScheduler):
         if trial.trial_id in self._stopped:
             # Stopped before the interruption; the restored trial re-reports an old epoch.
             return TrialScheduler.STOP
+        if result.get(SHARED_TEACHER_KEY):
+            # An epoch replayed from a shared teacher (fer.teachers): the trial that trained it
+            # has its scores in the rungs already, and stopping the copy saves no training.
+            return TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)  # records the rung
         time_attr, max_t = internals.asha_horizon(self)
         if self._keep and all(trial.config.get(k) == v for k, v in self._keep.items()):

@@ -9,8 +9,8 @@ intermediate value, and TPE ranks pruned trials below complete ones of more step
 and a complete trial is told its best epoch's value: the checkpoint that is kept.
 
 With `student_forks` F > 0 the search is stage-aware: a trial whose teacher finished stage 1
-(it reported the teacher's last epoch) has its teacher knobs enqueued in the study for up to
-F more trials, best teachers first, and Optuna samples only their stage-2 knobs
+(it reported the teacher's last epoch; the plain baseline that ASHA keeps is not forked) has
+its teacher knobs enqueued in the study for up to F more trials, best teachers first, and Optuna samples only their stage-2 knobs
 (fer.config.STAGE2_FIELDS). Such a trial finds the teacher in the experiment's store
 (fer.teachers) and starts at stage 2: F + 1 student configurations for one teacher's epochs.
 
@@ -55,7 +55,7 @@ class PruningOptunaSearch(OptunaSearch):
 
     def __init__(
         self, *args: Any, max_t: int, time_attr: str = "epoch", scheduler: Any = None,
-        teacher_epochs: int = 0, student_forks: int = 0, **kwargs: Any
+        teacher_epochs: int = 0, student_forks: int = 0, unforked: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
         self._max_t = int(max_t)
         self._time_attr = time_attr
@@ -64,6 +64,9 @@ class PruningOptunaSearch(OptunaSearch):
         self._teacher_epochs = int(teacher_epochs)  # the global epoch at which stage 1 ends
         self._student_forks = int(student_forks) if self._max_t > self._teacher_epochs else 0
         self._forks: dict[str, int] = {}  # a teacher's knobs (JSON) -> trials forked from it
+        # A trial whose params hold all of these is not forked: the plain baseline, which ASHA
+        # lets finish by exemption (search/baseline.py), not because its teacher is good.
+        self._unforked = dict(unforked or {})
         super().__init__(*args, **kwargs)
 
     def suggest(self, trial_id: str) -> dict | None:
@@ -84,6 +87,8 @@ class PruningOptunaSearch(OptunaSearch):
         for trial_id, reported in self._reported.items():
             trial = internals.optuna_trials(self).get(trial_id)
             if trial is None or self._teacher_epochs not in reported:
+                continue
+            if self._unforked and all(trial.params.get(k) == v for k, v in self._unforked.items()):
                 continue
             knobs = {k: v for k, v in trial.params.items() if k not in STAGE2_FIELDS}
             if self._forks.get(_knobs_key(knobs), 0) >= self._student_forks:

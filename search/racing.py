@@ -87,8 +87,10 @@ class RaceState:
 
     def longest(self) -> int:
         """Runs in the race's longest course without errors: each contender to len(seeds)
-        values with at least one fresh seed, the baseline once."""
-        return 1 + sum(max(len(self.seeds) - (c in self.prior), 1) for c in self.contenders)
+        values with at least one fresh seed, the baseline once unless it has its run (the
+        search's, search/baseline.py)."""
+        baseline = 0 if _has_fresh_value(self, self.baseline) else 1
+        return baseline + sum(max(len(self.seeds) - (c in self.prior), 1) for c in self.contenders)
 
     def room(self, name: str) -> bool:
         """Whether it may get another fresh seed: up to len(seeds) values, the search run

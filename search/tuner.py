@@ -158,6 +158,7 @@ def build_tuner(plan: Any, trainable: Any, max_concurrent: int, *, asha: bool = 
         scheduler=scheduler if asha else NoEarlyStops(),
         teacher_epochs=space.teacher_epochs,
         student_forks=space.student_forks if plan.teachers is not None and plan.resources.workers == 1 else 0,
+        unforked=keep,
     )
     return tune.Tuner(
         trainable,

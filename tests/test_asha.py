@@ -156,3 +156,20 @@ def test_the_kept_plain_baseline_runs_to_the_end_and_still_sets_the_cutoffs(tmp_
                                for e in range(1, MAX_T + 1)]
     assert set(decisions["baseline"]) == {TrialScheduler.CONTINUE}
     assert decisions["weak"][0] == TrialScheduler.STOP and scheduler.stopped_early == {"weak"}
+
+
+def test_epochs_replayed_from_a_shared_teacher_are_neither_judged_nor_recorded(tmp_path):
+    """A trial forked from a finished teacher replays that teacher's epochs (fer.teachers): the
+    teacher's own trial is in the rungs already, and stopping the copy saves no training."""
+    scheduler = make(PersistentASHA)
+    strong, fork = make_trial("strong", tmp_path), make_trial("fork", tmp_path)
+    for trial in (strong, fork):
+        scheduler.on_trial_add(None, trial)
+    for epoch in (1, 2):
+        scheduler.on_trial_result(None, strong, {"epoch": epoch, "val_macro_f1": 0.9})
+    replayed = {"epoch": 1, "val_macro_f1": 0.1, "teacher_shared": True}
+    assert scheduler.on_trial_result(None, fork, replayed) == TrialScheduler.CONTINUE
+    rungs = json.loads((tmp_path / STATE_FILE).read_text())["brackets"][0]
+    assert all("fork" not in recorded for _, recorded in rungs)
+    # its own epochs are judged as any trial's
+    assert scheduler.on_trial_result(None, fork, {"epoch": 2, "val_macro_f1": 0.1}) == TrialScheduler.STOP

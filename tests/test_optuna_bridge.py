@@ -128,7 +128,7 @@ searcher: {seed: 0, n_startup_trials: 1, student_forks: 1, baseline: {loss: ce}}
 """
 
 
-def fork_searcher(tmp_path, forks: int = 1):
+def fork_searcher(tmp_path, forks: int = 1, unforked=None):
     path = tmp_path / "forks.yaml"
     path.write_text(FORK_SPACE.replace("student_forks: 1", f"student_forks: {forks}"))
     space = load_space(str(path))
@@ -136,7 +136,7 @@ def fork_searcher(tmp_path, forks: int = 1):
                                points_to_evaluate=[space.baseline_point()], sampler=space.build_sampler(),
                                storage=open_study_storage(str(tmp_path / "optuna.db")), study_name="forks",
                                max_t=space.max_t, teacher_epochs=space.teacher_epochs,
-                               student_forks=space.student_forks)
+                               student_forks=space.student_forks, unforked=unforked)
 
 
 def report(searcher, trial_id, values):
@@ -181,3 +181,16 @@ def test_the_best_finished_teacher_is_forked_first_and_forks_survive_a_restore(t
     restored = fork_searcher(tmp_path)
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert restored.teacher_to_fork()[0]["lr"] == configs["a"]["lr"]  # b was forked once: a is next
+
+
+def test_the_plain_baseline_kept_by_asha_is_not_forked(tmp_path):
+    """It finished stage 1 by exemption (search/baseline.py), not on its merit."""
+    path = tmp_path / "forks.yaml"
+    path.write_text(FORK_SPACE)
+    searcher = fork_searcher(tmp_path, unforked=load_space(str(path)).baseline_point())
+    baseline = searcher.suggest("baseline")
+    report(searcher, "baseline", [0.1, 0.2])
+    assert searcher.teacher_to_fork() is None
+    other = searcher.suggest("other")
+    report(searcher, "other", [0.3, 0.4])
+    assert searcher.teacher_to_fork()[0]["lr"] == other["lr"] != baseline["lr"]

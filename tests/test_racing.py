@@ -183,3 +183,12 @@ def test_a_run_whose_teacher_a_running_run_is_training_waits_for_it(tmp_path):
     assert resumed.blocked() == frozenset() and resumed.teachers == teachers
     assert resumed.suggest("c") == {"candidate": "rank2", "seed": 1}
     assert next_run(race(), frozenset({("rank1", 1), ("rank2", 1), (BASELINE, 1)})) == WAIT  # not DONE
+
+
+def test_a_baseline_with_its_search_run_is_not_in_the_longest_course():
+    state = race()
+    assert state.longest() == 1 + 3 + 3
+    finish(state, BASELINE, 0, 0.5)  # the search's baseline trial is its run (search/baseline.py)
+    assert state.longest() == 3 + 3
+    state.prior["rank1"] = 0.6
+    assert state.longest() == 2 + 3
