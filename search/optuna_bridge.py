@@ -10,9 +10,10 @@ and a complete trial is told its best epoch's value: the checkpoint that is kept
 
 With `student_forks` F > 0 the search is stage-aware: a trial whose teacher finished stage 1
 (it reported the teacher's last epoch; the plain baseline that ASHA keeps is not forked) has
-its teacher knobs enqueued in the study for up to F more trials, best teachers first, and Optuna samples only their stage-2 knobs
-(fer.config.STAGE2_FIELDS). Such a trial finds the teacher in the experiment's store
-(fer.teachers) and starts at stage 2: F + 1 student configurations for one teacher's epochs.
+its teacher knobs enqueued in the study for up to F more trials, best teachers first, and
+Optuna samples only their stage-2 knobs (fer.config.STAGE2_FIELDS). Such a trial finds the
+teacher in the experiment's store (fer.teachers) and starts at stage 2: F + 1 student
+configurations for one teacher's epochs.
 
 "Stopped early" is asked of the scheduler when one is bound (`PersistentASHA.stopped_early`),
 because a trial can also end before `max_t` on its own (stage 2 skipped when no pool image

@@ -30,6 +30,7 @@ SHORT_NAMES = {
     "pseudo_threshold": "thr",
     "pseudo_selection": "select",
     "pseudo_temperature": "temp",
+    "pseudo_weight": "p_weight",
     "label_smoothing": "smooth",
     "weight_decay": "wd",
     "dropout": "drop",
