@@ -58,7 +58,8 @@ class PersistentASHA(AsyncHyperBandScheduler):
             return TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)  # records the rung
         time_attr, max_t = internals.asha_horizon(self)
-        if self._keep and all(trial.config.get(k) == v for k, v in self._keep.items()):
+        keep = getattr(self, "_keep", None)  # absent from a scheduler pickled before it existed (--resume)
+        if keep and all(trial.config.get(k) == v for k, v in keep.items()):
             action = TrialScheduler.CONTINUE
         elif result.get(time_attr, -1) >= max_t:
             # Its last epoch: stopping it now saves no training, only kills the pipeline's

@@ -71,7 +71,8 @@ class PruningOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
 
     def suggest(self, trial_id: str) -> dict | None:
-        if self._student_forks and trial_id not in internals.optuna_trials(self):
+        # a searcher saved before forks existed (--resume of an older search) has none of their state
+        if getattr(self, "_student_forks", 0) and trial_id not in internals.optuna_trials(self):
             fork = self.teacher_to_fork()
             if fork is not None:
                 knobs, parent = fork

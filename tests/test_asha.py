@@ -173,3 +173,9 @@ def test_epochs_replayed_from_a_shared_teacher_are_neither_judged_nor_recorded(t
     assert all("fork" not in recorded for _, recorded in rungs)
     # its own epochs are judged as any trial's
     assert scheduler.on_trial_result(None, fork, {"epoch": 2, "val_macro_f1": 0.1}) == TrialScheduler.STOP
+
+
+def test_a_scheduler_pickled_before_keep_existed_still_decides(tmp_path):
+    scheduler = make(PersistentASHA)
+    del scheduler._keep  # what Tuner.restore brings back from an older experiment's tuner.pkl
+    assert play(scheduler, tmp_path, events(), set(), set())

@@ -194,3 +194,10 @@ def test_the_plain_baseline_kept_by_asha_is_not_forked(tmp_path):
     other = searcher.suggest("other")
     report(searcher, "other", [0.3, 0.4])
     assert searcher.teacher_to_fork()[0]["lr"] == other["lr"] != baseline["lr"]
+
+
+def test_a_searcher_saved_before_forks_existed_resumes_without_them(tmp_path):
+    searcher = make_searcher(tmp_path / "optuna.db")
+    for name in ("_teacher_epochs", "_student_forks", "_forks", "_unforked"):
+        delattr(searcher, name)  # what unpickling an older searcher's state gives
+    assert searcher.suggest("a") and searcher.suggest("b")
