@@ -159,7 +159,8 @@ def get_variant(name: str) -> dict[str, str]:
 
 
 def make_epoch_log() -> Any:
-    """A Tune callback recording (wall time, trial, epoch, metric) of every reported epoch."""
+    """A Tune callback recording (wall time, trial, epoch, metric) of every trained epoch
+    (one replayed from a shared teacher, fer.teachers, is not spent again)."""
     from ray.tune import Callback
 
     class EpochLog(Callback):
@@ -167,12 +168,19 @@ def make_epoch_log() -> Any:
             self.events: list[dict[str, Any]] = []
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            if "epoch" in result and "val_macro_f1" in result:
+            if "epoch" in result and "val_macro_f1" in result and not result.get("teacher_shared"):
                 self.events.append({"t": time.time(), "trial_id": trial.trial_id, "epoch": int(result["epoch"]),
                                     "value": float(result["val_macro_f1"]),
                                     "images_per_s": result.get("train_images_per_s")})
 
     return EpochLog()
+
+
+def teacher_store(storage: str, name: str) -> str:
+    """The experiment's shared-teacher folder, where search.run keeps it (search.plan.TEACHERS_DIR)."""
+    from search.plan import TEACHERS_DIR
+
+    return str(Path(storage, name, TEACHERS_DIR))
 
 
 def build_search_tuner(space: Any, variant: str, trainable: Any, storage: str, name: str,
@@ -185,8 +193,10 @@ def build_search_tuner(space: Any, variant: str, trainable: Any, storage: str, n
 
     spec = get_variant(variant)
     space = dataclasses.replace(space, sampler=spec["sampler"])
+    # no confirmation here (so ASHA keeps no baseline); teachers shared as search.run shares them
     plan = SimpleNamespace(space=space, name=name, storage=storage, study_path=Path(storage, name, "optuna.db"),
-                           num_samples=space.num_samples, max_failures=0, resources=resources)
+                           num_samples=space.num_samples, max_failures=0, resources=resources,
+                           confirm_top=0, confirm_seeds=0, teachers=teacher_store(storage, name))
     return build_tuner(plan, trainable, space.max_concurrent, asha=spec["scheduler"] == "asha",
                        verbose=0, callbacks=callbacks)
 
@@ -203,7 +213,7 @@ def run_search(space: Any, variant: str, data_ref: Any, data: Any, storage: str,
 
     log = make_epoch_log()
     resources = TrialResources(workers=1, cpus_per_worker=cpus_per_trial, gpus_per_worker=gpus_per_trial)
-    trainable = make_trainable(data_ref, resources, space.metric, space.mode)
+    trainable = make_trainable(data_ref, resources, space.metric, space.mode, teachers=teacher_store(storage, variant))
     tuner = build_search_tuner(space, variant, trainable, storage, variant, [log], resources)
     started = time.time()
     tuner.fit()
@@ -225,7 +235,8 @@ def run_search(space: Any, variant: str, data_ref: Any, data: Any, storage: str,
                     "params": {p.name: r.config.get(p.name) for p in space.parameters if p.name in r.config}}
                    for r in records],
         "events": [dict(e, t=e["t"] - started) for e in log.events],
-        "total_epochs": sum(r.epochs_run for r in records),
+        "total_epochs": sum(r.epochs_trained for r in records),  # epochs replayed from a shared teacher not counted
+        "teacher_shared_runs": sum(bool(r.shared_epochs) for r in records),
         "stopped_early": sum(r.stopped_early for r in records),
         "ended_before_max_t": sum(r.epochs_run < space.max_t for r in records),
         "errored": sum(r.status == "ERROR" for r in records),
