@@ -248,3 +248,19 @@ def test_cpu_step_reports_each_switch_against_plain_and_the_matmul_peak(tmp_path
     assert "1.00x plain" in printed
     peak = result["threads"]["1"]["matmul_gflops"] * 1e9
     assert 0 < rows["plain NCHW"] * result["flops_per_image"] / peak < 1
+
+
+def test_the_search_harness_builds_the_products_tuner_with_a_teacher_store(tmp_path):
+    """benchmarks/common.py hands build_tuner a plan of its own: it must carry every field the
+    product's tuner reads (it once lacked the confirmation's and the teacher store's)."""
+    from ray import tune
+
+    from search.space import load_space
+    from trainables import TrialResources
+
+    import common
+
+    tuner = common.build_search_tuner(load_space("smoke"), "tpe_asha", lambda config: None, str(tmp_path), "x", [],
+                                      TrialResources())
+    assert isinstance(tuner, tune.Tuner)
+    assert common.teacher_store(str(tmp_path), "x") == str(tmp_path / "x" / "teachers")
