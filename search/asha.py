@@ -21,6 +21,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from fer.config import SHARED_TEACHER_KEY
 from search import internals
+from search.baseline import holds
 
 STATE_FILE = "asha_state.json"
 
@@ -58,8 +59,9 @@ class PersistentASHA(AsyncHyperBandScheduler):
             return TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)  # records the rung
         time_attr, max_t = internals.asha_horizon(self)
-        keep = getattr(self, "_keep", None)  # absent from a scheduler pickled before it existed (--resume)
-        if keep and all(trial.config.get(k) == v for k, v in keep.items()):
+        # _keep is absent from a scheduler pickled before it existed (--resume of an older search)
+        keep = getattr(self, "_keep", {})
+        if keep and holds(trial.config, keep):
             action = TrialScheduler.CONTINUE
         elif result.get(time_attr, -1) >= max_t:
             # Its last epoch: stopping it now saves no training, only kills the pipeline's

@@ -23,6 +23,12 @@ PLAIN = {"loss": "ce", "label_smoothing": 0.0, "class_weights": "none", "sampler
 AFTER_TRAINING = ("posthoc",)
 
 
+def holds(config: dict[str, Any], point: dict[str, Any]) -> bool:
+    """Whether `config` holds every item of `point` (a trial of the space's baseline point: the
+    reports' baseline, the trial ASHA keeps, the teacher the searcher does not fork)."""
+    return bool(point) and all(config.get(k) == v for k, v in point.items())
+
+
 def plain_config(space: Any) -> dict[str, Any]:
     """The plain baseline's TrialConfig overrides (no seed): the space's baseline point as a
     user without this tool would train it (PLAIN)."""

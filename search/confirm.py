@@ -218,7 +218,7 @@ def shared_teachers(plan: Any, candidates: list[Candidate]) -> dict[str, str]:
     from fer.config import TrialConfig, apply_overrides
     from fer.teachers import teacher_key
 
-    if plan.teachers is None or plan.resources.workers != 1:
+    if plan.teachers is None:
         return {}
     return {c.name: teacher_key(apply_overrides(TrialConfig(), {**c.config, "seed": 0}, models=False))
             for c in candidates}

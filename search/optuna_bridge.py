@@ -34,6 +34,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from fer.config import STAGE2_FIELDS
 from search import internals
+from search.baseline import holds
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class PruningOptunaSearch(OptunaSearch):
             trial = internals.optuna_trials(self).get(trial_id)
             if trial is None or self._teacher_epochs not in reported:
                 continue
-            if self._unforked and all(trial.params.get(k) == v for k, v in self._unforked.items()):
+            if holds(trial.params, self._unforked):
                 continue
             knobs = {k: v for k, v in trial.params.items() if k not in STAGE2_FIELDS}
             if self._forks.get(_knobs_key(knobs), 0) >= self._student_forks:

@@ -20,6 +20,7 @@ import yaml
 
 from fer.config import SHARED_TEACHER_KEY, TrialConfig, apply_overrides
 from search.asha import STATE_FILE
+from search.baseline import holds
 
 SPEC_FILE = "search_spec.json"  # what the search was started with; --resume and search.export read it
 STUDY_FILE = "optuna.db"
@@ -124,7 +125,7 @@ def collect_trials(
             record.stopped_early = trial.trial_id in asha_stopped
         else:
             record.stopped_early = record.status == "TERMINATED" and record.epochs_run < max_t
-        record.baseline = bool(baseline) and all(record.config.get(k) == v for k, v in baseline.items())
+        record.baseline = holds(record.config, baseline)
         records.append(record)
     first_baseline = next((r for r in records if r.baseline), None)
     for record in records:  # only the first matching trial is "the" baseline

@@ -157,7 +157,7 @@ def build_tuner(plan: Any, trainable: Any, max_concurrent: int, *, asha: bool = 
         time_attr=space.time_attr,
         scheduler=scheduler if asha else NoEarlyStops(),
         teacher_epochs=space.teacher_epochs,
-        student_forks=space.student_forks if plan.teachers is not None and plan.resources.workers == 1 else 0,
+        student_forks=space.student_forks if plan.teachers is not None else 0,
         unforked=keep,
     )
     return tune.Tuner(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -91,3 +92,9 @@ def fifth_of_the_demo_data(folder: Path) -> str:
     from fer.synth import write_csv
 
     return write_csv(str(folder), seed=0, scale=0.2)
+
+
+def reported_epochs(trial_dir: Path) -> list[int]:
+    """The epochs a Tune trial reported, in order, from its result.json."""
+    rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    return [int(row["epoch"]) for row in rows if "epoch" in row]

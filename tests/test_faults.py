@@ -29,7 +29,7 @@ from fer.config import TrialConfig
 from fer.data import FER_CLASSES
 from search import export as search_export
 from search import run as search_run
-from support import ROOT, live_actor_pids, watch
+from support import ROOT, live_actor_pids, reported_epochs, watch
 
 # --------------------------------------------------------------------------- helpers
 
@@ -410,11 +410,6 @@ searcher: {sampler: random, seed: 0, baseline: {lr: 0.002}}
 scheduler: {grace_period: 2}
 run: {num_samples: 2, max_concurrent: 1, confirm_top: 0}
 """
-
-
-def reported_epochs(trial_dir: Path) -> list[int]:
-    rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
-    return [int(row["epoch"]) for row in rows if "epoch" in row]
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from fer.config import TrialConfig, apply_overrides, load_config_file
 from search import export as search_export
 from search import run as search_run
 from readme import readme_argv
-from support import fifth_of_the_demo_data, sigkill_search_driver
+from support import fifth_of_the_demo_data, reported_epochs, sigkill_search_driver
 
 
 def run_cli(argv, capsys):
@@ -235,11 +235,6 @@ def search_trial_recorded(experiment: Path) -> bool:
     searchers = list(experiment.glob("searcher-state-*.pkl"))
     return bool(done) and any("TERMINATED" in p.read_text(errors="replace") for p in states) and \
         bool(searchers) and all(p.stat().st_size > 0 for p in searchers)
-
-
-def reported_epochs(trial_dir: Path) -> list[int]:
-    rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
-    return [int(row["epoch"]) for row in rows if "epoch" in row]
 
 
 def confirm_run_checkpointed(experiment: Path) -> bool:
