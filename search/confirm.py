@@ -196,7 +196,8 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
     print(f"\nconfirmation: {', '.join(c.name for c in candidates)} raced over fresh seeds {seeds} at the full "
           f"budget: one seed each, more only while contenders cannot be told apart (at most {most} runs "
           f"unless one errors)"
-          + (f"; the search's full-budget run counts as one value of {', '.join(counted)}" if counted else ""))
+          + (f"; the search's full-budget run counts as one value of {', '.join(counted)}" if counted else "")
+          + ("; the baseline's run is its search trial" if any(c.search_seed is not None for c in candidates) else ""))
     if saved is not None and tune.Tuner.can_restore(experiment):
         tuner = restore_tuner(experiment, trainable)
     else:

@@ -9,7 +9,8 @@ Everything the user can get wrong (flags, the space file, the data) is checked b
 Ray starts. The experiment folder `<storage>/<name>` then holds the trials (TensorBoard
 logs inside), the Optuna study (optuna.db), ASHA's rungs, and at the end trials.csv,
 best_config.yaml, importance.csv and curves.png. A confirmation stage (search/confirm.py)
-then retrains the best configurations and the plain baseline with fresh seeds; the
+then retrains the best configurations with fresh seeds (the plain baseline too, unless
+its full-budget search trial serves: search/baseline.py); the
 winner (best mean val) and the baseline are each evaluated once on the test split, with
 the paired interval of their difference, and the winner is exported to ONNX
 (`fer.export`) into --export-dir.
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m search.run",
         description="Hyperparameter search over a YAML space: Ray Tune runs the trials, Optuna TPE "
         "proposes them (the space's baseline first), ASHA stops weak ones early; the best "
-        "configurations and the plain baseline are retrained with fresh seeds, the winner by mean "
+        "configurations are retrained with fresh seeds (the plain baseline too, or its full-budget search "
+        "trial serves), the winner by mean "
         "validation score; winner and baseline are each evaluated once on the test split, and the "
         "winner is exported to ONNX.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -118,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-failures", type=_nonneg_int, default=1, metavar="N",
         help="retries of a trial whose process or worker dies, from its last checkpoint (default: 1)")
     add("--confirm-top", type=_nonneg_int, default=None, metavar="K",
-        help="after the search, race the K best configurations and the plain baseline over fresh "
-        "seeds; the winner is the best mean validation score (default: the space's run.confirm_top, "
+        help="after the search, race the K best configurations over fresh seeds, against the plain "
+        "baseline's one full-budget run; the winner is the best mean validation score (default: the space's run.confirm_top, "
         "else 3; 0 = off: the best single trial wins)")
     add("--confirm-seeds", type=_nonneg_int, default=None, metavar="R",
         help="at most R fresh seeds per configuration (default: run.confirm_seeds, else 3; 0 = off)")
@@ -214,9 +216,13 @@ def print_start(plan: Plan, dashboard: str | None) -> None:
     print(describe_budget(plan.space.trial_config({}), plan.dataset))  # the fixed values; searched ones vary
     print(f"experiment: {plan.experiment}  ({plan.num_samples} trials, up to {plan.max_concurrent} at once)")
     if plan.confirm_top and plan.confirm_seeds:
-        print(f"then confirmation: the {plan.confirm_top} best configurations and the plain baseline raced at the "
-              f"full budget, one fresh seed each and up to {plan.confirm_seeds} values (a full-budget search run "
-              "counted) while the configurations cannot be told apart (--confirm-top 0 skips it)")
+        from search.baseline import search_baseline_is_plain
+
+        baseline = ("the plain baseline's run is its search trial, which ASHA lets run the full budget"
+                    if search_baseline_is_plain(plan.space) else "the plain baseline gets one fresh seed")
+        print(f"then confirmation: the {plan.confirm_top} best configurations raced at the full budget, one "
+              f"fresh seed each and up to {plan.confirm_seeds} values (a full-budget search run counted) while "
+              f"they cannot be told apart; {baseline} (--confirm-top 0 skips it)")
     else:
         print("no confirmation stage: the search's best single trial wins and is not compared with the baseline")
     if dashboard:
