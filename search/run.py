@@ -70,15 +70,18 @@ def _gpu_fraction(text: str) -> float:
     return value
 
 
+DESCRIPTION = (
+    "Hyperparameter search over a YAML space: Ray Tune runs the trials, Optuna TPE proposes them (the "
+    "space's baseline first), ASHA stops weak ones early; the best configurations are retrained with fresh "
+    "seeds (the plain baseline too, or its full-budget search trial serves), the winner by mean validation "
+    "score; winner and baseline are each evaluated once on the test split, and the winner is exported to ONNX."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m search.run",
-        description="Hyperparameter search over a YAML space: Ray Tune runs the trials, Optuna TPE "
-        "proposes them (the space's baseline first), ASHA stops weak ones early; the best "
-        "configurations are retrained with fresh seeds (the plain baseline too, or its full-budget search "
-        "trial serves), the winner by mean "
-        "validation score; winner and baseline are each evaluated once on the test split, and the "
-        "winner is exported to ONNX.",
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # '--num-sample 3' must be an error, not a silent '--num-samples'
         epilog=__doc__.split("\n\n")[1],
