@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -45,19 +45,47 @@ VARIANTS = {"pipeline": {}, "no graph": {"pseudo_graph": "none"},
             # a teacher too unsure for 0.9 (few labels): more of the pool, at lower precision
             "aligned 0.5": {"pseudo_selection": "aligned", "pseudo_threshold": 0.5},
             "whole pool": {"pseudo_threshold": 0.0}}
+# stage 2 online (student_mode fixmatch): the student labels the pool itself, every step
+FIXMATCH, FLEXMATCH = {"student_mode": "fixmatch"}, {"student_mode": "fixmatch", "pseudo_selection": "flexmatch"}
+ONLINE = {"fixmatch": FIXMATCH, "fixmatch flexmatch": FLEXMATCH,
+          "fixmatch 0.95": {**FIXMATCH, "pseudo_threshold": 0.95},  # the paper's threshold
+          "flexmatch 0.95": {**FLEXMATCH, "pseudo_threshold": 0.95},
+          "flexmatch 0.7": {**FLEXMATCH, "pseudo_threshold": 0.7},
+          "flexmatch ratio 2": {**FLEXMATCH, "pool_ratio": 2},
+          "flexmatch no alignment": {**FLEXMATCH, "pseudo_debias": False}}
 
 
-def stage_two_inputs(cfg: Any, data: Any, teacher: Any) -> dict[str, tuple[Any, ...]]:
-    """{variant: (images, labels, weights, counts, label precision on the pool)} of every input."""
+def stage_two_inputs(cfg: Any, data: Any, teacher: Any, wanted: list[str]) -> dict[str, tuple[Any, ...]]:
+    """{variant: (images, labels, weights, counts, label precision on the pool)} of the
+    offline inputs in `wanted` (the control always)."""
     from fer.pipeline import pseudo_label, student_inputs
 
     train, pool = data.splits["train"], data.splits["unlabeled"]
-    inputs = {"control": (train.images, train.labels.astype(np.int64), None, data.class_counts("train"), None),
-              "oracle": (*student_inputs(cfg, data, np.arange(len(pool.labels)), pool.labels), 1.0)}
+    inputs = {"control": (train.images, train.labels.astype(np.int64), None, data.class_counts("train"), None)}
+    if "oracle" in wanted:
+        inputs["oracle"] = (*student_inputs(cfg, data, np.arange(len(pool.labels)), pool.labels), 1.0)
     for name, changes in VARIANTS.items():
-        indices, labels, summary, _ = pseudo_label(replace(cfg, **changes), teacher.model, data)
-        inputs[name] = (*student_inputs(cfg, data, indices, labels), summary.get("precision"))
+        if name in wanted:
+            indices, labels, summary, _ = pseudo_label(replace(cfg, **changes), teacher.model, data)
+            inputs[name] = (*student_inputs(cfg, data, indices, labels), summary.get("precision"))
     return inputs
+
+
+def stage_two(cfg: Any, data: Any, teacher: Any, wanted: list[str]) -> Iterator[tuple[str, Any, Any]]:
+    """(variant, its stage-2 Stage, the config to fit it with) of every wanted variant, offline
+    ones at the same images per epoch (the largest of their inputs), then the online ones."""
+    from fer.fitting import Stage
+
+    inputs = stage_two_inputs(cfg, data, teacher, wanted)
+    per_epoch = max(cfg.epoch_images, *(len(images) for images, *_ in inputs.values()))
+    stage_cfg = replace(cfg, epoch_images=per_epoch)
+    for variant, (images, labels, weights, counts, precision) in inputs.items():
+        yield variant, Stage.student(stage_cfg, images, labels, weights, counts, teacher.model.state_dict()), \
+            stage_cfg, precision
+    for variant, changes in ONLINE.items():
+        if variant in wanted:
+            online_cfg = replace(stage_cfg, **changes)
+            yield variant, Stage.online(online_cfg, data, teacher.model.state_dict()), online_cfg, None
 
 
 def scored(cfg: Any, fitted: Any, val: Any) -> tuple[float, float, np.ndarray]:
@@ -70,7 +98,7 @@ def scored(cfg: Any, fitted: Any, val: Any) -> tuple[float, float, np.ndarray]:
     return macro_f1(val.labels, logits), macro_f1(val.labels, logits, offsets), (logits + offsets).argmax(axis=1)
 
 
-def measure(name: str, data_path: str | None) -> dict[str, Any]:
+def measure(name: str, data_path: str | None, wanted: list[str]) -> dict[str, Any]:
     """Teacher once, then every stage-2 variant; their val scores against the control."""
     from fer.config import TrialConfig
     from fer.data import load_dataset
@@ -83,36 +111,39 @@ def measure(name: str, data_path: str | None) -> dict[str, Any]:
     teacher = fit(cfg, Stage.teacher(cfg, data), val, data.classes, progress=False)
     result: dict[str, Any] = {"teacher_val": teacher.best_metrics["val_macro_f1"], "teacher_s": time.time() - start,
                               "variants": {}}
-    inputs = stage_two_inputs(cfg, data, teacher)
-    per_epoch = max(cfg.epoch_images, *(len(images) for images, *_ in inputs.values()))
-    stage_cfg = replace(cfg, epoch_images=per_epoch)
     predictions = {}
-    for variant, (images, labels, weights, counts, precision) in inputs.items():
+    for variant, stage, stage_cfg, precision in stage_two(cfg, data, teacher, wanted):
         start = time.time()
-        stage = Stage.student(stage_cfg, images, labels, weights, counts, teacher.model.state_dict())
         fitted = fit(stage_cfg, stage, val, data.classes, progress=False)
         raw, posthoc, predictions[variant] = scored(cfg, fitted, val)
-        result["variants"][variant] = {"images": len(labels), "precision": precision, "val_raw": raw,
-                                       "val_posthoc": posthoc, "seconds": time.time() - start}
+        last = fitted.history[-1]
+        if stage.consistency is not None:  # what the online student trained on in its last epoch
+            precision = last.get("pool_kept_precision")
+        images = len(stage.labels) + (len(stage.consistency.images) if stage.consistency is not None else 0)
+        result["variants"][variant] = {"images": images, "precision": precision, "val_raw": raw,
+                                       "val_posthoc": posthoc, "seconds": time.time() - start,
+                                       **{k: v for k, v in last.items() if k.startswith("pool_")}}
         print(f"{name} {variant}: {result['variants'][variant]}", flush=True)
+    result["images_per_epoch"] = stage_cfg.epoch_images
     control = result["variants"]["control"]["val_posthoc"]
     for variant, entry in result["variants"].items():
         if variant != "control":
             _, low, high = paired_bootstrap_macro_f1(val.labels, predictions[variant], predictions["control"],
                                                      len(data.classes))
             entry.update(minus_control=entry["val_posthoc"] - control, ci95=[low, high])
-    result["images_per_epoch"] = per_epoch
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
+    parser.add_argument("--variants", nargs="+", choices=["oracle", *VARIANTS, *ONLINE],
+                        default=["oracle", *VARIANTS, *ONLINE], help="stage-2 inputs besides the control")
     parser.add_argument("--json", default=None, help="where the raw results go")
     args = parser.parse_args(argv)
     rows, results = [], {}
     for name, _, data_path in each_set(args.sets, "fer-ceiling-"):
-        results[name] = measure(name, data_path)
+        results[name] = measure(name, data_path, args.variants)
         for variant, entry in results[name]["variants"].items():
             gain = "-" if variant == "control" else \
                 f"{entry['minus_control']:+.3f} ({entry['ci95'][0]:+.3f} to {entry['ci95'][1]:+.3f})"
@@ -122,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(["set", "stage 2 on", "images", "label precision", "val raw", "val post-hoc",
                         "- control, post-hoc (95% CI)", "s"], rows))
     for name, result in results.items():
+        if not {"oracle", "pipeline"} <= set(result["variants"]):
+            continue
         oracle = result["variants"]["oracle"]["minus_control"]
         pipeline = result["variants"]["pipeline"]["minus_control"]
         share = "-" if oracle <= 0 else f"{pipeline / oracle:.2f}"

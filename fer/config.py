@@ -84,6 +84,15 @@ class TrialConfig:
     pseudo_weight: float = 1.0  # loss weight of pseudo-labelled samples
     student_init: str = "teacher"  # teacher (start from the teacher's weights) or scratch
     student_augment: str = "strong"  # augmentation for stage 2
+    # How stage 2 uses the pool (fer.names.STUDENT_MODES): "offline" trains on the teacher's
+    # selected pseudo-labels (above); "fixmatch" trains the student on the labelled split while
+    # its own confident predictions on weakly augmented pool images label strongly augmented
+    # views of them, every step (fer.consistency, Sohn et al. 2020). There pseudo_threshold is
+    # the confidence a weak view needs, pseudo_selection threshold or flexmatch (per-class
+    # thresholds), pseudo_debias aligns the weak views' distribution to the labelled prior,
+    # pseudo_weight weighs the pool's loss; the other pseudo_* knobs do not apply.
+    student_mode: str = "offline"
+    pool_ratio: int = 1  # fixmatch: pool images per labelled image in a step (FixMatch's mu)
     # After stage 2, fit the student's recipe (same start, epochs, augmentation, at least as
     # many images per epoch) on the labelled split alone: the supervised-only control that
     # says what the pool bought (metrics "control_val_macro_f1", "pool_gain_val"). Costs
@@ -100,6 +109,7 @@ class TrialConfig:
 STAGE2_FIELDS = (
     "student_epochs", "pseudo_threshold", "pseudo_selection", "crest_alpha", "pseudo_tta", "pseudo_temperature",
     "pseudo_debias", "pseudo_graph", "pseudo_weight", "student_init", "student_augment", "pool_control", "posthoc",
+    "student_mode", "pool_ratio",
 )
 
 # Set on the epochs a run reports from a shared teacher (replayed, not trained again).
@@ -187,6 +197,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "pseudo_threshold": (0.0, 1.0),
     "crest_alpha": (0.0, 10.0),
     "pseudo_weight": (0.0, 100.0),
+    "pool_ratio": (1, 64),
 }
 
 
@@ -197,7 +208,7 @@ def config_choices() -> dict[str, tuple[str, ...]]:
         "sampler": names.SAMPLERS, "augment": names.AUGMENTS, "student_augment": names.AUGMENTS,
         "pseudo_selection": names.SELECTIONS, "pseudo_graph": names.PSEUDO_GRAPHS, "posthoc": names.POSTHOC,
         "optimizer": names.OPTIMIZERS,
-        "student_init": names.STUDENT_INITS,
+        "student_init": names.STUDENT_INITS, "student_mode": names.STUDENT_MODES,
     }
 
 
@@ -238,6 +249,9 @@ def validate_config(cfg: TrialConfig, source: str = "config", *, models: bool = 
     (a YAML space is validated without importing torch)."""
     for name in config_field_names():
         check_value(name, getattr(cfg, name), source)
+    if cfg.student_mode == "fixmatch" and cfg.pseudo_selection not in names.ONLINE_SELECTIONS:
+        raise ValueError(f"{source}: pseudo_selection={cfg.pseudo_selection!r} is an offline selection; with "
+                         f"student_mode='fixmatch' choose one of: {', '.join(names.ONLINE_SELECTIONS)}")
     if models:
         check_model(cfg.model, source)
 

@@ -23,9 +23,11 @@ from torch import nn
 
 from fer.checkpoint import make_checkpoint
 from fer.config import TrialConfig
+from fer.consistency import Consistency, epoch_stats, plan_epoch
 from fer.infer import Ranks, autocast_dtype, resolve_device
 from fer.loop import (
     Loop,
+    PoolSteps,
     TrainSource,
     batch_bounds,
     build_optimizer,
@@ -67,6 +69,7 @@ class Stage:
     epoch_offset: int = 0  # reported epoch = epoch_offset + local epoch + 1
     sample_weight: np.ndarray | None = None  # one float per image, multiplies its loss
     init_state: dict[str, torch.Tensor] | None = None  # state dict to start from
+    consistency: Consistency | None = None  # online stage 2: the pool and FixMatch's settings
 
     @classmethod
     def of(cls, cfg: TrialConfig, name: str, images: np.ndarray, labels: np.ndarray, counts: np.ndarray, *,
@@ -91,6 +94,18 @@ class Stage:
                 counts: np.ndarray, init: dict[str, torch.Tensor] | None) -> "Stage":
         """Stage 2: train + kept pool images, pseudo-labels weighted, from `init` (or scratch)."""
         return cls.of(cfg, "student", images, labels, counts, sample_weight=weights, init_state=init)
+
+    @classmethod
+    def online(cls, cfg: TrialConfig, data: Any, init: dict[str, torch.Tensor] | None) -> "Stage":
+        """Stage 2 of student_mode fixmatch: the labelled split, with the pool and cfg's FixMatch settings."""
+        train, pool = data.splits["train"], data.splits["unlabeled"]
+        counts = data.class_counts("train")
+        spec = Consistency(images=pool.images, prior=counts / counts.sum(), threshold=cfg.pseudo_threshold,
+                           weight=cfg.pseudo_weight, selection=cfg.pseudo_selection, align=cfg.pseudo_debias,
+                           ratio=cfg.pool_ratio, truth=pool.labels)
+        stage = cls.of(cfg, "student", train.images, train.labels, counts, init_state=init)
+        stage.consistency = spec
+        return stage
 
 
 @dataclass
@@ -179,6 +194,8 @@ def _setup(cfg: TrialConfig, stage: Stage, val: Any, classes: list[str], device:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     loop = Loop(net, criterion, optimizer, scheduler, scaler, transform, dtype, memory_format,
                 cfg.grad_clip, stage.epochs * steps_per_epoch)
+    if stage.consistency is not None:
+        loop.pool = PoolSteps(stage.consistency, cfg.image_size, device)
     result = FitResult(model=model, best_metrics={}, best_epoch=0, history=[])
     return _Run(cfg, stage, val, classes, device, ddp, in_channels, model, loop, source, first, steps_per_epoch,
                 result)
@@ -203,8 +220,12 @@ def _train_epoch(run: _Run, epoch: int, progress: bool, writer: Any) -> tuple[di
     """One epoch: train, recalibrate BatchNorm, validate, keep the best; its metrics and checkpoint."""
     cfg, stage, ddp = run.cfg, run.stage, run.ddp
     global_epoch = stage.epoch_offset + epoch + 1
-    torch.manual_seed(epoch_seed(cfg.seed, ddp.rank, global_epoch))
     start = time.perf_counter()  # the timed part: everything but validation
+    if run.loop.pool is not None:  # from the weights at the epoch's start: a resumed epoch plans the same
+        run.loop.pool.begin(plan_epoch(stage.consistency, run.model, steps=run.steps_per_epoch,
+                                       batch_size=cfg.batch_size, seed=cfg.seed, epoch=global_epoch, ddp=ddp,
+                                       image_size=cfg.image_size, device=run.device))
+    torch.manual_seed(epoch_seed(cfg.seed, ddp.rank, global_epoch))
     order = run.first if epoch == 0 else rank_indices(epoch_order(cfg, stage.labels, stage.epoch_offset + epoch), ddp)
     bar = progress_bar(progress and ddp.main, run.steps_per_epoch, f"{stage.name} {global_epoch}")
     loss_sum, seen, lr = run.loop.run_epoch(run.source, order, cfg.batch_size, bar)
@@ -219,6 +240,8 @@ def _train_epoch(run: _Run, epoch: int, progress: bool, writer: Any) -> tuple[di
     cm, val_loss = validate(run.model, run.val, len(run.classes), cfg, run.device, ddp)
     metrics = epoch_metrics(cm, run.classes, stage=stage.name, epoch=global_epoch, train_loss=train_loss, lr=lr,
                             val_loss=val_loss, seconds=seconds, images=seen * ddp.world)
+    if run.loop.pool is not None:
+        metrics.update(epoch_stats(run.loop.pool.plan, run.loop.pool.tally, stage.consistency.truth is not None))
     run.result.history.append(metrics)
     checkpoint = _keep_best(run, epoch, metrics, cm)
     if bar is not None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer.config import TrialConfig
+from fer.consistency import Consistency, EpochPlan, Tally, pool_loss
 from fer.infer import Ranks, autocast, predict_logits, to_nchw
 from fer.metrics import metrics_from_confusion
 from fer.samplers import epoch_indices, shard
@@ -83,6 +84,7 @@ class Loop:
     grad_clip: float
     total_steps: int
     step: int = 0
+    pool: "PoolSteps | None" = None  # stage 2's online consistency (fer.consistency), else None
 
     def run_epoch(self, source: TrainSource, order: np.ndarray, batch_size: int,
                   bar: Any) -> tuple[torch.Tensor, int, float]:
@@ -97,9 +99,12 @@ class Loop:
         for start, end in batch_bounds(len(order), batch_size):
             x, y, w = source.batch(index[start:end])
             x = self.transform(x).contiguous(memory_format=self.memory_format)
-            with autocast(source.device, self.dtype):
-                logits = self.net(x)
-            loss = self.criterion(logits.float(), y, sample_weight=w)
+            if self.pool is None:
+                with autocast(source.device, self.dtype):
+                    logits = self.net(x)
+                loss = self.criterion(logits.float(), y, sample_weight=w)
+            else:
+                loss = self.pool.loss(self, x, y, w, start, end)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.grad_clip > 0:
@@ -116,6 +121,41 @@ class Loop:
             if bar is not None:
                 bar.update(1)
         return loss_sum, seen, lr
+
+
+class PoolSteps:
+    """The pool's half of each online stage-2 step (FixMatch, `fer.consistency`): its weak and
+    strong views go through the network with the labelled batch, in one forward pass."""
+
+    def __init__(self, spec: Consistency, image_size: int, device: torch.device):
+        from fer.transforms import make_train_transform
+
+        self.spec = spec
+        self.source = TrainSource(spec.images, np.zeros(len(spec.images), dtype=np.int64), None, device)
+        self.truth = None if spec.truth is None else torch.as_tensor(np.asarray(spec.truth), dtype=torch.long)
+        self.weak = make_train_transform("weak", image_size)
+        self.strong = make_train_transform("strong", image_size)
+        self.plan: EpochPlan | None = None  # this epoch's, set by begin() before each epoch
+        self.index: torch.Tensor | None = None
+        self.tally = Tally.zeros(device)
+
+    def begin(self, plan: EpochPlan) -> None:
+        self.plan, self.tally = plan, Tally.zeros(self.source.device)
+        self.index = torch.from_numpy(plan.order).to(self.source.home)
+
+    def loss(self, loop: Loop, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, start: int,
+             end: int) -> torch.Tensor:
+        ratio = self.spec.ratio
+        picked = self.index[start * ratio:end * ratio]
+        u, _, _ = self.source.batch(picked)
+        views = [x, self.weak(u).contiguous(memory_format=loop.memory_format),
+                 self.strong(u).contiguous(memory_format=loop.memory_format)]
+        with autocast(self.source.device, loop.dtype):
+            logits = loop.net(torch.cat(views))
+        labelled, weak, strong = logits.split([len(x), len(u), len(u)])
+        truth = None if self.truth is None else self.truth[picked.cpu()].to(self.source.device)
+        unlabelled = pool_loss(weak, strong, self.plan, truth, self.tally)
+        return loop.criterion(labelled.float(), y, sample_weight=w) + self.spec.weight * unlabelled
 
 
 def build_optimizer(cfg: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -1,0 +1,141 @@
+"""Online consistency training on the unlabeled pool (stage 2, `student_mode="fixmatch"`).
+
+FixMatch (Sohn et al. 2020): every step, besides its labelled batch, the student sees a
+batch of pool images twice, a weakly augmented view and a strongly augmented one, in one
+forward pass. Its own prediction on the weak view, where confident enough, is the hard
+label the strong view is trained towards:
+
+    loss = loss_labelled + pseudo_weight * mean(mask * CE(strong logits, argmax weak probs))
+
+No teacher labels the pool: the labeller improves as the student does, which is what an
+offline teacher at 0.53 pool accuracy cannot (BENCHMARKS.md, the ceiling at 1/8 scale).
+
+Imbalance (per epoch, from one pass of the student over the pool at the epoch's start, in
+eval mode, so a resumed epoch draws exactly what the uninterrupted one drew):
+- distribution alignment (ReMixMatch, Berthelot et al. 2020; `pseudo_debias`): weak-view
+  probabilities are multiplied by the labelled prior over the student's mean pool
+  prediction and renormalised, so head classes do not take over the pseudo-labels;
+- per-class thresholds (FlexMatch, Zhang et al. 2021; `pseudo_selection="flexmatch"`):
+  `fer.pseudo.flexmatch_thresholds` of that pass, lower for classes the student is still
+  learning; `"threshold"` keeps one threshold for every class.
+
+The pool's order is a function of (seed, epoch) and of the rank, as the labelled order is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fer.infer import Ranks, predict_logits_sharded
+from fer.names import ONLINE_SELECTIONS
+from fer.pseudo import flexmatch_thresholds
+
+
+@dataclass
+class Consistency:
+    """What the online stage trains on besides the labelled images, and how."""
+
+    images: np.ndarray  # the pool, uint8 (N, H, W, C)
+    prior: np.ndarray  # labelled class distribution (distribution alignment's target)
+    threshold: float  # confidence a weak-view prediction needs (its class's, with flexmatch)
+    weight: float  # of the pool's loss against the labelled one
+    selection: str = "threshold"  # see ONLINE_SELECTIONS
+    align: bool = True  # distribution alignment of the weak-view probabilities
+    ratio: int = 1  # pool images per labelled image in a step (FixMatch's mu)
+    truth: np.ndarray | None = None  # the pool's held-out labels, when known: precision is reported
+
+    def __post_init__(self) -> None:
+        if self.selection not in ONLINE_SELECTIONS:
+            raise ValueError(f"student_mode fixmatch: pseudo_selection {self.selection!r} is not supported "
+                             f"online. Choose one of: {', '.join(ONLINE_SELECTIONS)}")
+        if len(self.images) == 0:
+            raise ValueError("student_mode fixmatch needs a non-empty unlabeled pool")
+
+
+@dataclass
+class EpochPlan:
+    """One epoch's pool batches and the per-class thresholds and alignment factors."""
+
+    order: np.ndarray  # this rank's pool indices, `ratio` per labelled image
+    thresholds: torch.Tensor  # (K,)
+    align: torch.Tensor  # (K,) multiplies the weak-view probabilities (ones without alignment)
+    stats: dict[str, float] = field(default_factory=dict)  # the pass's numbers, for the epoch's metrics
+
+
+@dataclass
+class Tally:
+    """What the pool's loss kept this epoch (device tensors: no host sync per step)."""
+
+    kept: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "Tally":
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device))
+
+
+def plan_epoch(spec: Consistency, model: nn.Module, *, steps: int, batch_size: int, seed: int, epoch: int,
+               ddp: Ranks, image_size: int, device: torch.device) -> EpochPlan:
+    """The pool batches of `steps` steps and the thresholds/alignment of this epoch, from the
+    student's eval-mode predictions on the whole pool now (each rank its shard, gathered)."""
+    was_training = model.training
+    probs = torch.softmax(predict_logits_sharded(model, spec.images, image_size=image_size,
+                                                 batch_size=max(256, batch_size), device=device).float(), dim=1)
+    model.train(was_training)
+    k = probs.shape[1]
+    align = torch.ones(k)
+    if spec.align:
+        align = torch.as_tensor(spec.prior, dtype=torch.float32) / probs.mean(dim=0).clamp_min(1e-6)
+    aligned = _normalise(probs * align)
+    conf, pred = aligned.max(dim=1)
+    thresholds = torch.full((k,), float(spec.threshold))
+    if spec.selection == "flexmatch":
+        thresholds = torch.as_tensor(flexmatch_thresholds(conf.numpy(), pred.numpy(), k, spec.threshold),
+                                     dtype=torch.float32)
+    keep = conf >= thresholds[pred]
+    stats = {"pool_pass_kept": float(keep.float().mean())}
+    if spec.truth is not None:
+        right = pred.numpy() == spec.truth
+        stats["pool_pass_accuracy"] = float(right.mean())
+        if bool(keep.any()):  # (undefined when nothing is kept: left out, as NaN would never equal itself)
+            stats["pool_pass_precision"] = float(right[keep.numpy()].mean())
+    need = steps * batch_size * spec.ratio * ddp.world
+    rng = np.random.default_rng((seed, 104729, epoch))
+    passes = -(-need // len(spec.images))
+    order = np.concatenate([rng.permutation(len(spec.images)) for _ in range(passes)])[:need]
+    mine = order[ddp.rank::ddp.world]
+    return EpochPlan(order=mine, thresholds=thresholds.to(device), align=align.to(device), stats=stats)
+
+
+def _normalise(probs: torch.Tensor) -> torch.Tensor:
+    return probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def pool_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, plan: EpochPlan,
+              truth: torch.Tensor | None, tally: Tally) -> torch.Tensor:
+    """FixMatch's unlabeled loss over one pool batch; adds what it kept to `tally`."""
+    with torch.no_grad():
+        probs = _normalise(torch.softmax(logits_weak.detach().float(), dim=1) * plan.align)
+        conf, label = probs.max(dim=1)
+        mask = (conf >= plan.thresholds[label]).float()
+        tally.kept += mask.sum()
+        if truth is not None:
+            tally.correct += (mask * (label == truth).float()).sum()
+        tally.seen += len(label)
+    return (F.cross_entropy(logits_strong.float(), label, reduction="none") * mask).mean()
+
+
+def epoch_stats(plan: EpochPlan, tally: Tally, has_truth: bool) -> dict[str, Any]:
+    """The pool's numbers an epoch reports: share of pool views trained on, their precision."""
+    kept = float(tally.kept)
+    out: dict[str, Any] = {"pool_kept_share": kept / max(tally.seen, 1), **plan.stats}
+    if has_truth and kept > 0:
+        out["pool_kept_precision"] = float(tally.correct) / kept
+    return out

@@ -1,0 +1,164 @@
+"""Stage 2 online (student_mode fixmatch, fer.consistency): the pool's loss, per-class
+thresholds, distribution alignment, training, exact resume, the ablation numbers, bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fer.fitting
+from fer.config import TrialConfig, apply_overrides
+from fer.consistency import Consistency, EpochPlan, Tally, plan_epoch, pool_loss
+from fer.infer import Ranks
+from fer.pipeline import run_pipeline
+from fer.state import PipelineState
+from support import saved_and_loaded, untimed
+from test_pipeline import make_data, tiny_cfg, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _tiny(monkeypatch):
+    import fer.models
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores
+    monkeypatch.setattr(fer.fitting, "build_model", tiny_model)
+    monkeypatch.setattr(fer.models, "build_model", tiny_model)  # the teacher rebuilt from its checkpoint
+    yield
+    torch.set_num_threads(threads)
+
+
+def online_cfg(**overrides):
+    return tiny_cfg(**{"student_mode": "fixmatch", "pseudo_threshold": 0.5, "student_augment": "weak", **overrides})
+
+
+def plan(thresholds, align=(1.0, 1.0, 1.0)):
+    k = len(thresholds)
+    return EpochPlan(order=np.arange(4), thresholds=torch.tensor(thresholds, dtype=torch.float32),
+                     align=torch.tensor(align[:k], dtype=torch.float32))
+
+
+def test_the_pool_loss_trains_the_strong_view_on_confident_weak_predictions_only():
+    weak = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, 5.0]])  # sure, unsure, sure
+    strong = torch.zeros(3, 3, requires_grad=True)
+    tally = Tally.zeros(torch.device("cpu"))
+    loss = pool_loss(weak, strong, plan([0.9, 0.9, 0.9]), torch.tensor([0, 1, 1]), tally)
+    # two of three views kept, each with CE log(3) against a uniform strong prediction
+    assert float(loss.detach()) == pytest.approx(2 * np.log(3) / 3, rel=1e-5)
+    assert (float(tally.kept), float(tally.correct), tally.seen) == (2.0, 1.0, 3)
+    loss.backward()
+    assert strong.grad[1].abs().sum() == 0 and strong.grad[0].abs().sum() > 0  # the unsure view gets no gradient
+
+
+def test_alignment_can_turn_a_head_prediction_into_a_tail_label():
+    weak = torch.tensor([[1.0, 0.0]])  # 0.73 for the head class
+    tally = Tally.zeros(torch.device("cpu"))
+    strong = torch.zeros(1, 2)
+    pool_loss(weak, strong, plan([0.0, 0.0], align=(0.1, 10.0)), torch.tensor([1]), tally)
+    assert float(tally.correct) == 1.0  # the aligned label is class 1
+
+
+def test_an_epoch_plan_lowers_thresholds_of_classes_the_student_rarely_predicts():
+    data = make_data()
+    pool = data.splits["unlabeled"]
+    model = tiny_model("x", 4)
+    with torch.no_grad():  # a model that predicts class 0 with confidence, whatever the image
+        model[-1].weight.zero_()
+        model[-1].bias.copy_(torch.tensor([6.0, 0.0, 0.0, 0.0]))
+    spec = Consistency(images=pool.images, prior=np.full(4, 0.25), threshold=0.9, weight=1.0,
+                       selection="flexmatch", align=False, truth=pool.labels)
+    epoch = plan_epoch(spec, model, steps=3, batch_size=8, seed=0, epoch=5, ddp=Ranks(), image_size=16,
+                       device=torch.device("cpu"))
+    assert epoch.thresholds[0] == pytest.approx(0.9) and torch.all(epoch.thresholds[1:] == 0)
+    assert len(epoch.order) == 3 * 8 and set(epoch.order) <= set(range(len(pool.images)))
+    assert epoch.stats["pool_pass_kept"] == 1.0
+    assert epoch.stats["pool_pass_accuracy"] == pytest.approx(np.mean(pool.labels == 0))
+    # alignment to a uniform prior divides out the constant head bias: every class reachable again
+    aligned = plan_epoch(Consistency(images=pool.images, prior=np.full(4, 0.25), threshold=0.9, weight=1.0),
+                         model, steps=3, batch_size=8, seed=0, epoch=5, ddp=Ranks(), image_size=16,
+                         device=torch.device("cpu"))
+    # (a constant prediction aligned to uniform is uniform: 0.25, below every threshold)
+    assert aligned.stats["pool_pass_kept"] == 0.0 and aligned.align[0] < aligned.align[1] == aligned.align[3]
+    again = plan_epoch(spec, model, steps=3, batch_size=8, seed=0, epoch=5, ddp=Ranks(), image_size=16,
+                       device=torch.device("cpu"))
+    assert np.array_equal(again.order, epoch.order)  # a function of (seed, epoch): a resumed epoch draws the same
+
+
+def test_a_fixmatch_run_trains_on_the_pool_and_reports_what_it_kept(tmp_path, capsys):
+    result = run_pipeline(online_cfg(), make_data(), progress=False, out_dir=str(tmp_path))
+    printed = capsys.readouterr().out
+    assert "stage 2 online (fixmatch): 80 labelled and 60 pool images" in printed
+    assert result.student is not None and result.control is not None
+    last = result.student.history[-1]
+    assert 0.0 <= last["pool_kept_share"] <= 1.0 and "pool_pass_accuracy" in last
+    assert last["train_images"] == 80  # an epoch is the labelled split's; the pool rides along
+    assert result.metrics["student_mode"] == "fixmatch"
+    assert {"control_val_macro_f1", "pool_gain_val", "pool_helped"} <= set(result.metrics)
+    assert not (tmp_path / "pseudo_labeled.csv").exists()  # no offline selection was made
+    # the pool really is in the loss: with its weight at 0 the student trains as without it
+    zero = run_pipeline(online_cfg(pseudo_weight=0.0, pseudo_threshold=0.0), make_data(), progress=False)
+    some = run_pipeline(online_cfg(pseudo_threshold=0.0), make_data(), progress=False)
+    a, b = zero.student.checkpoint["model"], some.student.checkpoint["model"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_a_fixmatch_run_after_any_epoch_ends_with_the_same_model():
+    cfg, data, states = online_cfg(student_init="teacher", dropout=0.1), make_data(), []
+    whole = run_pipeline(cfg, data, progress=False,
+                         report=lambda metrics, ckpt, state: states.append(saved_and_loaded(state.to_dict())))
+    assert [(s["stage"], s["fit"]["epoch"]) for s in states] == [("teacher", 1), ("teacher", 2),
+                                                                ("student", 1), ("student", 2)]
+    for global_epoch, state in enumerate(states, 1):
+        resumed = run_pipeline(cfg, data, progress=False, resume=PipelineState.from_dict(state))
+        assert untimed(resumed.history) == untimed(whole.history)
+        a, b = whole.checkpoint["model"], resumed.checkpoint["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fer_train_writes_the_online_ablation_to_metrics_json(tmp_path, monkeypatch, capsys):
+    import fer.train
+    from fer.synth import write_csv
+
+    path = write_csv(str(tmp_path / "data"), seed=1, scale=0.03, eval_scale=0.05)
+    out = tmp_path / "out"
+    code = fer.train.main(["--data", path, "--out", str(out), "--no-progress", "--set", "model=resnet10t",
+                           "--set", "epochs=1", "--set", "student_epochs=1", "--set", "epoch_images=0",
+                           "--set", "student_mode=fixmatch", "--set", "image_size=16"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "student: 1 epochs x" in printed and "two views (fixmatch)" in printed
+    pipeline = json.loads((out / "metrics.json").read_text())["pipeline"]
+    assert pipeline["student_mode"] == "fixmatch"
+    assert {"control_val_macro_f1", "pool_gain_val", "pool_gain_val_ci95", "pool_kept_share"} <= set(pipeline)
+
+
+@pytest.mark.parametrize("selection", ["crest", "aligned"])
+def test_an_offline_selection_with_fixmatch_is_refused_naming_both(selection):
+    with pytest.raises(ValueError, match=rf"--set: pseudo_selection='{selection}' is an offline selection; "
+                                         r"with student_mode='fixmatch' choose one of: threshold, flexmatch"):
+        apply_overrides(TrialConfig(), {"student_mode": "fixmatch", "pseudo_selection": selection}, source="--set",
+                        models=False)
+    with pytest.raises(ValueError, match="student_mode='online' is not allowed. Choose one of: offline, fixmatch"):
+        apply_overrides(TrialConfig(), {"student_mode": "online"}, source="--set", models=False)
+    with pytest.raises(ValueError, match=r"pool_ratio=0 is outside the allowed range \[1, 64\]"):
+        apply_overrides(TrialConfig(), {"pool_ratio": 0}, source="--set", models=False)
+
+
+def test_a_space_that_could_pair_fixmatch_with_an_offline_selection_is_refused_at_its_line(tmp_path):
+    from search.space import load_space
+    from search.space_schema import SpaceError
+
+    head = "parameters:\n  student_mode:\n    choice: [offline, fixmatch]\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(head + "  pseudo_selection:\n    choice: [threshold, crest]\n")
+    with pytest.raises(SpaceError, match=r"bad.yaml:4: parameters.pseudo_selection: crest cannot go with "
+                                         r"student_mode fixmatch \(online it takes threshold, flexmatch\)"):
+        load_space(str(bad))
+    good = tmp_path / "good.yaml"
+    good.write_text(head + "  pseudo_selection:\n    choice: [threshold, crest]\n    when: {student_mode: [offline]}\n")
+    assert [p.name for p in load_space(str(good)).parameters] == ["student_mode", "pseudo_selection"]
+    online = tmp_path / "online.yaml"
+    online.write_text(head + "  pseudo_selection:\n    choice: [threshold, flexmatch]\n")
+    assert load_space(str(online))
