@@ -46,8 +46,8 @@ VARIANTS = {"pipeline": {}, "no graph": {"pseudo_graph": "none"},
             "aligned 0.5": {"pseudo_selection": "aligned", "pseudo_threshold": 0.5},
             "whole pool": {"pseudo_threshold": 0.0}}
 # stage 2 online (student_mode fixmatch): the student labels the pool itself, every step
-FIXMATCH, FLEXMATCH = {"student_mode": "fixmatch"}, {"student_mode": "fixmatch", "pseudo_selection": "flexmatch"}
-ONLINE = {"fixmatch": FIXMATCH, "fixmatch flexmatch": FLEXMATCH,
+FIXMATCH, FLEXMATCH = {"student_mode": "fixmatch"}, {"student_mode": "flexmatch"}
+ONLINE = {"fixmatch": FIXMATCH, "flexmatch": FLEXMATCH,
           "fixmatch 0.95": {**FIXMATCH, "pseudo_threshold": 0.95},  # the paper's threshold
           "flexmatch 0.95": {**FLEXMATCH, "pseudo_threshold": 0.95},
           "flexmatch 0.7": {**FLEXMATCH, "pseudo_threshold": 0.7},

@@ -91,7 +91,7 @@ def pool_lines(log: str) -> str:
     keep, table = [], False
     for line in log.splitlines():
         table = table or line.startswith("pseudo-labels (")
-        if table or line.startswith(("pseudo-label source", "pool:", "pool on test")):
+        if table or line.startswith(("pseudo-label source", "pool:", "pool on test", "pool online", "stage 2 online")):
             keep.append(line)
         table = table and not line.startswith("all ")
     return "\n".join(keep)

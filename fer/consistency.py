@@ -1,4 +1,4 @@
-"""Online consistency training on the unlabeled pool (stage 2, `student_mode="fixmatch"`).
+"""Online consistency training on the unlabeled pool (stage 2, `student_mode` fixmatch or flexmatch).
 
 FixMatch (Sohn et al. 2020): every step, besides its labelled batch, the student sees a
 batch of pool images twice, a weakly augmented view and a strongly augmented one, in one
@@ -12,12 +12,13 @@ offline teacher at 0.53 pool accuracy cannot (BENCHMARKS.md, the ceiling at 1/8 
 
 Imbalance (per epoch, from one pass of the student over the pool at the epoch's start, in
 eval mode, so a resumed epoch draws exactly what the uninterrupted one drew):
-- distribution alignment (ReMixMatch, Berthelot et al. 2020; `pseudo_debias`): weak-view
+- distribution alignment (ReMixMatch, Berthelot et al. 2020; `pool_align`): weak-view
   probabilities are multiplied by the labelled prior over the student's mean pool
   prediction and renormalised, so head classes do not take over the pseudo-labels;
-- per-class thresholds (FlexMatch, Zhang et al. 2021; `pseudo_selection="flexmatch"`):
+- per-class thresholds (FlexMatch, Zhang et al. 2021; `student_mode="flexmatch"`):
   `fer.pseudo.flexmatch_thresholds` of that pass, lower for classes the student is still
-  learning; `"threshold"` keeps one threshold for every class.
+  learning (with the paper's warm-up, all of them low while few views pass `pseudo_threshold`);
+  `"fixmatch"` keeps one threshold for every class.
 
 The pool's order is a function of (seed, epoch) and of the rank, as the labelled order is.
 """
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer.infer import Ranks, predict_logits_sharded
-from fer.names import ONLINE_SELECTIONS
+from fer.names import ONLINE_MODES
 from fer.pseudo import flexmatch_thresholds
 
 
@@ -45,17 +46,16 @@ class Consistency:
     prior: np.ndarray  # labelled class distribution (distribution alignment's target)
     threshold: float  # confidence a weak-view prediction needs (its class's, with flexmatch)
     weight: float  # of the pool's loss against the labelled one
-    selection: str = "threshold"  # see ONLINE_SELECTIONS
-    align: bool = True  # distribution alignment of the weak-view probabilities
+    mode: str = "fixmatch"  # fer.names.ONLINE_MODES: one threshold, or FlexMatch's per-class ones
+    align: bool = False  # distribution alignment of the weak-view probabilities
     ratio: int = 1  # pool images per labelled image in a step (FixMatch's mu)
     truth: np.ndarray | None = None  # the pool's held-out labels, when known: precision is reported
 
     def __post_init__(self) -> None:
-        if self.selection not in ONLINE_SELECTIONS:
-            raise ValueError(f"student_mode fixmatch: pseudo_selection {self.selection!r} is not supported "
-                             f"online. Choose one of: {', '.join(ONLINE_SELECTIONS)}")
+        if self.mode not in ONLINE_MODES:
+            raise ValueError(f"online student_mode {self.mode!r} is not one of: {', '.join(ONLINE_MODES)}")
         if len(self.images) == 0:
-            raise ValueError("student_mode fixmatch needs a non-empty unlabeled pool")
+            raise ValueError(f"student_mode {self.mode} needs a non-empty unlabeled pool")
 
 
 @dataclass
@@ -96,7 +96,7 @@ def plan_epoch(spec: Consistency, model: nn.Module, *, steps: int, batch_size: i
     aligned = _normalise(probs * align)
     conf, pred = aligned.max(dim=1)
     thresholds = torch.full((k,), float(spec.threshold))
-    if spec.selection == "flexmatch":
+    if spec.mode == "flexmatch":
         thresholds = torch.as_tensor(flexmatch_thresholds(conf.numpy(), pred.numpy(), k, spec.threshold),
                                      dtype=torch.float32)
     keep = conf >= thresholds[pred]

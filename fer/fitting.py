@@ -97,11 +97,11 @@ class Stage:
 
     @classmethod
     def online(cls, cfg: TrialConfig, data: Any, init: dict[str, torch.Tensor] | None) -> "Stage":
-        """Stage 2 of student_mode fixmatch: the labelled split, with the pool and cfg's FixMatch settings."""
+        """Stage 2 of an online student_mode: the labelled split, with the pool and cfg's FixMatch settings."""
         train, pool = data.splits["train"], data.splits["unlabeled"]
         counts = data.class_counts("train")
         spec = Consistency(images=pool.images, prior=counts / counts.sum(), threshold=cfg.pseudo_threshold,
-                           weight=cfg.pseudo_weight, selection=cfg.pseudo_selection, align=cfg.pseudo_debias,
+                           weight=cfg.pseudo_weight, mode=cfg.student_mode, align=cfg.pool_align,
                            ratio=cfg.pool_ratio, truth=pool.labels)
         stage = cls.of(cfg, "student", train.images, train.labels, counts, init_state=init)
         stage.consistency = spec

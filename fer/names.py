@@ -18,8 +18,9 @@ SAMPLERS = ("uniform", "sqrt", "balanced")
 AUGMENTS = ("none", "weak", "strong")
 OPTIMIZERS = ("adamw", "sgd")
 STUDENT_INITS = ("teacher", "scratch")
-STUDENT_MODES = ("offline", "fixmatch")  # fer.pipeline: teacher pseudo-labels, or online consistency
-ONLINE_SELECTIONS = ("threshold", "flexmatch")  # the SELECTIONS student_mode fixmatch understands
+# fer.pipeline: the teacher's selected pseudo-labels, or online consistency (fer.consistency)
+STUDENT_MODES = ("offline", "fixmatch", "flexmatch")
+ONLINE_MODES = ("fixmatch", "flexmatch")
 
 
 def check_registry(registry: object, names: tuple[str, ...], what: str) -> None:

@@ -42,6 +42,7 @@ from fer.evaluate import paired_bootstrap_macro_f1
 from fer.fitting import FitResult, Report, Stage, fit
 from fer.infer import is_main, predict_features_sharded, predict_logits_sharded, resolve_device
 from fer.io import to_plain
+from fer.names import ONLINE_MODES
 from fer.posthoc import fit_offsets, macro_f1
 from fer.propagate import CANDIDATES, feature_space, graph_pseudo_probs, pixel_space
 from fer.pseudo import fit_temperature, select_pseudo_labels, summarize_selection, write_pseudo_csv
@@ -227,7 +228,7 @@ def _run_student(cfg: TrialConfig, data: Any, teacher: FitResult, metrics: dict[
     """Pseudo-label the pool (or take the resumed selection) and fit the student; None when
     stage 2 is skipped. Adds the selection's and the student's numbers to `metrics`."""
     skip, summary = _stage2_skip_reason(cfg, data), None
-    if skip is None and cfg.student_mode == "fixmatch":
+    if skip is None and cfg.student_mode in ONLINE_MODES:
         return _run_online_student(cfg, data, teacher, metrics, report, resume, common), None
     if skip is None:
         indices, labels, confidences, summary = _selection(cfg, data, teacher, resume, out_dir, common["device"])
@@ -254,20 +255,21 @@ def _run_student(cfg: TrialConfig, data: Any, teacher: FitResult, metrics: dict[
 def _run_online_student(cfg: TrialConfig, data: Any, teacher: FitResult, metrics: dict[str, Any],
                         report: PipelineReport | None, resume: PipelineState | None,
                         common: dict[str, Any]) -> FitResult:
-    """Stage 2 with student_mode fixmatch: the labelled split, and the pool through the
+    """Stage 2 with an online student_mode: the labelled split, and the pool through the
     student's own weak-view predictions every step (fer.consistency); no teacher selection."""
     train, pool = data.splits["train"], data.splits["unlabeled"]
     stage = Stage.online(cfg, data, teacher.model.state_dict() if cfg.student_init == "teacher" else None)
-    _say(f"stage 2 online (fixmatch): {len(train.labels)} labelled and {len(pool.images)} pool images, threshold "
-         f"{cfg.pseudo_threshold} ({cfg.pseudo_selection}), alignment {'on' if cfg.pseudo_debias else 'off'}, "
+    per_class = " per class" if cfg.student_mode == "flexmatch" else ""
+    _say(f"stage 2 online ({cfg.student_mode}): {len(train.labels)} labelled and {len(pool.images)} pool images, "
+         f"threshold {cfg.pseudo_threshold}{per_class}, alignment {'on' if cfg.pool_align else 'off'}, "
          f"pool weight {cfg.pseudo_weight}, {cfg.pool_ratio} pool image(s) per labelled one")
-    pseudo = {"indices": [], "labels": [], "confidences": [], "summary": {"mode": "fixmatch"}}
+    pseudo = {"indices": [], "labels": [], "confidences": [], "summary": {"mode": cfg.student_mode}}
     student = fit(cfg, stage, data.splits["val"], data.classes,
                   report=_stage_report(report, "student", _teacher_state(teacher), pseudo),
                   resume=_fit_state(resume, "student"), **common)
     best = next(m for m in student.history if m["epoch"] == student.best_epoch)
     metrics.update(student_val_macro_f1=student.best_metrics["val_macro_f1"], student_best_epoch=student.best_epoch,
-                   student_mode="fixmatch", pool_kept_share=best.get("pool_kept_share"),
+                   student_mode=cfg.student_mode, pool_kept_share=best.get("pool_kept_share"),
                    pool_kept_precision=best.get("pool_kept_precision"))
     return student
 

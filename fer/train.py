@@ -176,6 +176,11 @@ def _print_summary(summary: dict[str, Any], out_dir: str) -> None:
         pseudo = summary["pseudo"]
         precision = "" if pseudo.get("precision") is None else f", precision {pseudo['precision']:.3f}"
         print(f"pseudo-labels: kept {pseudo['kept']} of {pseudo.get('pool_size', '?')}{precision}")
+    if pipe.get("student_mode", "offline") != "offline" and pipe.get("pool_kept_share") is not None:
+        precision = "" if pipe.get("pool_kept_precision") is None else \
+            f", precision {pipe['pool_kept_precision']:.3f} against the pool's held-out labels"
+        print(f"pool online ({pipe['student_mode']}): the best student epoch trained on {pipe['pool_kept_share']:.0%} of its "
+              f"pool views{precision}")
     if "pool_gain_val" in pipe:
         print(pool_verdict(pipe))
     if "pool_test" in summary:

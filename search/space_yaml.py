@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 
 from fer.config import STAGE2_FIELDS, TrialConfig, apply_overrides, config_field_names, yaml_problem
-from fer.names import ONLINE_SELECTIONS
 from search.samplers import SEARCH_SAMPLERS
 from search.space_runtime import Space
 from search.space_schema import (
@@ -142,7 +141,6 @@ def _parse(reader: _Reader, data: dict) -> Space:
     parameters: list[Param] = []
     for name, spec in raw_params.items():
         parameters.append(_parse_param(reader, name, spec, fields, fixed, parameters))
-    _check_online_selection(reader, fixed, parameters)
     for key in ("epochs", "student_epochs"):
         if key in raw_params:
             raise reader.error(
@@ -170,32 +168,6 @@ def _parse(reader: _Reader, data: dict) -> Space:
         if key in run:
             setattr(space, key, reader.number(run[key], ("run", key), integer=True, low=0))
     return space
-
-
-def _values(name: str, fixed: dict, parameters: list[Param]) -> tuple[tuple, Param | None]:
-    """The values field `name` can take in a space's trials, and its parameter if searched."""
-    param = next((p for p in parameters if p.name == name), None)
-    if param is None:
-        return (fixed.get(name, getattr(TrialConfig, name)),), None
-    return (param.values if param.kind == "choice" else (param.value,)), param
-
-
-def _check_online_selection(reader: _Reader, fixed: dict, parameters: list[Param]) -> None:
-    """Refuse a space where a trial could get student_mode fixmatch with an offline-only
-    pseudo_selection (fer.config refuses that pair), unless the selection is searched only
-    when student_mode is offline."""
-    modes, _ = _values("student_mode", fixed, parameters)
-    if "fixmatch" not in modes:
-        return
-    selections, param = _values("pseudo_selection", fixed, parameters)
-    offline_only = [v for v in selections if v not in ONLINE_SELECTIONS]
-    guarded = param is not None and any(parent == "student_mode" and "fixmatch" not in allowed
-                                        for parent, allowed in param.when)
-    if offline_only and not guarded:
-        keypath = ("parameters", "pseudo_selection") if param is not None else ("fixed", "pseudo_selection")
-        raise reader.error(keypath, f"{', '.join(map(str, offline_only))} cannot go with student_mode fixmatch "
-                           f"(online it takes {', '.join(ONLINE_SELECTIONS)}); search it only "
-                           "'when: {student_mode: offline}' or leave those out")
 
 
 def _check_field(reader: _Reader, name: Any, keypath: tuple, fields: list[str]) -> None:
