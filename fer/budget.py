@@ -60,7 +60,7 @@ def describe_budget(cfg: TrialConfig, data: Any) -> str:
         least = max(cfg.epoch_images, len(train_labels))
         if cfg.student_mode != "offline":
             student = stage_budget(cfg, train_labels, "student")
-            lines.append(f"        student: {student.describe(len(train_labels))}, each step with "
+            lines.append(f"        {student.describe(len(train_labels))}, each step with "
                          f"{cfg.pool_ratio} pool image(s) per labelled one in two views ({cfg.student_mode})")
         else:
             lines.append(f"        student: {cfg.student_epochs} epochs of at least {least} images "

@@ -29,9 +29,12 @@ def test_describe_names_the_repeats_and_the_student():
     labels = np.arange(377) % 7
     images = np.zeros((377, 2, 2, 1), dtype=np.uint8)
     data = Dataset(list("abcdefg"), {"train": Split(images, labels), "unlabeled": Split(images, None)}, "t")
-    text = describe_budget(TrialConfig(epochs=10, student_epochs=4, epoch_images=3000), data)
+    text = describe_budget(TrialConfig(epochs=10, student_epochs=4, epoch_images=3000, student_mode="offline"), data)
     assert "teacher: 10 epochs x 3000 images, the 377-image split 8.0x = 240 optimizer steps" in text
-    assert "student: 4 epochs of at least 3000 images" in text
+    assert "student: 4 epochs of at least 3000 images (labelled + kept pseudo-labels" in text
+    online = describe_budget(TrialConfig(epochs=10, student_epochs=4, epoch_images=3000), data)  # flexmatch
+    assert ("student: 4 epochs x 3000 images, the 377-image split 8.0x = 96 optimizer steps, each step with 1 pool "
+            "image(s) per labelled one in two views (flexmatch)") in online
     assert "control: 4 more epochs of the student's recipe on the labelled split alone" in text
     assert "control" not in describe_budget(TrialConfig(epochs=10, student_epochs=4, pool_control=False), data)
     no_pool = Dataset(list("abcdefg"), {"train": Split(images, labels)}, "t")

@@ -128,14 +128,14 @@ def test_fer_train_writes_the_online_ablation_to_metrics_json(tmp_path, monkeypa
     out = tmp_path / "out"
     code = fer.train.main(["--data", path, "--out", str(out), "--no-progress", "--set", "model=resnet10t",
                            "--set", "epochs=1", "--set", "student_epochs=1", "--set", "epoch_images=0",
-                           "--set", "student_mode=fixmatch", "--set", "image_size=16"])
+                           "--set", "image_size=16"])  # stage 2 online by default: flexmatch
     assert code == 0
     printed = capsys.readouterr().out
-    assert "student: 1 epochs x" in printed and "two views (fixmatch)" in printed
-    assert "pool online (fixmatch): the best student epoch trained on " in printed
+    assert "student: 1 epochs x" in printed and "two views (flexmatch)" in printed
+    assert "pool online (flexmatch): the best student epoch trained on " in printed
     assert "pool views, precision " in printed  # the demo data's pool keeps its labels as held-out truth
     pipeline = json.loads((out / "metrics.json").read_text())["pipeline"]
-    assert pipeline["student_mode"] == "fixmatch"
+    assert pipeline["student_mode"] == "flexmatch"
     assert {"control_val_macro_f1", "pool_gain_val", "pool_gain_val_ci95", "pool_kept_share"} <= set(pipeline)
 
 

@@ -64,7 +64,7 @@ def make_data(pool=True, pool_labels=True):
 
 def tiny_cfg(**overrides):
     base = dict(model="mobilenet_v3_small", epoch_images=0, image_size=16, batch_size=32, epochs=2,
-                student_epochs=2, augment="none",
+                student_epochs=2, augment="none", student_mode="offline",  # the teacher's pseudo-labels
                 student_augment="weak", dropout=0.0, warmup_epochs=0, amp=False, lr=3e-3,
                 pseudo_threshold=0.0)  # the tiny teacher is near chance: keep the whole pool, so stage 2 runs
     base.update(overrides)
@@ -234,7 +234,7 @@ def test_train_cli_runs_both_stages_and_reports_each(tmp_path, monkeypatch, caps
     out = tmp_path / "run"
     args = ["--data", csv_path, "--out", str(out), "--no-progress", "--set", "image_size=16",
             "--set", "epochs=1", "--set", "student_epochs=1", "--set", "pseudo_threshold=0.0",
-            "--set", "batch_size=32", "--set", "amp=false", "--set", "epoch_images=0"]
+            "--set", "batch_size=32", "--set", "amp=false", "--set", "epoch_images=0", "--set", "student_mode=offline"]
     assert fer.train.main(args) == 0
     printed = capsys.readouterr().out
     assert "teacher: best val macro-F1" in printed and "student: best val macro-F1" in printed

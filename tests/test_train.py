@@ -227,7 +227,7 @@ def test_cli_trains_and_writes_checkpoint_metrics_tensorboard_png(tmp_path, monk
     csv = write_csv(str(tmp_path / "data"), seed=0, scale=0.02)
     out = tmp_path / "run"
     argv = ["--data", csv, "--epochs", "1", "--set", "image_size=24", "--set", "batch_size=32",
-            "--set", "model=mobilenet_v3_small", "--set", "epoch_images=0",
+            "--set", "model=mobilenet_v3_small", "--set", "epoch_images=0", "--set", "student_epochs=0",
             "--out", str(out), "--device", "cpu", "--no-progress"]
     assert main(argv) == 0
     assert load_checkpoint(out / "best.pt")["config"]["image_size"] == 24
