@@ -52,7 +52,8 @@ ONLINE = {"fixmatch": FIXMATCH, "flexmatch": FLEXMATCH,
           "flexmatch 0.95": {**FLEXMATCH, "pseudo_threshold": 0.95},
           "flexmatch 0.7": {**FLEXMATCH, "pseudo_threshold": 0.7},
           "flexmatch ratio 2": {**FLEXMATCH, "pool_ratio": 2},
-          "flexmatch no alignment": {**FLEXMATCH, "pseudo_debias": False}}
+          "flexmatch aligned": {**FLEXMATCH, "pool_align": True},
+          "flexmatch + picks": FLEXMATCH}
 
 
 def stage_two_inputs(cfg: Any, data: Any, teacher: Any, wanted: list[str]) -> dict[str, tuple[Any, ...]]:
@@ -83,9 +84,11 @@ def stage_two(cfg: Any, data: Any, teacher: Any, wanted: list[str]) -> Iterator[
         yield variant, Stage.student(stage_cfg, images, labels, weights, counts, teacher.model.state_dict()), \
             stage_cfg, precision
     for variant, changes in ONLINE.items():
-        if variant in wanted:
+        if variant in wanted:  # "+ picks": on top of the teacher's offline picks (the pipeline's input)
             online_cfg = replace(stage_cfg, **changes)
-            yield variant, Stage.online(online_cfg, data, teacher.model.state_dict()), online_cfg, None
+            base = inputs["pipeline"] if variant.endswith("+ picks") else inputs["control"]
+            stage = Stage.student(online_cfg, *base[:4], teacher.model.state_dict())
+            yield variant, stage.online(online_cfg, data.splits["unlabeled"]), online_cfg, None
 
 
 def scored(cfg: Any, fitted: Any, val: Any) -> tuple[float, float, np.ndarray]:

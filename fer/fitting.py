@@ -12,6 +12,7 @@ per stage (`Stage.teacher`, `Stage.student`). The CLI is `fer.train`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -95,17 +96,14 @@ class Stage:
         """Stage 2: train + kept pool images, pseudo-labels weighted, from `init` (or scratch)."""
         return cls.of(cfg, "student", images, labels, counts, sample_weight=weights, init_state=init)
 
-    @classmethod
-    def online(cls, cfg: TrialConfig, data: Any, init: dict[str, torch.Tensor] | None) -> "Stage":
-        """Stage 2 of an online student_mode: the labelled split, with the pool and cfg's FixMatch settings."""
-        train, pool = data.splits["train"], data.splits["unlabeled"]
-        counts = data.class_counts("train")
+    def online(self, cfg: TrialConfig, pool: Any) -> "Stage":
+        """This stage with the `pool` split (its labels, if any, only as held-out truth) trained
+        online every step, as cfg's student_mode (fixmatch, flexmatch) says (fer.consistency)."""
+        counts = np.asarray(self.counts, dtype=np.float64)
         spec = Consistency(images=pool.images, prior=counts / counts.sum(), threshold=cfg.pseudo_threshold,
                            weight=cfg.pseudo_weight, mode=cfg.student_mode, align=cfg.pool_align,
                            ratio=cfg.pool_ratio, truth=pool.labels)
-        stage = cls.of(cfg, "student", train.images, train.labels, counts, init_state=init)
-        stage.consistency = spec
-        return stage
+        return dataclasses.replace(self, consistency=spec)
 
 
 @dataclass

@@ -226,52 +226,47 @@ def _run_student(cfg: TrialConfig, data: Any, teacher: FitResult, metrics: dict[
                  report: PipelineReport | None, resume: PipelineState | None, out_dir: str | None,
                  common: dict[str, Any]) -> tuple[FitResult | None, dict[str, Any] | None]:
     """Pseudo-label the pool (or take the resumed selection) and fit the student; None when
-    stage 2 is skipped. Adds the selection's and the student's numbers to `metrics`."""
+    stage 2 is skipped. Online (cfg.student_mode fixmatch, flexmatch) the student also trains on
+    the whole pool every step (fer.consistency), the teacher's confident picks among its labels.
+    Adds the selection's and the student's numbers to `metrics`."""
     skip, summary = _stage2_skip_reason(cfg, data), None
-    if skip is None and cfg.student_mode in ONLINE_MODES:
-        return _run_online_student(cfg, data, teacher, metrics, report, resume, common), None
+    online = cfg.student_mode in ONLINE_MODES
     if skip is None:
         indices, labels, confidences, summary = _selection(cfg, data, teacher, resume, out_dir, common["device"])
         metrics["pseudo_kept"] = summary["kept"]
         metrics["pseudo_precision"] = summary.get("precision")
         metrics["pseudo_graph"] = summary.get("graph")
         metrics["pseudo_label_accuracy"] = summary.get("pool_label_accuracy")
-        if len(indices) == 0:
+        if len(indices) == 0 and not online:
             skip = f"no pool image reached the pseudo-label threshold {cfg.pseudo_threshold}"
     if skip is not None:
         _say(f"{skip}: stage 2 skipped")
         return None, summary
     images, all_labels, weights, counts = student_inputs(cfg, data, indices, labels)
     init = teacher.model.state_dict() if cfg.student_init == "teacher" else None
+    stage = Stage.student(cfg, images, all_labels, weights, counts, init)
+    if online:
+        stage = stage.online(cfg, data.splits["unlabeled"])
+        _say(_online_line(cfg, len(data.splits["train"].labels), len(indices), len(data.splits["unlabeled"].images)))
     pseudo = {"indices": indices.tolist(), "labels": labels.tolist(),
               "confidences": np.asarray(confidences, dtype=np.float64).tolist(), "summary": to_plain(summary)}
-    student = fit(cfg, Stage.student(cfg, images, all_labels, weights, counts, init), data.splits["val"],
-                  data.classes, report=_stage_report(report, "student", _teacher_state(teacher), pseudo),
-                  resume=_fit_state(resume, "student"), **common)
-    metrics.update(student_val_macro_f1=student.best_metrics["val_macro_f1"], student_best_epoch=student.best_epoch)
-    return student, summary
-
-
-def _run_online_student(cfg: TrialConfig, data: Any, teacher: FitResult, metrics: dict[str, Any],
-                        report: PipelineReport | None, resume: PipelineState | None,
-                        common: dict[str, Any]) -> FitResult:
-    """Stage 2 with an online student_mode: the labelled split, and the pool through the
-    student's own weak-view predictions every step (fer.consistency); no teacher selection."""
-    train, pool = data.splits["train"], data.splits["unlabeled"]
-    stage = Stage.online(cfg, data, teacher.model.state_dict() if cfg.student_init == "teacher" else None)
-    per_class = " per class" if cfg.student_mode == "flexmatch" else ""
-    _say(f"stage 2 online ({cfg.student_mode}): {len(train.labels)} labelled and {len(pool.images)} pool images, "
-         f"threshold {cfg.pseudo_threshold}{per_class}, alignment {'on' if cfg.pool_align else 'off'}, "
-         f"pool weight {cfg.pseudo_weight}, {cfg.pool_ratio} pool image(s) per labelled one")
-    pseudo = {"indices": [], "labels": [], "confidences": [], "summary": {"mode": cfg.student_mode}}
     student = fit(cfg, stage, data.splits["val"], data.classes,
                   report=_stage_report(report, "student", _teacher_state(teacher), pseudo),
                   resume=_fit_state(resume, "student"), **common)
-    best = next(m for m in student.history if m["epoch"] == student.best_epoch)
     metrics.update(student_val_macro_f1=student.best_metrics["val_macro_f1"], student_best_epoch=student.best_epoch,
-                   student_mode=cfg.student_mode, pool_kept_share=best.get("pool_kept_share"),
-                   pool_kept_precision=best.get("pool_kept_precision"))
-    return student
+                   student_mode=cfg.student_mode)
+    if online:  # what the best student epoch trained on, of the pool's views
+        best = next(m for m in student.history if m["epoch"] == student.best_epoch)
+        metrics.update(pool_kept_share=best.get("pool_kept_share"), pool_kept_precision=best.get("pool_kept_precision"))
+    return student, summary
+
+
+def _online_line(cfg: TrialConfig, labelled: int, picks: int, pool: int) -> str:
+    per_class = " per class" if cfg.student_mode == "flexmatch" else ""
+    return (f"stage 2 online ({cfg.student_mode}): {labelled} labelled images and {picks} teacher picks, and all "
+            f"{pool} pool images every step: threshold {cfg.pseudo_threshold}{per_class}, alignment "
+            f"{'on' if cfg.pool_align else 'off'}, pool weight {cfg.pseudo_weight}, {cfg.pool_ratio} pool image(s) "
+            "per labelled one")
 
 
 def _run_control(cfg: TrialConfig, data: Any, teacher: FitResult, student: FitResult, metrics: dict[str, Any],

@@ -90,14 +90,16 @@ def test_an_epoch_plan_lowers_thresholds_of_classes_the_student_rarely_predicts(
 def test_a_fixmatch_run_trains_on_the_pool_and_reports_what_it_kept(tmp_path, capsys):
     result = run_pipeline(online_cfg(), make_data(), progress=False, out_dir=str(tmp_path))
     printed = capsys.readouterr().out
-    assert "stage 2 online (fixmatch): 80 labelled and 60 pool images" in printed
+    kept = result.metrics["pseudo_kept"]  # the teacher's confident picks join the labelled images
+    assert f"stage 2 online (fixmatch): 80 labelled images and {kept} teacher picks, and all 60 pool images " \
+           "every step: threshold 0.5, alignment off" in printed
     assert result.student is not None and result.control is not None
     last = result.student.history[-1]
     assert 0.0 <= last["pool_kept_share"] <= 1.0 and "pool_pass_accuracy" in last
-    assert last["train_images"] == 80  # an epoch is the labelled split's; the pool rides along
+    assert last["train_images"] == 80 + kept  # an epoch is the labelled images' (and picks'); the pool rides along
     assert result.metrics["student_mode"] == "fixmatch"
     assert {"control_val_macro_f1", "pool_gain_val", "pool_helped"} <= set(result.metrics)
-    assert not (tmp_path / "pseudo_labeled.csv").exists()  # no offline selection was made
+    assert (tmp_path / "pseudo_labeled.csv").exists()  # the picks, as offline
     # the pool really is in the loss: with its weight at 0 the student trains as without it
     zero = run_pipeline(online_cfg(pseudo_weight=0.0, pseudo_threshold=0.0), make_data(), progress=False)
     some = run_pipeline(online_cfg(pseudo_threshold=0.0), make_data(), progress=False)
