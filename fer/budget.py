@@ -59,9 +59,9 @@ def describe_budget(cfg: TrialConfig, data: Any) -> str:
     if pool is not None and len(pool.images) > 0 and cfg.student_epochs > 0:
         least = max(cfg.epoch_images, len(train_labels))
         if cfg.student_mode != "offline":
-            student = stage_budget(cfg, train_labels, "student")
-            lines.append(f"        {student.describe(len(train_labels))}, each step with "
-                         f"{cfg.pool_ratio} pool image(s) per labelled one in two views ({cfg.student_mode})")
+            lines.append(f"        student: {cfg.student_epochs} epochs of at least {least} images (labelled + the "
+                         f"teacher's picks, repeated up to epoch_images), each step with {cfg.pool_ratio} pool "
+                         f"image(s) per labelled one in two views ({cfg.student_mode})")
         else:
             lines.append(f"        student: {cfg.student_epochs} epochs of at least {least} images "
                          f"(labelled + kept pseudo-labels, repeated up to epoch_images)")

@@ -33,8 +33,8 @@ def test_describe_names_the_repeats_and_the_student():
     assert "teacher: 10 epochs x 3000 images, the 377-image split 8.0x = 240 optimizer steps" in text
     assert "student: 4 epochs of at least 3000 images (labelled + kept pseudo-labels" in text
     online = describe_budget(TrialConfig(epochs=10, student_epochs=4, epoch_images=3000), data)  # flexmatch
-    assert ("student: 4 epochs x 3000 images, the 377-image split 8.0x = 96 optimizer steps, each step with 1 pool "
-            "image(s) per labelled one in two views (flexmatch)") in online
+    assert ("student: 4 epochs of at least 3000 images (labelled + the teacher's picks, repeated up to "
+            "epoch_images), each step with 1 pool image(s) per labelled one in two views (flexmatch)") in online
     assert "control: 4 more epochs of the student's recipe on the labelled split alone" in text
     assert "control" not in describe_budget(TrialConfig(epochs=10, student_epochs=4, pool_control=False), data)
     no_pool = Dataset(list("abcdefg"), {"train": Split(images, labels)}, "t")
