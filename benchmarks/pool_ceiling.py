@@ -12,6 +12,9 @@ recipe (student_epochs, student_augment, from the teacher's weights) on:
   plain     the same with pseudo_debias off too (the teacher's own argmax and confidences);
   aligned 0.5  as many as a 0.5 threshold keeps, shared out by the labelled class prior;
   whole pool   every pool image with the pipeline's label (threshold 0);
+  fixmatch, flexmatch, ...  stage 2 online (student_mode): the pool trained every step on the
+               student's own weak-view labels (fer.consistency), from the labelled split alone, or
+               with the pipeline's picks ("+ picks", today's default);
 
 all at the same images per epoch (the largest of the inputs), scored on val raw and
 with each model's own post-hoc offsets (fitted on val, as the final model's are), with

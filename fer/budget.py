@@ -58,13 +58,12 @@ def describe_budget(cfg: TrialConfig, data: Any) -> str:
              f"epoch_images {cfg.epoch_images})"]
     if pool is not None and len(pool.images) > 0 and cfg.student_epochs > 0:
         least = max(cfg.epoch_images, len(train_labels))
-        if cfg.student_mode != "offline":
-            lines.append(f"        student: {cfg.student_epochs} epochs of at least {least} images (labelled + the "
-                         f"teacher's picks, repeated up to epoch_images), each step with {cfg.pool_ratio} pool "
-                         f"image(s) per labelled one in two views ({cfg.student_mode})")
-        else:
-            lines.append(f"        student: {cfg.student_epochs} epochs of at least {least} images "
-                         f"(labelled + kept pseudo-labels, repeated up to epoch_images)")
+        online = cfg.student_mode != "offline"
+        picks = "the teacher's picks" if online else "kept pseudo-labels"
+        pool = (f", each step with {cfg.pool_ratio} pool image(s) per labelled one in two views ({cfg.student_mode})"
+                if online else "")
+        lines.append(f"        student: {cfg.student_epochs} epochs of at least {least} images "
+                     f"(labelled + {picks}, repeated up to epoch_images){pool}")
         if cfg.pool_control:
             lines.append(f"        control: {cfg.student_epochs} more epochs of the student's recipe on the labelled "
                          f"split alone, to measure what the pool bought (pool_control=false skips it)")

@@ -12,10 +12,9 @@ per stage (`Stage.teacher`, `Stage.student`). The CLI is `fer.train`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -24,7 +23,7 @@ from torch import nn
 
 from fer.checkpoint import make_checkpoint
 from fer.config import TrialConfig
-from fer.consistency import Consistency, epoch_stats, plan_epoch
+from fer.consistency import Consistency, plan_epoch
 from fer.infer import Ranks, autocast_dtype, resolve_device
 from fer.loop import (
     Loop,
@@ -103,7 +102,7 @@ class Stage:
         spec = Consistency(images=pool.images, prior=counts / counts.sum(), threshold=cfg.pseudo_threshold,
                            weight=cfg.pseudo_weight, mode=cfg.student_mode, align=cfg.pool_align,
                            ratio=cfg.pool_ratio, truth=pool.labels)
-        return dataclasses.replace(self, consistency=spec)
+        return replace(self, consistency=spec)
 
 
 @dataclass
@@ -239,7 +238,7 @@ def _train_epoch(run: _Run, epoch: int, progress: bool, writer: Any) -> tuple[di
     metrics = epoch_metrics(cm, run.classes, stage=stage.name, epoch=global_epoch, train_loss=train_loss, lr=lr,
                             val_loss=val_loss, seconds=seconds, images=seen * ddp.world)
     if run.loop.pool is not None:
-        metrics.update(epoch_stats(run.loop.pool.plan, run.loop.pool.tally, stage.consistency.truth is not None))
+        metrics.update(run.loop.pool.stats())
     run.result.history.append(metrics)
     checkpoint = _keep_best(run, epoch, metrics, cm)
     if bar is not None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer.config import TrialConfig
-from fer.consistency import Consistency, EpochPlan, Tally, pool_loss
+from fer.consistency import Consistency, EpochPlan, Tally, epoch_stats, pool_loss
 from fer.infer import Ranks, autocast, predict_logits, to_nchw
 from fer.metrics import metrics_from_confusion
 from fer.samplers import epoch_indices, shard
@@ -138,6 +138,10 @@ class PoolSteps:
         self.plan: EpochPlan | None = None  # this epoch's, set by begin() before each epoch
         self.index: torch.Tensor | None = None
         self.tally = Tally.zeros(device)
+
+    def stats(self) -> dict[str, Any]:
+        """This epoch's pool numbers for its metrics (fer.consistency.epoch_stats)."""
+        return epoch_stats(self.plan, self.tally, self.truth is not None)
 
     def begin(self, plan: EpochPlan) -> None:
         self.plan, self.tally = plan, Tally.zeros(self.source.device)

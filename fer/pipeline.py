@@ -256,8 +256,7 @@ def _run_student(cfg: TrialConfig, data: Any, teacher: FitResult, metrics: dict[
     metrics.update(student_val_macro_f1=student.best_metrics["val_macro_f1"], student_best_epoch=student.best_epoch,
                    student_mode=cfg.student_mode)
     if online:  # what the best student epoch trained on, of the pool's views
-        best = next(m for m in student.history if m["epoch"] == student.best_epoch)
-        metrics.update(pool_kept_share=best.get("pool_kept_share"), pool_kept_precision=best.get("pool_kept_precision"))
+        metrics.update({k: student.best_metrics.get(k) for k in ("pool_kept_share", "pool_kept_precision")})
     return student, summary
 
 

@@ -176,7 +176,7 @@ def _print_summary(summary: dict[str, Any], out_dir: str) -> None:
         pseudo = summary["pseudo"]
         precision = "" if pseudo.get("precision") is None else f", precision {pseudo['precision']:.3f}"
         print(f"pseudo-labels: kept {pseudo['kept']} of {pseudo.get('pool_size', '?')}{precision}")
-    if pipe.get("student_mode", "offline") != "offline" and pipe.get("pool_kept_share") is not None:
+    if pipe.get("pool_kept_share") is not None:  # an online student's
         precision = "" if pipe.get("pool_kept_precision") is None else \
             f", precision {pipe['pool_kept_precision']:.3f} against the pool's held-out labels"
         print(f"pool online ({pipe['student_mode']}): the best student epoch trained on {pipe['pool_kept_share']:.0%} of its "
