@@ -62,7 +62,8 @@ ONLINE = {"fixmatch": FIXMATCH, "flexmatch": FLEXMATCH,
 def stage_two_inputs(cfg: Any, data: Any, teacher: Any, wanted: list[str]) -> dict[str, tuple[Any, ...]]:
     """{variant: (images, labels, weights, counts, label precision on the pool)} of the
     offline inputs in `wanted` (the control always)."""
-    from fer.pipeline import pseudo_label, student_inputs
+    from fer.labelling import pseudo_label
+    from fer.pipeline import student_inputs
 
     train, pool = data.splits["train"], data.splits["unlabeled"]
     inputs = {"control": (train.images, train.labels.astype(np.int64), None, data.class_counts("train"), None)}

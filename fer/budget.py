@@ -62,8 +62,10 @@ def describe_budget(cfg: TrialConfig, data: Any) -> str:
         picks = "the teacher's picks" if online else "kept pseudo-labels"
         pool = (f", each step with {cfg.pool_ratio} pool image(s) per labelled one in two views ({cfg.student_mode})"
                 if online else "")
+        rounds = (f" in {cfg.student_rounds} rounds of {cfg.round_epochs}, each labelled by the round before's "
+                  "student" if cfg.student_rounds > 1 else "")
         lines.append(f"        student: {cfg.student_epochs} epochs of at least {least} images "
-                     f"(labelled + {picks}, repeated up to epoch_images){pool}")
+                     f"(labelled + {picks}, repeated up to epoch_images){pool}{rounds}")
         if cfg.pool_control:
             lines.append(f"        control: {cfg.student_epochs} more epochs of the student's recipe on the labelled "
                          f"split alone, to measure what the pool bought (pool_control=false skips it)")

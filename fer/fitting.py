@@ -91,9 +91,11 @@ class Stage:
 
     @classmethod
     def student(cls, cfg: TrialConfig, images: np.ndarray, labels: np.ndarray, weights: np.ndarray,
-                counts: np.ndarray, init: dict[str, torch.Tensor] | None) -> "Stage":
-        """Stage 2: train + kept pool images, pseudo-labels weighted, from `init` (or scratch)."""
-        return cls.of(cfg, "student", images, labels, counts, sample_weight=weights, init_state=init)
+                counts: np.ndarray, init: dict[str, torch.Tensor] | None, round: int = 1) -> "Stage":
+        """Stage 2's round `round` (of cfg.student_rounds, cfg.round_epochs each): train + kept
+        pool images, pseudo-labels weighted, from `init` (or scratch)."""
+        return replace(cls.of(cfg, "student", images, labels, counts, sample_weight=weights, init_state=init,
+                              epoch_offset=cfg.epochs + (round - 1) * cfg.round_epochs), epochs=cfg.round_epochs)
 
     def online(self, cfg: TrialConfig, pool: Any) -> "Stage":
         """This stage with the `pool` split (its labels, if any, only as held-out truth) trained

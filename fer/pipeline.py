@@ -6,7 +6,9 @@
              pseudo_labeled.csv written
     stage 2  fit on train + kept pool images (stage="student", global epochs continue at
              cfg.epochs + 1), pseudo-labelled samples weighted by cfg.pseudo_weight,
-             initialised from the teacher or from scratch
+             initialised from the teacher or from scratch; online (cfg.student_mode) also
+             on the whole pool every step; in cfg.student_rounds rounds sharing its epochs,
+             each later round labelled by the previous round's student
     post-hoc per-class logit offsets fitted on val macro-F1 (fer.posthoc), stored in the
              final checkpoint
 
@@ -27,25 +29,22 @@ non-deterministic kernels).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from torch import nn
 
 from fer.checkpoint import model_from_checkpoint, save_checkpoint
 from fer.config import TrialConfig
 from fer.evaluate import paired_bootstrap_macro_f1
 from fer.fitting import FitResult, Report, Stage, fit
-from fer.infer import is_main, predict_features_sharded, predict_logits_sharded, resolve_device
+from fer.infer import is_main, resolve_device
 from fer.io import to_plain
+from fer.labelling import predict, pseudo_label, say, write_pseudo
 from fer.names import ONLINE_MODES
 from fer.posthoc import fit_offsets, macro_f1
-from fer.propagate import CANDIDATES, feature_space, graph_pseudo_probs, pixel_space
-from fer.pseudo import fit_temperature, select_pseudo_labels, summarize_selection, write_pseudo_csv
 from fer.state import FitState, PipelineState
 
 # report(metrics, checkpoint, state): fit's report, with the pipeline's state to resume from
@@ -63,123 +62,6 @@ class PipelineResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # every epoch, both stages
     checkpoint_path: str | None = None  # out_dir/best.pt when out_dir was given (rank 0)
     control: FitResult | None = None  # the student's recipe without the pool (cfg.pool_control)
-
-
-def _say(message: str) -> None:
-    if is_main():
-        print(message, flush=True)
-
-
-def _inference(cfg: TrialConfig, device: Any) -> dict[str, Any]:
-    """How the pipeline runs inference (pool, val, graph features): cfg's image size, big batches."""
-    return dict(image_size=cfg.image_size, batch_size=max(256, cfg.batch_size), device=device)
-
-
-def _predict(cfg: TrialConfig, model: nn.Module, images: np.ndarray, device: Any, tta: bool) -> np.ndarray:
-    """Logits of `images`, each DDP rank on its shard, gathered in order on every rank."""
-    return predict_logits_sharded(model, images, tta=tta, **_inference(cfg, device)).numpy()
-
-
-def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any = None,
-                 out_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
-    """Teacher labels the pool; returns (kept pool indices, labels, summary, confidences).
-
-    The teacher's logits get its post-hoc offsets (cfg.pseudo_debias) and temperature
-    scaling (Guo et al. 2017), both fitted on val (`teacher_calibration`), so
-    cfg.pseudo_threshold applies to calibrated confidences of the rebalanced decision rule
-    rather than the teacher's usually over-confident, head-biased raw softmax.
-    """
-    pool, val = data.splits["unlabeled"], data.splits["val"]
-    offsets, temperature = np.zeros(len(data.classes)), 1.0
-    (val_logits, pool_logits), space = _teacher_outputs(cfg, teacher, data, device)
-    if cfg.pseudo_temperature or cfg.pseudo_debias:
-        offsets, temperature = teacher_calibration(cfg, val_logits, val.labels, data.class_counts("train"))
-    probs, graph = graph_pseudo_probs(
-        cfg.pseudo_graph, *(_calibrated(logits, offsets, temperature) for logits in (pool_logits, val_logits)),
-        data.splits["train"].labels, val.labels, space)
-    indices, labels, confidences = select_pseudo_labels(
-        probs, selection=cfg.pseudo_selection, threshold=cfg.pseudo_threshold,
-        class_counts=data.class_counts("train"), crest_alpha=cfg.crest_alpha)
-    truth = pool.labels[indices] if pool.labels is not None else None
-    summary, table = summarize_selection(labels, data.classes, truth, pool_size=len(pool.images))
-    summary.update(temperature=temperature, selection=cfg.pseudo_selection, threshold=cfg.pseudo_threshold,
-                   tta=cfg.pseudo_tta, debias_offsets=[float(v) for v in offsets], **graph)
-    if pool.labels is not None:  # the pool's own labels are held-out truth: how good was each labeller?
-        summary["pool_label_accuracy"] = float(np.mean(probs.argmax(axis=1) == pool.labels))
-    debiased = f", {cfg.posthoc} offsets" if np.any(offsets) else ""
-    _say(f"pseudo-label source ({cfg.pseudo_graph}): {_graph_line(graph)}")
-    _say(f"pseudo-labels ({cfg.pseudo_selection}, threshold {cfg.pseudo_threshold}, "
-         f"temperature {temperature:.3f}{debiased}):\n{table}")
-    _write_pseudo(out_dir, indices, labels, confidences, summary, data.classes)
-    return indices, labels, summary, confidences
-
-
-def teacher_calibration(cfg: TrialConfig, val_logits: np.ndarray, val_labels: np.ndarray,
-                        train_counts: np.ndarray) -> tuple[np.ndarray, float]:
-    """(per-class offsets, temperature) the teacher's pool logits get before selection.
-
-    The offsets are cfg.posthoc's, fitted on val as the final model's are (zeros unless
-    cfg.pseudo_debias): a teacher trained on imbalanced labels under-predicts the rare
-    classes, and its argmax on the pool would pass that bias on to the student. The
-    temperature (when cfg.pseudo_temperature) is the teacher's own, fitted on the raw val
-    logits, and divides the offset logits: the offsets choose the class, the teacher's
-    calibration how sure it is. (Fitted on the offset logits instead, where the offsets are
-    large, it can run to its bound and flatten every confidence below any threshold.)
-    """
-    offsets = np.zeros(val_logits.shape[1])
-    if cfg.pseudo_debias:
-        offsets = fit_offsets(val_logits, val_labels, train_counts, cfg.posthoc)
-    temperature = fit_temperature(val_logits, val_labels) if cfg.pseudo_temperature else 1.0
-    return offsets, temperature
-
-
-def _calibrated(logits: np.ndarray, offsets: np.ndarray, temperature: float) -> np.ndarray:
-    return torch.softmax(torch.from_numpy(logits + offsets) / temperature, dim=1).numpy()
-
-
-def _teacher_outputs(cfg: TrialConfig, teacher: nn.Module, data: Any,
-                     device: Any) -> tuple[tuple[np.ndarray, np.ndarray], Callable[[str], np.ndarray]]:
-    """The teacher's (val, pool) logits, and the embedding of train, pool and val for the
-    label-spreading graph `name` (fer.propagate), computed when asked for. Where a feature
-    graph may be built (and without TTA, whose logits average several views) one pass over val
-    and the pool gives logits and features together, so the features cost one more pass, over
-    train."""
-    splits = [data.splits[name].images for name in ("train", "unlabeled", "val")]
-    kwargs = _inference(cfg, device)
-    if "features" not in CANDIDATES[cfg.pseudo_graph] or cfg.pseudo_tta:
-        logits = tuple(_predict(cfg, teacher, images, device, cfg.pseudo_tta) for images in splits[1:])
-        features = None
-    else:
-        (pool_logits, pool_features), (val_logits, val_features) = (
-            predict_features_sharded(teacher, images, **kwargs) for images in splits[1:])
-        logits, features = (pool_logits, val_logits), (pool_features, val_features)
-
-    def space(name: str) -> np.ndarray:
-        if name == "pixels":
-            return pixel_space(np.concatenate(splits), seed=cfg.seed)
-        rest = features if features is not None else tuple(
-            predict_features_sharded(teacher, images, **kwargs)[1] for images in splits[1:])
-        return feature_space(np.concatenate([predict_features_sharded(teacher, splits[0], **kwargs)[1], *rest]))
-
-    return (logits[1], logits[0]), space
-
-
-def _graph_line(graph: dict[str, Any]) -> str:
-    def source(name: str) -> str:
-        return "teacher alone" if name == "none" else f"teacher + {name} graph"
-
-    scores = ", ".join(f"{source(name)} {value:.3f}" for name, value in graph["graph_val_macro_f1"].items())
-    return f"val macro-F1 of its labels: {scores}; using {source(graph['graph'])}"
-
-
-def _write_pseudo(out_dir: str | None, indices: np.ndarray, labels: np.ndarray, confidences: np.ndarray,
-                  summary: dict[str, Any], classes: list[str]) -> None:
-    if out_dir is None or not is_main():
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    write_pseudo_csv(os.path.join(out_dir, "pseudo_labeled.csv"), indices, labels, confidences, classes)
-    with open(os.path.join(out_dir, "pseudo_summary.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
 
 
 def student_inputs(cfg: TrialConfig, data: Any, indices: np.ndarray,
@@ -206,6 +88,8 @@ def run_pipeline(cfg: TrialConfig, data: Any, *, device: Any = None, report: Pip
     """
     if resume is not None and resume.stage == "student" and cfg.student_epochs == 0:
         raise ValueError("resume state is in stage 2 but student_epochs is 0")
+    if resume is not None and resume.round > cfg.student_rounds:
+        raise ValueError(f"resume state is in stage 2's round {resume.round} but student_rounds is {cfg.student_rounds}")
     common = dict(device=device, writer=writer, progress=progress)
     if resume is not None and resume.stage == "student":
         teacher = _teacher_from_state(resume.teacher, device)
@@ -225,38 +109,77 @@ def run_pipeline(cfg: TrialConfig, data: Any, *, device: Any = None, report: Pip
 def _run_student(cfg: TrialConfig, data: Any, teacher: FitResult, metrics: dict[str, Any],
                  report: PipelineReport | None, resume: PipelineState | None, out_dir: str | None,
                  common: dict[str, Any]) -> tuple[FitResult | None, dict[str, Any] | None]:
-    """Pseudo-label the pool (or take the resumed selection) and fit the student; None when
-    stage 2 is skipped. Online (cfg.student_mode fixmatch, flexmatch) the student also trains on
-    the whole pool every step (fer.consistency), the teacher's confident picks among its labels.
-    Adds the selection's and the student's numbers to `metrics`."""
-    skip, summary = _stage2_skip_reason(cfg, data), None
-    online = cfg.student_mode in ONLINE_MODES
-    if skip is None:
-        indices, labels, confidences, summary = _selection(cfg, data, teacher, resume, out_dir, common["device"])
-        metrics["pseudo_kept"] = summary["kept"]
-        metrics["pseudo_precision"] = summary.get("precision")
-        metrics["pseudo_graph"] = summary.get("graph")
-        metrics["pseudo_label_accuracy"] = summary.get("pool_label_accuracy")
-        if len(indices) == 0 and not online:
-            skip = f"no pool image reached the pseudo-label threshold {cfg.pseudo_threshold}"
+    """Stage 2's cfg.student_rounds rounds (`_run_round`), from the resumed round on; None when
+    stage 2 is skipped. Round 1's labeller is the teacher, each later round's the previous
+    round's student. The result is the round whose best epoch has the best val macro-F1 (the
+    later on ties), with every round's epochs as its history. Adds the teacher's selection's and
+    the student's numbers to `metrics`, and with several rounds each round's."""
+    skip = _stage2_skip_reason(cfg, data)
     if skip is not None:
-        _say(f"{skip}: stage 2 skipped")
+        say(f"{skip}: stage 2 skipped")
+        return None, None
+    resumed = resume if resume is not None and resume.stage == "student" else None
+    finished = list(resumed.rounds or []) if resumed is not None else []  # plain, as the resume state keeps them
+    students = [_teacher_from_state(done, common["device"]) for done in finished]
+    summaries = [done["pseudo_summary"] for done in finished]
+    for round in range(len(finished) + 1, cfg.student_rounds + 1):
+        labeller = students[-1] if students else teacher
+        student, summary = _run_round(cfg, data, teacher, labeller, round, list(finished), report, resumed,
+                                      out_dir, common)
+        resumed = None  # only the first round run here continues a saved one
+        summaries.append(summary)
+        if student is None:
+            break
+        students.append(student)
+        finished.append({**_teacher_state(student), "pseudo_summary": to_plain(summary)})
+    first = summaries[0]
+    metrics.update(pseudo_kept=first["kept"], pseudo_precision=first.get("precision"), pseudo_graph=first.get("graph"),
+                   pseudo_label_accuracy=first.get("pool_label_accuracy"))
+    if not students:
+        return None, first
+    best = max(range(len(students)), key=lambda i: (students[i].best_metrics["val_macro_f1"], i))
+    student = replace(students[best], history=[m for fitted in students for m in fitted.history])
+    metrics.update(student_val_macro_f1=student.best_metrics["val_macro_f1"], student_best_epoch=student.best_epoch,
+                   student_mode=cfg.student_mode)
+    if cfg.student_mode in ONLINE_MODES:  # what the best student epoch trained on, of the pool's views
+        metrics.update({k: student.best_metrics.get(k) for k in ("pool_kept_share", "pool_kept_precision")})
+    if cfg.student_rounds > 1:
+        metrics.update(student_round=best + 1, rounds=[
+            {"round": i + 1, "labeller": "teacher" if i == 0 else f"round {i} student", "pseudo_kept": done["kept"],
+             "pseudo_precision": done.get("precision"), "pseudo_label_accuracy": done.get("pool_label_accuracy"),
+             "student_val_macro_f1": fitted.best_metrics["val_macro_f1"], "student_best_epoch": fitted.best_epoch}
+            for i, (done, fitted) in enumerate(zip(summaries, students))])
+    return student, summaries[best]
+
+
+def _run_round(cfg: TrialConfig, data: Any, teacher: FitResult, labeller: FitResult, round: int,
+               finished: list[dict[str, Any]], report: PipelineReport | None, resume: PipelineState | None,
+               out_dir: str | None, common: dict[str, Any]) -> tuple[FitResult | None, dict[str, Any]]:
+    """One round of stage 2: `labeller` pseudo-labels the pool (or the resumed round's selection
+    is taken), and a student from cfg.student_init's weights (the teacher's) trains on train +
+    the kept images for cfg.round_epochs; online (cfg.student_mode fixmatch, flexmatch) also on
+    the whole pool every step (fer.consistency). (None, selection) when offline and nothing was
+    kept."""
+    online = cfg.student_mode in ONLINE_MODES
+    if cfg.student_rounds > 1:
+        source = "the teacher" if round == 1 else f"round {round - 1}'s student"
+        say(f"stage 2 round {round} of {cfg.student_rounds} ({cfg.round_epochs} epochs): {source} labels the pool")
+    indices, labels, confidences, summary = _selection(cfg, data, labeller, resume, out_dir, common["device"])
+    if len(indices) == 0 and not online:
+        what = "stage 2" if round == 1 else f"round {round} and after"
+        say(f"no pool image reached the pseudo-label threshold {cfg.pseudo_threshold}: {what} skipped")
         return None, summary
     images, all_labels, weights, counts = student_inputs(cfg, data, indices, labels)
     init = teacher.model.state_dict() if cfg.student_init == "teacher" else None
-    stage = Stage.student(cfg, images, all_labels, weights, counts, init)
+    stage = Stage.student(cfg, images, all_labels, weights, counts, init, round)
     if online:
         stage = stage.online(cfg, data.splits["unlabeled"])
-        _say(_online_line(cfg, len(data.splits["train"].labels), len(indices), len(data.splits["unlabeled"].images)))
+        say(_online_line(cfg, len(data.splits["train"].labels), len(indices), len(data.splits["unlabeled"].images)))
     pseudo = {"indices": indices.tolist(), "labels": labels.tolist(),
               "confidences": np.asarray(confidences, dtype=np.float64).tolist(), "summary": to_plain(summary)}
     student = fit(cfg, stage, data.splits["val"], data.classes,
-                  report=_stage_report(report, "student", _teacher_state(teacher), pseudo),
+                  report=_stage_report(report, "student", _teacher_state(teacher), pseudo, finished),
                   resume=_fit_state(resume, "student"), **common)
-    metrics.update(student_val_macro_f1=student.best_metrics["val_macro_f1"], student_best_epoch=student.best_epoch,
-                   student_mode=cfg.student_mode)
-    if online:  # what the best student epoch trained on, of the pool's views
-        metrics.update({k: student.best_metrics.get(k) for k in ("pool_kept_share", "pool_kept_precision")})
     return student, summary
 
 
@@ -308,7 +231,7 @@ def _selection(cfg: TrialConfig, data: Any, teacher: FitResult, resume: Pipeline
     pseudo = resume.pseudo
     indices, labels, confidences = (np.asarray(pseudo[k], dtype=dtype) for k, dtype in
                                     (("indices", np.int64), ("labels", np.int64), ("confidences", np.float32)))
-    _write_pseudo(out_dir, indices, labels, confidences, pseudo["summary"], data.classes)
+    write_pseudo(out_dir, indices, labels, confidences, pseudo["summary"], data.classes)
     return indices, labels, confidences, pseudo["summary"]
 
 
@@ -336,12 +259,12 @@ def _fit_state(resume: PipelineState | None, stage: str) -> FitState | None:
 
 
 def _stage_report(report: PipelineReport | None, stage: str, teacher: dict[str, Any] | None = None,
-                  pseudo: dict[str, Any] | None = None) -> Report | None:
+                  pseudo: dict[str, Any] | None = None, rounds: list[dict[str, Any]] | None = None) -> Report | None:
     """fit's report, with the fit state wrapped in the pipeline's own state."""
     if report is None:
         return None
     return lambda metrics, checkpoint, state: report(metrics, checkpoint,
-                                                     PipelineState(stage, state, teacher, pseudo))
+                                                     PipelineState(stage, state, teacher, pseudo, rounds))
 
 
 def _teacher_state(teacher: Any) -> dict[str, Any]:
@@ -369,7 +292,7 @@ def _stage2_skip_reason(cfg: TrialConfig, data: Any) -> str | None:
 
 def _posthoc_fit(cfg: TrialConfig, fitted: FitResult, val: Any, device: Any) -> tuple[float, np.ndarray, np.ndarray]:
     """(val macro-F1 with offsets, cfg.posthoc offsets fitted on val, val logits) of a fitted stage."""
-    logits = _predict(cfg, fitted.model, val.images, device, tta=False)
+    logits = predict(cfg, fitted.model, val.images, device, tta=False)
     offsets = fit_offsets(logits, val.labels, np.asarray(fitted.checkpoint["class_counts"]), cfg.posthoc)
     return macro_f1(val.labels, logits, offsets), offsets, logits
 

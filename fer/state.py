@@ -59,31 +59,40 @@ class FitState:
 @dataclass
 class PipelineState:
     """The pipeline after one epoch: its stage and that stage's `FitState`; in stage 2 also
-    the teacher's result and the pseudo-label selection, so a resumed trial neither retrains
-    the teacher nor re-selects."""
+    the teacher's result, the finished rounds' students (cfg.student_rounds) and this round's
+    pseudo-label selection, so a resumed trial neither retrains them nor re-selects."""
 
     stage: str  # "teacher" or "student"
     fit: FitState
     teacher: dict[str, Any] | None = None  # fer.pipeline's summary of stage 1 (checkpoint, history, ...)
     pseudo: dict[str, Any] | None = None  # kept pool indices, labels, confidences, summary
+    rounds: list[dict[str, Any]] | None = None  # stage 2's finished rounds, each summarised as the teacher
 
-    def global_epoch(self, teacher_epochs: int) -> int:
-        """The epoch number reports carry: stage 2 continues after the teacher's epochs."""
-        return self.fit.epoch + (teacher_epochs if self.stage == "student" else 0)
+    def global_epoch(self) -> int:
+        """The epoch number reports carry (stage 2 continues after the teacher's epochs, each
+        round after the previous one's): the last epoch's, from the fit's history."""
+        return int(self.fit.history[-1]["epoch"])
+
+    @property
+    def round(self) -> int:
+        """The stage-2 round this state is in (1 in stage 1 and in round 1)."""
+        return len(self.rounds or []) + 1
 
     def best_score(self) -> float:
         """The best validation macro-F1 of the run so far, over both stages: the current
-        stage's best epoch, and in stage 2 also the teacher's. Derived from the resume
-        state, so a retried or resumed trial reports the same value it would have."""
+        stage's best epoch, and in stage 2 also the teacher's and the finished rounds'.
+        Derived from the resume state, so a retried or resumed trial reports the same value
+        it would have."""
         best = float(self.fit.best["f1"])
-        if self.stage == "student" and self.teacher is not None:
-            best = max(best, float(self.teacher["best_metrics"]["val_macro_f1"]))
+        if self.stage == "student":
+            earlier = ([self.teacher] if self.teacher is not None else []) + list(self.rounds or [])
+            best = max([best] + [float(done["best_metrics"]["val_macro_f1"]) for done in earlier])
         return best
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"stage": self.stage, "fit": self.fit.to_dict()}
         if self.stage == "student":
-            out.update(teacher=self.teacher, pseudo=self.pseudo)
+            out.update(teacher=self.teacher, pseudo=self.pseudo, rounds=list(self.rounds or []))
         return out
 
     @classmethod
@@ -93,4 +102,4 @@ class PipelineState:
             keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
             raise ValueError(f"not a pipeline resume state (stage {stage!r}, keys {keys})")
         return cls(stage=stage, fit=FitState.from_dict(saved["fit"]), teacher=saved.get("teacher"),
-                   pseudo=saved.get("pseudo"))
+                   pseudo=saved.get("pseudo"), rounds=saved.get("rounds"))

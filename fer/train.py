@@ -176,6 +176,12 @@ def _print_summary(summary: dict[str, Any], out_dir: str) -> None:
         pseudo = summary["pseudo"]
         precision = "" if pseudo.get("precision") is None else f", precision {pseudo['precision']:.3f}"
         print(f"pseudo-labels: kept {pseudo['kept']} of {pseudo.get('pool_size', '?')}{precision}")
+    for done in pipe.get("rounds", []):  # student_rounds > 1
+        truth = "" if done["pseudo_precision"] is None else \
+            f" at precision {done['pseudo_precision']:.3f} (pool labels {done['pseudo_label_accuracy']:.3f} accurate)"
+        print(f"round {done['round']}: {done['labeller']} kept {done['pseudo_kept']} pool images{truth}; student best "
+              f"val macro-F1 {done['student_val_macro_f1']:.4f} (epoch {done['student_best_epoch']})"
+              + (" <- chosen" if done["round"] == pipe["student_round"] else ""))
     if pipe.get("pool_kept_share") is not None:  # an online student's
         precision = "" if pipe.get("pool_kept_precision") is None else \
             f", precision {pipe['pool_kept_precision']:.3f} against the pool's held-out labels"

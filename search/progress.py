@@ -34,6 +34,7 @@ SHORT_NAMES = {
     "student_mode": "s_mode",
     "pool_ratio": "mu",
     "pool_align": "align",
+    "student_rounds": "rounds",
     "label_smoothing": "smooth",
     "weight_decay": "wd",
     "dropout": "drop",

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from fer.config import STAGE2_FIELDS, TrialConfig, apply_overrides, config_field_names, yaml_problem
+from fer.config import STAGE2_FIELDS, TrialConfig, check_rounds, coerce_field, config_field_names, yaml_problem
 from search.samplers import SEARCH_SAMPLERS
 from search.space_runtime import Space
 from search.space_schema import (
@@ -108,12 +108,12 @@ class _Reader:
     def trial_value(self, name: str, value: Any, keypath: tuple) -> Any:
         """Coerce and range-check `value` for TrialConfig field `name` (fer.config's rules)."""
         try:
-            # models=False: a model name is resolved (timm, torch) by Space.check_models, not here
-            cfg = apply_overrides(TrialConfig(), {name: value}, source="space", models=False)
+            # alone: a model name is resolved (timm, torch) by Space.check_models, the fields
+            # against each other by _check_rounds once the whole space is read
+            return coerce_field(name, value, source="space")
         except ValueError as err:
             message = str(err).removeprefix("space: ")
             raise self.error(keypath, message) from None
-        return getattr(cfg, name)
 
 
 def load_space(name_or_path: str | os.PathLike) -> Space:
@@ -141,6 +141,7 @@ def _parse(reader: _Reader, data: dict) -> Space:
     parameters: list[Param] = []
     for name, spec in raw_params.items():
         parameters.append(_parse_param(reader, name, spec, fields, fixed, parameters))
+    _check_rounds(reader, fixed, parameters)
     for key in ("epochs", "student_epochs"):
         if key in raw_params:
             raise reader.error(
@@ -187,6 +188,23 @@ def _parse_fixed(reader: _Reader, raw: dict, fields: list[str]) -> dict[str, Any
         _check_field(reader, name, ("fixed", name), fields)
         fixed[name] = reader.trial_value(name, value, ("fixed", name))
     return fixed
+
+
+def _check_rounds(reader: _Reader, fixed: dict, parameters: list[Param]) -> None:
+    """Every student_rounds a trial can get must split the fixed student_epochs (fer.config.check_rounds)."""
+    searched = next((p for p in parameters if p.name == "student_rounds"), None)
+    if searched is None:
+        candidates, keypath = [fixed.get("student_rounds", TrialConfig.student_rounds)], ("fixed", "student_rounds")
+    else:
+        candidates = list(searched.values) if searched.kind == "choice" else \
+            [searched.value] if searched.kind == "fixed" else list(range(int(searched.low), int(searched.high) + 1))
+        keypath = ("parameters", "student_rounds")
+    epochs = fixed.get("student_epochs", TrialConfig.student_epochs)
+    for rounds in candidates:
+        try:
+            check_rounds(TrialConfig(student_epochs=epochs, student_rounds=rounds), "space")
+        except ValueError as err:
+            raise reader.error(keypath, str(err).removeprefix("space: ")) from None
 
 
 def lookup_distribution(name: str, reader: _Reader, keypath: tuple) -> str:

@@ -116,7 +116,7 @@ def test_pool_runs_stage_two_with_global_epochs(tmp_path, selection):
 def test_teacher_calibration_passes_the_rebalanced_rule_to_the_pool():
     """A teacher that under-predicts the rare class: with pseudo_debias its val-fitted tau
     offsets move rare-class pool images to the rare class, as the final model's would."""
-    from fer.pipeline import teacher_calibration
+    from fer.labelling import teacher_calibration
     from fer.posthoc import fit_offsets
 
     rng = np.random.default_rng(0)
@@ -171,7 +171,7 @@ def test_pool_control_trains_the_student_recipe_on_labels_alone(monkeypatch):
         metrics["student_val_macro_f1_posthoc"] - metrics["control_val_macro_f1_posthoc"])
     val = make_data().splits["val"]
     for name, fitted in (("student", result.student), ("control", result.control)):
-        logits = fer.pipeline._predict(tiny_cfg(), fitted.model, val.images, None, tta=False)
+        logits = fer.labelling.predict(tiny_cfg(), fitted.model, val.images, None, tta=False)
         offsets = fer.pipeline.fit_offsets(logits, val.labels, np.asarray(fitted.checkpoint["class_counts"]), "tau")
         assert metrics["pool_offsets"][name] == pytest.approx(list(offsets))
         assert metrics[f"{name}_val_macro_f1_posthoc"] == pytest.approx(fer.pipeline.macro_f1(val.labels, logits, offsets))

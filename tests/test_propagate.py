@@ -121,19 +121,19 @@ def test_one_pass_gives_logits_and_features_unless_tta(monkeypatch):
     """With a feature graph possible, val and the pool are predicted once for logits and
     features; the graph's features cost one more pass, over train. With TTA the logits need
     their own passes."""
-    import fer.pipeline
+    import fer.labelling
 
     calls = []
-    for name in ("predict_features_sharded", "_predict"):
-        original = getattr(fer.pipeline, name)
-        monkeypatch.setattr(fer.pipeline, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    for name in ("predict_features_sharded", "predict"):
+        original = getattr(fer.labelling, name)
+        monkeypatch.setattr(fer.labelling, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
     data, model = make_data(), tiny_model("tiny", 4).eval()
     for cfg, expected in ((tiny_cfg(pseudo_graph="auto"), ["predict_features_sharded"] * 3),
-                          (tiny_cfg(pseudo_graph="pixels"), ["_predict"] * 2),
+                          (tiny_cfg(pseudo_graph="pixels"), ["predict"] * 2),
                           (tiny_cfg(pseudo_graph="features", pseudo_tta=True),
-                           ["_predict"] * 2 + ["predict_features_sharded"] * 3)):
+                           ["predict"] * 2 + ["predict_features_sharded"] * 3)):
         calls.clear()
-        fer.pipeline.pseudo_label(cfg, model, data)
+        fer.labelling.pseudo_label(cfg, model, data)
         assert calls == expected, cfg.pseudo_graph
 
 

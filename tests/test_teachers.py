@@ -22,7 +22,7 @@ OTHER_STAGE2 = {"student_epochs": 3, "pseudo_threshold": 0.5, "pseudo_selection"
                 "pseudo_tta": True, "pseudo_temperature": False, "pseudo_debias": False, "pseudo_graph": "none",
                 "pseudo_weight": 0.5, "student_init": "scratch", "student_augment": "strong",
                 "pool_control": False, "posthoc": "bias", "student_mode": "fixmatch", "pool_ratio": 2,
-                "pool_align": True}
+                "pool_align": True, "student_rounds": 3}
 
 
 @pytest.fixture(autouse=True)

@@ -87,7 +87,7 @@ def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict, Pi
     if job.teachers is not None and rank == 0:
         report = storing_teachers(TeacherStore(job.teachers), job.cfg, report)
     if resume is not None:
-        marks["resumed_after_epoch"] = resume.global_epoch(job.cfg.epochs)
+        marks["resumed_after_epoch"] = resume.global_epoch()
         if rank == 0:
             print(f"resuming after epoch {marks['resumed_after_epoch']} from the trial's last checkpoint", flush=True)
     try:
