@@ -37,8 +37,8 @@ def predict(cfg: TrialConfig, model: nn.Module, images: np.ndarray, device: Any,
     return predict_logits_sharded(model, images, tta=tta, **inference_settings(cfg, device)).numpy()
 
 
-def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any = None,
-                 out_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
+def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any = None, out_dir: str | None = None,
+                 labeller: str = "teacher") -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
     """Teacher labels the pool; returns (kept pool indices, labels, summary, confidences).
 
     The teacher's logits get its post-hoc offsets (cfg.pseudo_debias) and temperature
@@ -64,7 +64,7 @@ def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any
     if pool.labels is not None:  # the pool's own labels are held-out truth: how good was each labeller?
         summary["pool_label_accuracy"] = float(np.mean(probs.argmax(axis=1) == pool.labels))
     debiased = f", {cfg.posthoc} offsets" if np.any(offsets) else ""
-    say(f"pseudo-label source ({cfg.pseudo_graph}): {_graph_line(graph)}")
+    say(f"pseudo-label source ({cfg.pseudo_graph}): {_graph_line(graph, labeller)}")
     say(f"pseudo-labels ({cfg.pseudo_selection}, threshold {cfg.pseudo_threshold}, "
          f"temperature {temperature:.3f}{debiased}):\n{table}")
     write_pseudo(out_dir, indices, labels, confidences, summary, data.classes)
@@ -121,9 +121,9 @@ def _teacher_outputs(cfg: TrialConfig, teacher: nn.Module, data: Any,
     return (logits[1], logits[0]), space
 
 
-def _graph_line(graph: dict[str, Any]) -> str:
+def _graph_line(graph: dict[str, Any], labeller: str) -> str:
     def source(name: str) -> str:
-        return "teacher alone" if name == "none" else f"teacher + {name} graph"
+        return f"{labeller} alone" if name == "none" else f"{labeller} + {name} graph"
 
     scores = ", ".join(f"{source(name)} {value:.3f}" for name, value in graph["graph_val_macro_f1"].items())
     return f"val macro-F1 of its labels: {scores}; using {source(graph['graph'])}"

@@ -89,7 +89,8 @@ def run_pipeline(cfg: TrialConfig, data: Any, *, device: Any = None, report: Pip
     if resume is not None and resume.stage == "student" and cfg.student_epochs == 0:
         raise ValueError("resume state is in stage 2 but student_epochs is 0")
     if resume is not None and resume.round > cfg.student_rounds:
-        raise ValueError(f"resume state is in stage 2's round {resume.round} but student_rounds is {cfg.student_rounds}")
+        raise ValueError(f"resume state is in stage 2's round {resume.round} but student_rounds is "
+                         f"{cfg.student_rounds}")
     common = dict(device=device, writer=writer, progress=progress)
     if resume is not None and resume.stage == "student":
         teacher = _teacher_from_state(resume.teacher, device)
@@ -161,10 +162,10 @@ def _run_round(cfg: TrialConfig, data: Any, teacher: FitResult, labeller: FitRes
     the whole pool every step (fer.consistency). (None, selection) when offline and nothing was
     kept."""
     online = cfg.student_mode in ONLINE_MODES
+    who = "teacher" if round == 1 else f"round {round - 1} student"
     if cfg.student_rounds > 1:
-        source = "the teacher" if round == 1 else f"round {round - 1}'s student"
-        say(f"stage 2 round {round} of {cfg.student_rounds} ({cfg.round_epochs} epochs): {source} labels the pool")
-    indices, labels, confidences, summary = _selection(cfg, data, labeller, resume, out_dir, common["device"])
+        say(f"stage 2 round {round} of {cfg.student_rounds} ({cfg.round_epochs} epochs): the {who} labels the pool")
+    indices, labels, confidences, summary = _selection(cfg, data, labeller, resume, out_dir, common["device"], who)
     if len(indices) == 0 and not online:
         what = "stage 2" if round == 1 else f"round {round} and after"
         say(f"no pool image reached the pseudo-label threshold {cfg.pseudo_threshold}: {what} skipped")
@@ -174,7 +175,8 @@ def _run_round(cfg: TrialConfig, data: Any, teacher: FitResult, labeller: FitRes
     stage = Stage.student(cfg, images, all_labels, weights, counts, init, round)
     if online:
         stage = stage.online(cfg, data.splits["unlabeled"])
-        say(_online_line(cfg, len(data.splits["train"].labels), len(indices), len(data.splits["unlabeled"].images)))
+        pool_size = len(data.splits["unlabeled"].images)
+        say(_online_line(cfg, len(data.splits["train"].labels), len(indices), pool_size, who))
     pseudo = {"indices": indices.tolist(), "labels": labels.tolist(),
               "confidences": np.asarray(confidences, dtype=np.float64).tolist(), "summary": to_plain(summary)}
     student = fit(cfg, stage, data.splits["val"], data.classes,
@@ -183,9 +185,9 @@ def _run_round(cfg: TrialConfig, data: Any, teacher: FitResult, labeller: FitRes
     return student, summary
 
 
-def _online_line(cfg: TrialConfig, labelled: int, picks: int, pool: int) -> str:
+def _online_line(cfg: TrialConfig, labelled: int, picks: int, pool: int, who: str) -> str:
     per_class = " per class" if cfg.student_mode == "flexmatch" else ""
-    return (f"stage 2 online ({cfg.student_mode}): {labelled} labelled images and {picks} teacher picks, and all "
+    return (f"stage 2 online ({cfg.student_mode}): {labelled} labelled images and {picks} {who} picks, and all "
             f"{pool} pool images every step: threshold {cfg.pseudo_threshold}{per_class}, alignment "
             f"{'on' if cfg.pool_align else 'off'}, pool weight {cfg.pseudo_weight}, {cfg.pool_ratio} pool image(s) "
             "per labelled one")
@@ -223,10 +225,12 @@ def _run_control(cfg: TrialConfig, data: Any, teacher: FitResult, student: FitRe
 
 
 def _selection(cfg: TrialConfig, data: Any, teacher: FitResult, resume: PipelineState | None, out_dir: str | None,
-               device: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """(kept pool indices, labels, confidences, summary): the teacher's, or the resumed stage 2's."""
+               device: Any, labeller: str = "teacher") -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """(kept pool indices, labels, confidences, summary): the `labeller`'s (the teacher, or a
+    round's student), or the resumed stage 2's."""
     if resume is None or resume.stage != "student":
-        indices, labels, summary, confidences = pseudo_label(cfg, teacher.model, data, device=device, out_dir=out_dir)
+        indices, labels, summary, confidences = pseudo_label(cfg, teacher.model, data, device=device, out_dir=out_dir,
+                                                             labeller=labeller)
         return indices, labels, confidences, summary
     pseudo = resume.pseudo
     indices, labels, confidences = (np.asarray(pseudo[k], dtype=dtype) for k, dtype in

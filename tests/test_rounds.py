@@ -40,7 +40,8 @@ def test_two_rounds_share_stage_two_and_the_second_is_labelled_by_the_first_stud
     # 2 teacher epochs, then 2 rounds of 2 epochs: the global epochs run on, the budget is unchanged
     assert seen == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 2)]
     assert "stage 2 round 1 of 2 (2 epochs): the teacher labels the pool" in printed
-    assert "stage 2 round 2 of 2 (2 epochs): round 1's student labels the pool" in printed
+    assert "stage 2 round 2 of 2 (2 epochs): the round 1 student labels the pool" in printed
+    assert "pseudo-label source (auto): val macro-F1 of its labels: round 1 student alone " in printed
     rounds = result.metrics["rounds"]
     assert [r["labeller"] for r in rounds] == ["teacher", "round 1 student"]
     assert rounds[0]["pseudo_kept"] == result.metrics["pseudo_kept"]  # the teacher's selection stays the headline
@@ -57,9 +58,9 @@ def test_a_later_round_labels_the_pool_with_the_previous_student_and_restarts_fr
     labellers, inits = [], []
     real_selection, real_student = fer.pipeline._selection, fer.fitting.Stage.student.__func__
 
-    def selection(cfg, data, labeller, resume, out_dir, device):
+    def selection(cfg, data, labeller, resume, out_dir, device, who):
         labellers.append({k: v.clone() for k, v in labeller.model.state_dict().items()})
-        return real_selection(cfg, data, labeller, resume, out_dir, device)
+        return real_selection(cfg, data, labeller, resume, out_dir, device, who)
 
     def student(cls, cfg, images, labels, weights, counts, init, round=1):
         inits.append(init)
@@ -81,7 +82,8 @@ def test_resuming_after_any_epoch_of_any_round_ends_with_the_same_model():
     whole = run_pipeline(cfg, data, progress=False,
                          report=lambda metrics, ckpt, state: states.append(saved_and_loaded(state.to_dict())))
     assert [(s["stage"], len(s.get("rounds", [])) + 1, s["fit"]["epoch"]) for s in states] == [
-        ("teacher", 1, 1), ("teacher", 1, 2), ("student", 1, 1), ("student", 1, 2), ("student", 2, 1), ("student", 2, 2)]
+        ("teacher", 1, 1), ("teacher", 1, 2), ("student", 1, 1), ("student", 1, 2),
+        ("student", 2, 1), ("student", 2, 2)]
     for state in states:
         resumed = run_pipeline(cfg, data, progress=False, resume=PipelineState.from_dict(state))
         assert untimed(resumed.history) == untimed(whole.history)
@@ -131,7 +133,8 @@ def test_a_space_searches_rounds_that_split_its_student_epochs_and_refuses_one_t
     from search.space import SpaceError, load_space
 
     space = tmp_path / "rounds.yaml"
-    space.write_text("fixed:\n  student_epochs: 6\n  student_rounds: 3\nparameters:\n  lr:\n    loguniform: [1.0e-3, 1.0e-2]\n")
+    space.write_text("fixed:\n  student_epochs: 6\n  student_rounds: 3\n"
+                     "parameters:\n  lr:\n    loguniform: [1.0e-3, 1.0e-2]\n")
     assert load_space(str(space)).trial_config({"lr": 0.002}).round_epochs == 2  # 3 (alone) would not split 4
     space.write_text("fixed:\n  student_epochs: 4\nparameters:\n  student_rounds:\n    choice: [1, 2, 3]\n")
     with pytest.raises(SpaceError, match=r"rounds.yaml:4: parameters.student_rounds: student_epochs=4 is not "
