@@ -14,7 +14,8 @@ chosen.
                 round 1's student and starts again from the teacher (Noisy Student)
     rounds 4    4 rounds of 1 epoch
     8 epochs / 8 epochs, rounds 2   twice the budget (the control gets it too)
-    offline rounds 2   the teacher's (then round 1's) pseudo-labels alone, in 2 rounds
+    offline     the teacher's pseudo-labels alone (student_mode offline), 4 epochs
+    offline rounds 2   the same in 2 rounds of 2, round 2 on round 1's student's pseudo-labels
 
     python benchmarks/stage2_recipes.py --sets demo/8 digits
     python benchmarks/stage2_recipes.py --sets digits --recipes default "rounds 2" --seed 1
@@ -36,6 +37,7 @@ from quality import SETS, each_set  # noqa: E402
 
 RECIPES = {"default": {}, "rounds 2": {"student_rounds": 2}, "rounds 4": {"student_rounds": 4},
            "8 epochs": {"student_epochs": 8}, "8 epochs, rounds 2": {"student_epochs": 8, "student_rounds": 2},
+           "offline": {"student_mode": "offline"},
            "offline rounds 2": {"student_mode": "offline", "student_rounds": 2}}
 KEPT = ("teacher_val_macro_f1", "student_val_macro_f1", "control_val_macro_f1", "student_val_macro_f1_posthoc",
         "control_val_macro_f1_posthoc", "pool_gain_val", "pool_gain_val_ci95", "pseudo_kept", "pseudo_precision",
