@@ -99,7 +99,7 @@ def test_resuming_after_any_epoch_of_any_round_ends_with_the_same_model():
 def test_rounds_that_do_not_divide_stage_two_or_a_state_from_more_rounds_are_refused():
     with pytest.raises(ValueError, match=r"--set: student_epochs=4 is not a multiple of student_rounds=3 "
                                          r"\(the rounds share stage 2's epochs equally\)"):
-        apply_overrides(TrialConfig(), {"student_rounds": 3}, source="--set", models=False)
+        apply_overrides(TrialConfig(student_epochs=4), {"student_rounds": 3}, source="--set", models=False)
     with pytest.raises(ValueError, match=r"--set: student_rounds=0 is outside the allowed range \[1, 16\]"):
         apply_overrides(TrialConfig(), {"student_rounds": 0}, source="--set", models=False)
     states = []
@@ -135,7 +135,7 @@ def test_a_space_searches_rounds_that_split_its_student_epochs_and_refuses_one_t
     space = tmp_path / "rounds.yaml"
     space.write_text("fixed:\n  student_epochs: 6\n  student_rounds: 3\n"
                      "parameters:\n  lr:\n    loguniform: [1.0e-3, 1.0e-2]\n")
-    assert load_space(str(space)).trial_config({"lr": 0.002}).round_epochs == 2  # 3 (alone) would not split 4
+    assert load_space(str(space)).trial_config({"lr": 0.002}).round_epochs == 2  # 3 alone would not split the default 8
     space.write_text("fixed:\n  student_epochs: 4\nparameters:\n  student_rounds:\n    choice: [1, 2, 3]\n")
     with pytest.raises(SpaceError, match=r"rounds.yaml:4: parameters.student_rounds: student_epochs=4 is not "
                                          r"a multiple of student_rounds=3"):
