@@ -264,3 +264,17 @@ def test_the_search_harness_builds_the_products_tuner_with_a_teacher_store(tmp_p
                                       TrialResources())
     assert isinstance(tuner, tune.Tuner)
     assert common.teacher_store(str(tmp_path), "x") == str(tmp_path / "x" / "teachers")
+
+
+def test_stage2_recipes_are_valid_configs_and_each_row_says_its_gain_and_rounds():
+    from fer.config import TrialConfig, apply_overrides
+
+    recipes = load("stage2_recipes")
+    for name, changes in recipes.RECIPES.items():
+        apply_overrides(TrialConfig(), changes, source=f"recipe {name!r}", models=False)
+    entry = {"student_val_macro_f1_posthoc": 0.61, "control_val_macro_f1_posthoc": 0.59, "pool_gain_val": 0.02,
+             "pool_gain_val_ci95": [-0.01, 0.05], "seconds": 12.4,
+             "rounds": [{"student_val_macro_f1": 0.5}, {"student_val_macro_f1": 0.52}]}
+    rows = recipes.rows_of("demo/8", {"recipes": {"rounds 2": entry, "default": dict(entry, rounds=None)}})
+    assert rows[0] == ["demo/8", "rounds 2", 0.61, 0.59, "+0.020 (-0.010 to +0.050)", "0.500 / 0.520", 12]
+    assert rows[1][5] == "-"
