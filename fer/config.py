@@ -180,9 +180,10 @@ def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
 def coerce_field(name: str, value: Any, source: str = "config") -> Any:
     """One field's value converted to its type and checked on its own (apply_overrides also
     checks the fields against each other)."""
-    if name not in config_field_names():
-        raise ValueError(f"{source}: unknown config key {name!r}. Valid keys: {', '.join(config_field_names())}")
-    value = _coerce(name, value, getattr(TrialConfig(), name), source)
+    valid = config_field_names()
+    if name not in valid:
+        raise ValueError(f"{source}: unknown config key {name!r}. Valid keys: {', '.join(valid)}")
+    value = _coerce(name, value, getattr(TrialConfig, name), source)
     check_value(name, value, source)
     return value
 
@@ -194,14 +195,7 @@ def apply_overrides(cfg: TrialConfig, overrides: dict[str, Any], source: str = "
     `source` names where the values came from (a YAML file, `--set`, a search space) so
     the error can point there.
     """
-    valid = config_field_names()
-    updates = {}
-    for key, value in overrides.items():
-        if key not in valid:
-            raise ValueError(
-                f"{source}: unknown config key {key!r}. Valid keys: {', '.join(valid)}"
-            )
-        updates[key] = _coerce(key, value, getattr(cfg, key), source)
+    updates = {key: coerce_field(key, value, source) for key, value in overrides.items()}
     new = dataclasses.replace(cfg, **updates)
     validate_config(new, source, models=models)
     return new

@@ -27,14 +27,14 @@ def say(message: str) -> None:
         print(message, flush=True)
 
 
-def inference_settings(cfg: TrialConfig, device: Any) -> dict[str, Any]:
+def _inference(cfg: TrialConfig, device: Any) -> dict[str, Any]:
     """How the pipeline runs inference (pool, val, graph features): cfg's image size, big batches."""
     return dict(image_size=cfg.image_size, batch_size=max(256, cfg.batch_size), device=device)
 
 
 def predict(cfg: TrialConfig, model: nn.Module, images: np.ndarray, device: Any, tta: bool) -> np.ndarray:
     """Logits of `images`, each DDP rank on its shard, gathered in order on every rank."""
-    return predict_logits_sharded(model, images, tta=tta, **inference_settings(cfg, device)).numpy()
+    return predict_logits_sharded(model, images, tta=tta, **_inference(cfg, device)).numpy()
 
 
 def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any = None, out_dir: str | None = None,
@@ -102,7 +102,7 @@ def _teacher_outputs(cfg: TrialConfig, teacher: nn.Module, data: Any,
     and the pool gives logits and features together, so the features cost one more pass, over
     train."""
     splits = [data.splits[name].images for name in ("train", "unlabeled", "val")]
-    kwargs = inference_settings(cfg, device)
+    kwargs = _inference(cfg, device)
     if "features" not in CANDIDATES[cfg.pseudo_graph] or cfg.pseudo_tta:
         logits = tuple(predict(cfg, teacher, images, device, cfg.pseudo_tta) for images in splits[1:])
         features = None
