@@ -182,11 +182,15 @@ def build_optimizer(cfg: TrialConfig, model: nn.Module) -> torch.optim.Optimizer
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, steps_per_epoch: int,
                     epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warmup then cosine decay to zero, stepped every iteration (short ASHA trials
-    see a smooth schedule instead of a few big per-epoch jumps)."""
+    see a smooth schedule instead of a few big per-epoch jumps).
+
+    The warmup takes at most half the stage: a 1-epoch stage (the search's student) with a
+    1-epoch warmup would end at the peak learning rate and never decay, which is what the
+    Quickstart's student did (its val fell below its teacher's, BENCHMARKS.md)."""
     from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
     total = max(1, epochs * steps_per_epoch)
-    warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
+    warmup = min(cfg.warmup_epochs * steps_per_epoch, total // 2)
     cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=0.0)
     if warmup == 0:
         return cosine

@@ -291,3 +291,27 @@ def test_progress_off_a_terminal_is_one_line_per_epoch(capsys):
     lines = [line for line in out.splitlines() if line.startswith("teacher epoch ")]
     assert [line.split(":")[0] for line in lines] == ["teacher epoch 1", "teacher epoch 2"]
     assert "val macro-F1" in lines[0] and "\r" not in out + err
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 8])
+def test_the_schedule_warms_up_then_decays_to_near_zero_in_every_stage_length(epochs):
+    """A 1-epoch stage with warmup_epochs=1 (the search's student) once spent its whole epoch
+    ramping up and ended at the peak rate; the warmup now takes at most half a stage, and
+    longer stages keep their one-epoch warmup."""
+    from fer.loop import build_optimizer, build_scheduler
+
+    cfg = TrialConfig(lr=0.01, warmup_epochs=1, optimizer="adamw")
+    optimizer = build_optimizer(cfg, nn.Linear(4, 3))
+    steps = 24
+    scheduler = build_scheduler(optimizer, cfg, steps, epochs)
+    rates = []
+    for step in range(epochs * steps):  # as fer.loop.Loop: the lr each step trains with
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if step < epochs * steps - 1:
+            scheduler.step()
+    peak = int(np.argmax(rates))
+    assert peak == min(steps, epochs * steps // 2)
+    assert rates[peak] == pytest.approx(0.01)
+    assert rates[0] == pytest.approx(1e-4)
+    assert rates[-1] < 0.01 * 0.05
