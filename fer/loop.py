@@ -184,9 +184,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, steps_pe
     """Linear warmup then cosine decay to zero, stepped every iteration (short ASHA trials
     see a smooth schedule instead of a few big per-epoch jumps).
 
-    The warmup takes at most half the stage: a 1-epoch stage (the search's student) with a
-    1-epoch warmup would end at the peak learning rate and never decay, which is what the
-    Quickstart's student did (its val fell below its teacher's, BENCHMARKS.md)."""
+    The warmup takes at most half the stage: a 1-epoch stage (the search's student and its
+    control) with a 1-epoch warmup would end at the peak learning rate, never decaying."""
     from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
     total = max(1, epochs * steps_per_epoch)
