@@ -144,15 +144,15 @@ def config_field_names() -> list[str]:
     return [f.name for f in fields(TrialConfig)]
 
 
-def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
-    """Convert `value` to the type of the field's default, or raise naming the key."""
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Convert `value` to the field's declared type, or raise naming the key."""
     field_type = next(f.type for f in fields(TrialConfig) if f.name == name)
     optional = "None" in str(field_type)
+    kind = str(field_type).split("|")[0].strip()
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         if optional:
             return None
-        raise ValueError(f"{source}: key {name!r} may not be null (expected {type(default).__name__})")
-    kind = str(field_type).split("|")[0].strip()
+        raise ValueError(f"{source}: key {name!r} may not be null (expected {kind})")
     try:
         if kind == "bool":
             if isinstance(value, bool):
@@ -183,7 +183,7 @@ def coerce_field(name: str, value: Any, source: str = "config") -> Any:
     valid = config_field_names()
     if name not in valid:
         raise ValueError(f"{source}: unknown config key {name!r}. Valid keys: {', '.join(valid)}")
-    value = _coerce(name, value, getattr(TrialConfig, name), source)
+    value = _coerce(name, value, source)
     check_value(name, value, source)
     return value
 
