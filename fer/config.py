@@ -86,6 +86,9 @@ class TrialConfig:
     pseudo_graph: str = "auto"
     pseudo_weight: float = 1.0  # loss weight of pseudo-labelled samples
     student_init: str = "teacher"  # teacher (start from the teacher's weights) or scratch
+    # Stage 2's peak learning rate (and its control's) as a fraction of lr: a student that starts
+    # from the teacher's weights is fine-tuned, not trained again from a fresh warmup to full lr.
+    student_lr_scale: float = 1.0
     student_augment: str = "strong"  # augmentation for stage 2
     # How stage 2 uses the pool (fer.names.STUDENT_MODES): "offline" trains on the teacher's
     # selected pseudo-labels (above); "fixmatch" trains the student on the labelled split while
@@ -132,7 +135,7 @@ class TrialConfig:
 # whose configurations differ in every one of these and compares their weights).
 STAGE2_FIELDS = (
     "student_epochs", "pseudo_threshold", "pseudo_selection", "crest_alpha", "pseudo_tta", "pseudo_temperature",
-    "pseudo_debias", "pseudo_graph", "pseudo_weight", "student_init", "student_augment", "pool_control", "posthoc",
+    "pseudo_debias", "pseudo_graph", "pseudo_weight", "student_init", "student_lr_scale", "student_augment", "pool_control", "posthoc",
     "student_mode", "pool_ratio", "pool_align", "student_rounds",
 )
 
@@ -225,6 +228,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "pseudo_threshold": (0.0, 1.0),
     "crest_alpha": (0.0, 10.0),
     "pseudo_weight": (0.0, 100.0),
+    "student_lr_scale": (1e-4, 10.0),
     "pool_ratio": (1, 64),
     "student_rounds": (1, 16),
 }

@@ -70,6 +70,7 @@ class Stage:
     sample_weight: np.ndarray | None = None  # one float per image, multiplies its loss
     init_state: dict[str, torch.Tensor] | None = None  # state dict to start from
     consistency: Consistency | None = None  # online stage 2: the pool and FixMatch's settings
+    lr_scale: float = 1.0  # peak learning rate = cfg.lr * lr_scale
 
     @classmethod
     def of(cls, cfg: TrialConfig, name: str, images: np.ndarray, labels: np.ndarray, counts: np.ndarray, *,
@@ -81,7 +82,8 @@ class Stage:
                    epochs=cfg.student_epochs if student else cfg.epochs,
                    augment=cfg.student_augment if student else cfg.augment,
                    epoch_offset=(cfg.epochs if student else 0) if epoch_offset is None else epoch_offset,
-                   sample_weight=sample_weight, init_state=init_state)
+                   sample_weight=sample_weight, init_state=init_state,
+                   lr_scale=cfg.student_lr_scale if student else 1.0)
 
     @classmethod
     def teacher(cls, cfg: TrialConfig, data: Any) -> "Stage":
@@ -182,7 +184,7 @@ def _setup(cfg: TrialConfig, stage: Stage, val: Any, classes: list[str], device:
         init_state = resume.model
     model, net = _build_model(cfg, len(classes), in_channels, init_state, device, channels_last, ddp)
     criterion = build_loss(cfg, np.asarray(stage.counts)).to(device)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model, cfg.lr * stage.lr_scale)
     source = TrainSource(stage.images, stage.labels, stage.sample_weight, device)
     first = rank_indices(epoch_order(cfg, stage.labels, stage.epoch_offset), ddp)
     steps_per_epoch = len(batch_bounds(len(first), cfg.batch_size))

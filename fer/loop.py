@@ -29,8 +29,8 @@ from fer.samplers import epoch_indices, shard
 # fused=True: one kernel for all parameters instead of a Python loop over them; on CPU
 # this cut MobileNetV3-small's AdamW step from ~35 ms to ~6 ms (2 cores).
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adamw": lambda groups, cfg, fused: torch.optim.AdamW(groups, lr=cfg.lr, fused=fused),
-    "sgd": lambda groups, cfg, fused: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused),
+    "adamw": lambda groups, cfg, lr, fused: torch.optim.AdamW(groups, lr=lr, fused=fused),
+    "sgd": lambda groups, cfg, lr, fused: torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=fused),
 }
 # Validation runs without gradients, so it can afford bigger batches than training.
 EVAL_BATCH_MIN = 256
@@ -162,8 +162,8 @@ class PoolSteps:
         return loop.criterion(labelled.float(), y, sample_weight=w) + self.spec.weight * unlabelled
 
 
-def build_optimizer(cfg: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW or SGD; no weight decay on biases and normalisation weights (1-D tensors),
+def build_optimizer(cfg: TrialConfig, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW or SGD at peak rate `lr` (cfg.lr unless given); no weight decay on biases and normalisation weights (1-D tensors),
     as in timm's `param_groups_weight_decay` and torchvision's `--norm-weight-decay 0`."""
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer {cfg.optimizer!r} is not supported. Choose one of: {', '.join(OPTIMIZERS)}")
@@ -176,7 +176,7 @@ def build_optimizer(cfg: TrialConfig, model: nn.Module) -> torch.optim.Optimizer
     # Fused kernels exist for float parameters on CPU and CUDA; anything else takes the default path.
     fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda")
                 for p in decay + no_decay) or None
-    return OPTIMIZERS[cfg.optimizer](groups, cfg, fused)
+    return OPTIMIZERS[cfg.optimizer](groups, cfg, cfg.lr if lr is None else lr, fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, steps_per_epoch: int,

@@ -207,7 +207,8 @@ def _run_control(cfg: TrialConfig, data: Any, teacher: FitResult, student: FitRe
     control_cfg = replace(cfg, epoch_images=max(cfg.epoch_images, student_epoch))
     init = teacher.model.state_dict() if cfg.student_init == "teacher" else None
     stage = Stage(name="control", images=train.images, labels=train.labels, counts=data.class_counts("train"),
-                  epochs=cfg.student_epochs, augment=cfg.student_augment, epoch_offset=cfg.epochs, init_state=init)
+                  epochs=cfg.student_epochs, augment=cfg.student_augment, epoch_offset=cfg.epochs, init_state=init,
+                  lr_scale=cfg.student_lr_scale)
     control = fit(control_cfg, stage, data.splits["val"], data.classes, **common)
     val = data.splits["val"]
     # each with its own post-hoc offsets, as the final model gets them: what a user would be handed

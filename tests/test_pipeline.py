@@ -16,7 +16,7 @@ import fer.fitting
 import fer.pipeline
 import fer.train
 from fer.checkpoint import load_checkpoint
-from fer.config import TrialConfig
+from fer.config import TrialConfig, apply_overrides
 from fer.data import Dataset, Split
 from fer.pipeline import run_pipeline
 from fer.pseudo import SELECTIONS
@@ -371,3 +371,23 @@ def test_train_cli_resumes_an_interrupted_run_and_ends_as_an_uninterrupted_one(t
 
     assert fer.train.main([*settings, "--out", str(out), "--resume"]) == 2  # nothing left to resume
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_stage_two_and_its_control_train_at_student_lr_scale_of_the_peak_rate():
+    """student_lr_scale is stage 2's peak learning rate as a fraction of lr: the student and
+    its supervised-only control follow the same schedule at a quarter of the rate; the
+    teacher is untouched."""
+    runs = {scale: run_pipeline(tiny_cfg(student_lr_scale=scale), make_data(), progress=False)
+            for scale in (1.0, 0.25)}
+
+    def rates(result, stage):
+        return np.array([m["lr"] for m in result.history if m["stage"] == stage])
+
+    full, quarter = runs[1.0], runs[0.25]
+    assert np.array_equal(rates(full, "teacher"), rates(quarter, "teacher"))
+    assert rates(quarter, "student") == pytest.approx(0.25 * rates(full, "student"))
+    assert rates(quarter, "student").max() > 0
+    control = [np.array([m["lr"] for m in r.control.history]) for r in (full, quarter)]
+    assert control[1] == pytest.approx(0.25 * control[0])
+    with pytest.raises(ValueError, match="student_lr_scale"):
+        apply_overrides(tiny_cfg(), {"student_lr_scale": 0.0}, source="test")
