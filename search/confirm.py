@@ -13,7 +13,8 @@ no more, and the contenders get further seeds (up to R values) only while they c
 told apart; a contender's full-budget run in the search counts as one of its values.
 
 The runs are Ray trials of their own Tune experiment, `<experiment>/confirm`, with the
-search's resources and concurrency; its trials are {"candidate": NAME, "seed": S}
+search's resources and concurrency (a run takes the CPUs of trials its first wave cannot fill:
+`widened`); its trials are {"candidate": NAME, "seed": S}
 (trainables.candidate_trial) proposed by the race's Tune searcher, and `confirm_spec.json`
 names each candidate's config. An interrupted confirmation continues with `search.run
 --resume` like the search does: finished runs are kept, unfinished ones continue from
@@ -25,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,13 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
     else:  # resumed: the same candidates, whatever the search's records say now
         candidates, seeds = saved
     candidates = with_search_run(candidates, records)
+    teachers = shared_teachers(plan, candidates)
+    lanes = first_wave_teachers(candidates, teachers)
+    resources, concurrency = widened(plan.resources, fit_concurrency(plan), lanes)
+    if resources != plan.resources:
+        print(f"confirmation: its first runs train {lanes} teacher(s) at once, so each run takes "
+              f"{resources.cpus_per_worker:g} CPUs (torch threads), {concurrency} run(s) at a time")
+        plan = replace(plan, resources=resources)
     trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode,
                                candidates={c.name: c.config for c in candidates}, teachers=plan.teachers)
     counted = [c.name for c in candidates if c.prior is not None]
@@ -202,15 +210,36 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
         tuner = restore_tuner(experiment, trainable)
     else:
         searcher = RacingSearcher(race_of(candidates, seeds, plan.space.mode), plan.space.metric,
-                                  teachers=shared_teachers(plan, candidates), teacher_epochs=plan.space.teacher_epochs)
+                                  teachers=teachers, teacher_epochs=plan.space.teacher_epochs)
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune_config(plan, fit_concurrency(plan), search_alg=searcher,
+            tune_config=tune_config(plan, concurrency, search_alg=searcher,
                                     num_samples=len(candidates) * len(seeds)),
             run_config=run_config(plan, CONFIRM_DIR, plan.experiment, columns=CONFIRM_COLUMNS),
         )
     tuner.fit()
     return candidates
+
+
+def first_wave_teachers(candidates: list[Candidate], teachers: dict[str, str]) -> int:
+    """How many teachers the race's first runs train at once: one fresh seed of every
+    contender, and of the baseline unless its search trial is its run; configurations that
+    share a teacher (`teachers`, shared_teachers) train it once, the others wait for it."""
+    first = [c.name for c in candidates if c.search_seed is None]
+    return len({teachers.get(name, name) for name in first})
+
+
+def widened(resources: Any, concurrency: int, lanes: int) -> tuple[Any, int]:
+    """(resources, concurrency) of the confirmation's runs: the search's, except that each
+    single-worker CPU run takes the CPUs of the trials the cluster holds (`concurrency`) but
+    the first wave cannot fill (it trains `lanes` teachers at once). On 2 cores the
+    Quickstart's two contenders share a teacher: one run at a time on 2 threads, instead of
+    one on 1 thread while the other waits for its teacher and a core idles. GPU and
+    multi-worker runs keep the search's resources."""
+    factor = concurrency // max(1, lanes)
+    if factor <= 1 or resources.workers != 1 or resources.gpus_per_worker:
+        return resources, concurrency
+    return replace(resources, cpus_per_worker=resources.cpus_per_worker * factor), concurrency // factor
 
 
 def shared_teachers(plan: Any, candidates: list[Candidate]) -> dict[str, str]:

@@ -132,3 +132,25 @@ def test_terminal_line_of_a_candidate_shows_every_seed_and_its_search_score():
     assert line == "  rank2     val_macro_f1 0.5100 ± 0.0141  [seed 1: 0.5000, 2: 0.5200, 3: ERROR] (search trial abc, 0.4500)"
     lone = format_candidate(describe(candidate(BASELINE, {1: 0.6}), "max"), "val_macro_f1")
     assert lone == "  baseline  val_macro_f1 0.6000  [seed 1: 0.6000]"  # one run: no spread to show
+
+
+def test_confirmation_runs_take_the_cpus_their_first_wave_cannot_fill():
+    """On the Quickstart's 2 cores rank1 and rank2 share a teacher (rank2 is a student fork)
+    and the baseline's run is its search trial: the first wave trains one teacher, so one run
+    at a time on 2 threads instead of rank2 holding a core while it waits for that teacher."""
+    from search.confirm import first_wave_teachers, widened
+    from trainables import TrialResources
+
+    fork = [Candidate("rank1", {}), Candidate("rank2", {}), Candidate(BASELINE, {}, search_seed=0)]
+    shared = {"rank1": "t1", "rank2": "t1", BASELINE: "t0"}
+    assert first_wave_teachers(fork, shared) == 1
+    assert first_wave_teachers(fork, {}) == 2  # no teacher store: each trains its own
+    fresh_baseline = [*fork[:2], Candidate(BASELINE, {})]
+    assert first_wave_teachers(fresh_baseline, shared) == 2
+    one_cpu = TrialResources()
+    assert widened(one_cpu, 2, 1) == (TrialResources(cpus_per_worker=2.0), 1)
+    assert widened(one_cpu, 4, 2) == (TrialResources(cpus_per_worker=2.0), 2)
+    assert widened(one_cpu, 2, 2) == (one_cpu, 2)  # every trial slot has a teacher to train
+    assert widened(one_cpu, 3, 2) == (one_cpu, 3)  # no whole multiple to give
+    for kept in (TrialResources(gpus_per_worker=0.5), TrialResources(workers=2)):
+        assert widened(kept, 2, 1) == (kept, 2)

@@ -326,7 +326,9 @@ def test_smoke_search_killed_twice_and_resumed_as_the_readme_says(ray_cluster, t
     (run_dir,) = (experiment / "confirm").glob("trial_*")
     epochs = reported_epochs(run_dir)  # [1, 2], or [1] when no pool image passed the threshold
     assert epochs == sorted(set(epochs)) and epochs[0] == 1  # resumed after its checkpoint: no epoch twice
-    assert json.loads((run_dir / "trial_timing.json").read_text())["resumed_after_epoch"] in (1, 2)
+    timing = json.loads((run_dir / "trial_timing.json").read_text())
+    assert timing["resumed_after_epoch"] in (1, 2)
+    assert timing["threads"] == 1  # --max-concurrent 1: the search's one CPU, nothing to widen
     baseline = search[search["baseline"]].iloc[0]
     assert not baseline["stopped_early"]  # ASHA let it run to the end (stage 2 may have kept no pool image)
 

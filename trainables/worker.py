@@ -83,7 +83,7 @@ def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict, Pi
     torch.set_num_threads(job.threads)
     data = job.data.get()
     writer = _make_writer(job.trial_dir) if rank == 0 else None
-    marks: dict[str, Any] = {"trial_start": job.started, "pipeline_start": time.time()}
+    marks: dict[str, Any] = {"trial_start": job.started, "pipeline_start": time.time(), "threads": job.threads}
     if job.teachers is not None and rank == 0:
         report = storing_teachers(TeacherStore(job.teachers), job.cfg, report)
     if resume is not None:
