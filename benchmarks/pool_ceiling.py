@@ -23,6 +23,7 @@ is where defaults are chosen.
 
     python benchmarks/pool_ceiling.py                     # demo, demo/8 and digits
     python benchmarks/pool_ceiling.py --sets digits
+    python benchmarks/pool_ceiling.py --variants "flexmatch + picks" --student-lr-scales 1 0.3
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ def stage_two_inputs(cfg: Any, data: Any, teacher: Any, wanted: list[str]) -> di
     inputs = {"control": (train.images, train.labels.astype(np.int64), None, data.class_counts("train"), None)}
     if "oracle" in wanted:
         inputs["oracle"] = (*student_inputs(cfg, data, np.arange(len(pool.labels)), pool.labels), 1.0)
+    picks = any(variant.endswith("+ picks") for variant in wanted)  # online on top of the pipeline's picks
     for name, changes in VARIANTS.items():
-        if name in wanted:
+        if name in wanted or (name == "pipeline" and picks):
             indices, labels, summary, _ = pseudo_label(replace(cfg, **changes), teacher.model, data)
             inputs[name] = (*student_inputs(cfg, data, indices, labels), summary.get("precision"))
     return inputs
@@ -85,6 +87,8 @@ def stage_two(cfg: Any, data: Any, teacher: Any, wanted: list[str]) -> Iterator[
     per_epoch = max(cfg.epoch_images, *(len(images) for images, *_ in inputs.values()))
     stage_cfg = replace(cfg, epoch_images=per_epoch)
     for variant, (images, labels, weights, counts, precision) in inputs.items():
+        if variant != "control" and variant not in wanted:
+            continue
         yield variant, Stage.student(stage_cfg, images, labels, weights, counts, teacher.model.state_dict()), \
             stage_cfg, precision
     for variant, changes in ONLINE.items():
@@ -105,8 +109,10 @@ def scored(cfg: Any, fitted: Any, val: Any) -> tuple[float, float, np.ndarray]:
     return macro_f1(val.labels, logits), macro_f1(val.labels, logits, offsets), (logits + offsets).argmax(axis=1)
 
 
-def measure(name: str, data_path: str | None, wanted: list[str]) -> dict[str, Any]:
-    """Teacher once, then every stage-2 variant; their val scores against the control."""
+def measure(name: str, data_path: str | None, wanted: list[str], lr_scales: tuple[float, ...] = (1.0,)
+            ) -> dict[str, Any]:
+    """Teacher once, then every stage-2 variant at each of `lr_scales` (student_lr_scale);
+    their val scores against the control at the same scale."""
     from fer.config import TrialConfig
     from fer.data import load_dataset
     from fer.evaluate import paired_bootstrap_macro_f1
@@ -118,26 +124,32 @@ def measure(name: str, data_path: str | None, wanted: list[str]) -> dict[str, An
     teacher = fit(cfg, Stage.teacher(cfg, data), val, data.classes, progress=False)
     result: dict[str, Any] = {"teacher_val": teacher.best_metrics["val_macro_f1"], "teacher_s": time.time() - start,
                               "variants": {}}
-    predictions = {}
-    for variant, stage, stage_cfg, precision in stage_two(cfg, data, teacher, wanted):
-        start = time.time()
-        fitted = fit(stage_cfg, stage, val, data.classes, progress=False)
-        raw, posthoc, predictions[variant] = scored(cfg, fitted, val)
-        last = fitted.history[-1]
-        if stage.consistency is not None:  # what the online student trained on in its last epoch
-            precision = last.get("pool_kept_precision")
-        images = len(stage.labels) + (len(stage.consistency.images) if stage.consistency is not None else 0)
-        result["variants"][variant] = {"images": images, "precision": precision, "val_raw": raw,
-                                       "val_posthoc": posthoc, "seconds": time.time() - start,
-                                       **{k: v for k, v in last.items() if k.startswith("pool_")}}
-        print(f"{name} {variant}: {result['variants'][variant]}", flush=True)
+    predictions, controls = {}, {}
+    for scale in lr_scales:  # every variant and its own control at each stage-2 learning rate
+        tag = "" if scale == 1.0 else f" lr x{scale:g}"
+        controls[tag] = f"control{tag}"
+        for variant, stage, stage_cfg, precision in stage_two(replace(cfg, student_lr_scale=scale), data, teacher,
+                                                              wanted):
+            variant += tag
+            start = time.time()
+            fitted = fit(stage_cfg, stage, val, data.classes, progress=False)
+            raw, posthoc, predictions[variant] = scored(cfg, fitted, val)
+            last = fitted.history[-1]
+            if stage.consistency is not None:  # what the online student trained on in its last epoch
+                precision = last.get("pool_kept_precision")
+            images = len(stage.labels) + (len(stage.consistency.images) if stage.consistency is not None else 0)
+            result["variants"][variant] = {"images": images, "precision": precision, "val_raw": raw,
+                                           "val_posthoc": posthoc, "seconds": time.time() - start, "control": controls[tag],
+                                           **{k: v for k, v in last.items() if k.startswith("pool_")}}
+            print(f"{name} {variant}: {result['variants'][variant]}", flush=True)
     result["images_per_epoch"] = stage_cfg.epoch_images
-    control = result["variants"]["control"]["val_posthoc"]
     for variant, entry in result["variants"].items():
-        if variant != "control":
-            _, low, high = paired_bootstrap_macro_f1(val.labels, predictions[variant], predictions["control"],
+        control = entry["control"]
+        if variant != control:
+            _, low, high = paired_bootstrap_macro_f1(val.labels, predictions[variant], predictions[control],
                                                      len(data.classes))
-            entry.update(minus_control=entry["val_posthoc"] - control, ci95=[low, high])
+            entry.update(minus_control=entry["val_posthoc"] - result["variants"][control]["val_posthoc"],
+                         ci95=[low, high])
     return result
 
 
@@ -146,13 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--variants", nargs="+", choices=["oracle", *VARIANTS, *ONLINE],
                         default=["oracle", *VARIANTS, *ONLINE], help="stage-2 inputs besides the control")
+    parser.add_argument("--student-lr-scales", nargs="+", type=float, default=[1.0], metavar="S",
+                        help="run every variant and the control at each student_lr_scale (default: 1)")
     parser.add_argument("--json", default=None, help="where the raw results go")
     args = parser.parse_args(argv)
     rows, results = [], {}
     for name, _, data_path in each_set(args.sets, "fer-ceiling-"):
-        results[name] = measure(name, data_path, args.variants)
+        results[name] = measure(name, data_path, args.variants, tuple(args.student_lr_scales))
         for variant, entry in results[name]["variants"].items():
-            gain = "-" if variant == "control" else \
+            gain = "-" if variant == entry["control"] else \
                 f"{entry['minus_control']:+.3f} ({entry['ci95'][0]:+.3f} to {entry['ci95'][1]:+.3f})"
             rows.append([name, variant, entry["images"], entry["precision"], entry["val_raw"],
                          entry["val_posthoc"], gain, round(entry["seconds"])])
