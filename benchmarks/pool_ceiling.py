@@ -139,7 +139,8 @@ def measure(name: str, data_path: str | None, wanted: list[str], lr_scales: tupl
                 precision = last.get("pool_kept_precision")
             images = len(stage.labels) + (len(stage.consistency.images) if stage.consistency is not None else 0)
             result["variants"][variant] = {"images": images, "precision": precision, "val_raw": raw,
-                                           "val_posthoc": posthoc, "seconds": time.time() - start, "control": controls[tag],
+                                           "val_posthoc": posthoc, "seconds": time.time() - start,
+                                           "control": controls[tag],
                                            **{k: v for k, v in last.items() if k.startswith("pool_")}}
             print(f"{name} {variant}: {result['variants'][variant]}", flush=True)
     result["images_per_epoch"] = stage_cfg.epoch_images

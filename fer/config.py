@@ -138,8 +138,8 @@ class TrialConfig:
 # whose configurations differ in every one of these and compares their weights).
 STAGE2_FIELDS = (
     "student_epochs", "pseudo_threshold", "pseudo_selection", "crest_alpha", "pseudo_tta", "pseudo_temperature",
-    "pseudo_debias", "pseudo_graph", "pseudo_weight", "student_init", "student_lr_scale", "student_augment", "pool_control", "posthoc",
-    "student_mode", "pool_ratio", "pool_align", "student_rounds",
+    "pseudo_debias", "pseudo_graph", "pseudo_weight", "student_init", "student_lr_scale", "student_augment",
+    "pool_control", "posthoc", "student_mode", "pool_ratio", "pool_align", "student_rounds",
 )
 
 # Set on the epochs a run reports from a shared teacher (replayed, not trained again).

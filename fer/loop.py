@@ -163,8 +163,9 @@ class PoolSteps:
 
 
 def build_optimizer(cfg: TrialConfig, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW or SGD at peak rate `lr` (cfg.lr unless given); no weight decay on biases and normalisation weights (1-D tensors),
-    as in timm's `param_groups_weight_decay` and torchvision's `--norm-weight-decay 0`."""
+    """AdamW or SGD at peak rate `lr` (cfg.lr unless given); no weight decay on biases and
+    normalisation weights (1-D tensors), as in timm's `param_groups_weight_decay` and
+    torchvision's `--norm-weight-decay 0`."""
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer {cfg.optimizer!r} is not supported. Choose one of: {', '.join(OPTIMIZERS)}")
     decay, no_decay = [], []
