@@ -78,25 +78,33 @@ def stage_two_inputs(cfg: Any, data: Any, teacher: Any, wanted: list[str]) -> di
     return inputs
 
 
-def stage_two(cfg: Any, data: Any, teacher: Any, wanted: list[str]) -> Iterator[tuple[str, Any, Any]]:
-    """(variant, its stage-2 Stage, the config to fit it with) of every wanted variant, offline
-    ones at the same images per epoch (the largest of their inputs), then the online ones."""
+def stage_two(cfg: Any, data: Any, teacher: Any, wanted: list[str], lr_scales: tuple[float, ...] = (1.0,)
+              ) -> Iterator[tuple[str, str, Any, Any, Any]]:
+    """(variant, its control's name, its stage-2 Stage, the config to fit it with, label
+    precision) of every wanted variant and the control at each of `lr_scales`
+    (student_lr_scale; " lr xS" appended to the names where S is not 1): offline ones at the
+    same images per epoch (the largest of their inputs), then the online ones. The inputs
+    (pseudo-labels) are made once: they do not depend on the learning rate."""
     from fer.fitting import Stage
 
     inputs = stage_two_inputs(cfg, data, teacher, wanted)
     per_epoch = max(cfg.epoch_images, *(len(images) for images, *_ in inputs.values()))
-    stage_cfg = replace(cfg, epoch_images=per_epoch)
-    for variant, (images, labels, weights, counts, precision) in inputs.items():
-        if variant != "control" and variant not in wanted:
-            continue
-        yield variant, Stage.student(stage_cfg, images, labels, weights, counts, teacher.model.state_dict()), \
-            stage_cfg, precision
-    for variant, changes in ONLINE.items():
-        if variant in wanted:  # "+ picks": on top of the teacher's offline picks (the pipeline's input)
-            online_cfg = replace(stage_cfg, **changes)
-            base = inputs["pipeline"] if variant.endswith("+ picks") else inputs["control"]
-            stage = Stage.student(online_cfg, *base[:4], teacher.model.state_dict())
-            yield variant, stage.online(online_cfg, data.splits["unlabeled"]), online_cfg, None
+    for scale in lr_scales:
+        tag = "" if scale == 1.0 else f" lr x{scale:g}"
+        stage_cfg = replace(cfg, epoch_images=per_epoch, student_lr_scale=scale)
+        for variant, (images, labels, weights, counts, precision) in inputs.items():
+            if variant != "control" and variant not in wanted:
+                continue
+            yield variant + tag, f"control{tag}", \
+                Stage.student(stage_cfg, images, labels, weights, counts, teacher.model.state_dict()), \
+                stage_cfg, precision
+        for variant, changes in ONLINE.items():
+            if variant in wanted:  # "+ picks": on top of the teacher's offline picks (the pipeline's input)
+                online_cfg = replace(stage_cfg, **changes)
+                base = inputs["pipeline"] if variant.endswith("+ picks") else inputs["control"]
+                stage = Stage.student(online_cfg, *base[:4], teacher.model.state_dict())
+                yield variant + tag, f"control{tag}", stage.online(online_cfg, data.splits["unlabeled"]), \
+                    online_cfg, None
 
 
 def scored(cfg: Any, fitted: Any, val: Any) -> tuple[float, float, np.ndarray]:
@@ -124,25 +132,19 @@ def measure(name: str, data_path: str | None, wanted: list[str], lr_scales: tupl
     teacher = fit(cfg, Stage.teacher(cfg, data), val, data.classes, progress=False)
     result: dict[str, Any] = {"teacher_val": teacher.best_metrics["val_macro_f1"], "teacher_s": time.time() - start,
                               "variants": {}}
-    predictions, controls = {}, {}
-    for scale in lr_scales:  # every variant and its own control at each stage-2 learning rate
-        tag = "" if scale == 1.0 else f" lr x{scale:g}"
-        controls[tag] = f"control{tag}"
-        for variant, stage, stage_cfg, precision in stage_two(replace(cfg, student_lr_scale=scale), data, teacher,
-                                                              wanted):
-            variant += tag
-            start = time.time()
-            fitted = fit(stage_cfg, stage, val, data.classes, progress=False)
-            raw, posthoc, predictions[variant] = scored(cfg, fitted, val)
-            last = fitted.history[-1]
-            if stage.consistency is not None:  # what the online student trained on in its last epoch
-                precision = last.get("pool_kept_precision")
-            images = len(stage.labels) + (len(stage.consistency.images) if stage.consistency is not None else 0)
-            result["variants"][variant] = {"images": images, "precision": precision, "val_raw": raw,
-                                           "val_posthoc": posthoc, "seconds": time.time() - start,
-                                           "control": controls[tag],
-                                           **{k: v for k, v in last.items() if k.startswith("pool_")}}
-            print(f"{name} {variant}: {result['variants'][variant]}", flush=True)
+    predictions = {}
+    for variant, control, stage, stage_cfg, precision in stage_two(cfg, data, teacher, wanted, lr_scales):
+        start = time.time()
+        fitted = fit(stage_cfg, stage, val, data.classes, progress=False)
+        raw, posthoc, predictions[variant] = scored(cfg, fitted, val)
+        last = fitted.history[-1]
+        if stage.consistency is not None:  # what the online student trained on in its last epoch
+            precision = last.get("pool_kept_precision")
+        images = len(stage.labels) + (len(stage.consistency.images) if stage.consistency is not None else 0)
+        result["variants"][variant] = {"images": images, "precision": precision, "val_raw": raw,
+                                       "val_posthoc": posthoc, "seconds": time.time() - start, "control": control,
+                                       **{k: v for k, v in last.items() if k.startswith("pool_")}}
+        print(f"{name} {variant}: {result['variants'][variant]}", flush=True)
     result["images_per_epoch"] = stage_cfg.epoch_images
     for variant, entry in result["variants"].items():
         control = entry["control"]

@@ -206,9 +206,9 @@ def _run_control(cfg: TrialConfig, data: Any, teacher: FitResult, student: FitRe
     student_epoch = max((int(m.get("train_images", 0)) for m in student.history), default=0)
     control_cfg = replace(cfg, epoch_images=max(cfg.epoch_images, student_epoch))
     init = teacher.model.state_dict() if cfg.student_init == "teacher" else None
-    stage = Stage(name="control", images=train.images, labels=train.labels, counts=data.class_counts("train"),
-                  epochs=cfg.student_epochs, augment=cfg.student_augment, epoch_offset=cfg.epochs, init_state=init,
-                  lr_scale=cfg.student_lr_scale)
+    # stage 2 as Stage.of has it (epochs, augmentation, epoch numbers, learning rate) on the labels alone
+    stage = replace(Stage.of(cfg, "student", train.images, train.labels, data.class_counts("train"), init_state=init),
+                    name="control")
     control = fit(control_cfg, stage, data.splits["val"], data.classes, **common)
     val = data.splits["val"]
     # each with its own post-hoc offsets, as the final model gets them: what a user would be handed
