@@ -36,6 +36,9 @@ def test_describe_names_the_repeats_and_the_student():
     assert ("student: 4 epochs of at least 3000 images (labelled + the teacher's picks, repeated up to "
             "epoch_images), each step with 1 pool image(s) per labelled one in two views (flexmatch)") in online
     assert "control: 4 more epochs of the student's recipe on the labelled split alone" in text
+    assert "learning rate" not in online  # stage 2 at lr, as the teacher
+    gentle = describe_budget(TrialConfig(epochs=10, student_epochs=4, student_lr_scale=0.3), data)
+    assert "in two views (flexmatch), peak learning rate 0.3 x lr" in gentle
     assert "control" not in describe_budget(TrialConfig(epochs=10, student_epochs=4, pool_control=False), data)
     no_pool = Dataset(list("abcdefg"), {"train": Split(images, labels)}, "t")
     assert "student" not in describe_budget(TrialConfig(student_epochs=4), no_pool)
