@@ -183,6 +183,14 @@ def teacher_store(storage: str, name: str) -> str:
     return str(Path(storage, name, TEACHERS_DIR))
 
 
+def tail_file(storage: str, name: str, resources: Any) -> str | None:
+    """The experiment's tail file, where search.run keeps it (search.plan.TAIL_FILE), for CPU
+    trials; None for GPU ones (search.plan.Plan.tail)."""
+    from search.plan import TAIL_FILE
+
+    return None if resources.gpus_per_worker else str(Path(storage, name, TAIL_FILE))
+
+
 def build_search_tuner(space: Any, variant: str, trainable: Any, storage: str, name: str,
                        callbacks: list, resources: Any) -> Any:
     """The product's tuner (search.tuner.build_tuner) with the sampler and scheduler of
@@ -196,7 +204,8 @@ def build_search_tuner(space: Any, variant: str, trainable: Any, storage: str, n
     # no confirmation here (so ASHA keeps no baseline); teachers shared as search.run shares them
     plan = SimpleNamespace(space=space, name=name, storage=storage, study_path=Path(storage, name, "optuna.db"),
                            num_samples=space.num_samples, max_failures=0, resources=resources,
-                           confirm_top=0, confirm_seeds=0, teachers=teacher_store(storage, name))
+                           confirm_top=0, confirm_seeds=0, teachers=teacher_store(storage, name),
+                           tail=tail_file(storage, name, resources))
     return build_tuner(plan, trainable, space.max_concurrent, asha=spec["scheduler"] == "asha",
                        verbose=0, callbacks=callbacks)
 
@@ -213,7 +222,8 @@ def run_search(space: Any, variant: str, data_ref: Any, data: Any, storage: str,
 
     log = make_epoch_log()
     resources = TrialResources(workers=1, cpus_per_worker=cpus_per_trial, gpus_per_worker=gpus_per_trial)
-    trainable = make_trainable(data_ref, resources, space.metric, space.mode, teachers=teacher_store(storage, variant))
+    trainable = make_trainable(data_ref, resources, space.metric, space.mode, teachers=teacher_store(storage, variant),
+                               tail=tail_file(storage, variant, resources))
     tuner = build_search_tuner(space, variant, trainable, storage, variant, [log], resources)
     started = time.time()
     tuner.fit()

@@ -176,7 +176,7 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
 
     from search.progress import CONFIRM_COLUMNS
     from search.racing import RacingSearcher
-    from search.tuner import fit_concurrency, restore_tuner, run_config, trial_data, tune_config
+    from search.tuner import fit_concurrency, restore_tuner, run_config, tail_callbacks, trial_data, tune_config
     from trainables import make_trainable
 
     experiment = f"{plan.experiment.rstrip('/')}/{CONFIRM_DIR}"
@@ -198,7 +198,8 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
               f"{resources.cpus_per_worker:g} CPUs (torch threads), {concurrency} run(s) at a time")
         plan = replace(plan, resources=resources)
     trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode,
-                               candidates={c.name: c.config for c in candidates}, teachers=plan.teachers)
+                               candidates={c.name: c.config for c in candidates}, teachers=plan.teachers,
+                               tail=plan.tail)
     counted = [c.name for c in candidates if c.prior is not None]
     most = race_of(candidates, seeds, plan.space.mode).longest()
     print(f"\nconfirmation: {', '.join(c.name for c in candidates)} raced over fresh seeds {seeds} at the full "
@@ -215,7 +216,8 @@ def run_confirmation(plan: Any, records: list[TrialRecord]) -> list[Candidate]:
             trainable,
             tune_config=tune_config(plan, concurrency, search_alg=searcher,
                                     num_samples=len(candidates) * len(seeds)),
-            run_config=run_config(plan, CONFIRM_DIR, plan.experiment, columns=CONFIRM_COLUMNS),
+            run_config=run_config(plan, CONFIRM_DIR, plan.experiment, columns=CONFIRM_COLUMNS,
+                                  callbacks=tail_callbacks(plan, concurrency)),
         )
     tuner.fit()
     return candidates

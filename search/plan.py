@@ -66,7 +66,18 @@ class Plan:
         return str(Path(self.experiment) / TEACHERS_DIR)
 
 
+    @property
+    def tail(self) -> str | None:
+        """Where the search publishes its tail's thread counts (search/tail.py): a file in the
+        experiment folder when storage is a local (or mounted) folder and a trial is one CPU
+        worker; None otherwise (every trial keeps its request's threads)."""
+        if is_uri(self.storage) or self.resources.workers != 1 or self.resources.gpus_per_worker:
+            return None
+        return str(Path(self.experiment) / TAIL_FILE)
+
+
 TEACHERS_DIR = "teachers"
+TAIL_FILE = "tail_threads.json"  # {"threads": {trial_id: n}}, search/tail.py
 
 
 def is_uri(path: str) -> bool:

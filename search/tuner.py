@@ -80,6 +80,16 @@ def run_config(plan: Any, name: str, storage: str, columns: dict[str, str] | Non
     )
 
 
+def tail_callbacks(plan: Any, max_concurrent: int) -> list:
+    """The Tune callback that gives idle CPUs to the trials still running (search/tail.py)
+    through `plan.tail`, the file the trainable was given; none without one."""
+    if plan.tail is None:
+        return []
+    from search.tail import TailThreads
+
+    return [TailThreads(plan.tail, max_concurrent, plan.resources.cpus_per_worker)]
+
+
 def restore_tuner(experiment: str, trainable: Any) -> Any:
     """Tuner.restore for `--resume`: unfinished trials continue, errored ones stay errored.
     The restored RunConfig brings its live table back; the driver's switches are set again."""
@@ -122,7 +132,8 @@ def trial_data(plan: Any) -> Any:
 def build_tuner(plan: Any, trainable: Any, max_concurrent: int, *, asha: bool = True, **run: Any) -> Any:
     """The search's Tuner: PruningOptunaSearch (the space's sampler, its baseline first) with
     PersistentASHA, or with no scheduler when not `asha` (a benchmark's FIFO); `run` goes to
-    tune.RunConfig."""
+    tune.RunConfig. With `plan.tail`, idle CPUs go to the trials still running (search/tail.py):
+    give the trainable the same file."""
     from ray import tune
 
     from search.asha import PersistentASHA
@@ -160,6 +171,7 @@ def build_tuner(plan: Any, trainable: Any, max_concurrent: int, *, asha: bool = 
         student_forks=space.student_forks if plan.teachers is not None else 0,
         unforked=keep,
     )
+    run["callbacks"] = [*run.get("callbacks", []), *tail_callbacks(plan, max_concurrent)]
     return tune.Tuner(
         trainable,
         tune_config=tune_config(
@@ -181,7 +193,7 @@ def run_search(plan: Any) -> None:
 
     max_concurrent = fit_concurrency(plan)
     trainable = make_trainable(trial_data(plan), plan.resources, plan.space.metric, plan.space.mode,
-                               teachers=plan.teachers)
+                               teachers=plan.teachers, tail=plan.tail)
     if plan.resume:
         check_resumable(plan.local_dir)
         tuner = restore_tuner(plan.experiment, trainable)

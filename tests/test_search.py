@@ -429,7 +429,7 @@ def test_the_summary_says_what_the_pool_bought_the_exported_run(capsys):
 
 
 FAILING_SPACE = """\
-fixed: {model: mobilenet_v3_small, epoch_images: 0, epochs: 1, student_epochs: 0, image_size: 32, batch_size: 128}
+fixed: {model: mobilenet_v3_small, epoch_images: 0, epochs: 5, student_epochs: 0, image_size: 32, batch_size: 128}
 parameters:
   pretrained: {choice: [null, /nonexistent/weights.pth]}  # the second trial draws the missing file
 searcher: {seed: 0, n_startup_trials: 2, baseline: {pretrained: null}}
@@ -440,6 +440,8 @@ run: {num_samples: 2, max_concurrent: 2, confirm_top: 0}
 
 @pytest.mark.slow
 def test_trial_that_raises_is_recorded_and_the_search_goes_on(ray_cluster, tmp_path, capsys):
+    """Two trials at once; one fails at its start, and the other, alone with nothing left to
+    start, takes the failed one's CPU for its remaining epochs (search/tail.py)."""
     space = tmp_path / "failing.yaml"
     space.write_text(FAILING_SPACE)
     code, out, err = run_cli(
@@ -452,6 +454,12 @@ def test_trial_that_raises_is_recorded_and_the_search_goes_on(ray_cluster, tmp_p
     assert len(failed) == 1 and "no such file" in failed["error"].iloc[0]
     assert summary["winner"]["trial_id"] == frame[frame["baseline"]]["trial_id"].iloc[0]
     assert sorted(stored_states(tmp_path / "runs" / "failing", "failing")) == ["COMPLETE", "FAIL"]
+    healthy = frame[frame["status"] != "ERROR"]["trial_id"].iloc[0]
+    timing = json.loads(next((tmp_path / "runs" / "failing").glob(f"trial_{healthy}*/trial_timing.json")).read_text())
+    assert timing["threads"] == 1
+    # widened once it had reported (its node is then known) and the driver's 2 s hold had passed,
+    # before its last epoch (5), which trained on 2 threads; the cluster has >= 2 CPUs
+    assert timing["thread_changes"][0][0] < 5 and timing["thread_changes"][0][1] == 2
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ from trainables.resources import TrialResources, process_group_backend, scaling_
 from trainables.worker import (
     DataRef,
     RankJob,
+    Tail,
     detect_device,
     raise_if_diverged,
     replay_shared_teacher,
@@ -57,7 +58,8 @@ RAY_TRAIN_LOG_LEVEL = "WARNING"
 
 
 def pipeline_trial(config: dict[str, Any], data: DataRef, resources: TrialResources = TrialResources(),
-                   metric: str = "val_macro_f1", mode: str = "max", teachers: str | None = None) -> None:
+                   metric: str = "val_macro_f1", mode: str = "max", teachers: str | None = None,
+                   tail: str | None = None) -> None:
     """Tune function trainable. `config` holds TrialConfig field overrides (the sampled
     search parameters plus any fixed values); `data`, `resources`, the search's
     `metric`/`mode` (which checkpoint storage keeps) and `teachers` come through
@@ -65,7 +67,9 @@ def pipeline_trial(config: dict[str, Any], data: DataRef, resources: TrialResour
     its last reported epoch; one that diverged before fails again at once instead of
     retraining. With `teachers` (a fer.teachers.TeacherStore folder), a single-worker trial
     stores its finished teacher there, and one whose teacher is there already starts at
-    stage 2 (multi-worker trials train their own: every rank would have to see the file)."""
+    stage 2 (multi-worker trials train their own: every rank would have to see the file).
+    With `tail` (search/tail.py's file), a single-worker CPU trial takes the threads the
+    search's tail gives it after each epoch."""
     from ray import tune
 
     started = time.time()
@@ -73,8 +77,10 @@ def pipeline_trial(config: dict[str, Any], data: DataRef, resources: TrialResour
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_overrides(TrialConfig(), config, source=f"trial {trial_id} config")
     shared = teachers if resources.workers == 1 else None
+    widens = tail is not None and resources.workers == 1 and not resources.gpus_per_worker
     job = RankJob(cfg=cfg, data=data, trial_dir=trial_folder(),
-                  threads=max(1, int(resources.cpus_per_worker)), started=started, teachers=shared)
+                  threads=max(1, int(resources.cpus_per_worker)), started=started, teachers=shared,
+                  tail=Tail(tail, trial_id) if widens else None)
     raise_if_diverged(job.trial_dir)
     if resources.workers == 1:
         resume = resume_state(tune.get_checkpoint())
@@ -125,13 +131,13 @@ def _per_worker(loop_config: dict[str, Any]) -> None:
 
 def candidate_trial(config: dict[str, Any], data: DataRef, candidates: dict[str, dict[str, Any]],
                     resources: TrialResources = TrialResources(), metric: str = "val_macro_f1",
-                    mode: str = "max", teachers: str | None = None) -> None:
+                    mode: str = "max", teachers: str | None = None, tail: str | None = None) -> None:
     """Tune function trainable for repeated runs of known configurations: `config` is
     {"candidate": NAME, "seed": S}, and the trial runs `candidates[NAME]` with seed S
     (initial weights, sampling order and augmentation all follow the seed). Tune's table
     and trials.csv then show which configuration and seed a run is."""
     chosen = {**candidates[config["candidate"]], "seed": int(config["seed"])}
-    pipeline_trial(chosen, data, resources, metric, mode, teachers)
+    pipeline_trial(chosen, data, resources, metric, mode, teachers, tail)
 
 
 def put_dataset(dataset: Any) -> DataRef:
@@ -141,13 +147,14 @@ def put_dataset(dataset: Any) -> DataRef:
 
 def make_trainable(data: Any, resources: TrialResources = TrialResources(), metric: str = "val_macro_f1",
                    mode: str = "max", candidates: dict[str, dict[str, Any]] | None = None,
-                   teachers: str | None = None) -> Callable[..., Any]:
+                   teachers: str | None = None, tail: str | None = None) -> Callable[..., Any]:
     """`pipeline_trial` with the data reference, resources and the search metric bound: give
     it to `tune.Tuner`, with `checkpoint_config(tune.CheckpointConfig, metric, mode)` in its
     RunConfig. `data` is a `fer.data.Dataset` (put into the object store here, once) or a
     `DataRef`. With `candidates` (name -> TrialConfig overrides) it is `candidate_trial`.
     `teachers`: a folder every trial can read and write where finished teachers are shared
-    (fer.teachers; None: each trial trains its own)."""
+    (fer.teachers; None: each trial trains its own). `tail`: the search's tail file
+    (search/tail.py; None: every trial keeps its request's threads)."""
     from ray import tune
 
     from trainables.internals import name_trial_actors
@@ -157,10 +164,10 @@ def make_trainable(data: Any, resources: TrialResources = TrialResources(), metr
     name_trial_actors(candidate_trial)
     if candidates is None:
         bound = tune.with_parameters(pipeline_trial, data=ref, resources=resources, metric=metric, mode=mode,
-                                     teachers=teachers)
+                                     teachers=teachers, tail=tail)
     else:
         bound = tune.with_parameters(candidate_trial, data=ref, candidates=candidates, resources=resources,
-                                     metric=metric, mode=mode, teachers=teachers)
+                                     metric=metric, mode=mode, teachers=teachers, tail=tail)
     return tune.with_resources(bound, trial_resources(resources))
 
 

@@ -61,6 +61,15 @@ class RankJob:
     threads: int  # torch intra-op threads: the CPUs the rank was given
     started: float  # wall-clock time the trial function was entered
     teachers: str | None = None  # a fer.teachers.TeacherStore folder: finished teachers are shared
+    tail: Tail | None = None  # where the search publishes its tail's thread counts (search/tail.py)
+
+
+@dataclass(frozen=True)
+class Tail:
+    """The search's tail file (search/tail.py writes it) and this trial's id in it."""
+
+    path: str
+    trial_id: str
 
 
 def detect_device(in_train_worker: bool) -> torch.device:
@@ -86,6 +95,8 @@ def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict, Pi
     marks: dict[str, Any] = {"trial_start": job.started, "pipeline_start": time.time(), "threads": job.threads}
     if job.teachers is not None and rank == 0:
         report = storing_teachers(TeacherStore(job.teachers), job.cfg, report)
+    if job.tail is not None:
+        report = following_tail(job.tail, job.threads, report, marks)
     if resume is not None:
         marks["resumed_after_epoch"] = resume.global_epoch()
         if rank == 0:
@@ -125,6 +136,32 @@ def storing_teachers(store: TeacherStore, cfg: TrialConfig,
         report(metrics, checkpoint, state)
 
     return report_and_store
+
+
+def following_tail(tail: Tail, threads: int, report: Callable[[dict[str, Any], dict, PipelineState], None],
+                   marks: dict[str, Any]) -> Callable[[dict[str, Any], dict, PipelineState], None]:
+    """`report` that then sets torch's thread count to what the search's tail file gives this
+    trial (never below `threads`, its request; the request when the file says nothing or
+    cannot be read), so the next epoch trains on the CPUs finished trials left idle.
+    `marks["thread_changes"]` records [epoch reported, threads] at each change."""
+
+    def report_and_follow(metrics: dict[str, Any], checkpoint: dict, state: PipelineState) -> None:
+        report(metrics, checkpoint, state)
+        wanted = max(threads, tail_threads_of(tail))
+        if wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
+            marks.setdefault("thread_changes", []).append([state.global_epoch(), wanted])
+
+    return report_and_follow
+
+
+def tail_threads_of(tail: Tail) -> int:
+    """This trial's entry in the tail file; 0 when it has none."""
+    try:
+        with open(tail.path, encoding="utf-8") as handle:
+            return int(json.load(handle)["threads"].get(tail.trial_id, 0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not written yet, or not ours to read
+        return 0
 
 
 def replay_shared_teacher(store: TeacherStore, cfg: TrialConfig) -> PipelineState | None:
