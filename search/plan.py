@@ -65,12 +65,12 @@ class Plan:
             return None
         return str(Path(self.experiment) / TEACHERS_DIR)
 
-
     @property
     def tail(self) -> str | None:
-        """Where the search publishes its tail's thread counts (search/tail.py): a file in the
-        experiment folder when storage is a local (or mounted) folder and a trial is one CPU
-        worker; None otherwise (every trial keeps its request's threads)."""
+        """Where the search and the confirmation offer idle CPUs to the trials still running
+        (search/tail.py): a file in the experiment folder when storage is a local (or mounted)
+        folder and a trial is one CPU worker; None otherwise (every trial keeps its request's
+        threads)."""
         if is_uri(self.storage) or self.resources.workers != 1 or self.resources.gpus_per_worker:
             return None
         return str(Path(self.experiment) / TAIL_FILE)

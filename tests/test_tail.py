@@ -100,3 +100,23 @@ def test_a_trial_follows_the_tail_file_and_never_drops_below_its_request(tmp_pat
         assert len(reported) == 3  # every epoch still reported, before the threads change
     finally:
         torch.set_num_threads(threads)
+
+
+PLACES = {  # (storage, workers, gpus per worker) -> does the plan offer idle CPUs?
+    "local CPU trials": ("/runs", 1, 0.0, True),
+    "DDP trials": ("/runs", 2, 0.0, False),
+    "GPU trials": ("/runs", 1, 0.25, False),
+    "remote storage": ("s3://bucket/runs", 1, 0.0, False),
+}
+
+
+@pytest.mark.parametrize("place", PLACES, ids=list(PLACES))
+def test_idle_cpus_are_offered_only_to_single_worker_cpu_trials_with_local_storage(place):
+    from search.plan import TAIL_FILE, Plan
+    from trainables import TrialResources
+
+    storage, workers, gpus, offered = PLACES[place]
+    plan = Plan(space=None, data_path=None, dataset=None, name="x", storage=storage, experiment=f"{storage}/x",
+                local_dir=None, export_dir=None, resources=TrialResources(workers, 1.0, gpus), num_samples=8,
+                max_concurrent=2, max_failures=0, address=None, dashboard_host="", resume=False, smoke=False)
+    assert plan.tail == (f"{storage}/x/{TAIL_FILE}" if offered else None)
