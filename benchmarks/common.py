@@ -188,7 +188,7 @@ def tail_file(storage: str, name: str, resources: Any) -> str | None:
     trials; None for GPU ones (search.plan.Plan.tail)."""
     from search.plan import TAIL_FILE
 
-    return None if resources.gpus_per_worker else str(Path(storage, name, TAIL_FILE))
+    return str(Path(storage, name, TAIL_FILE)) if resources.cpu_threads_only else None
 
 
 def build_search_tuner(space: Any, variant: str, trainable: Any, storage: str, name: str,

@@ -239,7 +239,7 @@ def widened(resources: Any, concurrency: int, lanes: int) -> tuple[Any, int]:
     one on 1 thread while the other waits for its teacher and a core idles. GPU and
     multi-worker runs keep the search's resources."""
     factor = concurrency // max(1, lanes)
-    if factor <= 1 or resources.workers != 1 or resources.gpus_per_worker:
+    if factor <= 1 or not resources.cpu_threads_only:
         return resources, concurrency
     return replace(resources, cpus_per_worker=resources.cpus_per_worker * factor), concurrency // factor
 

@@ -71,7 +71,7 @@ class Plan:
         (search/tail.py): a file in the experiment folder when storage is a local (or mounted)
         folder and a trial is one CPU worker; None otherwise (every trial keeps its request's
         threads)."""
-        if is_uri(self.storage) or self.resources.workers != 1 or self.resources.gpus_per_worker:
+        if is_uri(self.storage) or not self.resources.cpu_threads_only:
             return None
         return str(Path(self.experiment) / TAIL_FILE)
 

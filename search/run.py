@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="data-parallel workers per trial; 1 trains in the trial's own process, more start a "
         "Ray Train worker group (DDP) per trial (default: 1)")
     add("--cpus-per-worker", type=_positive_float, default=1.0, metavar="C",
-        help="CPUs each worker reserves, also its torch thread count (default: 1)")
+        help="CPUs each worker reserves, also its torch thread count; a single-worker CPU trial takes "
+        "more threads while CPUs that ended trials left sit idle (default: 1)")
     add("--gpus-per-worker", type=_gpu_fraction, default=0.0, metavar="G",
         help="GPUs each worker reserves; fractions share a GPU, e.g. 0.25 = four workers per GPU (default: 0)")
     add("--address", default=None, metavar="ADDR",

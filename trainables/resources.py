@@ -38,6 +38,12 @@ class TrialResources:
                 f"gpus per worker must be 0, a fraction in (0, 1] or a whole number, got {gpus!r}")
 
     @property
+    def cpu_threads_only(self) -> bool:
+        """One worker and no GPU: the trial trains in its own process on torch CPU threads, which
+        can take CPUs other trials leave idle (search/confirm.py `widened`, search/tail.py)."""
+        return self.workers == 1 and not self.gpus_per_worker
+
+    @property
     def total(self) -> dict[str, float]:
         """Everything the trial's ranks hold together (what decides how many trials fit)."""
         out = {"CPU": self.workers * self.cpus_per_worker}

@@ -77,10 +77,9 @@ def pipeline_trial(config: dict[str, Any], data: DataRef, resources: TrialResour
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_overrides(TrialConfig(), config, source=f"trial {trial_id} config")
     shared = teachers if resources.workers == 1 else None
-    widens = tail is not None and resources.workers == 1 and not resources.gpus_per_worker
     job = RankJob(cfg=cfg, data=data, trial_dir=trial_folder(),
                   threads=max(1, int(resources.cpus_per_worker)), started=started, teachers=shared,
-                  tail=Tail(tail, trial_id) if widens else None)
+                  tail=Tail(tail, trial_id) if tail is not None and resources.cpu_threads_only else None)
     raise_if_diverged(job.trial_dir)
     if resources.workers == 1:
         resume = resume_state(tune.get_checkpoint())
