@@ -24,6 +24,7 @@ is where defaults are chosen.
     python benchmarks/pool_ceiling.py                     # demo, demo/8 and digits
     python benchmarks/pool_ceiling.py --sets digits
     python benchmarks/pool_ceiling.py --variants "flexmatch + picks" --student-lr-scales 1 0.3
+    python benchmarks/pool_ceiling.py --sets demo --variants oracle "flexmatch + picks" --student-epochs 8 16
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ ONLINE = {"fixmatch": FIXMATCH, "flexmatch": FLEXMATCH,
           "flexmatch 0.7": {**FLEXMATCH, "pseudo_threshold": 0.7},
           "flexmatch ratio 2": {**FLEXMATCH, "pool_ratio": 2},
           "flexmatch aligned": {**FLEXMATCH, "pool_align": True},
-          "flexmatch + picks": FLEXMATCH}
+          "flexmatch + picks": FLEXMATCH, "fixmatch + picks": FIXMATCH,
+          "fixmatch 0.95 + picks": {**FIXMATCH, "pseudo_threshold": 0.95}}
 
 
 def stage_two_inputs(cfg: Any, data: Any, teacher: Any, wanted: list[str]) -> dict[str, tuple[Any, ...]]:
@@ -117,10 +119,11 @@ def scored(cfg: Any, fitted: Any, val: Any) -> tuple[float, float, np.ndarray]:
     return macro_f1(val.labels, logits), macro_f1(val.labels, logits, offsets), (logits + offsets).argmax(axis=1)
 
 
-def measure(name: str, data_path: str | None, wanted: list[str], lr_scales: tuple[float, ...] = (1.0,)
-            ) -> dict[str, Any]:
-    """Teacher once, then every stage-2 variant at each of `lr_scales` (student_lr_scale);
-    their val scores against the control at the same scale."""
+def measure(name: str, data_path: str | None, wanted: list[str], lr_scales: tuple[float, ...] = (1.0,),
+            student_epochs: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Teacher once, then every stage-2 variant at each of `lr_scales` (student_lr_scale)
+    and each of `student_epochs` (" N epochs" appended to the names; empty: the default
+    only); their val scores against the control at the same scale and epochs."""
     from fer.config import TrialConfig
     from fer.data import load_dataset
     from fer.evaluate import paired_bootstrap_macro_f1
@@ -133,18 +136,22 @@ def measure(name: str, data_path: str | None, wanted: list[str], lr_scales: tupl
     result: dict[str, Any] = {"teacher_val": teacher.best_metrics["val_macro_f1"], "teacher_s": time.time() - start,
                               "variants": {}}
     predictions = {}
-    for variant, control, stage, stage_cfg, precision in stage_two(cfg, data, teacher, wanted, lr_scales):
-        start = time.time()
-        fitted = fit(stage_cfg, stage, val, data.classes, progress=False)
-        raw, posthoc, predictions[variant] = scored(cfg, fitted, val)
-        last = fitted.history[-1]
-        if stage.consistency is not None:  # what the online student trained on in its last epoch
-            precision = last.get("pool_kept_precision")
-        images = len(stage.labels) + (len(stage.consistency.images) if stage.consistency is not None else 0)
-        result["variants"][variant] = {"images": images, "precision": precision, "val_raw": raw,
-                                       "val_posthoc": posthoc, "seconds": time.time() - start, "control": control,
-                                       **{k: v for k, v in last.items() if k.startswith("pool_")}}
-        print(f"{name} {variant}: {result['variants'][variant]}", flush=True)
+    budgets = [(cfg, "")] if not student_epochs else \
+        [(replace(cfg, student_epochs=epochs), f" {epochs} epochs") for epochs in student_epochs]
+    for budget_cfg, tag in budgets:
+        for variant, control, stage, stage_cfg, precision in stage_two(budget_cfg, data, teacher, wanted, lr_scales):
+            variant, control = variant + tag, control + tag
+            start = time.time()
+            fitted = fit(stage_cfg, stage, val, data.classes, progress=False)
+            raw, posthoc, predictions[variant] = scored(cfg, fitted, val)
+            last = fitted.history[-1]
+            if stage.consistency is not None:  # what the online student trained on in its last epoch
+                precision = last.get("pool_kept_precision")
+            images = len(stage.labels) + (len(stage.consistency.images) if stage.consistency is not None else 0)
+            result["variants"][variant] = {"images": images, "precision": precision, "val_raw": raw,
+                                           "val_posthoc": posthoc, "seconds": time.time() - start, "control": control,
+                                           **{k: v for k, v in last.items() if k.startswith("pool_")}}
+            print(f"{name} {variant}: {result['variants'][variant]}", flush=True)
     result["images_per_epoch"] = stage_cfg.epoch_images
     for variant, entry in result["variants"].items():
         control = entry["control"]
@@ -163,11 +170,17 @@ def main(argv: list[str] | None = None) -> int:
                         default=["oracle", *VARIANTS, *ONLINE], help="stage-2 inputs besides the control")
     parser.add_argument("--student-lr-scales", nargs="+", type=float, default=[1.0], metavar="S",
                         help="run every variant and the control at each student_lr_scale (default: 1)")
+    parser.add_argument("--student-epochs", nargs="+", type=int, default=[], metavar="N",
+                        help="run every variant and the control with each number of stage-2 epochs "
+                             "(default: fer.train's)")
     parser.add_argument("--json", default=None, help="where the raw results go")
     args = parser.parse_args(argv)
+    if any(epochs < 1 for epochs in args.student_epochs):
+        parser.error(f"--student-epochs must each be at least 1, got {args.student_epochs}")
     rows, results = [], {}
     for name, _, data_path in each_set(args.sets, "fer-ceiling-"):
-        results[name] = measure(name, data_path, args.variants, tuple(args.student_lr_scales))
+        results[name] = measure(name, data_path, args.variants, tuple(args.student_lr_scales),
+                                tuple(args.student_epochs))
         for variant, entry in results[name]["variants"].items():
             gain = "-" if variant == entry["control"] else \
                 f"{entry['minus_control']:+.3f} ({entry['ci95'][0]:+.3f} to {entry['ci95'][1]:+.3f})"

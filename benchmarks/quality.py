@@ -26,6 +26,7 @@ torch thread each (a trial's share).
     python benchmarks/quality.py                          # every set, seeds 0 and 1
     python benchmarks/quality.py --search full            # plus (c) on the demo data (~35 min more)
     python benchmarks/quality.py --sets demo/8 digits --seeds 0
+    python benchmarks/quality.py --sets demo --set student_epochs=16   # a candidate default, on test
 """
 
 from __future__ import annotations
@@ -97,9 +98,11 @@ def pool_lines(log: str) -> str:
     return "\n".join(keep)
 
 
-def default_train(data_path: str | None, out: Path, seed: int) -> dict[str, Any]:
-    """(b): `python -m fer.train --out OUT [--data PATH] --set seed=S`, every other default."""
-    cmd = [sys.executable, "-m", "fer.train", "--out", str(out), "--no-progress", "--set", f"seed={seed}"]
+def default_train(data_path: str | None, out: Path, seed: int, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """(b): `python -m fer.train --out OUT [--data PATH] --set seed=S [--set KEY=VALUE ...]`,
+    every other default."""
+    cmd = [sys.executable, "-m", "fer.train", "--out", str(out), "--no-progress", "--set", f"seed={seed}",
+           *(arg for override in overrides for arg in ("--set", override))]
     seconds = _run(cmd + (["--data", data_path] if data_path else []), out.with_suffix(".log"))
     metrics = json.loads((out / "metrics.json").read_text())
     print(pool_lines(out.with_suffix(".log").read_text()), flush=True)
@@ -206,13 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fer.train seeds per data set")
     parser.add_argument("--search", choices=["none", "full", "all"], default="none",
                         help="run the Quickstart search (c) on the demo data, on every set, or not")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed on to each fer.train run (b): a candidate default read on test side by side "
+                             "with the peers before it becomes one (repeatable)")
     parser.add_argument("--json", default=None, help="where the raw results go")
     args = parser.parse_args(argv)
 
-    from fer.config import TrialConfig
+    from fer.config import TrialConfig, apply_overrides, parse_set_args, validate_config
     from fer.data import load_dataset
 
     cfg = TrialConfig()
+    try:  # a bad --set fails here, in one line, not after the peers have run
+        validate_config(apply_overrides(cfg, parse_set_args(args.overrides), source="--set"), source="--set")
+    except ValueError as err:
+        parser.error(str(err))
     rows, results = [], {}
     for name, folder, data_path in each_set(args.sets, "fer-quality-"):
         data = load_dataset(data_path)
@@ -220,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                   "pool_images": len(data.splits["unlabeled"].images), "default": []}
         print(f"{name}: peers {result['peers']}", flush=True)
         for seed in args.seeds:
-            result["default"].append(default_train(data_path, folder / f"train-{seed}", seed))
+            result["default"].append(default_train(data_path, folder / f"train-{seed}", seed, tuple(args.overrides)))
             print(f"{name}: (b) {result['default'][-1]}", flush=True)
         if args.search == "all" or (args.search == "full" and name == "demo"):
             result["search"] = quickstart_search(data_path, folder / "runs")
@@ -240,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntraining images/s at {cfg.image_size} px, 1 thread: {default_name} {speed[cfg.model]:.0f}, "
           f"mobilenet_v3_small {speed['mobilenet_v3_small']:.0f} "
           f"(ratio {speed[cfg.model] / speed['mobilenet_v3_small']:.2f})")
-    path = save_json("quality", "default", {"results": results, "images_per_s": speed,
+    path = save_json("quality", "default", {"results": results, "images_per_s": speed, "overrides": args.overrides,
                                             "default_model": default_name, "image_size": cfg.image_size},
                      args.json)
     print(f"raw results: {path}")

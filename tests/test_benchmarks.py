@@ -231,6 +231,20 @@ def test_quality_keeps_what_fer_train_said_of_the_pool_and_judges_each_target():
     assert [row[7:11] for row in rows[:1]] == [[0.61, 0.64, 0.676, "+0.030 (+0.010 to +0.050)"]]
 
 
+@pytest.mark.parametrize("script, argv, message", [
+    ("quality", ["--set", "student_epoch=16"], "unknown config key 'student_epoch'"),
+    ("quality", ["--set", "student_epochs=-1"], "student_epochs=-1 is outside the allowed range"),
+    ("pool_ceiling", ["--student-epochs", "8", "0"], "--student-epochs must each be at least 1"),
+])
+def test_a_candidate_default_that_is_not_a_valid_config_stops_before_any_work(script, argv, message, capsys):
+    """quality.py --set and pool_ceiling.py --student-epochs: refused in one line before a
+    data set is written or a model trained."""
+    with pytest.raises(SystemExit) as stopped:
+        load(script).main(argv)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_cpu_step_reports_each_switch_against_plain_and_the_matmul_peak(tmp_path, capsys):
     """benchmarks/cpu_step.py on a tiny budget: every variant's images/s, its ratio to plain
     NCHW (1.00 for plain itself) and a FLOP fraction of the matmul peak between 0 and 1."""
