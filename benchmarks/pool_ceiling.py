@@ -30,6 +30,7 @@ is where defaults are chosen.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from dataclasses import replace
@@ -80,20 +81,22 @@ def stage_two_inputs(cfg: Any, data: Any, teacher: Any, wanted: list[str]) -> di
     return inputs
 
 
-def stage_two(cfg: Any, data: Any, teacher: Any, wanted: list[str], lr_scales: tuple[float, ...] = (1.0,)
-              ) -> Iterator[tuple[str, str, Any, Any, Any]]:
+def stage_two(cfg: Any, data: Any, teacher: Any, wanted: list[str], lr_scales: tuple[float, ...] = (1.0,),
+              student_epochs: tuple[int, ...] = ()) -> Iterator[tuple[str, str, Any, Any, Any]]:
     """(variant, its control's name, its stage-2 Stage, the config to fit it with, label
-    precision) of every wanted variant and the control at each of `lr_scales`
-    (student_lr_scale; " lr xS" appended to the names where S is not 1): offline ones at the
-    same images per epoch (the largest of their inputs), then the online ones. The inputs
-    (pseudo-labels) are made once: they do not depend on the learning rate."""
+    precision) of every wanted variant and the control at each of `student_epochs` (" N
+    epochs" appended to the names; empty: cfg's own, no suffix) and each of `lr_scales`
+    (student_lr_scale; " lr xS" appended where S is not 1): offline ones at the same images
+    per epoch (the largest of their inputs), then the online ones. The inputs (pseudo-labels)
+    are made once: they depend on neither the budget nor the learning rate."""
     from fer.fitting import Stage
 
     inputs = stage_two_inputs(cfg, data, teacher, wanted)
     per_epoch = max(cfg.epoch_images, *(len(images) for images, *_ in inputs.values()))
-    for scale in lr_scales:
-        tag = "" if scale == 1.0 else f" lr x{scale:g}"
-        stage_cfg = replace(cfg, epoch_images=per_epoch, student_lr_scale=scale)
+    budgets = [(epochs, f" {epochs} epochs") for epochs in student_epochs] or [(cfg.student_epochs, "")]
+    for (epochs, budget_tag), scale in itertools.product(budgets, lr_scales):
+        tag = budget_tag + ("" if scale == 1.0 else f" lr x{scale:g}")
+        stage_cfg = replace(cfg, epoch_images=per_epoch, student_lr_scale=scale, student_epochs=epochs)
         for variant, (images, labels, weights, counts, precision) in inputs.items():
             if variant != "control" and variant not in wanted:
                 continue
@@ -136,22 +139,19 @@ def measure(name: str, data_path: str | None, wanted: list[str], lr_scales: tupl
     result: dict[str, Any] = {"teacher_val": teacher.best_metrics["val_macro_f1"], "teacher_s": time.time() - start,
                               "variants": {}}
     predictions = {}
-    budgets = [(cfg, "")] if not student_epochs else \
-        [(replace(cfg, student_epochs=epochs), f" {epochs} epochs") for epochs in student_epochs]
-    for budget_cfg, tag in budgets:
-        for variant, control, stage, stage_cfg, precision in stage_two(budget_cfg, data, teacher, wanted, lr_scales):
-            variant, control = variant + tag, control + tag
-            start = time.time()
-            fitted = fit(stage_cfg, stage, val, data.classes, progress=False)
-            raw, posthoc, predictions[variant] = scored(cfg, fitted, val)
-            last = fitted.history[-1]
-            if stage.consistency is not None:  # what the online student trained on in its last epoch
-                precision = last.get("pool_kept_precision")
-            images = len(stage.labels) + (len(stage.consistency.images) if stage.consistency is not None else 0)
-            result["variants"][variant] = {"images": images, "precision": precision, "val_raw": raw,
-                                           "val_posthoc": posthoc, "seconds": time.time() - start, "control": control,
-                                           **{k: v for k, v in last.items() if k.startswith("pool_")}}
-            print(f"{name} {variant}: {result['variants'][variant]}", flush=True)
+    for variant, control, stage, stage_cfg, precision in stage_two(cfg, data, teacher, wanted, lr_scales,
+                                                                   student_epochs):
+        start = time.time()
+        fitted = fit(stage_cfg, stage, val, data.classes, progress=False)
+        raw, posthoc, predictions[variant] = scored(cfg, fitted, val)
+        last = fitted.history[-1]
+        if stage.consistency is not None:  # what the online student trained on in its last epoch
+            precision = last.get("pool_kept_precision")
+        images = len(stage.labels) + (len(stage.consistency.images) if stage.consistency is not None else 0)
+        result["variants"][variant] = {"images": images, "precision": precision, "val_raw": raw,
+                                       "val_posthoc": posthoc, "seconds": time.time() - start, "control": control,
+                                       **{k: v for k, v in last.items() if k.startswith("pool_")}}
+        print(f"{name} {variant}: {result['variants'][variant]}", flush=True)
     result["images_per_epoch"] = stage_cfg.epoch_images
     for variant, entry in result["variants"].items():
         control = entry["control"]

@@ -218,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     from fer.config import TrialConfig, apply_overrides, parse_set_args, validate_config
     from fer.data import load_dataset
 
-    cfg = TrialConfig()
     try:  # a bad --set fails here, in one line, not after the peers have run
-        validate_config(apply_overrides(cfg, parse_set_args(args.overrides), source="--set"), source="--set")
+        cfg = apply_overrides(TrialConfig(), parse_set_args(args.overrides), source="--set")
+        validate_config(cfg, source="--set")
     except ValueError as err:
         parser.error(str(err))
     rows, results = [], {}

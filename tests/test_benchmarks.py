@@ -245,6 +245,40 @@ def test_a_candidate_default_that_is_not_a_valid_config_stops_before_any_work(sc
     assert message in capsys.readouterr().err
 
 
+def test_pool_ceiling_runs_each_budget_and_scale_from_one_set_of_pseudo_labels(monkeypatch):
+    """pool_ceiling.stage_two: every wanted variant and the control at each --student-epochs
+    and --student-lr-scales, named by both, its stage 2 that many epochs long; the
+    pseudo-labels (the teacher's passes over the pool) made once for all of them."""
+    import numpy as np
+    import torch
+
+    from fer.config import TrialConfig
+
+    ceiling, made = load("pool_ceiling"), []
+    images, labels = np.zeros((10, 48, 48), np.uint8), np.arange(10) % 7
+    counts = np.bincount(labels, minlength=7)
+
+    def inputs(cfg, data, teacher, wanted):
+        made.append(wanted)
+        return {"control": (images, labels, None, counts, None), "oracle": (images, labels, None, counts, 1.0)}
+
+    monkeypatch.setattr(ceiling, "stage_two_inputs", inputs)
+    teacher = type("Teacher", (), {"model": torch.nn.Linear(1, 1)})()
+    rows = [(variant, control, stage.epochs, stage_cfg.student_lr_scale) for variant, control, stage, stage_cfg, _ in
+            ceiling.stage_two(TrialConfig(), None, teacher, ["oracle"], (1.0, 0.3), (8, 16))]
+    assert made == [["oracle"]]
+    assert rows == [("control 8 epochs", "control 8 epochs", 8, 1.0), ("oracle 8 epochs", "control 8 epochs", 8, 1.0),
+                    ("control 8 epochs lr x0.3", "control 8 epochs lr x0.3", 8, 0.3),
+                    ("oracle 8 epochs lr x0.3", "control 8 epochs lr x0.3", 8, 0.3),
+                    ("control 16 epochs", "control 16 epochs", 16, 1.0),
+                    ("oracle 16 epochs", "control 16 epochs", 16, 1.0),
+                    ("control 16 epochs lr x0.3", "control 16 epochs lr x0.3", 16, 0.3),
+                    ("oracle 16 epochs lr x0.3", "control 16 epochs lr x0.3", 16, 0.3)]
+    default = [(variant, stage.epochs) for variant, _, stage, *_ in
+               ceiling.stage_two(TrialConfig(), None, teacher, ["oracle"])]
+    assert default == [("control", TrialConfig().student_epochs), ("oracle", TrialConfig().student_epochs)]
+
+
 def test_cpu_step_reports_each_switch_against_plain_and_the_matmul_peak(tmp_path, capsys):
     """benchmarks/cpu_step.py on a tiny budget: every variant's images/s, its ratio to plain
     NCHW (1.00 for plain itself) and a FLOP fraction of the matmul peak between 0 and 1."""
