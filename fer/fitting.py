@@ -44,6 +44,7 @@ from fer.loop import (
 )
 from fer.losses import build_loss
 from fer.models import build_model
+from fer.posthoc import fit_offsets, macro_f1
 from fer.state import FitState
 from fer.transforms import make_train_transform
 
@@ -238,13 +239,16 @@ def _train_epoch(run: _Run, epoch: int, progress: bool, writer: Any) -> tuple[di
             f"{global_epoch} (lr {lr:.3g}, model {cfg.model}, loss {cfg.loss}); try a lower lr or grad_clip > 0")
     recalibrate_bn(run.model, run.source, order, cfg.image_size, cfg.batch_size, run.loop.dtype,
                    run.loop.memory_format, ddp)
-    cm, val_loss = validate(run.model, run.val, len(run.classes), cfg, run.device, ddp)
+    cm, val_loss, logits = validate(run.model, run.val, len(run.classes), cfg, run.device)
+    # the epoch's own post-hoc offsets: its checkpoint decides with them wherever it is handed out
+    offsets = fit_offsets(logits, run.val.labels, stage.counts, cfg.posthoc)
     metrics = epoch_metrics(cm, run.classes, stage=stage.name, epoch=global_epoch, train_loss=train_loss, lr=lr,
-                            val_loss=val_loss, seconds=seconds, images=seen * ddp.world)
+                            val_loss=val_loss, seconds=seconds, images=seen * ddp.world,
+                            posthoc_f1=macro_f1(run.val.labels, logits, offsets))
     if run.loop.pool is not None:
         metrics.update(run.loop.pool.stats())
     run.result.history.append(metrics)
-    checkpoint = _keep_best(run, epoch, metrics, cm)
+    checkpoint = _keep_best(run, epoch, metrics, cm, [float(v) for v in offsets])
     if bar is not None:
         bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{metrics['val_macro_f1']:.4f}")
         bar.close()
@@ -256,17 +260,19 @@ def _train_epoch(run: _Run, epoch: int, progress: bool, writer: Any) -> tuple[di
     return metrics, checkpoint
 
 
-def _keep_best(run: _Run, epoch: int, metrics: dict[str, Any], cm: np.ndarray) -> dict[str, Any]:
-    """Make this epoch the best when its macro-F1 is higher (ties keep the earlier); its checkpoint."""
+def _keep_best(run: _Run, epoch: int, metrics: dict[str, Any], cm: np.ndarray,
+               offsets: list[float]) -> dict[str, Any]:
+    """Make this epoch the best when its macro-F1 is higher (ties keep the earlier); its
+    checkpoint, with the epoch's post-hoc offsets."""
     if metrics["val_macro_f1"] > run.best["f1"]:
         weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
         run.best = {"f1": metrics["val_macro_f1"], "epoch": epoch, "state": weights, "metrics": metrics,
-                    "confusion": cm}
+                    "confusion": cm, "offsets": offsets}
         return _set_best(run)
     # this epoch's own weights (live tensors: saved by report before training goes on)
     return make_checkpoint(run.model.state_dict(), run.cfg, run.classes, run.stage.counts, epoch=metrics["epoch"],
                            stage=run.stage.name, metrics={**metrics, "val_confusion": cm.tolist()},
-                           in_channels=run.in_channels)
+                           in_channels=run.in_channels, posthoc_offsets=offsets)
 
 
 def _set_best(run: _Run) -> dict[str, Any]:
@@ -276,7 +282,7 @@ def _set_best(run: _Run) -> dict[str, Any]:
     checkpoint = make_checkpoint(best["state"], run.cfg, run.classes, run.stage.counts, epoch=global_epoch,
                                  stage=run.stage.name,
                                  metrics={**best["metrics"], "val_confusion": best["confusion"].tolist()},
-                                 in_channels=run.in_channels)
+                                 in_channels=run.in_channels, posthoc_offsets=best.get("offsets"))
     result.best_metrics, result.best_epoch, result.checkpoint = best["metrics"], global_epoch, checkpoint
     result.best_confusion = best["confusion"]
     return checkpoint

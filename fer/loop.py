@@ -3,8 +3,7 @@ recalibration, whole-split validation, optimizer and schedule, and each rank's s
 
 `fer.fitting.fit` puts them together. Under torch.distributed (Ray Train's TorchTrainer or
 `torchrun`) every rank runs the same number of steps on its shard of each epoch, and the
-validation confusion matrix and losses are all-reduced, so every rank sees the numbers of
-the WHOLE validation split.
+validation logits are gathered, so every rank sees the numbers of the WHOLE validation split.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from torch import nn
 
 from fer.config import TrialConfig
 from fer.consistency import Consistency, EpochPlan, Tally, epoch_stats, pool_loss
-from fer.infer import Ranks, autocast, predict_logits, to_nchw
+from fer.infer import Ranks, autocast, predict_logits_sharded, to_nchw
 from fer.metrics import metrics_from_confusion
 from fer.samplers import epoch_indices, shard
 
@@ -271,34 +270,25 @@ def recalibrate_bn(model: nn.Module, source: TrainSource, order: np.ndarray, ima
                 buffer.copy_(total / ddp.world)
 
 
-def validate(model: nn.Module, val: Any, num_classes: int, cfg: TrialConfig, device: torch.device,
-             ddp: Ranks | None = None) -> tuple[np.ndarray, float]:
-    """Confusion matrix and mean cross-entropy over the WHOLE validation split.
+def validate(model: nn.Module, val: Any, num_classes: int, cfg: TrialConfig,
+             device: torch.device) -> tuple[np.ndarray, float, np.ndarray]:
+    """Confusion matrix, mean cross-entropy and logits (N, K) float32 over the WHOLE
+    validation split.
 
-    Each rank predicts a contiguous block of the split (the plain module, not the DDP
-    wrapper, so uneven blocks need no collective per batch), then the confusion counts and
-    loss sums are all-reduced: every rank gets the exact whole-split numbers.
+    Each rank predicts its shard of the split (the plain module, not the DDP wrapper, so
+    uneven shards need no collective per batch) and the logits are gathered
+    (`fer.infer.predict_logits_sharded`): every rank gets the exact whole-split numbers, and
+    the logits the post-hoc offsets of the epoch are fitted on.
     """
-    ddp = ddp or Ranks()
-    n = len(val.labels)
-    lo, hi = ddp.rank * n // ddp.world, (ddp.rank + 1) * n // ddp.world
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    loss_sum = 0.0
-    if hi > lo:
-        logits = predict_logits(model, val.images[lo:hi], image_size=cfg.image_size,
-                                batch_size=max(EVAL_BATCH_MIN, cfg.batch_size), device=device, amp=cfg.amp)
-        labels = torch.from_numpy(np.asarray(val.labels[lo:hi], dtype=np.int64))
-        preds = logits.argmax(dim=1)
-        cm = np.bincount((labels * num_classes + preds).numpy(),
-                         minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-        loss_sum = float(F.cross_entropy(logits, labels, reduction="sum"))
-    if ddp.world > 1:
-        packed = torch.tensor(np.append(cm.ravel().astype(np.float64), loss_sum), device=ddp.comm_device)
-        dist.all_reduce(packed)
-        values = packed.cpu().numpy()
-        cm = np.rint(values[:-1]).astype(np.int64).reshape(num_classes, num_classes)
-        loss_sum = float(values[-1])
-    return cm, loss_sum / max(n, 1)
+    logits = predict_logits_sharded(model, val.images, image_size=cfg.image_size,
+                                    batch_size=max(EVAL_BATCH_MIN, cfg.batch_size), device=device,
+                                    amp=cfg.amp).float()
+    labels = torch.from_numpy(np.asarray(val.labels, dtype=np.int64))
+    preds = logits.argmax(dim=1)
+    cm = np.bincount((labels * num_classes + preds).numpy(),
+                     minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    loss = float(F.cross_entropy(logits, labels)) if len(labels) else 0.0
+    return cm, loss, logits.numpy()
 
 
 def metric_key(name: str) -> str:
@@ -307,13 +297,16 @@ def metric_key(name: str) -> str:
 
 
 def epoch_metrics(cm: np.ndarray, classes: list[str], *, stage: str, epoch: int, train_loss: float,
-                  lr: float, val_loss: float, seconds: float, images: int) -> dict[str, Any]:
-    """The flat metrics one epoch reports (Tune, TensorBoard, history)."""
+                  lr: float, val_loss: float, seconds: float, images: int, posthoc_f1: float) -> dict[str, Any]:
+    """The flat metrics one epoch reports (Tune, TensorBoard, history). `posthoc_f1` is the
+    epoch's val macro-F1 with its own post-hoc offsets (fer.posthoc, cfg.posthoc fitted on val):
+    how the model would decide if it were handed out."""
     m = metrics_from_confusion(cm, classes)
-    # Tune's live table shows the first four numeric metrics of a result: the objective
-    # comes right after the epoch so that it is one of them (ray.tune.experimental.output).
+    # Tune's live table shows the first four numeric metrics of a result: the objectives
+    # come right after the epoch so that they are among them (ray.tune.experimental.output).
     out: dict[str, Any] = {
-        "epoch": epoch, "val_macro_f1": float(m["macro_f1"]), "val_loss": val_loss, "train_loss": train_loss,
+        "epoch": epoch, "val_macro_f1": float(m["macro_f1"]), "val_macro_f1_posthoc": float(posthoc_f1),
+        "val_loss": val_loss, "train_loss": train_loss,
         "stage": stage, "lr": float(lr), "val_balanced_accuracy": float(m["balanced_accuracy"]),
         "val_accuracy": float(m["accuracy"]), "val_weighted_f1": float(m["weighted_f1"]),
         "val_kappa": float(m["kappa"]),
@@ -331,7 +324,7 @@ def log_epoch(writer: Any, metrics: dict[str, Any], cm: np.ndarray, classes: lis
     stage = metrics["stage"]
     writer.add_scalar(f"{stage}/train_loss", metrics["train_loss"], step)
     writer.add_scalar(f"{stage}/lr", metrics["lr"], step)
-    for key in ("val_loss", "val_macro_f1", "val_balanced_accuracy", "val_accuracy", "val_kappa"):
+    for key in ("val_loss", "val_macro_f1", "val_macro_f1_posthoc", "val_balanced_accuracy", "val_accuracy", "val_kappa"):
         writer.add_scalar(f"{stage}/{key}", metrics[key], step)
     for name in classes:
         writer.add_scalar(f"{stage}/val_f1/{metric_key(name)}", metrics[f"val_f1_{metric_key(name)}"], step)

@@ -20,6 +20,7 @@ from search.confirm import (
     race_over,
     run_confirmation,
 )
+from search.baseline import PLAIN_METRIC
 from search.export import export_trial, load_trial
 from search.report import (
     BEST_CONFIG,
@@ -89,8 +90,9 @@ def evaluate_on_test(winner: TrialRecord, baseline: TrialRecord | None, dataset:
     classes, labels = list(dataset.classes), dataset.splits["test"].labels
     rare = [classes[i] for i in dataset.class_counts("train").argsort(kind="stable")[:2]]
     reads = {"winner": read_test(winner, dataset, winner_loaded or load_trial(winner, metric, mode))}
-    if baseline is not None:  # the plain baseline decides by argmax, also when its run is the search's
-        path, ckpt = load_trial(baseline, metric, mode)
+    if baseline is not None:  # the plain baseline decides by argmax, also when its run is the search's,
+        # from the epoch a user without this tool would keep: the best by argmax val macro-F1
+        path, ckpt = load_trial(baseline, PLAIN_METRIC, "max")
         reads["baseline"] = read_test(baseline, dataset, (path, {**ckpt, "posthoc_offsets": None}))
     result: dict[str, Any] = {"reads": len(reads), "rare_classes": rare}
     for role, read in reads.items():
@@ -149,7 +151,7 @@ def finish(plan: Any, wall_s: float) -> int:
            f"the search's best trial by {space.metric} (no confirmation stage)")
     card = export_trial(tested, plan.export_dir, plan.dataset, space.metric, space.mode, why=why, loaded=loaded)
     summary = summarize(plan, records, winner, search_baseline, confirmation, tested, test, card, wall_s)
-    summary["pool"] = pool_summary(loaded[1])
+    summary["pool"] = pool_summary(loaded[1]) or run_pool_summary(tested.path)
     (plan.local_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=str))
     sync_up(plan)
     leave_ray(plan)
@@ -280,6 +282,17 @@ def pool_summary(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     if "pool_gain_val" not in pipeline:
         return None
     return {key: pipeline[key] for key in POOL_KEYS if key in pipeline}
+
+
+def run_pool_summary(trial_dir: str) -> dict[str, Any] | None:
+    """`pool_summary` of a run's finished pipeline (its best.pt): what the pool bought is the
+    run's (student against control), also when the exported epoch is another than the
+    pipeline kept; None when the run has no best.pt."""
+    from fer.checkpoint import load_checkpoint
+    from trainables.checkpoints import FINAL_CHECKPOINT
+
+    path = Path(trial_dir) / FINAL_CHECKPOINT
+    return pool_summary(load_checkpoint(path)) if path.is_file() else None
 
 
 def _params(params: dict[str, Any]) -> str:

@@ -197,12 +197,13 @@ def check_outputs(experiment: Path, trials: int, params=("loss", "lr"), confirm_
     assert set(frame["status"]) <= {"TERMINATED", "ERROR"}
     search = frame[frame["stage"] == "search"]
     assert len(search) == trials and search["baseline"].sum() == 1
-    assert {*params, "best_val_macro_f1", "epochs_run", "stopped_early", "error", "seed"} <= set(frame.columns)
+    summary = json.loads((experiment / "summary.json").read_text())
+    # the best value of the search's metric per trial, named after it
+    assert {*params, f"best_{summary['metric']}", "epochs_run", "stopped_early", "error", "seed"} <= set(frame.columns)
     best = load_config_file(str(experiment / "best_config.yaml"))
     assert isinstance(apply_overrides(TrialConfig(), best, "best_config.yaml"), TrialConfig)
     assert (experiment / "curves.png").stat().st_size > 0
     assert (experiment / "importance.csv").is_file()
-    summary = json.loads((experiment / "summary.json").read_text())
     winner = summary["test"]["winner"]
     low, high = winner["macro_f1_ci95"]
     assert low <= winner["macro_f1"] <= high
@@ -349,7 +350,9 @@ def test_smoke_search_killed_twice_and_resumed_as_the_readme_says(ray_cluster, t
     assert summary["export"]["trial_id"] == best_run == confirmation["exported_run"] == test["winner"]["trial_id"]
     assert test["baseline"]["trial_id"] == baseline["trial_id"]
     card = json.loads((export_dir / "model_card.json").read_text())
-    assert card["source"]["trial_id"] == best_run and "best val_macro_f1 of its 1 fresh seed(s)" in card["source"]["why"]
+    assert card["source"]["trial_id"] == best_run
+    assert f"best {summary['metric']} of its 1 fresh seed(s)" in card["source"]["why"]
+    assert summary["metric"] == "val_macro_f1_posthoc"  # the space ranks models as they are handed out
 
     assert reads == [len(test_images)] * 2 and test["reads"] == 2  # winner and baseline, once each
     diff = test["difference"]
@@ -359,8 +362,11 @@ def test_smoke_search_killed_twice_and_resumed_as_the_readme_says(ray_cluster, t
     rarest = {dataset.classes[i] for i in np.argsort(dataset.class_counts("train"), kind="stable")[:2]}
     assert set(test["winner"]["rare_f1"]) == set(test["baseline"]["rare_f1"]) == set(test["rare_classes"]) == rarest
     assert "winner - baseline:" in out and "test split read 2 time(s)" in out
-    # what the pool bought the exported run: its stage-2 control, from its final checkpoint
-    pipeline = torch_load(test["winner"]["checkpoint"])["metrics"]["pipeline"]
+    # the exported epoch decides with its own offsets; the plain baseline by argmax, from its best.pt
+    assert torch_load(test["winner"]["checkpoint"])["posthoc_offsets"] is not None
+    assert test["baseline"]["checkpoint"].endswith("best.pt")
+    # what the pool bought the exported run: its stage-2 control, from the run's final checkpoint
+    pipeline = torch_load(str(run_dir / "best.pt"))["metrics"]["pipeline"]
     assert ("student_val_macro_f1" in pipeline) == (summary["pool"] is not None)
     if summary["pool"] is not None:
         assert summary["pool"]["pool_gain_val"] == pytest.approx(

@@ -88,6 +88,30 @@ def test_reports_every_epoch_with_global_epoch_and_best_checkpoint():
     assert result.checkpoint is calls[result.best_epoch - 4][1]
 
 
+def test_every_epoch_reports_its_post_hoc_score_and_its_checkpoint_decides_with_those_offsets():
+    """val_macro_f1_posthoc is what the epoch's checkpoint scores on val as it would be handed
+    out: with the offsets fitted on val for that epoch, which the checkpoint carries."""
+    from fer.evaluate import predict_checkpoint
+    from fer.posthoc import fit_offsets, macro_f1
+
+    xv, yv = make_images(40, 16, seed=2)
+    for rule in ("tau", "none"):
+        calls = []
+        run_fit(tiny_cfg(epochs=2, posthoc=rule), report=lambda m, c, s: calls.append((m, saved_and_loaded(c))))
+        assert [m["epoch"] for m, _ in calls] == [1, 2]
+        for metrics, ckpt in calls:
+            model = model_from_checkpoint(ckpt, torch.device("cpu"))
+            logits = predict_logits(model, xv, image_size=16).numpy()
+            offsets = fit_offsets(logits, yv, np.asarray(ckpt["class_counts"]), rule)
+            assert ckpt["posthoc_offsets"] == pytest.approx(offsets.tolist(), abs=1e-6)
+            assert metrics["val_macro_f1_posthoc"] == pytest.approx(macro_f1(yv, logits, offsets))
+            assert metrics["val_macro_f1_posthoc"] >= metrics["val_macro_f1"] - 1e-12  # the grid holds tau 0
+            scored, _, _ = predict_checkpoint(ckpt, xv, yv, device="cpu")
+            assert scored["macro_f1"] == pytest.approx(metrics["val_macro_f1_posthoc"])
+            if rule == "none":
+                assert metrics["val_macro_f1_posthoc"] == metrics["val_macro_f1"]
+
+
 def test_three_channel_images_and_sample_weights():
     x, y = make_images(64, 16, seed=1)
     x3 = np.ascontiguousarray(np.repeat(x, 3, axis=-1))
@@ -120,7 +144,8 @@ def test_nan_loss_raises_naming_the_epoch(monkeypatch):
 
 def test_patience_stops_after_epochs_without_improvement(monkeypatch):
     fixed = np.diag([10, 10, 10, 10])
-    monkeypatch.setattr(fer.fitting, "validate", lambda *args, **kwargs: (fixed, 1.0))
+    monkeypatch.setattr(fer.fitting, "validate",
+                        lambda model, val, *args, **kwargs: (fixed, 1.0, np.eye(4, dtype=np.float32)[val.labels]))
     states = []
     result = run_fit(tiny_cfg(epochs=6, patience=2), report=lambda m, c, s: states.append(dict(s)))
     assert len(result.history) == 3 and result.stopped_early and result.best_epoch == 1

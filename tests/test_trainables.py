@@ -134,6 +134,32 @@ def test_best_checkpoint_is_found_from_tune_and_from_train_rows(tmp_path):
     assert best_checkpoint_path(str(trial_dir), final=False) == train_ckpt
 
 
+def test_for_the_post_hoc_metric_best_pt_wins_only_when_its_epoch_scores_best(tmp_path):
+    """A search on val_macro_f1_posthoc exports the finished pipeline's best.pt (its numbers,
+    the pool's ablation) when the pipeline picked the epoch that metric ranks first; else
+    that epoch's own checkpoint, which carries the epoch's offsets."""
+    import torch
+
+    from fer.checkpoint import CHECKPOINT_KEYS
+
+    trial_dir = tmp_path / "pipeline_trial_def_00000"
+    trial_dir.mkdir()
+    epoch_ckpt = _write_checkpoint(str(trial_dir / "checkpoint_000001"))
+    rows = [{"epoch": 1, "val_macro_f1": 0.4, "val_macro_f1_posthoc": 0.45},
+            {"epoch": 2, "val_macro_f1": 0.5, "val_macro_f1_posthoc": 0.55, "checkpoint_dir_name": "checkpoint_000001"}]
+    (trial_dir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    final = str(trial_dir / FINAL_CHECKPOINT)
+
+    def write_final(score: float) -> None:
+        torch.save({**{key: None for key in CHECKPOINT_KEYS}, "metrics": {"val_macro_f1_posthoc": score}}, final)
+
+    write_final(0.55)  # the pipeline's epoch is the metric's best
+    assert best_checkpoint_path(str(trial_dir), metric="val_macro_f1_posthoc") == final
+    write_final(0.45)  # the pipeline kept another epoch than the metric ranks first
+    assert best_checkpoint_path(str(trial_dir), metric="val_macro_f1_posthoc") == epoch_ckpt
+    assert best_checkpoint_path(str(trial_dir)) == final  # the pipeline's own criterion: always best.pt
+
+
 def test_missing_checkpoint_names_the_trial_folder(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({"epoch": 1, "val_macro_f1": 0.5}) + "\n")
     with pytest.raises(ValueError, match=r"no reported epoch with metric 'val_macro_f1' has a checkpoint"):

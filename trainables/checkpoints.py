@@ -90,18 +90,21 @@ def best_checkpoint_path(result_or_trial_dir: Any, metric: str = "val_macro_f1",
     """Path of the trial's best checkpoint file (loadable with fer.checkpoint.load_checkpoint).
 
     Accepts a `ray.tune.Result` or a trial folder (the one holding `result.json`). With
-    `final` and the pipeline's own criterion (val_macro_f1, max), a finished pipeline's
-    `best.pt` (post-hoc offsets included) wins; otherwise, e.g. for a trial ASHA stopped,
-    the best reported epoch that has a checkpoint, ties going to the later epoch (the
-    student, as fer.pipeline decides). Raises ValueError naming the
+    `final`, a finished pipeline's `best.pt` (post-hoc offsets and the pipeline's numbers
+    included) wins when its epoch scores the best reported `metric` (always for the
+    pipeline's own criterion, val_macro_f1, max; for another metric when the two pick the
+    same epoch); otherwise, e.g. for a trial ASHA stopped, the best reported epoch that has
+    a checkpoint, ties going to the later epoch (the student, as fer.pipeline decides); its
+    checkpoint carries that epoch's own post-hoc offsets. Raises ValueError naming the
     trial folder if there is none.
     """
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     trial_dir, rows = _reported_rows(result_or_trial_dir)
-    if final and metric == "val_macro_f1" and mode == "max" and \
-            os.path.isfile(os.path.join(trial_dir, FINAL_CHECKPOINT)):
-        return os.path.join(trial_dir, FINAL_CHECKPOINT)
+    final_path = os.path.join(trial_dir, FINAL_CHECKPOINT)
+    if final and mode == "max" and os.path.isfile(final_path) and (
+            metric == "val_macro_f1" or _final_scores_best(final_path, rows, metric)):
+        return final_path
     best_path, best_value = None, None
     for row in rows:
         path = _row_checkpoint(row, trial_dir)
@@ -116,6 +119,15 @@ def best_checkpoint_path(result_or_trial_dir: Any, metric: str = "val_macro_f1",
             f"{trial_dir}: no reported epoch with metric {metric!r} has a checkpoint on disk "
             f"(looked at {len(rows)} reported results in {RESULTS_FILE})")
     return best_path
+
+
+def _final_scores_best(path: str, rows: list[dict[str, Any]], metric: str) -> bool:
+    """Whether the finished pipeline's best.pt is an epoch with the best reported `metric` (max)."""
+    from fer.checkpoint import load_checkpoint
+
+    values = [row[metric] for row in rows if isinstance(row.get(metric), (int, float)) and not math.isnan(row[metric])]
+    own = (load_checkpoint(path).get("metrics") or {}).get(metric)
+    return bool(values) and isinstance(own, (int, float)) and own >= max(values)
 
 
 def _reported_rows(source: Any) -> tuple[str, list[dict[str, Any]]]:
