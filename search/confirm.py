@@ -103,9 +103,9 @@ def choose_candidates(records: list[TrialRecord], space: Any, top: int) -> tuple
         config = {k: v for k, v in record.config.items() if k != "seed"}
         training = training_of(space, config)
         if training in seen:
-            what = "the plain baseline" if training == seen[0] else "a better-ranked configuration"
+            what = "the plain baseline, the reference" if training == seen[0] else "a better-ranked configuration"
             notes.append(f"search trial {record.trial_id} trains like {what} (it differs at most in "
-                         f"{', '.join(AFTER_TRAINING)}, which the val metric does not see): not confirmed again")
+                         f"{', '.join(AFTER_TRAINING)}, which acts after training): not confirmed again")
             continue
         seen.append(training)
         score = record.best(space.mode)[1]

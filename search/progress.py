@@ -63,7 +63,8 @@ def quiet_driver() -> None:
 def metric_columns(metric: str) -> dict[str, str]:
     """The metric columns, in order: stage, global epoch, the search metric, and the trial's
     best val_macro_f1 so far (with val_macro_f1 itself when the metric is another)."""
-    columns = {"stage": "stage", "epoch": "epoch", metric: "f1" if metric == "val_macro_f1" else metric}
+    short = {"val_macro_f1": "f1", "val_macro_f1_posthoc": "f1 offsets"}  # with its post-hoc offsets
+    columns = {"stage": "stage", "epoch": "epoch", metric: short.get(metric, metric)}
     columns.setdefault("val_macro_f1", "f1")
     columns[BEST_KEY] = "best f1"
     return columns

@@ -31,7 +31,9 @@ def test_the_search_table_shows_the_searched_parameters_stage_epoch_and_both_f1s
     config = run_config(plan_of(space), "x", "/tmp/unused")
     reporter = config.progress_reporter
     assert isinstance(reporter, SearchReporter)
-    assert list(reporter._metric_columns) == ["stage", "epoch", "val_macro_f1", BEST_KEY]
+    shown = ["val_macro_f1"] if space.metric == "val_macro_f1" else [space.metric, "val_macro_f1"]
+    assert list(reporter._metric_columns) == ["stage", "epoch", *shown, BEST_KEY]
+    assert space.metric == "val_macro_f1" or reporter._metric_columns[space.metric] == "f1 offsets"
     assert BEST_KEY == "best_val_macro_f1"
     assert list(reporter._parameter_columns) == [p.name for p in space.parameters]
     assert all(len(short) <= 8 for short in reporter._parameter_columns.values())
