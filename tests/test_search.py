@@ -144,7 +144,7 @@ class Steps:
         import search.finish as finish_module
 
         self.events = []
-        record = SimpleNamespace(status="TERMINATED", baseline=False)
+        record = SimpleNamespace(status="TERMINATED", baseline=False, path=str(tmp_path))  # a run without best.pt
         fakes = {
             "sync_down": lambda plan: str(tmp_path), "collect_trials": lambda *a: [record],
             "pick_winner": lambda records, mode: record, "write_reports": lambda *a: "",
@@ -432,6 +432,21 @@ def test_the_summary_says_what_the_pool_bought_the_exported_run(capsys):
         "no measurable gain from the pool (the interval includes 0)")
     assert pool_verdict(dict(pool, pool_gain_val=-0.04, pool_gain_val_ci95=[-0.07, -0.01])).endswith(
         "the pool hurt (the interval excludes 0)")
+
+
+def test_the_pool_verdict_of_a_run_comes_from_its_best_pt_whichever_epoch_is_exported(tmp_path):
+    """A search on val_macro_f1_posthoc may export another epoch than the pipeline kept; what
+    the pool bought is the run's (student against control), read from its best.pt."""
+    import torch
+
+    from fer.checkpoint import CHECKPOINT_KEYS
+    from search.finish import run_pool_summary
+
+    assert run_pool_summary(str(tmp_path)) is None  # a run ASHA stopped has no best.pt
+    pipeline = {"student_val_macro_f1_posthoc": 0.58, "control_val_macro_f1_posthoc": 0.54, "pool_gain_val": 0.04,
+                "pool_gain_val_ci95": [0.01, 0.07], "pool_helped": True}
+    torch.save({**{key: None for key in CHECKPOINT_KEYS}, "metrics": {"pipeline": pipeline}}, tmp_path / "best.pt")
+    assert run_pool_summary(str(tmp_path)) == pipeline
 
 
 FAILING_SPACE = """\
