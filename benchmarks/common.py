@@ -158,9 +158,9 @@ def get_variant(name: str) -> dict[str, str]:
     return SEARCH_VARIANTS[name]
 
 
-def make_epoch_log() -> Any:
-    """A Tune callback recording (wall time, trial, epoch, metric) of every trained epoch
-    (one replayed from a shared teacher, fer.teachers, is not spent again)."""
+def make_epoch_log(metric: str = "val_macro_f1") -> Any:
+    """A Tune callback recording (wall time, trial, epoch, the search's `metric`) of every
+    trained epoch (one replayed from a shared teacher, fer.teachers, is not spent again)."""
     from ray.tune import Callback
 
     class EpochLog(Callback):
@@ -168,9 +168,9 @@ def make_epoch_log() -> Any:
             self.events: list[dict[str, Any]] = []
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            if "epoch" in result and "val_macro_f1" in result and not result.get("teacher_shared"):
+            if "epoch" in result and metric in result and not result.get("teacher_shared"):
                 self.events.append({"t": time.time(), "trial_id": trial.trial_id, "epoch": int(result["epoch"]),
-                                    "value": float(result["val_macro_f1"]),
+                                    "value": float(result[metric]),
                                     "images_per_s": result.get("train_images_per_s")})
 
     return EpochLog()
@@ -220,7 +220,7 @@ def run_search(space: Any, variant: str, data_ref: Any, data: Any, storage: str,
     from search.report import collect_trials, pick_winner
     from trainables import TrialResources, make_trainable
 
-    log = make_epoch_log()
+    log = make_epoch_log(space.metric)
     resources = TrialResources(workers=1, cpus_per_worker=cpus_per_trial, gpus_per_worker=gpus_per_trial)
     trainable = make_trainable(data_ref, resources, space.metric, space.mode, teachers=teacher_store(storage, variant),
                                tail=tail_file(storage, variant, resources))
