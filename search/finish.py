@@ -235,8 +235,18 @@ def confirm_winner(plan: Any, records: list[TrialRecord], wall_s: float) -> tupl
         "winner": chosen.name, "exported_run": tested.trial_id,
         "exported_seed": chosen.seeds[tested.trial_id], "winner_fresh_runs": len(chosen.fresh(space.mode)),
         "candidates": [describe(c, space.mode, why.get(c.name)) for c in candidates],
+        # the baseline is the reference, not a contender: whether it scored higher is said, not acted on
+        "baseline_scored_higher": baseline_scored_higher(chosen, plain, space.mode),
     }
     return None, confirmation, tested, compared
+
+
+def baseline_scored_higher(winner: Any, plain: Any, mode: str) -> bool:
+    """Whether the plain baseline's mean score beats the confirmed winner's on val."""
+    ours, theirs = winner.mean(mode), plain.mean(mode)
+    if ours is None or theirs is None:
+        return False
+    return theirs > ours if mode == "max" else theirs < ours
 
 
 def summarize(plan, records, search_winner, search_baseline, confirmation, tested, test, card,
@@ -318,6 +328,10 @@ def print_summary(s: dict[str, Any]) -> None:
         for candidate in confirmation["candidates"]:
             print(format_candidate(candidate, metric) + ("  <- winner" if candidate["name"] == confirmation["winner"]
                                                          else ""))
+        if confirmation.get("baseline_scored_higher"):
+            print(f"note: the plain baseline scored a better {metric} on val than the winner; it is the reference, "
+                  "not a contender (a configuration that trains like it is not raced), and the test comparison "
+                  "below says whether the winner is better as handed out")
         print(f"exported: run {confirmation['exported_run']} (seed {confirmation['exported_seed']}), the winner's "
               f"fresh seed with the best {metric}; the baseline's tested run is picked the same way")
     else:

@@ -154,3 +154,17 @@ def test_confirmation_runs_take_the_cpus_their_first_wave_cannot_fill():
     assert widened(one_cpu, 3, 2) == (one_cpu, 3)  # no whole multiple to give
     for kept in (TrialResources(gpus_per_worker=0.5), TrialResources(workers=2)):
         assert widened(kept, 2, 1) == (kept, 2)
+
+
+def test_the_summary_says_when_the_plain_baseline_scored_higher_than_the_winner():
+    from types import SimpleNamespace
+
+    from search.finish import baseline_scored_higher
+
+    def scoring(value):
+        return SimpleNamespace(mean=lambda mode: value)
+
+    assert baseline_scored_higher(scoring(0.64), scoring(0.66), "max")  # Quickstart run 18 on val
+    assert not baseline_scored_higher(scoring(0.67), scoring(0.66), "max")
+    assert baseline_scored_higher(scoring(0.30), scoring(0.20), "min")
+    assert not baseline_scored_higher(scoring(0.64), scoring(None), "max")  # the baseline's run errored
