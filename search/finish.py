@@ -151,7 +151,7 @@ def finish(plan: Any, wall_s: float) -> int:
            f"the search's best trial by {space.metric} (no confirmation stage)")
     card = export_trial(tested, plan.export_dir, plan.dataset, space.metric, space.mode, why=why, loaded=loaded)
     summary = summarize(plan, records, winner, search_baseline, confirmation, tested, test, card, wall_s)
-    summary["pool"] = pool_summary(loaded[1]) or run_pool_summary(tested.path)
+    summary["pool"] = run_pool_summary(tested.path)
     (plan.local_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=str))
     sync_up(plan)
     leave_ray(plan)
@@ -296,8 +296,8 @@ def pool_summary(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
 
 def run_pool_summary(trial_dir: str) -> dict[str, Any] | None:
     """`pool_summary` of a run's finished pipeline (its best.pt): what the pool bought is the
-    run's (student against control), also when the exported epoch is another than the
-    pipeline kept; None when the run has no best.pt."""
+    run's (student against control), whichever of its epochs is exported; None when the run
+    has no best.pt."""
     from fer.checkpoint import load_checkpoint
     from trainables.checkpoints import FINAL_CHECKPOINT
 
