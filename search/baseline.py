@@ -26,6 +26,12 @@ PLAIN_METRIC = "val_macro_f1"
 # metric, a tie).
 AFTER_TRAINING = ("posthoc",)
 
+# Metrics that score each epoch's model as it decides when handed out, with its post-hoc
+# offsets (fer.loop.epoch_metrics): on these, two configurations that differ only in
+# AFTER_TRAINING are different models, e.g. the plain recipe with offsets against the plain
+# baseline, which decides by argmax.
+SEES_AFTER_TRAINING = ("val_macro_f1_posthoc",)
+
 
 def holds(config: dict[str, Any], point: dict[str, Any]) -> bool:
     """Whether `config` holds every item of `point` (a trial of the space's baseline point: the
@@ -44,6 +50,15 @@ def search_baseline_is_plain(space: Any) -> bool:
     most in the seed and AFTER_TRAINING). Then, with the confirmation on, ASHA lets it run the
     full budget and its run is the plain baseline's: one full-budget run less to start."""
     return training_of(space, {**space.fixed, **space.baseline_point()}) == training_of(space, plain_config(space))
+
+
+def ranked_as(space: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """What decides a configuration's score on the space's metric: its training
+    (training_of), and the fields that act after training where the metric sees them."""
+    if space.metric not in SEES_AFTER_TRAINING:
+        return training_of(space, config)
+    full = dataclasses.asdict(space.trial_config(config))
+    return {k: v for k, v in full.items() if k != "seed"}
 
 
 def training_of(space: Any, config: dict[str, Any]) -> dict[str, Any]:

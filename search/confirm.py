@@ -6,7 +6,13 @@ imbalance remedies (BENCHMARKS.md: one retrain of a winner with another thread c
 moved its val macro-F1 from 0.359 to 0.282), so the single best search trial is partly
 the luckiest one: the winner's curse. Averaging R runs of each of the K best
 configurations, with seeds the search never used, ranks them by what they do on
-average; the plain baseline gets the same R runs, so the comparison is like for like.
+average; the plain baseline gets the same runs, so the comparison is like for like.
+
+The plain baseline is what a user without this tool would train and keep: plain
+cross-entropy, decided by argmax, scored by argmax val (search/baseline.py). On a metric that
+scores each model with its post-hoc offsets, the plain recipe *with* its offsets is a
+configuration of its own, and is raced when the search ranks it among the best: the tool
+then says what the offsets alone buy over the baseline.
 
 Seeds are raced (search/racing.py): every configuration gets one fresh seed, the baseline
 no more, and the contenders get further seeds (up to R values) only while they cannot be
@@ -30,7 +36,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from search.baseline import AFTER_TRAINING, plain_config, search_baseline_is_plain, training_of
+from search.baseline import (AFTER_TRAINING, PLAIN_METRIC, SEES_AFTER_TRAINING, plain_config, ranked_as,
+                             search_baseline_is_plain)
 from search.report import TrialRecord, collect_trials, rank_trials
 
 CONFIRM_DIR = "confirm"  # the confirmation's Tune experiment, inside the search's folder
@@ -92,22 +99,28 @@ def confirm_seeds(space: Any, count: int) -> list[int]:
 
 
 def choose_candidates(records: list[TrialRecord], space: Any, top: int) -> tuple[list[Candidate], list[str]]:
-    """The `top` best configurations of the search by best score that train differently
+    """The `top` best configurations of the search by best score that score differently
     from each other and from the plain baseline, then the plain baseline; and a note for
-    each configuration passed over. A configuration whose search trial ran the full budget
-    carries that score as its `prior`; the plain baseline carries its search trial's seed
-    when that trial trains like it and ran the full budget (`with_search_run`)."""
+    each configuration passed over. Configurations score alike when they train alike and,
+    where the metric sees post-hoc offsets, also decide alike (search/baseline.ranked_as):
+    on such a metric the plain recipe with its offsets is raced, the plain baseline (argmax)
+    staying the reference. A configuration whose search trial ran the full budget carries
+    that score as its `prior`; the plain baseline carries its search trial's seed when that
+    trial trains like it and ran the full budget (`with_search_run`), and its search score
+    as the baseline is tested: by PLAIN_METRIC."""
     baseline = plain_config(space)
-    seen, chosen, notes = [training_of(space, baseline)], [], []
+    seen, chosen, notes = [ranked_as(space, baseline)], [], []
+    sees = space.metric in SEES_AFTER_TRAINING
     for record in rank_trials(records, space.mode):
         config = {k: v for k, v in record.config.items() if k != "seed"}
-        training = training_of(space, config)
-        if training in seen:
-            what = "the plain baseline, the reference" if training == seen[0] else "a better-ranked configuration"
-            notes.append(f"search trial {record.trial_id} trains like {what} (it differs at most in "
-                         f"{', '.join(AFTER_TRAINING)}, which acts after training): not confirmed again")
+        scored = ranked_as(space, config)
+        if scored in seen:
+            what = "the plain baseline, the reference" if scored == seen[0] else "a better-ranked configuration"
+            how = (f"and decides like it ({', '.join(AFTER_TRAINING)})" if sees else
+                   f"(it differs at most in {', '.join(AFTER_TRAINING)}, which acts after training)")
+            notes.append(f"search trial {record.trial_id} trains like {what} {how}: not confirmed again")
             continue
-        seen.append(training)
+        seen.append(scored)
         score = record.best(space.mode)[1]
         full = record.status == "TERMINATED" and not record.stopped_early
         chosen.append(Candidate(f"rank{len(chosen) + 1}", config, record.trial_id, score, score if full else None))
@@ -117,18 +130,21 @@ def choose_candidates(records: list[TrialRecord], space: Any, top: int) -> tuple
     search_baseline = next((r for r in records if r.baseline), None)
     if search_baseline is not None and search_baseline.status == "TERMINATED" and \
             not search_baseline.stopped_early and search_baseline_is_plain(space):
-        plain.search_trial, plain.search_val = search_baseline.trial_id, search_baseline.best(space.mode)[1]
+        plain.search_trial = search_baseline.trial_id
+        plain.search_val = search_baseline.scored_by(PLAIN_METRIC).best(space.mode)[1]
         plain.search_seed = int(search_baseline.config.get("seed", space.trial_config({}).seed))
     return chosen + [plain], notes
 
 
 def with_search_run(candidates: list[Candidate], records: list[TrialRecord]) -> list[Candidate]:
     """The plain baseline with its search trial as one of its runs, where it carries a
-    search seed (choose_candidates): the race then gives it no fresh seed."""
+    search seed (choose_candidates): the race then gives it no fresh seed. The run is scored
+    as the baseline is tested, by PLAIN_METRIC (argmax), also when the search's metric scored
+    it with offsets."""
     by_id = {r.trial_id: r for r in records}
     for c in candidates:
         if c.search_seed is not None and c.search_trial in by_id and c.search_trial not in c.seeds:
-            c.runs.append(by_id[c.search_trial])
+            c.runs.append(by_id[c.search_trial].scored_by(PLAIN_METRIC))
             c.seeds[c.search_trial] = c.search_seed
     return candidates
 
@@ -259,11 +275,12 @@ def shared_teachers(plan: Any, candidates: list[Candidate]) -> dict[str, str]:
 def collect_confirmation(experiment: str | Path, candidates: list[Candidate], metric: str, time_attr: str,
                          max_t: int) -> list[Candidate]:
     """Each candidate with its runs, read back from the local experiment folder's `confirm`
-    (for URI storage, its synced-down copy)."""
+    (for URI storage, its synced-down copy); the plain baseline's runs scored by PLAIN_METRIC,
+    as it is tested."""
     folder = Path(experiment, CONFIRM_DIR)
     if not list(folder.glob("experiment_state-*.json")):  # interrupted before Tune saved any state
         return candidates
-    records = collect_trials(folder, metric, time_attr, max_t, {})
+    records = collect_trials(folder, metric, time_attr, max_t, {}, also=(PLAIN_METRIC,))
     by_name = {c.name: c for c in candidates}
     for record in records:
         candidate = by_name[record.config["candidate"]]
@@ -271,7 +288,7 @@ def collect_confirmation(experiment: str | Path, candidates: list[Candidate], me
         record.config = {**candidate.config, "seed": seed}
         record.stage, record.candidate = "confirm", candidate.name
         record.baseline = candidate.name == BASELINE
-        candidate.runs.append(record)
+        candidate.runs.append(record.scored_by(PLAIN_METRIC) if record.baseline else record)
         candidate.seeds[record.trial_id] = seed
     return candidates
 
@@ -310,6 +327,8 @@ def describe(candidate: Candidate, mode: str, dropped: str | None = None) -> dic
     sd = candidate.sd(mode)
     return {
         "name": candidate.name,
+        # the plain baseline is scored as it is tested, by argmax (with_search_run)
+        "metric": PLAIN_METRIC if candidate.name == BASELINE else None,
         "search_trial": candidate.search_trial,
         "search_val": candidate.search_val,
         "search_run_counted": candidate.prior is not None,
@@ -336,7 +355,7 @@ def format_candidate(summary: dict[str, Any], metric: str) -> str:
     if summary["search_trial"]:
         counted = ", counted: it ran the full budget" if summary.get("search_run_counted") else ""
         origin = f" (search trial {summary['search_trial']}, {summary['search_val']:.4f}{counted})"
-    line = f"  {summary['name']:<9} {metric} {spread}  [seed {seeds}]{origin}"
+    line = f"  {summary['name']:<9} {summary.get('metric') or metric} {spread}  [seed {seeds}]{origin}"
     return line + (f"\n            {summary['dropped']}" if summary.get("dropped") else "")
 
 
@@ -359,7 +378,8 @@ def plot_seed_spread(candidates: list[Candidate], winner: Candidate | None, metr
             ax.errorbar(x + 0.15, candidate.mean(mode), yerr=sd, fmt="s", color=color, capsize=4, zorder=4)
         if candidate.search_val is not None:
             ax.scatter([x - 0.15], [candidate.search_val], marker="x", color="tab:gray", zorder=3)
-    ax.set_xticks(range(len(candidates)), [c.name + (" (winner)" if c is winner else "") for c in candidates])
+    ax.set_xticks(range(len(candidates)), [c.name + (" (winner)" if c is winner else "")
+                                           + (f"\n({PLAIN_METRIC})" if c.name == BASELINE else "") for c in candidates])
     ax.set_ylabel(f"best {metric} per run")
     ax.set_title("confirmation: one dot per fresh seed, square = mean ± sd (with the search run\n"
                  "where it ran the full budget), x = the configuration's one run in the search", fontsize=10)

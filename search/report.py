@@ -49,6 +49,8 @@ class TrialRecord:
     stage: str = "search"  # or "confirm": a seed-repeated run of search/confirm.py
     candidate: str = ""  # confirm runs: the configuration (rank1, ..., baseline)
     shared_epochs: int = 0  # teacher epochs replayed from a teacher an earlier run trained (fer.teachers)
+    # metric -> its curve, for the metrics collect_trials read besides `curve`'s (`also`)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     @property
     def epochs_run(self) -> int:
@@ -66,6 +68,13 @@ class TrialRecord:
             return None, None
         sign = 1.0 if mode == "max" else -1.0
         return max(finite, key=lambda ev: (sign * ev[1], -ev[0]))
+
+    def scored_by(self, metric: str) -> TrialRecord:
+        """The same run with `curve` read from another reported metric (one collect_trials
+        read `also`); a record that holds no other curve (built by hand) keeps its own."""
+        if metric not in self.curves:
+            return self
+        return dataclasses.replace(self, curve=self.curves[metric])
 
 
 def read_spec(experiment: str | os.PathLike) -> dict[str, Any]:
@@ -90,9 +99,11 @@ def _read_error(trial: Any) -> str:
 
 
 def collect_trials(
-    experiment: str | os.PathLike, metric: str, time_attr: str, max_t: int, baseline: dict[str, Any]
+    experiment: str | os.PathLike, metric: str, time_attr: str, max_t: int, baseline: dict[str, Any],
+    also: tuple[str, ...] = (),
 ) -> list[TrialRecord]:
-    """Every trial of the experiment with its reported curve, in creation order."""
+    """Every trial of the experiment with its reported curve of `metric`, in creation order;
+    the curves of the metrics in `also` are kept beside it (TrialRecord.scored_by)."""
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(str(experiment))
@@ -102,24 +113,19 @@ def collect_trials(
     records = []
     for trial in analysis.trials:
         frame = frames.get(trial.trial_id)
-        curve: list[tuple[int, float]] = []
         shared = 0
         if frame is not None and not frame.empty and SHARED_TEACHER_KEY in frame:
             shared = int(frame[SHARED_TEACHER_KEY].fillna(False).astype(bool).sum())
-        if frame is not None and not frame.empty and metric in frame and time_attr in frame:
-            seen: dict[int, float] = {}
-            for epoch, value in zip(frame[time_attr], frame[metric]):
-                if epoch is not None and not (isinstance(epoch, float) and math.isnan(epoch)):
-                    seen[int(epoch)] = float(value) if value is not None else float("nan")
-            curve = sorted(seen.items())
+        curves = {name: _curve(frame, name, time_attr) for name in (metric, *also)}
         record = TrialRecord(
             trial_id=trial.trial_id,
             path=str(trial.path),
             status=str(trial.status),
             config=dict(trial.config),
-            curve=curve,
+            curve=curves[metric],
             error=_read_error(trial),
             shared_epochs=shared,
+            curves=curves,
         )
         if asha_stopped is not None:
             record.stopped_early = trial.trial_id in asha_stopped
@@ -131,6 +137,18 @@ def collect_trials(
     for record in records:  # only the first matching trial is "the" baseline
         record.baseline = record is first_baseline
     return records
+
+
+def _curve(frame: Any, metric: str, time_attr: str) -> list[tuple[int, float]]:
+    """(epoch, value) of one reported metric, the last report of an epoch kept (a resumed
+    trial reports its last epoch again)."""
+    if frame is None or frame.empty or metric not in frame or time_attr not in frame:
+        return []
+    seen: dict[int, float] = {}
+    for epoch, value in zip(frame[time_attr], frame[metric]):
+        if epoch is not None and not (isinstance(epoch, float) and math.isnan(epoch)):
+            seen[int(epoch)] = float(value) if value is not None else float("nan")
+    return sorted(seen.items())
 
 
 def pick_winner(records: list[TrialRecord], mode: str = "max") -> TrialRecord | None:

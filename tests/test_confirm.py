@@ -35,16 +35,41 @@ def test_candidates_are_the_best_distinct_configurations_then_the_plain_baseline
     assert space.trial_config(baseline).posthoc == "none"  # a valid TrialConfig
 
 
-def test_a_configuration_that_trains_like_the_plain_baseline_is_not_confirmed_twice():
-    """The search's own baseline trial differs from the plain baseline only in its post-hoc
-    offsets: the same weights and the same val score for every seed. Measured on the
-    Quickstart search, where it ranked second and spent a third of the confirmation on a tie."""
+def test_the_plain_recipe_with_offsets_is_raced_where_the_metric_sees_them_and_the_baseline_scores_by_argmax():
+    """The search's own baseline trial trains like the plain baseline and differs only in its
+    post-hoc offsets. Scored with them (the Quickstart's metric) it is another model, and it
+    was the search's best in Quickstart runs 17 and 18 (0.656 on val): it is raced, with its
+    full-budget search run counted. The plain baseline is scored as it is tested, by argmax,
+    from the same run. On an argmax metric the two are one model with one score: a tie that
+    would spend a third of the confirmation (measured), so it is not raced."""
+    from search.confirm import with_search_run
+
     space = load_space("imbalance")
+    assert space.metric == "val_macro_f1_posthoc"
     search_baseline = {**space.fixed, **space.baseline_point()}
-    records = [record("base", 0.60, **search_baseline, seed=0), record("x", 0.50, loss="focal", lr=0.004)]
+    base = record("base", 0.656, **search_baseline, seed=0)
+    base.curves = {space.metric: base.curve, "val_macro_f1": [(1, 0.30), (2, 0.58)]}
+    base.baseline = True
+    again = record("again", 0.65, **search_baseline, seed=0)  # TPE proposed the baseline point again
+    records = [base, again, record("x", 0.64, loss="focal", lr=0.004)]
     candidates, notes = choose_candidates(records, space, top=2)
-    assert [(c.name, c.search_trial) for c in candidates] == [("rank1", "x"), (BASELINE, None)]
+    assert [(c.name, c.search_trial) for c in candidates] == [("rank1", "base"), ("rank2", "x"), (BASELINE, "base")]
+    rank1, plain = candidates[0], candidates[-1]
+    assert space.trial_config(rank1.config).posthoc != "none" and rank1.prior == 0.656
+    assert space.trial_config(plain.config).posthoc == "none"
+    assert len(notes) == 1 and "search trial again trains like a better-ranked configuration" in notes[0]
+    assert "decides like it (posthoc)" in notes[0]
+    with_search_run(candidates, records)
+    assert plain.search_val == 0.58 and plain.mean("max") == 0.58  # argmax, as tested
+    assert plain.runs[0].curve == [(1, 0.30), (2, 0.58)] and base.curve == [(1, 0.328), (2, 0.656)]
+    assert describe(plain, "max")["metric"] == "val_macro_f1" and describe(rank1, "max")["metric"] is None
+    assert format_candidate(describe(plain, "max"), space.metric).split()[1] == "val_macro_f1"
+
+    space.metric = "val_macro_f1"  # argmax: the two configurations are one model
+    candidates, notes = choose_candidates(records, space, top=2)
+    assert [(c.name, c.search_trial) for c in candidates] == [("rank1", "x"), (BASELINE, "base")]
     assert "search trial base trains like the plain baseline" in notes[0] and "posthoc" in notes[0]
+    assert "acts after training" in notes[0]
 
 
 def test_the_search_baseline_that_ran_the_full_budget_is_the_plain_baselines_run():

@@ -345,6 +345,11 @@ def test_smoke_search_killed_twice_and_resumed_as_the_readme_says(ray_cluster, t
     plain = next(c for c in confirmation["candidates"] if c["name"] == "baseline")
     assert [(r["trial_id"], r["seed"], r["search_run"]) for r in plain["runs"]] == [(baseline["trial_id"], 0, True)]
     assert "(its search run)" in out
+    # scored as it is tested, by argmax, though the search scored the same run with its offsets
+    reported = [json.loads(line) for line in
+                (experiment / f"trial_{baseline['trial_id']}" / "result.json").read_text().splitlines()]
+    assert plain["runs"][0]["val"] == max(r["val_macro_f1"] for r in reported)
+    assert baseline["best_val_macro_f1_posthoc"] == max(r["val_macro_f1_posthoc"] for r in reported)
     # the exported model is the winner's best-val seed run; the baseline's run is its search run
     best_run = confirm["trial_id"].iloc[0]
     assert summary["export"]["trial_id"] == best_run == confirmation["exported_run"] == test["winner"]["trial_id"]
