@@ -9,7 +9,7 @@ first) and the same trial count on the same data and cores:
   ray    search.run's Tuner: PruningOptunaSearch + PersistentASHA, trials as Tune
          actors, `max_concurrent` trials at once with one torch thread each
   optuna one Python process: `study.optimize` calling fer.pipeline.run_pipeline, whose
-         report callback does `trial.report(val_macro_f1, epoch)` and raises
+         report callback does `trial.report(<the space's metric>, epoch)` and raises
          `optuna.TrialPruned` when Optuna's SuccessiveHalvingPruner (asynchronous
          successive halving, the same rule as ASHA: same grace period and reduction
          factor) says so; one trial at a time with every core as torch threads

@@ -29,10 +29,22 @@ STATE_FILE = "asha_state.json"
 class PersistentASHA(AsyncHyperBandScheduler):
     """AsyncHyperBandScheduler that saves and reloads its rung history. A trial whose config
     holds every item of `keep` (the plain baseline, when the confirmation takes its search run
-    as the baseline's run: search/confirm.py) runs to the end; its scores still enter the rungs."""
+    as the baseline's run: search/confirm.py) runs to the end, and so does every trial that
+    reports epoch `finish_from` or later (the teacher's last epoch, when the confirmation is
+    on); their scores still enter the rungs.
 
-    def __init__(self, *args: Any, keep: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    Why `finish_from`: a trial that reached the teacher's last epoch has passed every earlier
+    rung, so it is likely among the configurations the confirmation races, and the race counts
+    its search run as one of its values only when it ran the full budget. Stopping it there
+    saves its student epoch (one of nine), and the race then spends a whole fresh run on the
+    value it lacks: in Quickstart runs 17 and 20 (BENCHMARKS.md) ASHA stopped a trial at its
+    rung at epoch 8, that configuration was confirmed, and its extra seed ran alone after the
+    first wave, 2.5 minutes."""
+
+    def __init__(self, *args: Any, keep: dict[str, Any] | None = None, finish_from: int | None = None,
+                 **kwargs: Any) -> None:
         self._keep = dict(keep or {})
+        self._finish_from = finish_from
         # Ray's default stops a trial the moment it reports epoch max_t, which kills the
         # pipeline before its post-hoc step writes the final checkpoint (best.pt); a
         # trial that reaches max_t is done anyway, so let it return on its own. The same
@@ -61,7 +73,10 @@ class PersistentASHA(AsyncHyperBandScheduler):
         time_attr, max_t = internals.asha_horizon(self)
         # _keep is absent from a scheduler pickled before it existed (--resume of an older search)
         keep = getattr(self, "_keep", {})
+        finish_from = getattr(self, "_finish_from", None)  # likewise
         if keep and holds(trial.config, keep):
+            action = TrialScheduler.CONTINUE
+        elif finish_from is not None and result.get(time_attr, -1) >= finish_from:
             action = TrialScheduler.CONTINUE
         elif result.get(time_attr, -1) >= max_t:
             # Its last epoch: stopping it now saves no training, only kills the pipeline's

@@ -221,11 +221,15 @@ def print_start(plan: Plan, dashboard: str | None) -> None:
     print(f"experiment: {plan.experiment}  ({plan.num_samples} trials, up to {plan.max_concurrent} at once)")
     if plan.confirm_top and plan.confirm_seeds:
         from search.baseline import search_baseline_is_plain
+        from search.tuner import finish_from
 
         baseline = ("the plain baseline's run is its search trial, which ASHA lets run the full budget"
                     if search_baseline_is_plain(plan.space) else "the plain baseline gets one fresh seed")
+        finish = finish_from(plan.space, confirming=True)
+        counted = "a full-budget search run counted" + (
+            f": ASHA stops no trial that reaches epoch {finish}, the teacher's last" if finish else "")
         print(f"then confirmation: the {plan.confirm_top} best configurations raced at the full budget, one "
-              f"fresh seed each and up to {plan.confirm_seeds} values (a full-budget search run counted) while "
+              f"fresh seed each and up to {plan.confirm_seeds} values ({counted}) while "
               f"they cannot be told apart; {baseline} (--confirm-top 0 skips it)")
     else:
         print("no confirmation stage: the search's best single trial wins and is not compared with the baseline")

@@ -129,6 +129,34 @@ def trial_data(plan: Any) -> Any:
     return plan.data_ref
 
 
+def kept_baseline(space: Any, confirming: bool) -> dict[str, Any] | None:
+    """The search's baseline point when its trial must run to the end, else None. With the
+    confirmation on, the plain baseline needs one full-budget run: where the search's
+    baseline trial trains like it, ASHA lets that trial run to the end and the confirmation
+    takes it (search/confirm.py) instead of starting another."""
+    from search.baseline import search_baseline_is_plain
+
+    return space.baseline_point() if confirming and search_baseline_is_plain(space) else None
+
+
+def finish_from(space: Any, confirming: bool) -> int | None:
+    """The epoch from which ASHA lets every trial finish: with the confirmation on, the
+    teacher's last epoch, where a trial there has passed a rung before it (the race counts
+    only full-budget search runs: search/asha.py); else None."""
+    finish = confirming and space.grace_period < space.teacher_epochs < space.max_t
+    return space.teacher_epochs if finish else None
+
+
+def build_scheduler(space: Any, confirming: bool) -> Any:
+    """The search's PersistentASHA: the kept baseline (kept_baseline) and the trials that
+    reach `finish_from` run to the end."""
+    from search.asha import PersistentASHA
+
+    return PersistentASHA(time_attr=space.time_attr, max_t=space.max_t, grace_period=space.grace_period,
+                          reduction_factor=space.reduction_factor, keep=kept_baseline(space, confirming),
+                          finish_from=finish_from(space, confirming))
+
+
 def build_tuner(plan: Any, trainable: Any, max_concurrent: int, *, asha: bool = True, **run: Any) -> Any:
     """The search's Tuner: PruningOptunaSearch (the space's sampler, its baseline first) with
     PersistentASHA, or with no scheduler when not `asha` (a benchmark's FIFO); `run` goes to
@@ -136,25 +164,14 @@ def build_tuner(plan: Any, trainable: Any, max_concurrent: int, *, asha: bool = 
     give the trainable the same file."""
     from ray import tune
 
-    from search.asha import PersistentASHA
-    from search.baseline import search_baseline_is_plain
     from search.internals import check_versions
     from search.optuna_bridge import PruningOptunaSearch, open_study_storage
 
     check_versions()  # the door to ASHA's and OptunaSearch's internals: one line if untested
     space = plan.space
-    # With the confirmation on, the plain baseline needs one full-budget run: where the
-    # search's baseline trial trains like it, ASHA lets that trial run to the end and the
-    # confirmation takes it (search/confirm.py) instead of starting another.
-    keep = space.baseline_point() if plan.confirm_top and plan.confirm_seeds and search_baseline_is_plain(space) \
-        else None
-    scheduler = PersistentASHA(
-        time_attr=space.time_attr,
-        max_t=space.max_t,
-        grace_period=space.grace_period,
-        reduction_factor=space.reduction_factor,
-        keep=keep,
-    ) if asha else None
+    confirming = bool(plan.confirm_top and plan.confirm_seeds)
+    keep = kept_baseline(space, confirming)
+    scheduler = build_scheduler(space, confirming) if asha else None
     Path(plan.study_path).parent.mkdir(parents=True, exist_ok=True)
     searcher = PruningOptunaSearch(
         space=space,

@@ -175,7 +175,51 @@ def test_epochs_replayed_from_a_shared_teacher_are_neither_judged_nor_recorded(t
     assert scheduler.on_trial_result(None, fork, {"epoch": 2, "val_macro_f1": 0.1}) == TrialScheduler.STOP
 
 
+def test_a_trial_that_reaches_finish_from_runs_to_the_end_and_still_sets_the_cutoff(tmp_path):
+    """With the confirmation on, a trial at its teacher's last epoch (here epoch 2 of 4) has
+    passed the rung before and finishes: the race counts only full-budget search runs
+    (Quickstart runs 17 and 20 lost a counted value to ASHA's rung at epoch 8 of 9). Its score
+    still enters the rung, and the rung before it stops trials as before."""
+    decisions = {}
+    for finish_from in (None, 2):
+        folder = tmp_path / str(finish_from)
+        scheduler = PersistentASHA(time_attr="epoch", metric="val_macro_f1", mode="max", max_t=MAX_T,
+                                   grace_period=1, reduction_factor=2, finish_from=finish_from)
+        for trial_id, scores in (("a", (0.5, 0.9)), ("b", (0.6, 0.3)), ("c", (0.1,))):
+            trial = make_trial(trial_id, folder)
+            scheduler.on_trial_add(None, trial)
+            decisions[finish_from, trial_id] = [
+                scheduler.on_trial_result(None, trial, {"epoch": epoch, "val_macro_f1": score})
+                for epoch, score in enumerate(scores, start=1)]
+        rungs = dict((milestone, recorded) for milestone, recorded in
+                     json.loads((folder / STATE_FILE).read_text())["brackets"][0])
+        assert rungs[2] == {"a": 0.9, "b": 0.3}  # b's score sets the cutoff either way
+        assert decisions[finish_from, "c"] == [TrialScheduler.STOP]  # rung 1 still stops
+    assert decisions[None, "b"] == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
+    assert decisions[2, "b"] == [TrialScheduler.CONTINUE, TrialScheduler.CONTINUE]
+
+
 def test_a_scheduler_pickled_before_keep_existed_still_decides(tmp_path):
     scheduler = make(PersistentASHA)
     del scheduler._keep  # what Tuner.restore brings back from an older experiment's tuner.pkl
+    del scheduler._finish_from
     assert play(scheduler, tmp_path, events(), set(), set())
+
+
+def test_the_search_lets_trials_past_a_rung_finish_their_student_only_when_it_confirms():
+    """search.run's scheduler for the default space: with the confirmation on, the baseline is
+    kept and trials finish from the teacher's last epoch (8 of 9); without it, or where the
+    teacher's last epoch is ASHA's first rung (the --smoke budget: 1 + 1), neither."""
+    from search.space import load_space
+    from search.tuner import build_scheduler
+
+    space = load_space("imbalance")
+    assert (space.teacher_epochs, space.max_t, space.grace_period) == (8, 9, 1)
+    confirming = build_scheduler(space, confirming=True)
+    assert confirming._finish_from == 8 and confirming._keep == space.baseline_point()
+    alone = build_scheduler(space, confirming=False)
+    assert alone._finish_from is None and alone._keep == {}
+    space.fixed = {**space.fixed, "epochs": 1, "student_epochs": 1}
+    assert build_scheduler(space, confirming=True)._finish_from is None
+    space.fixed = {**space.fixed, "epochs": 4, "student_epochs": 0}  # no stage 2: the teacher's end is max_t
+    assert build_scheduler(space, confirming=True)._finish_from is None
