@@ -146,7 +146,7 @@ class Steps:
         self.events = []
         record = SimpleNamespace(status="TERMINATED", baseline=False, path=str(tmp_path))  # a run without best.pt
         fakes = {
-            "sync_down": lambda plan: str(tmp_path), "collect_trials": lambda *a: [record],
+            "sync_down": lambda plan: str(tmp_path), "collect_trials": lambda *a, **k: [record],
             "pick_winner": lambda records, mode: record, "write_reports": lambda *a: "",
             "print_search": lambda *a: None, "load_trial": lambda *a: ("p", {}),
             "evaluate_on_test": lambda *a: {}, "export_trial": lambda *a, **k: {},
@@ -165,7 +165,7 @@ def test_an_interrupted_search_says_how_to_continue(tmp_path, monkeypatch, capsy
     (tests/test_faults.py), which runs the README's commands."""
     steps = Steps(monkeypatch, tmp_path)
     unfinished = SimpleNamespace(status="RUNNING", baseline=False)
-    monkeypatch.setattr("search.finish.collect_trials", lambda *a: [unfinished])
+    monkeypatch.setattr("search.finish.collect_trials", lambda *a, **k: [unfinished])
     monkeypatch.setattr("search.finish.sync_up", lambda plan: steps.events.append("sync_up"))
     plan = search_run.make_plan(search_run.build_parser().parse_args(
         ["--space", "smoke", "--smoke", "--storage", str(tmp_path), "--name", "resumable"]))
