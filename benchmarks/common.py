@@ -158,7 +158,7 @@ def get_variant(name: str) -> dict[str, str]:
     return SEARCH_VARIANTS[name]
 
 
-def make_epoch_log(metric: str = "val_macro_f1") -> Any:
+def make_epoch_log(metric: str) -> Any:
     """A Tune callback recording (wall time, trial, epoch, the search's `metric`) of every
     trained epoch (one replayed from a shared teacher, fer.teachers, is not spent again)."""
     from ray.tune import Callback

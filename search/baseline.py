@@ -55,14 +55,16 @@ def search_baseline_is_plain(space: Any) -> bool:
 def ranked_as(space: Any, config: dict[str, Any]) -> dict[str, Any]:
     """What decides a configuration's score on the space's metric: its training
     (training_of), and the fields that act after training where the metric sees them."""
-    if space.metric not in SEES_AFTER_TRAINING:
-        return training_of(space, config)
-    full = dataclasses.asdict(space.trial_config(config))
-    return {k: v for k, v in full.items() if k != "seed"}
+    return _config_less(space, config, () if space.metric in SEES_AFTER_TRAINING else AFTER_TRAINING)
 
 
 def training_of(space: Any, config: dict[str, Any]) -> dict[str, Any]:
     """What decides the trained weights: the full TrialConfig less the seed (the confirmation
     sets its own) and the fields that act after training."""
+    return _config_less(space, config, AFTER_TRAINING)
+
+
+def _config_less(space: Any, config: dict[str, Any], dropped: tuple[str, ...]) -> dict[str, Any]:
+    """The full TrialConfig of `config` less the seed and `dropped`."""
     full = dataclasses.asdict(space.trial_config(config))
-    return {k: v for k, v in full.items() if k not in ("seed", *AFTER_TRAINING)}
+    return {k: v for k, v in full.items() if k not in ("seed", *dropped)}

@@ -57,8 +57,18 @@ class Candidate:
     # The plain baseline only: the search's seed when its search trial, which trains like the
     # plain baseline and ran the full budget (ASHA keeps it: search/tuner.py), is its run.
     search_seed: int | None = None
-    runs: list[TrialRecord] = field(default_factory=list)  # filled in by collect_confirmation
+    runs: list[TrialRecord] = field(default_factory=list)  # filled in by add_run
     seeds: dict[str, int] = field(default_factory=dict)  # run trial id -> seed
+
+    @property
+    def metric(self) -> str | None:
+        """The metric its runs are scored by when not the space's: the plain baseline's is
+        PLAIN_METRIC (argmax), as it is tested, also where the search scored its run with offsets."""
+        return PLAIN_METRIC if self.name == BASELINE else None
+
+    def add_run(self, record: TrialRecord, seed: int) -> None:
+        self.runs.append(record.scored_by(self.metric) if self.metric else record)
+        self.seeds[record.trial_id] = seed
 
     def fresh(self, mode: str) -> list[float]:
         """Best score of each finished fresh-seed run."""
@@ -131,21 +141,18 @@ def choose_candidates(records: list[TrialRecord], space: Any, top: int) -> tuple
     if search_baseline is not None and search_baseline.status == "TERMINATED" and \
             not search_baseline.stopped_early and search_baseline_is_plain(space):
         plain.search_trial = search_baseline.trial_id
-        plain.search_val = search_baseline.scored_by(PLAIN_METRIC).best(space.mode)[1]
+        plain.search_val = search_baseline.scored_by(plain.metric).best(space.mode)[1]
         plain.search_seed = int(search_baseline.config.get("seed", space.trial_config({}).seed))
     return chosen + [plain], notes
 
 
 def with_search_run(candidates: list[Candidate], records: list[TrialRecord]) -> list[Candidate]:
     """The plain baseline with its search trial as one of its runs, where it carries a
-    search seed (choose_candidates): the race then gives it no fresh seed. The run is scored
-    as the baseline is tested, by PLAIN_METRIC (argmax), also when the search's metric scored
-    it with offsets."""
+    search seed (choose_candidates): the race then gives it no fresh seed."""
     by_id = {r.trial_id: r for r in records}
     for c in candidates:
         if c.search_seed is not None and c.search_trial in by_id and c.search_trial not in c.seeds:
-            c.runs.append(by_id[c.search_trial].scored_by(PLAIN_METRIC))
-            c.seeds[c.search_trial] = c.search_seed
+            c.add_run(by_id[c.search_trial], c.search_seed)
     return candidates
 
 
@@ -275,8 +282,7 @@ def shared_teachers(plan: Any, candidates: list[Candidate]) -> dict[str, str]:
 def collect_confirmation(experiment: str | Path, candidates: list[Candidate], metric: str, time_attr: str,
                          max_t: int) -> list[Candidate]:
     """Each candidate with its runs, read back from the local experiment folder's `confirm`
-    (for URI storage, its synced-down copy); the plain baseline's runs scored by PLAIN_METRIC,
-    as it is tested."""
+    (for URI storage, its synced-down copy), each scored as Candidate.add_run says."""
     folder = Path(experiment, CONFIRM_DIR)
     if not list(folder.glob("experiment_state-*.json")):  # interrupted before Tune saved any state
         return candidates
@@ -288,8 +294,7 @@ def collect_confirmation(experiment: str | Path, candidates: list[Candidate], me
         record.config = {**candidate.config, "seed": seed}
         record.stage, record.candidate = "confirm", candidate.name
         record.baseline = candidate.name == BASELINE
-        candidate.runs.append(record.scored_by(PLAIN_METRIC) if record.baseline else record)
-        candidate.seeds[record.trial_id] = seed
+        candidate.add_run(record, seed)
     return candidates
 
 
@@ -327,8 +332,7 @@ def describe(candidate: Candidate, mode: str, dropped: str | None = None) -> dic
     sd = candidate.sd(mode)
     return {
         "name": candidate.name,
-        # the plain baseline is scored as it is tested, by argmax (with_search_run)
-        "metric": PLAIN_METRIC if candidate.name == BASELINE else None,
+        "metric": candidate.metric,  # None: the space's
         "search_trial": candidate.search_trial,
         "search_val": candidate.search_val,
         "search_run_counted": candidate.prior is not None,
@@ -379,7 +383,7 @@ def plot_seed_spread(candidates: list[Candidate], winner: Candidate | None, metr
         if candidate.search_val is not None:
             ax.scatter([x - 0.15], [candidate.search_val], marker="x", color="tab:gray", zorder=3)
     ax.set_xticks(range(len(candidates)), [c.name + (" (winner)" if c is winner else "")
-                                           + (f"\n({PLAIN_METRIC})" if c.name == BASELINE else "") for c in candidates])
+                                           + (f"\n({c.metric})" if c.metric else "") for c in candidates])
     ax.set_ylabel(f"best {metric} per run")
     ax.set_title("confirmation: one dot per fresh seed, square = mean ± sd (with the search run\n"
                  "where it ran the full budget), x = the configuration's one run in the search", fontsize=10)

@@ -49,7 +49,7 @@ class TrialRecord:
     stage: str = "search"  # or "confirm": a seed-repeated run of search/confirm.py
     candidate: str = ""  # confirm runs: the configuration (rank1, ..., baseline)
     shared_epochs: int = 0  # teacher epochs replayed from a teacher an earlier run trained (fer.teachers)
-    # metric -> its curve, for the metrics collect_trials read besides `curve`'s (`also`)
+    # metric -> its curve, for the metrics collect_trials read besides `curve`'s (its `also`)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     @property
@@ -71,7 +71,8 @@ class TrialRecord:
 
     def scored_by(self, metric: str) -> TrialRecord:
         """The same run with `curve` read from another reported metric (one collect_trials
-        read `also`); a record that holds no other curve (built by hand) keeps its own."""
+        read `also`); where it holds no such curve (the metric is `curve`'s own, or the record
+        was built by hand) it keeps its own."""
         if metric not in self.curves:
             return self
         return dataclasses.replace(self, curve=self.curves[metric])
@@ -116,16 +117,15 @@ def collect_trials(
         shared = 0
         if frame is not None and not frame.empty and SHARED_TEACHER_KEY in frame:
             shared = int(frame[SHARED_TEACHER_KEY].fillna(False).astype(bool).sum())
-        curves = {name: _curve(frame, name, time_attr) for name in (metric, *also)}
         record = TrialRecord(
             trial_id=trial.trial_id,
             path=str(trial.path),
             status=str(trial.status),
             config=dict(trial.config),
-            curve=curves[metric],
+            curve=_curve(frame, metric, time_attr),
             error=_read_error(trial),
             shared_epochs=shared,
-            curves=curves,
+            curves={name: _curve(frame, name, time_attr) for name in also if name != metric},
         )
         if asha_stopped is not None:
             record.stopped_early = trial.trial_id in asha_stopped
