@@ -50,8 +50,14 @@ class Consistency:
     align: bool = False  # distribution alignment of the weak-view probabilities
     ratio: int = 1  # pool images per labelled image in a step (FixMatch's mu)
     truth: np.ndarray | None = None  # the pool's held-out labels, when known: precision is reported
+    # The oracle of a semi-supervised measurement (benchmarks/label_fraction.py): the pool's true
+    # labels (`truth`) replace the weak views' pseudo-labels and every view counts, so the same
+    # steps, views and weights say what the pool could buy at most. Never a trial's setting.
+    oracle: bool = False
 
     def __post_init__(self) -> None:
+        if self.oracle and self.truth is None:
+            raise ValueError("an oracle stage 2 needs the pool's true labels (Consistency.truth)")
         if self.mode not in ONLINE_MODES:
             raise ValueError(f"online student_mode {self.mode!r} is not one of: {', '.join(ONLINE_MODES)}")
         if len(self.images) == 0:
@@ -119,12 +125,15 @@ def _normalise(probs: torch.Tensor) -> torch.Tensor:
 
 
 def pool_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, plan: EpochPlan,
-              truth: torch.Tensor | None, tally: Tally) -> torch.Tensor:
-    """FixMatch's unlabeled loss over one pool batch; adds what it kept to `tally`."""
+              truth: torch.Tensor | None, tally: Tally, oracle: bool = False) -> torch.Tensor:
+    """FixMatch's unlabeled loss over one pool batch; adds what it kept to `tally`. With
+    `oracle`, the true labels instead of the weak views' and every view kept."""
     with torch.no_grad():
         probs = _normalise(torch.softmax(logits_weak.detach().float(), dim=1) * plan.align)
         conf, label = probs.max(dim=1)
         mask = (conf >= plan.thresholds[label]).float()
+        if oracle:
+            label, mask = truth, torch.ones_like(mask)
         tally.kept += mask.sum()
         if truth is not None:
             tally.correct += (mask * (label == truth).float()).sum()

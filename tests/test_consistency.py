@@ -161,3 +161,23 @@ def test_each_online_mode_searches_in_a_space(tmp_path, mode):
                      "  pseudo_selection:\n    choice: [threshold, crest]\n")
     loaded = load_space(str(space))
     assert loaded.trial_config({"pseudo_threshold": 0.7, "pseudo_selection": "crest"}).student_mode == mode
+
+
+def test_the_oracle_trains_every_pool_view_on_its_true_label():
+    """The oracle of benchmarks/label_fraction.py: the pool's true labels replace the weak views'
+    pseudo-labels and no view is masked, with the same steps and views as the student."""
+    weak = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, 5.0]])  # sure, unsure, sure
+    strong = torch.zeros(3, 3, requires_grad=True)
+    truth = torch.tensor([1, 1, 2])
+    tally = Tally.zeros(torch.device("cpu"))
+    loss = pool_loss(weak, strong, plan([0.9, 0.9, 0.9]), truth, tally, oracle=True)
+    assert float(loss.detach()) == pytest.approx(np.log(3), rel=1e-5)  # all three views count
+    assert (float(tally.kept), float(tally.correct)) == (3.0, 3.0)
+    loss.backward()
+    assert strong.grad[0, 1] < 0 and strong.grad[0, 0] > 0  # the sure-but-wrong view is pulled to its true class
+
+
+def test_an_oracle_without_the_pools_true_labels_is_refused():
+    with pytest.raises(ValueError, match=r"an oracle stage 2 needs the pool's true labels \(Consistency.truth\)"):
+        Consistency(images=np.zeros((4, 4, 4, 1), np.uint8), prior=np.ones(2) / 2, threshold=0.9, weight=1.0,
+                    oracle=True)
