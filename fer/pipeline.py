@@ -14,8 +14,9 @@
 
 This is self-training in the style of Noisy Student (Xie et al. 2020): the student sees
 stronger augmentation (cfg.student_augment) than the teacher did. The final model is the
-stage whose best epoch has the higher validation macro-F1 (the student on ties), the same
-rule Tune applies to the reported checkpoints. Under torch.distributed every rank calls
+stage whose best epoch has the highest validation macro-F1 of the teacher, the student and
+the supervised-only control (`final_stage`; the student on ties), so a pool that hurts is
+never handed out over its own control. Under torch.distributed every rank calls
 `run_pipeline`; pool and validation predictions are sharded and gathered, so all ranks
 take the same decisions.
 
@@ -102,7 +103,7 @@ def run_pipeline(cfg: TrialConfig, data: Any, *, device: Any = None, report: Pip
     student, summary = _run_student(cfg, data, teacher, metrics, report, resume, out_dir, common)
     control = _run_control(cfg, data, teacher, student, metrics, common) \
         if student is not None and cfg.pool_control else None
-    result = _finish(cfg, data, teacher, student, summary, metrics, device, out_dir)
+    result = _finish(cfg, data, teacher, student, control, summary, metrics, device, out_dir)
     result.control = control
     return result
 
@@ -240,13 +241,21 @@ def _selection(cfg: TrialConfig, data: Any, teacher: FitResult, resume: Pipeline
     return indices, labels, confidences, pseudo["summary"]
 
 
-def _finish(cfg: TrialConfig, data: Any, teacher: FitResult, student: FitResult | None,
+def final_stage(stages: dict[str, FitResult | None]) -> str:
+    """The stage handed out: the best val macro-F1 of the teacher, the student and the
+    supervised-only control (ties: the student, then the control, then the teacher). A student
+    that the pool made worse is not handed out when its own control scored better."""
+    order = [name for name in ("teacher", "control", "student") if stages.get(name) is not None]
+    return max(order, key=lambda name: (stages[name].best_metrics["val_macro_f1"], order.index(name)))
+
+
+def _finish(cfg: TrialConfig, data: Any, teacher: FitResult, student: FitResult | None, control: FitResult | None,
             summary: dict[str, Any] | None, metrics: dict[str, Any], device: Any,
             out_dir: str | None) -> PipelineResult:
-    """Pick the final stage, fit its post-hoc offsets, write best.pt (rank 0)."""
-    final = student if student is not None and \
-        student.best_metrics["val_macro_f1"] >= teacher.best_metrics["val_macro_f1"] else teacher
-    metrics["final_stage"] = "student" if final is student else "teacher"
+    """Pick the final stage (`final_stage`), fit its post-hoc offsets, write best.pt (rank 0)."""
+    stages = {"teacher": teacher, "student": student, "control": control}
+    metrics["final_stage"] = final_stage(stages)
+    final = stages[metrics["final_stage"]]
     checkpoint, posthoc = _apply_posthoc(cfg, final, data.splits["val"], device)
     metrics.update(posthoc)
     checkpoint["metrics"].update(pipeline=dict(metrics), pseudo=summary)

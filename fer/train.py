@@ -116,7 +116,7 @@ def _summarize(cfg: TrialConfig, data: Any, result: PipelineResult, out_dir: str
     from fer.infer import predict_logits
 
     ckpt, stage = result.checkpoint, result.metrics["final_stage"]
-    final = result.student if stage == "student" else result.teacher
+    final = {"teacher": result.teacher, "student": result.student, "control": result.control}[stage]
     summary: dict[str, Any] = {"data": data.source, "best_epoch": ckpt["epoch"], "final_stage": stage,
                                "checkpoint": result.checkpoint_path, "config": ckpt["config"],
                                "val": final.best_metrics, "pipeline": result.metrics,

@@ -391,3 +391,37 @@ def test_stage_two_and_its_control_train_at_student_lr_scale_of_the_peak_rate():
     assert control[1] == pytest.approx(0.25 * control[0])
     with pytest.raises(ValueError, match="student_lr_scale"):
         apply_overrides(tiny_cfg(), {"student_lr_scale": 0.0}, source="test")
+
+
+def test_the_final_model_is_the_best_on_val_of_teacher_student_and_control():
+    """A student that the pool made worse is not handed out when its own control scored better;
+    ties go to the student, then the control."""
+    from fer.fitting import FitResult
+
+    def stage(f1):
+        return FitResult(model=None, best_metrics={"val_macro_f1": f1}, best_epoch=1, history=[])
+
+    pick = fer.pipeline.final_stage
+    assert pick({"teacher": stage(0.5), "student": stage(0.4), "control": stage(0.6)}) == "control"
+    assert pick({"teacher": stage(0.5), "student": stage(0.6), "control": stage(0.6)}) == "student"
+    assert pick({"teacher": stage(0.6), "student": stage(0.4), "control": stage(0.6)}) == "control"
+    assert pick({"teacher": stage(0.6), "student": stage(0.4), "control": None}) == "teacher"
+    assert pick({"teacher": stage(0.4), "student": None, "control": None}) == "teacher"
+
+
+def test_a_run_hands_out_its_control_when_that_scores_best_on_val(monkeypatch, tmp_path):
+    """End to end: the control's weights, offsets and stage go to best.pt and metrics say so."""
+    fit = fer.pipeline.fit
+
+    def control_best(cfg, stage, *args, **kwargs):
+        result = fit(cfg, stage, *args, **kwargs)
+        if stage.name == "control":  # make the control win on val
+            result.best_metrics = dict(result.best_metrics, val_macro_f1=2.0)
+        return result
+
+    monkeypatch.setattr(fer.pipeline, "fit", control_best)
+    result = run_pipeline(tiny_cfg(), make_data(), progress=False, out_dir=str(tmp_path))
+    assert result.metrics["final_stage"] == "control"
+    assert result.model is result.control.model
+    saved = load_checkpoint(str(tmp_path / "best.pt"))
+    assert saved["stage"] == "control" and len(saved["posthoc_offsets"]) == 4
