@@ -106,7 +106,9 @@ def classical_peers(data: Any, seed: int = 0) -> dict[str, dict[str, Any]]:
         return run
 
     # SVC's own probability=True is deprecated (scikit-learn 1.9): calibrated on 3 folds instead
-    svc = CalibratedClassifierCV(SVC(class_weight="balanced", random_state=seed), cv=3, ensemble=False)
+    # (fewer folds where a class has fewer than 3 labelled images: benchmarks/label_fraction.py's 1/16)
+    folds = int(min(3, np.bincount(train.labels).min()))
+    svc = CalibratedClassifierCV(SVC(class_weight="balanced", random_state=seed), cv=folds, ensemble=False)
     peers = [("linear", linear), ("label_spreading", semi(LabelSpreading(kernel="knn", n_neighbors=7))),
              ("self_training", semi(SelfTrainingClassifier(svc)))]
     return {name: _scored(name, run, test.labels) for name, run in peers}

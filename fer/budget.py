@@ -65,6 +65,7 @@ def describe_budget(cfg: TrialConfig, data: Any) -> str:
         rounds = (f" in {cfg.student_rounds} rounds of {cfg.round_epochs}, each labelled by the round before's "
                   "student" if cfg.student_rounds > 1 else "")
         rate = f", peak learning rate {cfg.student_lr_scale:g} x lr" if cfg.student_lr_scale != 1.0 else ""
+        rate += ", constant after the warmup" if cfg.student_schedule == "constant" else ""
         lines.append(f"        student: {cfg.student_epochs} epochs of at least {least} images "
                      f"(labelled + {picks}, repeated up to epoch_images){pool}{rounds}{rate}")
         if cfg.pool_control:

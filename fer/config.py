@@ -92,6 +92,10 @@ class TrialConfig:
     # +0.005 on demo/8, digits and the demo data, and no scale made the search's 1-epoch student
     # beat its teacher.
     student_lr_scale: float = 1.0
+    # Stage 2's learning rate after its warmup (fer.names.SCHEDULES): "cosine" decays to zero as
+    # stage 1 does; "constant" stays at the peak, as USB and DASO train imbalanced FixMatch runs
+    # (the pool's labels keep improving, and a decayed rate stops learning from them).
+    student_schedule: str = "cosine"
     student_augment: str = "strong"  # augmentation for stage 2
     # How stage 2 uses the pool (fer.names.STUDENT_MODES): "offline" trains on the teacher's
     # selected pseudo-labels (above); "fixmatch" trains the student on the labelled split while
@@ -139,7 +143,7 @@ class TrialConfig:
 STAGE2_FIELDS = (
     "student_epochs", "pseudo_threshold", "pseudo_selection", "crest_alpha", "pseudo_tta", "pseudo_temperature",
     "pseudo_debias", "pseudo_graph", "pseudo_weight", "student_init", "student_lr_scale", "student_augment",
-    "pool_control", "posthoc", "student_mode", "pool_ratio", "pool_align", "student_rounds",
+    "student_schedule", "pool_control", "posthoc", "student_mode", "pool_ratio", "pool_align", "student_rounds",
 )
 
 # Set on the epochs a run reports from a shared teacher (replayed, not trained again).
@@ -245,6 +249,7 @@ def config_choices() -> dict[str, tuple[str, ...]]:
         "pseudo_selection": names.SELECTIONS, "pseudo_graph": names.PSEUDO_GRAPHS, "posthoc": names.POSTHOC,
         "optimizer": names.OPTIMIZERS,
         "student_init": names.STUDENT_INITS, "student_mode": names.STUDENT_MODES,
+        "student_schedule": names.SCHEDULES,
     }
 
 

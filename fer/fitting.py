@@ -72,6 +72,7 @@ class Stage:
     init_state: dict[str, torch.Tensor] | None = None  # state dict to start from
     consistency: Consistency | None = None  # online stage 2: the pool and FixMatch's settings
     lr_scale: float = 1.0  # peak learning rate = cfg.lr * lr_scale
+    schedule: str = "cosine"  # after the warmup (fer.names.SCHEDULES): stage 2 takes cfg.student_schedule
 
     @classmethod
     def of(cls, cfg: TrialConfig, name: str, images: np.ndarray, labels: np.ndarray, counts: np.ndarray, *,
@@ -84,7 +85,8 @@ class Stage:
                    augment=cfg.student_augment if student else cfg.augment,
                    epoch_offset=(cfg.epochs if student else 0) if epoch_offset is None else epoch_offset,
                    sample_weight=sample_weight, init_state=init_state,
-                   lr_scale=cfg.student_lr_scale if student else 1.0)
+                   lr_scale=cfg.student_lr_scale if student else 1.0,
+                   schedule=cfg.student_schedule if student else "cosine")
 
     @classmethod
     def teacher(cls, cfg: TrialConfig, data: Any) -> "Stage":
@@ -189,7 +191,7 @@ def _setup(cfg: TrialConfig, stage: Stage, val: Any, classes: list[str], device:
     source = TrainSource(stage.images, stage.labels, stage.sample_weight, device)
     first = rank_indices(epoch_order(cfg, stage.labels, stage.epoch_offset), ddp)
     steps_per_epoch = len(batch_bounds(len(first), cfg.batch_size))
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch, stage.epochs)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch, stage.epochs, stage.schedule)
     dtype = autocast_dtype(device) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     transform = make_train_transform(stage.augment, cfg.image_size)

@@ -180,17 +180,21 @@ def build_optimizer(cfg: TrialConfig, model: nn.Module, lr: float | None = None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, steps_per_epoch: int,
-                    epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warmup then cosine decay to zero, stepped every iteration (short ASHA trials
-    see a smooth schedule instead of a few big per-epoch jumps).
+                    epochs: int, schedule: str = "cosine") -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup then cosine decay to zero (or, `schedule="constant"`, the peak rate to the
+    end), stepped every iteration (short ASHA trials see a smooth schedule instead of a few big
+    per-epoch jumps).
 
     The warmup takes at most half the stage: a 1-epoch stage (the search's student and its
     control) with a 1-epoch warmup would end at the peak learning rate, never decaying."""
-    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+    from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
 
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule={schedule!r} is not allowed. Choose one of: cosine, constant")
     total = max(1, epochs * steps_per_epoch)
     warmup = min(cfg.warmup_epochs * steps_per_epoch, total // 2)
-    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=0.0)
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=0.0) if schedule == "cosine" \
+        else ConstantLR(optimizer, factor=1.0, total_iters=0)
     if warmup == 0:
         return cosine
     # start_factor 0.01 as torchvision's references (--lr-warmup-decay 0.01).

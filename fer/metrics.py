@@ -191,6 +191,10 @@ def pool_verdict(metrics: dict[str, Any]) -> str:
     verdict = ("the pool helped (the interval excludes 0)" if low > 0 else
                "the pool hurt (the interval excludes 0)" if high < 0 else
                "no measurable gain from the pool (the interval includes 0)")
-    return (f"pool: student val macro-F1 {metrics['student_val_macro_f1_posthoc']:.4f} vs supervised-only at "
-            f"the same budget {metrics['control_val_macro_f1_posthoc']:.4f} (each with its post-hoc offsets): "
+    fraction = ""
+    if metrics.get("labelled_images") and metrics.get("pool_images"):  # runs since the pool's size was recorded
+        labelled, pool = metrics["labelled_images"], metrics["pool_images"]
+        fraction = f" ({labelled} labelled images, a pool of {pool}, {pool / labelled:.1f}x)"
+    return (f"pool{fraction}: student val macro-F1 {metrics['student_val_macro_f1_posthoc']:.4f} vs supervised-only "
+            f"at the same budget {metrics['control_val_macro_f1_posthoc']:.4f} (each with its post-hoc offsets): "
             f"{gain:+.4f}, paired 95% interval {low:+.4f} to {high:+.4f}: {verdict}")

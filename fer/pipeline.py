@@ -79,13 +79,15 @@ def student_inputs(cfg: TrialConfig, data: Any, indices: np.ndarray,
 
 def run_pipeline(cfg: TrialConfig, data: Any, *, device: Any = None, report: PipelineReport | None = None,
                  out_dir: str | None = None, writer: Any = None, progress: bool = True,
-                 resume: PipelineState | None = None) -> PipelineResult:
+                 resume: PipelineState | None = None, teacher: FitResult | None = None) -> PipelineResult:
     """Run stage 1, pseudo-labelling, stage 2 and the post-hoc rule; see the module docstring.
 
     `report(metrics, checkpoint, state)` goes to both fits, so its "epoch" runs 1..epochs
     and then epochs+1..epochs+student_epochs; `state` is the `PipelineState` that `resume`
     takes to continue after that epoch. With out_dir, rank 0 writes pseudo_labeled.csv,
-    pseudo_summary.json and best.pt (the final checkpoint, offsets included).
+    pseudo_summary.json and best.pt (the final checkpoint, offsets included). `teacher`: a
+    stage 1 already trained with cfg's teacher knobs (benchmarks compare stage-2 recipes from
+    one teacher, as fer.teachers shares one between trials); stage 1 is then not trained.
     """
     if resume is not None and resume.stage == "student" and cfg.student_epochs == 0:
         raise ValueError("resume state is in stage 2 but student_epochs is 0")
@@ -95,7 +97,7 @@ def run_pipeline(cfg: TrialConfig, data: Any, *, device: Any = None, report: Pip
     common = dict(device=device, writer=writer, progress=progress)
     if resume is not None and resume.stage == "student":
         teacher = _teacher_from_state(resume.teacher, device)
-    else:
+    elif teacher is None:
         teacher = fit(cfg, Stage.teacher(cfg, data), data.splits["val"], data.classes,
                       report=_stage_report(report, "teacher"), resume=_fit_state(resume, "teacher"), **common)
     metrics: dict[str, Any] = {"teacher_val_macro_f1": teacher.best_metrics["val_macro_f1"],
@@ -218,7 +220,8 @@ def _run_control(cfg: TrialConfig, data: Any, teacher: FitResult, student: FitRe
     _, low, high = paired_bootstrap_macro_f1(val.labels, (student_logits + student_offsets).argmax(axis=1),
                                              (control_logits + control_offsets).argmax(axis=1), len(data.classes))
     # "helped" only when the paired interval excludes 0: a +0.001 on a few hundred val images is noise
-    metrics.update(control_val_macro_f1=control.best_metrics["val_macro_f1"],
+    metrics.update(control_val_macro_f1=control.best_metrics["val_macro_f1"], labelled_images=len(train.labels),
+                   pool_images=len(data.splits["unlabeled"].images),
                    student_val_macro_f1_posthoc=student_f1, control_val_macro_f1_posthoc=control_f1,
                    pool_gain_val=student_f1 - control_f1, pool_gain_val_ci95=[low, high], pool_helped=bool(low > 0),
                    pool_offsets={"student": [float(v) for v in student_offsets],

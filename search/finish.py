@@ -285,7 +285,7 @@ def summarize(plan, records, search_winner, search_baseline, confirmation, teste
 
 POOL_KEYS = ("teacher_val_macro_f1", "student_val_macro_f1", "control_val_macro_f1",
              "student_val_macro_f1_posthoc", "control_val_macro_f1_posthoc", "pool_gain_val",
-             "pool_gain_val_ci95", "pool_helped", "pseudo_kept", "pseudo_precision")
+             "pool_gain_val_ci95", "pool_helped", "pseudo_kept", "pseudo_precision", "labelled_images", "pool_images")
 
 
 def pool_summary(checkpoint: dict[str, Any]) -> dict[str, Any] | None:

@@ -326,3 +326,90 @@ def test_stage2_recipes_are_valid_configs_and_each_row_says_its_gain_and_rounds(
     rows = recipes.rows_of("demo/8", {"recipes": {"rounds 2": entry, "default": dict(entry, rounds=None)}})
     assert rows[0] == ["demo/8", "rounds 2", 0.61, 0.59, "+0.020 (-0.010 to +0.050)", "0.500 / 0.520", 12]
     assert rows[1][5] == "-"
+
+
+@pytest.mark.parametrize("fraction", [1 / 16, 1 / 8, 1 / 4])
+def test_label_fraction_cuts_a_training_split_into_few_labels_and_the_rest_as_the_pool(fraction):
+    """The test bed of issue 38: labelled = `fraction` of each class (at least two), pool = the
+    rest of the same split with its labels kept as held-out truth; val and test untouched."""
+    import numpy as np
+
+    bed = load("label_fraction")
+    data = bed.digits_set(fraction, "prior")
+    train, pool = data.class_counts("train"), np.bincount(data.splits["unlabeled"].labels, minlength=7)
+    totals = train + pool
+    assert sorted(totals)[-1] / sorted(totals)[0] == pytest.approx(bed.DIGITS_RATIO, rel=0.1)  # long-tailed
+    assert np.all(train >= 2) and np.all(np.abs(train - totals * fraction) <= np.maximum(1, 2 - totals * fraction))
+    assert list(data.class_counts("val")) == [20] * 7 and list(data.class_counts("test")) == [30] * 7
+    assert data.splits["train"].images.shape[1:] == data.splits["unlabeled"].images.shape[1:] == (48, 48, 1)
+    # no image is both labelled and in the pool, val or test
+    flat = {name: {split.images[i].tobytes() for i in range(len(split))} for name, split in data.splits.items()}
+    assert not flat["train"] & flat["unlabeled"] and not (flat["train"] | flat["unlabeled"]) & flat["test"]
+    balanced = bed.digits_set(fraction, "balanced")
+    assert len(set(np.bincount(balanced.splits["unlabeled"].labels, minlength=7))) == 1  # every class equally often
+    np.testing.assert_array_equal(balanced.class_counts("train"), train)
+
+
+def test_label_fraction_demo_pool_is_seven_times_the_labels_at_one_eighth():
+    import numpy as np
+
+    bed = load("label_fraction")
+    data = bed.demo_set(1 / 8, "prior")
+    labelled, pool = len(data.splits["train"]), len(data.splits["unlabeled"])
+    assert labelled + pool == 6028 and pool / labelled == pytest.approx(7, rel=0.05)
+    assert data.class_counts("train")[3] / data.class_counts("train")[1] == pytest.approx(16, rel=0.2)  # Happy : Disgust
+    assert len(data.splits["test"]) == len(data.splits["val"]) == 700
+    assert data.splits["unlabeled"].labels is not None and np.all(data.class_counts("train") >= 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fractions", "1/0"], "--fractions: '1/0' is not a fraction like 1/8 or 0.125"),
+    (["--fractions", "3/2"], "--fractions: 3/2 must lie strictly between 0 and 1"),
+    (["--variant", "fast:lr=0.1"], "--variant fast: lr change(s) the teacher; a variant may set only stage-2 knobs"),
+    (["--variant", "slow:student_schedule=step"], "--variant slow: student_schedule='step' is not allowed"),
+    (["--variant", "nothing"], "--variant 'nothing': expected NAME:KEY=VALUE[,KEY=VALUE...]"),
+    (["--set", "pool_ratio=0"], "--set: pool_ratio=0 is outside the allowed range [1, 64]"),
+])
+def test_label_fraction_refuses_bad_arguments_in_one_line_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        load("label_fraction").main(argv)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_label_fraction_measures_r_and_both_paired_intervals_from_one_teacher(monkeypatch, tmp_path):
+    """measure(): the defaults and each variant from one teacher; the oracle trains on the
+    pool's true labels; r = (pipeline - control) / (oracle - control) and both paired intervals
+    land in the JSON, with each stage's seconds and per-class pool precision."""
+    import json
+
+    import fer.fitting
+    import fer.models
+    from test_pipeline import make_data, tiny_cfg, tiny_model
+
+    monkeypatch.setattr(fer.fitting, "build_model", tiny_model)
+    monkeypatch.setattr(fer.models, "build_model", tiny_model)
+    bed, teachers = load("label_fraction"), []
+    fit = fer.fitting.fit
+
+    def counting_fit(cfg, stage, *args, **kwargs):
+        teachers.append(stage.name)
+        return fit(cfg, stage, *args, **kwargs)
+
+    monkeypatch.setattr(fer.pipeline, "fit", counting_fit)
+    data = make_data()
+    cfg = tiny_cfg(student_mode="flexmatch", pseudo_threshold=0.5, student_epochs=1)
+    run = bed.measure(data, cfg, {"defaults": {}, "constant": {"student_schedule": "constant"}})
+    assert teachers.count("teacher") == 1  # one teacher for every variant
+    assert teachers.count("control") == 2  # the schedule changes the control's recipe: its own control
+    for name, entry in run["variants"].items():
+        for split in ("val", "test"):
+            pipe, oracle = entry["pipeline"][split], entry["oracle"][split]
+            low, high = pipe["ci95"]
+            assert low <= pipe["minus_control"] <= high and len(oracle["ci95"]) == 2
+            gap = oracle["minus_control"]
+            assert entry[f"r_{split}"] == (pytest.approx(pipe["minus_control"] / gap) if gap > 0 else None)
+        assert len(entry["pipeline"]["pool_precision"]) == 4 and entry["seconds"]["oracle"] > 0
+    path = load("common").save_json("label_fraction", "test", {"runs": [run]}, str(tmp_path / "out.json"))
+    saved = json.loads(path.read_text())["runs"][0]["variants"]["defaults"]
+    assert {"r_test", "r_val"} <= set(saved) and "ci95" in saved["oracle"]["test"]

@@ -107,9 +107,11 @@ def test_a_fixmatch_run_trains_on_the_pool_and_reports_what_it_kept(tmp_path, ca
     assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("mode,align", [("fixmatch", True), ("flexmatch", False)])
-def test_resuming_an_online_run_after_any_epoch_ends_with_the_same_model(mode, align):
-    cfg = online_cfg(student_init="teacher", dropout=0.1, student_mode=mode, pool_align=align)
+@pytest.mark.parametrize("mode,align,schedule", [("fixmatch", True, "cosine"), ("flexmatch", False, "cosine"),
+                                                 ("flexmatch", False, "constant")])
+def test_resuming_an_online_run_after_any_epoch_ends_with_the_same_model(mode, align, schedule):
+    cfg = online_cfg(student_init="teacher", dropout=0.1, student_mode=mode, pool_align=align,
+                     student_schedule=schedule)
     data, states = make_data(), []
     whole = run_pipeline(cfg, data, progress=False,
                          report=lambda metrics, ckpt, state: states.append(saved_and_loaded(state.to_dict())))

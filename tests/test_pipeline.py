@@ -166,6 +166,7 @@ def test_pool_control_trains_the_student_recipe_on_labels_alone(monkeypatch):
     assert all(seen >= max(student[6]) for seen in control[6])  # the control is not given fewer steps
     metrics = result.metrics
     assert metrics["control_val_macro_f1"] == control[7]
+    assert (metrics["labelled_images"], metrics["pool_images"]) == (80, 60)  # the label fraction it was bought at
     # the gain is read with each model's own post-hoc offsets, fitted on val like the final model's
     assert metrics["pool_gain_val"] == pytest.approx(
         metrics["student_val_macro_f1_posthoc"] - metrics["control_val_macro_f1_posthoc"])
@@ -425,3 +426,20 @@ def test_a_run_hands_out_its_control_when_that_scores_best_on_val(monkeypatch, t
     assert result.model is result.control.model
     saved = load_checkpoint(str(tmp_path / "best.pt"))
     assert saved["stage"] == "control" and len(saved["posthoc_offsets"]) == 4
+
+
+def test_a_constant_student_schedule_keeps_stage_two_and_its_control_at_the_peak_rate():
+    """student_schedule=constant: after the warmup stage 2 and its control stay at lr x
+    student_lr_scale (USB's imbalanced runs); the teacher keeps its cosine; a bad name is refused."""
+    cfg = tiny_cfg(student_schedule="constant", student_lr_scale=0.5, student_epochs=3)
+    result = run_pipeline(cfg, make_data(), progress=False)
+    cosine = run_pipeline(replace(cfg, student_schedule="cosine"), make_data(), progress=False)
+    student = [m["lr"] for m in result.history if m["stage"] == "student"]
+    assert student == pytest.approx([0.5 * cfg.lr] * 3)
+    assert [m["lr"] for m in result.control.history] == pytest.approx([0.5 * cfg.lr] * 3)
+    assert [m["lr"] for m in cosine.history if m["stage"] == "student"][-1] < 0.5 * cfg.lr
+    assert [m["lr"] for m in result.history if m["stage"] == "teacher"] == \
+        [m["lr"] for m in cosine.history if m["stage"] == "teacher"]
+    with pytest.raises(ValueError, match="--set: student_schedule='step' is not allowed. Choose one of: "
+                                         "cosine, constant"):
+        apply_overrides(TrialConfig(), {"student_schedule": "step"}, source="--set", models=False)

@@ -437,6 +437,9 @@ def test_the_summary_says_what_the_pool_bought_the_exported_run(capsys):
         "no measurable gain from the pool (the interval includes 0)")
     assert pool_verdict(dict(pool, pool_gain_val=-0.04, pool_gain_val_ci95=[-0.07, -0.01])).endswith(
         "the pool hurt (the interval excludes 0)")
+    # the label fraction the gain was measured at, where the run recorded it
+    assert pool_verdict(dict(pool, labelled_images=400, pool_images=3000)).startswith(
+        "pool (400 labelled images, a pool of 3000, 7.5x): student val macro-F1 0.5800")
 
 
 def test_the_pool_verdict_of_a_run_comes_from_its_best_pt_whichever_epoch_is_exported(tmp_path):
