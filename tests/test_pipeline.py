@@ -399,8 +399,9 @@ def test_the_final_model_is_the_best_on_val_of_teacher_student_and_control():
     ties go to the student, then the control."""
     from fer.fitting import FitResult
 
-    def stage(f1):
-        return FitResult(model=None, best_metrics={"val_macro_f1": f1}, best_epoch=1, history=[])
+    def stage(f1, raw=0.0):
+        return FitResult(model=None, best_metrics={"val_macro_f1": raw, "val_macro_f1_posthoc": f1}, best_epoch=1,
+                         history=[])
 
     pick = fer.pipeline.final_stage
     assert pick({"teacher": stage(0.5), "student": stage(0.4), "control": stage(0.6)}) == "control"
@@ -408,6 +409,8 @@ def test_the_final_model_is_the_best_on_val_of_teacher_student_and_control():
     assert pick({"teacher": stage(0.6), "student": stage(0.4), "control": stage(0.6)}) == "control"
     assert pick({"teacher": stage(0.6), "student": stage(0.4), "control": None}) == "teacher"
     assert pick({"teacher": stage(0.4), "student": None, "control": None}) == "teacher"
+    # scored as handed out, with offsets: a control better by argmax loses to a student better with them
+    assert pick({"teacher": stage(0.5, 0.5), "student": stage(0.63, 0.55), "control": stage(0.62, 0.60)}) == "student"
 
 
 def test_a_run_hands_out_its_control_when_that_scores_best_on_val(monkeypatch, tmp_path):
@@ -417,7 +420,7 @@ def test_a_run_hands_out_its_control_when_that_scores_best_on_val(monkeypatch, t
     def control_best(cfg, stage, *args, **kwargs):
         result = fit(cfg, stage, *args, **kwargs)
         if stage.name == "control":  # make the control win on val
-            result.best_metrics = dict(result.best_metrics, val_macro_f1=2.0)
+            result.best_metrics = dict(result.best_metrics, val_macro_f1_posthoc=2.0)
         return result
 
     monkeypatch.setattr(fer.pipeline, "fit", control_best)
