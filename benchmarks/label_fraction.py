@@ -33,7 +33,8 @@ class), as USB's mismatched long-tailed tables do.
     python benchmarks/label_fraction.py                                  # the issue's grid
     python benchmarks/label_fraction.py --sets demo --fractions 1/8 --seeds 0
     python benchmarks/label_fraction.py --sets demo --fractions 1/8 --pool balanced
-    python benchmarks/label_fraction.py --sets digits --fractions 1/8 --set pool_ratio=2
+    python benchmarks/label_fraction.py --sets digits --fractions 1/8 --variant ratio3:pool_ratio=3
+    python benchmarks/label_fraction.py --report benchmarks/results/label_fraction_*.json   # one table
 """
 
 from __future__ import annotations
@@ -317,6 +318,25 @@ def verdict(run: dict[str, Any], variant: str) -> str:
             f"final - best classical peer {entry['final']['test']['macro_f1'] - peers:+.3f}")
 
 
+def report(paths: list[str]) -> int:
+    """The table and verdicts of the runs saved in `paths`, in the order given."""
+    import json
+
+    runs = []
+    for path in paths:
+        try:
+            runs.extend(json.loads(Path(path).read_text())["runs"])
+        except (OSError, ValueError, KeyError) as err:
+            raise SystemExit(f"--report {path}: not a label_fraction results file ({err})") from None
+    rows = [row(run, variant) for run in runs for variant in run["variants"]]
+    print("=== test macro-F1 (each network with its own post-hoc offsets); r = share of the oracle's gain ===")
+    print(format_table(HEADER, rows))
+    for run in runs:
+        for variant in run["variants"]:
+            print(verdict(run, variant))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
@@ -331,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", dest="variants", action="append", type=parse_variant, default=[],
                         metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                         help="a stage-2 recipe measured from the same teacher beside the defaults (repeatable)")
+    parser.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                        help="print the table and verdicts of earlier runs' raw results (one per process) and train nothing")
     parser.add_argument("--json", default=None, help="where the raw results go")
     args = parser.parse_args(argv)
+    if args.report:
+        return report(args.report)
 
     from fer.config import TrialConfig, apply_overrides, parse_set_args
 

@@ -413,3 +413,18 @@ def test_label_fraction_measures_r_and_both_paired_intervals_from_one_teacher(mo
     path = load("common").save_json("label_fraction", "test", {"runs": [run]}, str(tmp_path / "out.json"))
     saved = json.loads(path.read_text())["runs"][0]["variants"]["defaults"]
     assert {"r_test", "r_val"} <= set(saved) and "ci95" in saved["oracle"]["test"]
+
+
+def test_label_fraction_report_prints_one_table_of_saved_runs_and_refuses_other_files(tmp_path, capsys):
+    import json
+    import shutil
+
+    bed = load("label_fraction")
+    saved = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "label_fraction_demo8_seed0.json"
+    shutil.copy(saved, tmp_path / "a.json")
+    assert bed.main(["--report", str(tmp_path / "a.json")]) == 0
+    out = capsys.readouterr().out
+    assert "demo 1/8 prior pool seed 0 defaults: r = 0.82 (floor 0.5, with pipeline - control excluding 0: met)" in out
+    (tmp_path / "b.json").write_text(json.dumps({"results": {}}))
+    with pytest.raises(SystemExit, match="b.json: not a label_fraction results file"):
+        bed.main(["--report", str(tmp_path / "b.json")])
