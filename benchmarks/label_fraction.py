@@ -149,8 +149,9 @@ def oracle_stage(cfg: Any, data: Any, teacher: Any, epoch_images: int) -> Any:
         replace(cfg, epoch_images=epoch_images)
 
 
-def scores(cfg: Any, fitted: Any, data: Any, counts: np.ndarray) -> dict[str, Any]:
-    """Val and test predictions of one fitted stage with its own post-hoc offsets (fitted on val)."""
+def scores(cfg: Any, fitted: Any, data: Any) -> dict[str, Any]:
+    """Val and test predictions of one fitted stage with its own post-hoc offsets, fitted on val
+    with the class counts it trained on (its checkpoint's, as fer.pipeline fits them)."""
     from sklearn.metrics import balanced_accuracy_score
 
     from fer.infer import predict_logits
@@ -160,7 +161,7 @@ def scores(cfg: Any, fitted: Any, data: Any, counts: np.ndarray) -> dict[str, An
     val = data.splits["val"]
     logits = {name: predict_logits(fitted.model, data.splits[name].images, image_size=cfg.image_size).numpy()
               for name in ("val", "test", "unlabeled")}
-    offsets = fit_offsets(logits["val"], val.labels, counts, cfg.posthoc)
+    offsets = fit_offsets(logits["val"], val.labels, np.asarray(fitted.checkpoint["class_counts"]), cfg.posthoc)
     for name in ("val", "test"):
         predicted = (logits[name] + offsets).argmax(axis=1)
         truth = data.splits[name].labels
@@ -196,8 +197,7 @@ def measure(data: Any, cfg: Any, variants: dict[str, dict[str, Any]]) -> dict[st
     base = run_pipeline(cfg, data, progress=True)
     seconds = time.time() - start
     out: dict[str, Any] = {"teacher": {"seconds": stage_seconds(base.teacher)}, "variants": {}}
-    counts = data.class_counts("train")
-    teacher_scores = scores(cfg, base.teacher, data, counts)
+    teacher_scores = scores(cfg, base.teacher, data)
     out["teacher"].update({split: {k: v for k, v in teacher_scores[split].items() if k != "pred"}
                            for split in ("val", "test")}, pool_precision=teacher_scores["pool_precision"])
     for name, changes in variants.items():
@@ -212,11 +212,11 @@ def measure(data: Any, cfg: Any, variants: dict[str, dict[str, Any]]) -> dict[st
                 result.control = base.control
         else:
             result = base
-        out["variants"][name] = measure_variant(data, vcfg, result, counts, seconds, teacher_scores)
+        out["variants"][name] = measure_variant(data, vcfg, result, seconds, teacher_scores)
     return out
 
 
-def measure_variant(data: Any, cfg: Any, result: Any, counts: np.ndarray, seconds: float,
+def measure_variant(data: Any, cfg: Any, result: Any, seconds: float,
                     teacher_scores: dict[str, Any]) -> dict[str, Any]:
     """A variant's student, control, oracle and final model: scores, differences, r."""
     from fer.evaluate import paired_bootstrap_macro_f1
@@ -230,7 +230,7 @@ def measure_variant(data: Any, cfg: Any, result: Any, counts: np.ndarray, second
     start = time.time()
     oracle = fit(oracle_cfg, stage, data.splits["val"], data.classes, progress=True)
     oracle_s = time.time() - start
-    scored = {"teacher": teacher_scores, **{name: scores(cfg, fitted, data, counts) for name, fitted in
+    scored = {"teacher": teacher_scores, **{name: scores(cfg, fitted, data) for name, fitted in
                                             (("control", result.control), ("pipeline", result.student),
                                              ("oracle", oracle))}}
     final = final_stage({"teacher": result.teacher, "student": result.student, "control": result.control})
