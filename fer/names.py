@@ -21,6 +21,9 @@ STUDENT_INITS = ("teacher", "scratch")
 # fer.pipeline: the teacher's selected pseudo-labels, or online consistency (fer.consistency)
 STUDENT_MODES = ("offline", "fixmatch", "flexmatch")
 ONLINE_MODES = ("fixmatch", "flexmatch")
+# fer.data.fundus: how a DR folder's photographs become squares, and an optional filter
+LOAD_CROPS = ("retina", "squash")
+LOAD_FILTERS = ("none", "graham")
 
 
 def check_registry(registry: object, names: tuple[str, ...], what: str) -> None:

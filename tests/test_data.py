@@ -244,7 +244,7 @@ def test_fer_csv_errors_name_file_and_line(case, tmp_path):
     path = fer_case(tmp_path, bad)
     with pytest.raises(DataError, match=message):
         load_dataset(path, cache_dir=tmp_path / "cache")
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    assert cache_entries(tmp_path / "cache") == []
 
 
 def test_bad_row_in_a_later_parser_chunk(tmp_path, monkeypatch):
@@ -269,7 +269,7 @@ def test_fer_csv_structure_errors(tmp_path):
         load_dataset(fer_case(tmp_path, drop_usage="PrivateTest"), cache_dir=tmp_path)
     with pytest.raises(DataError, match=r"nothing\.csv: no such file or folder"):
         load_dataset(tmp_path / "nothing.csv", cache_dir=tmp_path)
-    assert not list(tmp_path.glob("*.npz")) and not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in cache_entries(tmp_path)] == ["bad.csv"]  # no entry, temporary folder or lock
 
 
 def test_split_folder_errors(tmp_path):
@@ -286,7 +286,7 @@ def test_split_folder_errors(tmp_path):
     (root / "val.csv").unlink()
     with pytest.raises(DataError, match=r"splits: missing val\.csv"):
         load_dataset(root, cache_dir=tmp_path / "cache")
-    assert not (tmp_path / "cache").exists()
+    assert cache_entries(tmp_path / "cache") == []
 
 
 def test_dr_folder_errors(tmp_path):
@@ -313,7 +313,7 @@ def test_dr_folder_errors(tmp_path):
     (root / "test.txt").unlink()
     with pytest.raises(DataError, match=r"dr: missing test\.txt"):
         load_dataset(root, cache_dir=cache)
-    assert not cache.exists()
+    assert cache_entries(cache) == []
 
 
 def test_unknown_folder(tmp_path):
@@ -336,6 +336,11 @@ def test_class_missing_from_train_warns(tmp_path):
 
 # ------------------------------------------------------------------------------ cache
 
+def cache_entries(cache: Path) -> list[Path]:
+    """Everything in a cache folder but the digest memo: entries, temporary folders, locks."""
+    return sorted(p for p in cache.iterdir() if p.name != D.DIGEST_MEMO) if cache.exists() else []
+
+
 def no_decode(*args, **kwargs):
     raise AssertionError("decoded although the cache should have been used")
 
@@ -344,8 +349,10 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     path, images = build_fer_csv(tmp_path)
     cache = tmp_path / "cache"
     first = load_dataset(path, cache_dir=cache)
-    entries = list(cache.iterdir())
-    assert len(entries) == 1 and entries[0].suffix == ".npz"
+    entries = cache_entries(cache)
+    assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
+    assert {p.name for p in entries[0].glob("*.npy")} == {f"{s}.{kind}.npy" for s in first.splits
+                                                         for kind in ("images", "labels")}
     with monkeypatch.context() as m:
         m.setitem(LAYOUTS, "fer_csv", no_decode)
         again = load_dataset(path, cache_dir=cache)
@@ -360,7 +367,7 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     path.write_text(path.read_text().replace(old, new, 1))
     changed = load_dataset(path, cache_dir=cache)
     np.testing.assert_array_equal(changed.splits["train"].images[0], 255 - images["train"][0])
-    assert len(list(cache.iterdir())) == 2
+    assert len(cache_entries(cache)) == 2
 
 
 def test_digest_memo_skips_rehashing_a_settled_file(tmp_path, monkeypatch):
@@ -385,10 +392,12 @@ def test_cache_env_var_and_corrupt_entry(tmp_path, monkeypatch):
     path, _ = build_fer_csv(tmp_path)
     monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "env"))
     load_dataset(path)
-    (entry,) = (tmp_path / "env").iterdir()
-    entry.write_bytes(b"truncated")  # unreadable entry: decoded again and rewritten
+    (entry,) = cache_entries(tmp_path / "env")
+    images = entry / "train.images.npy"
+    images.write_bytes(images.read_bytes()[:-10])  # unreadable entry: decoded again and rewritten
     data = load_dataset(path)
-    assert len(data.splits["train"]) == len(LABELS["train"]) and entry.stat().st_size > 100
+    assert len(data.splits["train"]) == len(LABELS["train"])
+    assert data.origin is not None and data.origin.entry == str(entry) and images.stat().st_size > 100
 
 
 def test_dr_cache_keyed_by_load_size_and_image_content(tmp_path, monkeypatch):
@@ -396,26 +405,26 @@ def test_dr_cache_keyed_by_load_size_and_image_content(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     load_dataset(root, load_size=8, cache_dir=cache)
     load_dataset(root, load_size=12, cache_dir=cache)
-    assert len(list(cache.iterdir())) == 2
+    assert len(cache_entries(cache)) == 2
     Image.new("RGB", (5, 5), (255, 0, 0)).save(root / "train" / "img0.png")
     data = load_dataset(root, load_size=8, cache_dir=cache)
     assert (data.splits["train"].images[0] == [255, 0, 0]).all()
-    assert len(list(cache.iterdir())) == 3
+    assert len(cache_entries(cache)) == 3
 
 
 def test_failed_cache_write_leaves_no_file_and_still_loads(tmp_path, monkeypatch):
     path, images = build_fer_csv(tmp_path)
     cache = tmp_path / "cache"
 
-    def fail_during_write(file, **arrays):
-        file.write(b"half an archive")
-        raise OSError("No space left on device")
+    def fail_during_write(file, array, **kwargs):
+        Path(file).write_bytes(b"half an array")
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", fail_during_write)
+    monkeypatch.setattr(np, "save", fail_during_write)
     with pytest.warns(UserWarning, match=r"could not write the data cache .*No space left on device"):
         data = load_dataset(path, cache_dir=cache)
     np.testing.assert_array_equal(data.splits["train"].images, images["train"])
-    assert list(cache.iterdir()) == []
+    assert cache_entries(cache) == [] and data.origin is None  # in memory, not mapped
 
 
 def test_embedded_data_goes_through_the_fer_path_and_cache(tmp_path, monkeypatch):
