@@ -467,3 +467,150 @@ def test_cli_every_layout(layout, tmp_path, capsys):
     assert all(any(line.startswith(name) for line in out.splitlines()) for name in classes)
     pool = next(line for line in out.splitlines() if line.startswith("unlabeled "))
     assert pool.split()[1] == str(len(LABELS["unlabeled"]))
+
+
+# ------------------------------------------------------------------------------ bad image files
+
+def dr_with(tmp_path: Path, extra: dict[str, bytes | None], listed: bool = True) -> Path:
+    """A valid DR folder plus `extra` files in train/ (None: listed but never written),
+    listed in train.txt when `listed`."""
+    root = write_dr_folder(tmp_path / "dr", {"train": [0, 1, 2], "val": [1], "test": [2]})
+    for name, content in extra.items():
+        if content is not None:
+            (root / "train" / name).write_bytes(content)
+    if listed:
+        with open(root / "train.txt", "a") as f:
+            f.write("".join(f"{name} 3\n" for name in extra))
+    return root
+
+
+def jpeg_bytes(side: int = 64) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+BAD_IMAGES = {  # case: (extra train/ files, listed in train.txt, expected message)
+    "truncated jpeg": ({"cut.jpg": jpeg_bytes()[:1500]}, True,
+                       r"train\.txt: line 4: cannot read image .*cut\.jpg: OSError: image file is truncated"),
+    "not an image": ({"junk.jpg": b"\xff\xd8 not really"}, True,
+                     r"train\.txt: line 4: cannot read image .*junk\.jpg: UnidentifiedImageError"),
+    "listed, missing": ({"gone.jpg": None}, True,
+                        r"train\.txt: line 4: image file 'gone\.jpg' not found in .*dr/train or"),
+    "present, unlisted": ({"stray.jpg": jpeg_bytes()}, False,
+                          r"dr/train/stray\.jpg: image file is listed in none of train\.txt, val\.txt, test\.txt"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_bad_image_is_one_line_naming_file_and_line_and_leaves_no_cache(case, tmp_path):
+    extra, listed, message = BAD_IMAGES[case]
+    root = dr_with(tmp_path, extra, listed)
+    with pytest.raises(DataError, match=message) as info:
+        load_dataset(root, load_size=8, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(info.value) and "--skip-bad" in str(info.value)
+    assert cache_entries(tmp_path / "cache") == []
+
+
+def test_decompression_bomb_is_refused_with_its_line(tmp_path, monkeypatch):
+    import fer.data.fundus
+
+    monkeypatch.setattr(fer.data.fundus, "MAX_PIXELS", 20 * 20)
+    root = dr_with(tmp_path, {"huge.png": b""}, listed=True)
+    Image.new("RGB", (40, 40)).save(root / "train" / "huge.png")
+    with pytest.raises(DataError, match=r"train\.txt: line 4: cannot read image .*huge\.png: ValueError: "
+                                        r"40x40 pixels is over the 400 allowed"):
+        load_dataset(root, load_size=8, cache_dir=tmp_path / "cache")
+
+
+def test_skip_bad_leaves_bad_images_out_counts_them_and_keeps_labels_aligned(tmp_path, capsys):
+    root = dr_with(tmp_path, {"cut.jpg": jpeg_bytes()[:1500], "gone.jpg": None}, listed=True)
+    Image.new("RGB", (12, 12), (0, 255, 0)).save(root / "train" / "green.png")
+    with open(root / "train.txt", "a") as f:
+        f.write("green.png 4\n")
+    (root / "train" / "stray.png").write_bytes((root / "train" / "green.png").read_bytes())
+    cache = tmp_path / "cache"
+    with pytest.warns(UserWarning, match=r"left out 3 bad images \(skip_bad\)"):
+        data = load_dataset(root, load_size=8, skip_bad=True, cache_dir=cache)
+    assert len(data.skipped) == 3 and any("stray.png" in m for m in data.skipped)
+    assert data.splits["train"].labels.tolist() == [0, 1, 2, 4]  # cut.jpg and gone.jpg (label 3) left out
+    assert (data.splits["train"].images[3] == [0, 255, 0]).all()
+    with pytest.warns(UserWarning, match="left out 3 bad images"):
+        assert main([str(root), "--load-size", "8", "--skip-bad", "--cache-dir", str(cache)]) == 0
+    assert "skipped 3 bad images (--skip-bad):" in capsys.readouterr().out
+    # the entry built with skip_bad does not let a strict load through
+    with pytest.raises(DataError, match=r"(cut\.jpg|gone\.jpg|stray\.png).*\(and 2 more bad images\)"):
+        load_dataset(root, load_size=8, cache_dir=cache)
+    assert main([str(root), "--load-size", "8", "--cache-dir", str(cache)]) == 2
+    assert "pass --skip-bad" in capsys.readouterr().err
+
+
+def test_interrupted_decode_leaves_nothing_a_later_load_would_trust(tmp_path, monkeypatch):
+    import fer.data.layouts
+
+    root, _ = build_dr_folder(tmp_path)
+    cache = tmp_path / "cache"
+    real, calls = fer.data.layouts.load_fundus, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the train split
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fer.data.layouts, "load_fundus", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset(root, load_size=8, cache_dir=cache)
+    assert cache_entries(cache) == []  # no entry, temporary folder or lock
+    monkeypatch.setattr(fer.data.layouts, "load_fundus", real)
+    assert len(load_dataset(root, load_size=8, cache_dir=cache).splits["train"]) == len(LABELS["train"])
+
+
+# ------------------------------------------------------------------------------ memory maps
+
+def test_splits_are_read_only_memory_maps_and_reopen_without_test(tmp_path, monkeypatch, capsys):
+    root, _ = build_dr_folder(tmp_path)
+    data = load_dataset(root, load_size=8, cache_dir=tmp_path / "cache")
+    assert "decoding dr: 18/18 in" in capsys.readouterr().err  # the progress line, without a terminal
+    images = data.splits["train"].images
+    assert isinstance(images, np.memmap) and not images.flags.writeable
+    assert data.origin is not None and set(data.origin.splits) == set(data.splits)
+    opened = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda file, *a, **k: opened.append(Path(file).name) or real_load(file, *a, **k))
+    trial = D.open_mapped(data.without("test").origin)
+    assert set(trial.splits) == {"train", "val", "unlabeled"} and not any(n.startswith("test.") for n in opened)
+    np.testing.assert_array_equal(trial.splits["train"].images, images)
+    assert trial.source == data.source and trial.origin.splits == ("train", "val", "unlabeled")
+
+
+def test_reopening_on_a_node_without_the_entry_decodes_there(tmp_path):
+    import dataclasses
+    import shutil
+
+    root, _ = build_dr_folder(tmp_path)
+    data = load_dataset(root, load_size=8, cache_dir=tmp_path / "driver")
+    other_node = dataclasses.replace(data.without("test").origin, cache_dir=str(tmp_path / "node2"))
+    shutil.rmtree(tmp_path / "driver")
+    trial = D.open_mapped(other_node)
+    assert set(trial.splits) == {"train", "val", "unlabeled"} and len(cache_entries(tmp_path / "node2")) == 1
+
+
+def test_load_options_are_validated(tmp_path):
+    root, _ = build_dr_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"load_crop='circle' is not allowed. Choose one of: retina, squash"):
+        load_dataset(root, load_crop="circle", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"load_filter='ben' is not allowed. Choose one of: none, graham"):
+        load_dataset(root, load_filter="ben", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"load_size must be a positive integer, got 0"):
+        load_dataset(root, load_size=0, cache_dir=tmp_path)
+
+
+def test_dr_cache_keyed_by_crop_and_filter(tmp_path):
+    root, _ = build_dr_folder(tmp_path)
+    cache = tmp_path / "cache"
+    for crop, filter in [("retina", "none"), ("squash", "none"), ("retina", "graham")]:
+        load_dataset(root, load_size=8, load_crop=crop, load_filter=filter, cache_dir=cache)
+    assert len(cache_entries(cache)) == 3
