@@ -184,6 +184,7 @@ def plan_space(args: argparse.Namespace, saved: dict[str, Any], smoke: bool) -> 
     smoke budget and the seed applied."""
     space = load_space(saved.get("space_path") or args.space or DEFAULT_SPACE)
     space.check_models()  # model names need timm; still before Ray starts
+    check_pretrained(space)
     if smoke:
         space = space.with_budget(**SMOKE_BUDGET)
     seed = args.seed if args.seed is not None else saved.get("seed")
@@ -192,6 +193,16 @@ def plan_space(args: argparse.Namespace, saved: dict[str, Any], smoke: bool) -> 
         if not any(p.name == "seed" for p in space.parameters):
             space.fixed = {**space.fixed, "seed": seed}
     return space
+
+
+def check_pretrained(space: Space) -> None:
+    """A fixed local weights file must exist before Ray starts, not fail every trial."""
+    pretrained = space.fixed.get("pretrained")
+    if pretrained in (None, "imagenet") or Path(str(pretrained)).expanduser().is_file():
+        return
+    raise UsageError(f"{space.path}: fixed.pretrained={pretrained!r}: no such file; put the weights there "
+                     "(a .safetensors / .pth state dict, e.g. timm's from huggingface.co/timm) or set "
+                     "pretrained: null to train from scratch")
 
 
 def trial_resources(args: argparse.Namespace) -> Any:
