@@ -326,3 +326,17 @@ def test_stage2_recipes_are_valid_configs_and_each_row_says_its_gain_and_rounds(
     rows = recipes.rows_of("demo/8", {"recipes": {"rounds 2": entry, "default": dict(entry, rounds=None)}})
     assert rows[0] == ["demo/8", "rounds 2", 0.61, 0.59, "+0.020 (-0.010 to +0.050)", "0.500 / 0.520", 12]
     assert rows[1][5] == "-"
+
+
+def test_dr_scale_measures_decode_in_its_own_process_and_tabulates(tmp_path):
+    from fer.fundus_synth import write_fundus_folder
+
+    dr_scale = load("dr_scale")
+    folder = write_fundus_folder(tmp_path / "fundus", 12, sides=(64, 96))
+    decode = dr_scale.run_child("decode", folder, tmp_path / "cache", 32, 0)
+    assert decode["images"] == 12 and decode["threads"] >= 1 and decode["cache_bytes"] >= 12 * 32 * 32 * 3
+    assert 0 < decode["peak_rss_anon_kib"] <= decode["VmHWM"]  # the child's own peak, not this process's
+    epoch = {"images": 6, "images_per_s": 3.0, "VmHWM": 2048, "peak_rss_anon_kib": 1024}
+    row = {"n": 12, "decode": decode, "epoch": epoch, "bare": dict(epoch, images_per_s=4.0), "epoch_vs_bare": 0.75}
+    lines = dr_scale.report([row]).splitlines()
+    assert lines[0].split()[:3] == ["N", "decode", "s"] and lines[2].split()[0] == "12" and "0.75" in lines[2]

@@ -614,3 +614,17 @@ def test_dr_cache_keyed_by_crop_and_filter(tmp_path):
     for crop, filter in [("retina", "none"), ("squash", "none"), ("retina", "graham")]:
         load_dataset(root, load_size=8, load_crop=crop, load_filter=filter, cache_dir=cache)
     assert len(cache_entries(cache)) == 3
+
+
+def test_pages_released_while_decoding_keep_every_row(tmp_path, monkeypatch):
+    """The decoder unmaps each written block (MADV_DONTNEED) so its RSS does not grow with
+    N; the rows must still reach the file: the cache equals an in-memory decode."""
+    import fer.data.layouts
+
+    monkeypatch.setattr(fer.data.layouts, "RELEASE_ROWS", 2)
+    root, _ = build_dr_folder(tmp_path)
+    mapped = load_dataset(root, load_size=8, cache_dir=tmp_path / "cache")
+    in_memory = D.decode_dr_folder(root, D.LoadOptions(size=8))
+    for name, split in in_memory.splits.items():
+        np.testing.assert_array_equal(mapped.splits[name].images, split.images)
+        assert split.images.any()

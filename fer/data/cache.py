@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -93,13 +94,30 @@ class CacheWriter:
             self.maps[split] = reserved_map(self.tmp / f"{split}.images.npy", shape)
         return self.maps[split]
 
+    def release(self, images: np.ndarray, start: int, stop: int) -> None:
+        """Unmap the pages of rows [start, stop) from this process (MADV_DONTNEED): written
+        pages of a shared file mapping otherwise count as the decoder's RSS until the end, so
+        its peak would grow with N. The data stay in the page cache, dirty until written back,
+        and fault in again from there if read."""
+        handle = getattr(images, "_mmap", None)  # numpy keeps its mmap.mmap here
+        if handle is None or not hasattr(mmap, "MADV_DONTNEED") or stop <= start:
+            return
+        row = images[0].nbytes
+        base = images.offset % mmap.ALLOCATIONGRANULARITY  # numpy maps from an aligned offset
+        begin = (base + start * row) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(handle), -(-(base + stop * row) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        handle.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
     def keep_rows(self, split: str, images: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Replace the split's file by one holding only `rows` (skip_bad left some out),
         copied a chunk at a time."""
         with writing(self.final):
             kept = reserved_map(self.tmp / f"{split}.kept.npy", (len(rows),) + images.shape[1:])
             for start in range(0, len(rows), KEEP_CHUNK):
-                kept[start:start + KEEP_CHUNK] = images[rows[start:start + KEEP_CHUNK]]
+                chunk = rows[start:start + KEEP_CHUNK]
+                kept[start:start + len(chunk)] = images[chunk]
+                self.release(kept, start, start + len(chunk))
+                self.release(images, int(chunk[0]), int(chunk[-1]) + 1)  # rows ascend
             kept.flush()
             os.replace(self.tmp / f"{split}.kept.npy", self.tmp / f"{split}.images.npy")
         self.maps[split] = kept

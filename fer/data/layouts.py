@@ -151,6 +151,11 @@ def check_label_range(path: Path, entries: list[tuple[int, str, str]], labels: n
                         f"range 0..{len(classes) - 1} ({len(classes)} classes)")
 
 
+# Rows decoded between two releases of the written pages (fer.data.cache.CacheWriter.release):
+# 256 images of 512 px are 200 MB, the most a decoding process keeps mapped at once.
+RELEASE_ROWS = 256
+
+
 class BadInputs:
     """Bad image inputs: raised as a DataError at once, or with skip_bad counted and left out."""
 
@@ -191,10 +196,11 @@ def check_unlisted(root: Path, listed: set[Path], bad: BadInputs) -> None:
                            f"(list it with its label, or move it to {root / 'unlabeled'} for the pool)")
 
 
-def decode_images(files: list[Path], where: list[str], options: LoadOptions, out: np.ndarray,
+def decode_images(files: list[Path], where: list[str], options: LoadOptions, out: np.ndarray, sink: Sink,
                   bad: BadInputs, progress: Progress) -> np.ndarray:
     """Decode every file into its row of `out` (a memory map or an array), on every core
-    (Pillow releases the GIL while decoding and resizing). Returns the rows decoded."""
+    (Pillow releases the GIL while decoding and resizing), `RELEASE_ROWS` at a time, each
+    block handed back to `sink.release` once written. Returns the rows decoded."""
     ok = np.zeros(len(files), bool)
 
     def one(i: int) -> None:
@@ -208,8 +214,11 @@ def decode_images(files: list[Path], where: list[str], options: LoadOptions, out
 
     pool = ThreadPoolExecutor(decode_threads())
     try:
-        for _ in pool.map(one, range(len(files))):
-            pass
+        for start in range(0, len(files), RELEASE_ROWS):
+            stop = min(len(files), start + RELEASE_ROWS)
+            for _ in pool.map(one, range(start, stop)):
+                pass
+            sink.release(out, start, stop)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # the first error stops the rest
     return np.flatnonzero(ok)
@@ -224,7 +233,7 @@ def decode_split(name: str, files: list[Path], where: list[str], options: LoadOp
                  bad: BadInputs, progress: Progress) -> tuple[np.ndarray, np.ndarray]:
     """(images, indices of the files kept) of one split, written through `sink`."""
     out = sink.allocate(name, (len(files), options.size, options.size, 3))
-    kept = decode_images(files, where, options, out, bad, progress)
+    kept = decode_images(files, where, options, out, sink, bad, progress)
     if len(kept) < len(files):
         out = sink.keep_rows(name, out, kept)
     return out, kept
@@ -273,6 +282,9 @@ class MemorySink:
     def keep_rows(self, split: str, images: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return images[rows]
 
+    def release(self, images: np.ndarray, start: int, stop: int) -> None:
+        pass  # the rows stay where they are: in this process's memory
+
 
 class Sink(Protocol):
     """Where a decoder's image arrays live: `fer.data.cache.CacheWriter` or `MemorySink`."""
@@ -280,6 +292,8 @@ class Sink(Protocol):
     def allocate(self, split: str, shape: tuple[int, ...]) -> np.ndarray: ...
 
     def keep_rows(self, split: str, images: np.ndarray, rows: np.ndarray) -> np.ndarray: ...
+
+    def release(self, images: np.ndarray, start: int, stop: int) -> None: ...
 
 
 # --------------------------------------------------------------------------------------
