@@ -6,8 +6,10 @@ import argparse
 import sys
 
 from fer.data.load import load_dataset
-from fer.data.types import DataError, Dataset
+from fer.data.types import Dataset
 from fer.names import LOAD_CROPS, LOAD_FILTERS
+
+SHOWN_BAD = 20  # skipped files listed by name in the table
 
 
 def format_table(data: Dataset) -> str:
@@ -28,7 +30,10 @@ def format_table(data: Dataset) -> str:
         out.append(f"{name:<{width}}" + "".join(cells))
     out.append(f"{'total':<{width}}" + "".join(f"{int(counts[n].sum()):>8} {100.0:>6.1f}%" for n in shown))
     if data.skipped:
-        out += ["", f"skipped {len(data.skipped)} bad images (--skip-bad):"] + [f"  {m}" for m in data.skipped]
+        shown_bad = data.skipped[:SHOWN_BAD]
+        out += ["", f"skipped {len(data.skipped)} bad images (--skip-bad):"] + [f"  {m}" for m in shown_bad]
+        if len(data.skipped) > SHOWN_BAD:
+            out.append(f"  ... and {len(data.skipped) - SHOWN_BAD} more")
     return "\n".join(out)
 
 
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = load_dataset(args.path, load_size=args.load_size, load_crop=args.load_crop,
                             load_filter=args.load_filter, skip_bad=args.skip_bad, cache_dir=args.cache_dir)
-    except (DataError, ValueError) as e:
+    except ValueError as e:  # a DataError, or a load option out of range
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(data))
