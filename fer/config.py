@@ -20,6 +20,12 @@ class TrialConfig:
     data: str | None = None  # FER2013 CSV, split folder or DR folder; None = embedded demo data
     image_size: int = 48  # model input side; images are resized on the fly (96/112 upsample)
     load_size: int = 128  # DR folders only: images are resized to this once, at load time
+    # DR folders only (fer.data.fundus): "retina" crops the photograph's black border and pads
+    # to a square, so the retina stays round; "squash" resizes the whole photograph
+    load_crop: str = "retina"
+    # DR folders only: "graham" subtracts the local average colour (Ben Graham, Kaggle DR 2015)
+    load_filter: str = "none"
+    skip_bad: bool = False  # leave unreadable, missing or unlisted images out (counted) instead of stopping
 
     # --- model ----------------------------------------------------------------
     # fer.models.MODELS, any timm name, or a torchvision name. resnet10t (timm) by measurement
@@ -250,6 +256,7 @@ def config_choices() -> dict[str, tuple[str, ...]]:
         "optimizer": names.OPTIMIZERS,
         "student_init": names.STUDENT_INITS, "student_mode": names.STUDENT_MODES,
         "student_schedule": names.SCHEDULES,
+        "load_crop": names.LOAD_CROPS, "load_filter": names.LOAD_FILTERS,
     }
 
 

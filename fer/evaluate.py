@@ -219,7 +219,10 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, split: str = "tes
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
     dataset = load_dataset(data if data is not None else cfg.get("data"),
-                           load_size=int(cfg.get("load_size", 128)))
+                           load_size=int(cfg.get("load_size", 128)),
+                           # a checkpoint from before load_crop was trained on squashed photographs
+                           load_crop=cfg.get("load_crop", "squash"), load_filter=cfg.get("load_filter", "none"),
+                           skip_bad=bool(cfg.get("skip_bad", False)))
     if split not in dataset.splits:
         raise ValueError(f"{dataset.source}: no {split!r} split; available: {', '.join(dataset.splits)}")
     if list(dataset.classes) != list(ckpt["classes"]):

@@ -348,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = load_checkpoint(args.checkpoint)
         cfg = ckpt["config"]
         dataset = load_dataset(args.data if args.data is not None else cfg.get("data"),
-                               load_size=int(cfg.get("load_size", 128)))
+                               load_size=int(cfg.get("load_size", 128)),
+                               # a checkpoint from before load_crop was trained on squashed photographs
+                               load_crop=cfg.get("load_crop", "squash"), load_filter=cfg.get("load_filter", "none"),
+                               skip_bad=bool(cfg.get("skip_bad", False)))
         if list(dataset.classes) != list(ckpt["classes"]):
             raise ValueError(f"{args.checkpoint}: checkpoint classes {ckpt['classes']} differ from "
                              f"the data set's {dataset.classes} ({dataset.source})")

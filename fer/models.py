@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     Accepts a bare state dict, or a dict holding one under "model" / "state_dict" (our
     checkpoints, many training scripts); strips DDP's "module." prefix.
     """
+    path = os.path.expanduser(path)  # a shipped space names ~/.cache/fer-search/weights/...
     if not Path(path).is_file():
         raise ValueError(f"pretrained={path!r}: no such file (expected a state dict: .pth, .pt or .safetensors)")
     try:

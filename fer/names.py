@@ -15,7 +15,7 @@ POSTHOC = ("none", "tau", "bias")
 SELECTIONS = ("threshold", "crest", "flexmatch", "aligned")
 PSEUDO_GRAPHS = ("none", "pixels", "features", "auto")
 SAMPLERS = ("uniform", "sqrt", "balanced")
-AUGMENTS = ("none", "weak", "strong")
+AUGMENTS = ("none", "weak", "strong", "fundus")
 OPTIMIZERS = ("adamw", "sgd")
 STUDENT_INITS = ("teacher", "scratch")
 # stage 2's learning-rate schedule after its warmup (fer.loop.build_scheduler)
@@ -23,6 +23,9 @@ SCHEDULES = ("cosine", "constant")
 # fer.pipeline: the teacher's selected pseudo-labels, or online consistency (fer.consistency)
 STUDENT_MODES = ("offline", "fixmatch", "flexmatch")
 ONLINE_MODES = ("fixmatch", "flexmatch")
+# fer.data.fundus: how a DR folder's photographs become squares, and an optional filter
+LOAD_CROPS = ("retina", "squash")
+LOAD_FILTERS = ("none", "graham")
 
 
 def check_registry(registry: object, names: tuple[str, ...], what: str) -> None:

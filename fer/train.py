@@ -75,7 +75,8 @@ def train_main(cfg: TrialConfig, out_dir: str, *, device: str | None = None, pro
     from fer.data import load_dataset
 
     state = read_resume_file(out_dir, cfg) if resume else None
-    data = load_dataset(cfg.data, load_size=cfg.load_size)
+    data = load_dataset(cfg.data, load_size=cfg.load_size, load_crop=cfg.load_crop, load_filter=cfg.load_filter,
+                        skip_bad=cfg.skip_bad)
     print(describe_budget(cfg, data), flush=True)
     os.makedirs(out_dir, exist_ok=True)
     result = _run_with_resume_file(cfg, data, out_dir, device, progress, state)

@@ -308,10 +308,35 @@ def _strong(batch: torch.Tensor, size: int) -> torch.Tensor:
     return _erase(normalize(images), boxes)
 
 
+def _fundus_affine(n: int, zoom=(0.95, 1.1), shift: float = 0.05) -> torch.Tensor:
+    """(n, 2, 3) matrices: a rotation by any angle (a fundus photograph has no "up" the
+    grade depends on), a horizontal flip with probability 0.5 (with the free rotation that
+    covers vertical flips too), a zoom of 0.95-1.1 and a shift of up to 5% of the side."""
+    angle = torch.rand(n) * (2 * math.pi)
+    scale = 1 / _uniform(n, *zoom)  # output -> input coordinates: zooming in samples a smaller area
+    flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+    cos, sin = angle.cos() * scale, angle.sin() * scale
+    cx, cy = _uniform(n, -shift, shift), _uniform(n, -shift, shift)
+    return torch.stack([torch.stack([flip * cos, -sin, cx], 1), torch.stack([flip * sin, cos, cy], 1)], 1)
+
+
+def _fundus(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """Fundus photographs (a round retina on black, `fer.data.fundus`): any-angle rotation,
+    flips, zoom, then brightness and contrast of +-20% (cameras and exposure differ); the
+    corners a rotation uncovers are black like the border (zero padding), not mirrored retina."""
+    images = _to_float(_resize(batch, size))
+    n = len(images)
+    theta, bright, contrast = _send(images.device, _fundus_affine(n), _uniform(n, -0.2, 0.2), _uniform(n, -0.2, 0.2))
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return normalize(_contrast(_brightness(images, bright), contrast))
+
+
 AUGMENTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "none": _none,  # resize + normalise
     "weak": _weak,  # crop / rotate / flip
     "strong": _strong,  # weak + TrivialAugment + random erasing
+    "fundus": _fundus,  # any-angle rotation, flips, zoom, brightness / contrast
 }
 check_registry(AUGMENTS, names.AUGMENTS, "fer.transforms.AUGMENTS")
 

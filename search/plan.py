@@ -46,7 +46,7 @@ class Plan:
     smoke: bool
     confirm_top: int = 0  # search/confirm.py; 0 = no confirmation stage
     confirm_seeds: int = 0
-    data_ref: Any = None  # the data set without its test split, in Ray's object store (trial_data)
+    data_ref: Any = None  # how trials get the data set without its test split (search.tuner.trial_data)
     owns_ray: bool = False  # start_ray started or joined the cluster (not a test's): finish leaves it
 
     @property
@@ -77,6 +77,7 @@ class Plan:
 
 
 TEACHERS_DIR = "teachers"
+LOAD_FIELDS = ("load_size", "load_crop", "load_filter", "skip_bad")  # TrialConfig fields the data load reads
 TAIL_FILE = "tail_threads.json"  # {"threads": {trial_id: n}}, search/tail.py
 
 
@@ -124,7 +125,14 @@ def load_search_data(data_path: str | None, space: Space) -> tuple[Any, Space]:
     space, with stage 2 switched off when the data has no unlabeled pool."""
     from fer.data import load_dataset
 
-    dataset = load_dataset(data_path, load_size=int(space.fixed.get("load_size", 128)))
+    searched = sorted({p.name for p in space.parameters} & set(LOAD_FIELDS))
+    if searched:
+        raise UsageError(f"{space.path}: {', '.join(searched)} cannot be searched: the data set is loaded once "
+                         f"for every trial; give {'it' if len(searched) == 1 else 'them'} under fixed:")
+    fixed = space.fixed
+    dataset = load_dataset(data_path, load_size=int(fixed.get("load_size", 128)),
+                           load_crop=fixed.get("load_crop", "retina"), load_filter=fixed.get("load_filter", "none"),
+                           skip_bad=bool(fixed.get("skip_bad", False)))
     for split in ("train", "val", "test"):
         if split not in dataset.splits or len(dataset.splits[split].images) == 0:
             raise UsageError(f"{dataset.source}: the search needs a non-empty {split!r} split")
@@ -176,6 +184,7 @@ def plan_space(args: argparse.Namespace, saved: dict[str, Any], smoke: bool) -> 
     smoke budget and the seed applied."""
     space = load_space(saved.get("space_path") or args.space or DEFAULT_SPACE)
     space.check_models()  # model names need timm; still before Ray starts
+    check_pretrained(space)
     if smoke:
         space = space.with_budget(**SMOKE_BUDGET)
     seed = args.seed if args.seed is not None else saved.get("seed")
@@ -184,6 +193,16 @@ def plan_space(args: argparse.Namespace, saved: dict[str, Any], smoke: bool) -> 
         if not any(p.name == "seed" for p in space.parameters):
             space.fixed = {**space.fixed, "seed": seed}
     return space
+
+
+def check_pretrained(space: Space) -> None:
+    """A fixed local weights file must exist before Ray starts, not fail every trial."""
+    pretrained = space.fixed.get("pretrained")
+    if pretrained in (None, "imagenet") or Path(str(pretrained)).expanduser().is_file():
+        return
+    raise UsageError(f"{space.path}: fixed.pretrained={pretrained!r}: no such file; put the weights there "
+                     "(a .safetensors / .pth state dict, e.g. timm's from huggingface.co/timm) or set "
+                     "pretrained: null to train from scratch")
 
 
 def trial_resources(args: argparse.Namespace) -> Any:

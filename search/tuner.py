@@ -116,16 +116,14 @@ def check_resumable(experiment: Path) -> None:
 
 
 def trial_data(plan: Any) -> Any:
-    """The data set as trials get it, put into Ray's object store once per search: without
-    its test split, so no trial can read test; only search.finish does, for the two
-    models it compares."""
+    """The data set as trials get it, shared once per search (trainables.share_dataset: the
+    cache paths of a memory-mapped set, else one object-store copy): without its test split,
+    so no trial can read (or even map) test; only search.finish does, for the two models it
+    compares."""
     if plan.data_ref is None:
-        from fer.data import Dataset
-        from trainables import put_dataset
+        from trainables import share_dataset
 
-        dataset = plan.dataset
-        splits = {name: split for name, split in dataset.splits.items() if name != "test"}
-        plan.data_ref = put_dataset(Dataset(classes=dataset.classes, splits=splits, source=dataset.source))
+        plan.data_ref = share_dataset(plan.dataset.without("test"))
     return plan.data_ref
 
 

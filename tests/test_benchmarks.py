@@ -428,3 +428,17 @@ def test_label_fraction_report_prints_one_table_of_saved_runs_and_refuses_other_
     (tmp_path / "b.json").write_text(json.dumps({"results": {}}))
     with pytest.raises(SystemExit, match="b.json: not a label_fraction results file"):
         bed.main(["--report", str(tmp_path / "b.json")])
+
+
+def test_dr_scale_measures_decode_in_its_own_process_and_tabulates(tmp_path):
+    from fer.fundus_synth import write_fundus_folder
+
+    dr_scale = load("dr_scale")
+    folder = write_fundus_folder(tmp_path / "fundus", 12, sides=(64, 96))
+    decode = dr_scale.run_child("decode", folder, tmp_path / "cache", 32, 0)
+    assert decode["images"] == 12 and decode["threads"] >= 1 and decode["cache_bytes"] >= 12 * 32 * 32 * 3
+    assert 0 < decode["peak_rss_anon_kib"] <= decode["VmHWM"]  # the child's own peak, not this process's
+    epoch = {"images": 6, "images_per_s": 3.0, "VmHWM": 2048, "peak_rss_anon_kib": 1024}
+    row = {"n": 12, "decode": decode, "epoch": epoch, "bare": dict(epoch, images_per_s=4.0), "epoch_vs_bare": 0.75}
+    lines = dr_scale.report([row]).splitlines()
+    assert lines[0].split()[:3] == ["N", "decode", "s"] and lines[2].split()[0] == "12" and "0.75" in lines[2]

@@ -244,7 +244,7 @@ def test_fer_csv_errors_name_file_and_line(case, tmp_path):
     path = fer_case(tmp_path, bad)
     with pytest.raises(DataError, match=message):
         load_dataset(path, cache_dir=tmp_path / "cache")
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    assert cache_entries(tmp_path / "cache") == []
 
 
 def test_bad_row_in_a_later_parser_chunk(tmp_path, monkeypatch):
@@ -269,7 +269,7 @@ def test_fer_csv_structure_errors(tmp_path):
         load_dataset(fer_case(tmp_path, drop_usage="PrivateTest"), cache_dir=tmp_path)
     with pytest.raises(DataError, match=r"nothing\.csv: no such file or folder"):
         load_dataset(tmp_path / "nothing.csv", cache_dir=tmp_path)
-    assert not list(tmp_path.glob("*.npz")) and not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in cache_entries(tmp_path)] == ["bad.csv"]  # no entry, temporary folder or lock
 
 
 def test_split_folder_errors(tmp_path):
@@ -286,7 +286,7 @@ def test_split_folder_errors(tmp_path):
     (root / "val.csv").unlink()
     with pytest.raises(DataError, match=r"splits: missing val\.csv"):
         load_dataset(root, cache_dir=tmp_path / "cache")
-    assert not (tmp_path / "cache").exists()
+    assert cache_entries(tmp_path / "cache") == []
 
 
 def test_dr_folder_errors(tmp_path):
@@ -313,7 +313,7 @@ def test_dr_folder_errors(tmp_path):
     (root / "test.txt").unlink()
     with pytest.raises(DataError, match=r"dr: missing test\.txt"):
         load_dataset(root, cache_dir=cache)
-    assert not cache.exists()
+    assert cache_entries(cache) == []
 
 
 def test_unknown_folder(tmp_path):
@@ -336,6 +336,11 @@ def test_class_missing_from_train_warns(tmp_path):
 
 # ------------------------------------------------------------------------------ cache
 
+def cache_entries(cache: Path) -> list[Path]:
+    """Everything in a cache folder but the digest memo: entries, temporary folders, locks."""
+    return sorted(p for p in cache.iterdir() if p.name != D.DIGEST_MEMO) if cache.exists() else []
+
+
 def no_decode(*args, **kwargs):
     raise AssertionError("decoded although the cache should have been used")
 
@@ -344,8 +349,10 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     path, images = build_fer_csv(tmp_path)
     cache = tmp_path / "cache"
     first = load_dataset(path, cache_dir=cache)
-    entries = list(cache.iterdir())
-    assert len(entries) == 1 and entries[0].suffix == ".npz"
+    entries = cache_entries(cache)
+    assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
+    assert {p.name for p in entries[0].glob("*.npy")} == {f"{s}.{kind}.npy" for s in first.splits
+                                                         for kind in ("images", "labels")}
     with monkeypatch.context() as m:
         m.setitem(LAYOUTS, "fer_csv", no_decode)
         again = load_dataset(path, cache_dir=cache)
@@ -360,7 +367,7 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     path.write_text(path.read_text().replace(old, new, 1))
     changed = load_dataset(path, cache_dir=cache)
     np.testing.assert_array_equal(changed.splits["train"].images[0], 255 - images["train"][0])
-    assert len(list(cache.iterdir())) == 2
+    assert len(cache_entries(cache)) == 2
 
 
 def test_digest_memo_skips_rehashing_a_settled_file(tmp_path, monkeypatch):
@@ -385,10 +392,12 @@ def test_cache_env_var_and_corrupt_entry(tmp_path, monkeypatch):
     path, _ = build_fer_csv(tmp_path)
     monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "env"))
     load_dataset(path)
-    (entry,) = (tmp_path / "env").iterdir()
-    entry.write_bytes(b"truncated")  # unreadable entry: decoded again and rewritten
+    (entry,) = cache_entries(tmp_path / "env")
+    images = entry / "train.images.npy"
+    images.write_bytes(images.read_bytes()[:-10])  # unreadable entry: decoded again and rewritten
     data = load_dataset(path)
-    assert len(data.splits["train"]) == len(LABELS["train"]) and entry.stat().st_size > 100
+    assert len(data.splits["train"]) == len(LABELS["train"])
+    assert data.origin is not None and data.origin.entry == str(entry) and images.stat().st_size > 100
 
 
 def test_dr_cache_keyed_by_load_size_and_image_content(tmp_path, monkeypatch):
@@ -396,26 +405,26 @@ def test_dr_cache_keyed_by_load_size_and_image_content(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     load_dataset(root, load_size=8, cache_dir=cache)
     load_dataset(root, load_size=12, cache_dir=cache)
-    assert len(list(cache.iterdir())) == 2
+    assert len(cache_entries(cache)) == 2
     Image.new("RGB", (5, 5), (255, 0, 0)).save(root / "train" / "img0.png")
     data = load_dataset(root, load_size=8, cache_dir=cache)
     assert (data.splits["train"].images[0] == [255, 0, 0]).all()
-    assert len(list(cache.iterdir())) == 3
+    assert len(cache_entries(cache)) == 3
 
 
 def test_failed_cache_write_leaves_no_file_and_still_loads(tmp_path, monkeypatch):
     path, images = build_fer_csv(tmp_path)
     cache = tmp_path / "cache"
 
-    def fail_during_write(file, **arrays):
-        file.write(b"half an archive")
-        raise OSError("No space left on device")
+    def fail_during_write(file, array, **kwargs):
+        Path(file).write_bytes(b"half an array")
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", fail_during_write)
+    monkeypatch.setattr(np, "save", fail_during_write)
     with pytest.warns(UserWarning, match=r"could not write the data cache .*No space left on device"):
         data = load_dataset(path, cache_dir=cache)
     np.testing.assert_array_equal(data.splits["train"].images, images["train"])
-    assert list(cache.iterdir()) == []
+    assert cache_entries(cache) == [] and data.origin is None  # in memory, not mapped
 
 
 def test_embedded_data_goes_through_the_fer_path_and_cache(tmp_path, monkeypatch):
@@ -458,3 +467,164 @@ def test_cli_every_layout(layout, tmp_path, capsys):
     assert all(any(line.startswith(name) for line in out.splitlines()) for name in classes)
     pool = next(line for line in out.splitlines() if line.startswith("unlabeled "))
     assert pool.split()[1] == str(len(LABELS["unlabeled"]))
+
+
+# ------------------------------------------------------------------------------ bad image files
+
+def dr_with(tmp_path: Path, extra: dict[str, bytes | None], listed: bool = True) -> Path:
+    """A valid DR folder plus `extra` files in train/ (None: listed but never written),
+    listed in train.txt when `listed`."""
+    root = write_dr_folder(tmp_path / "dr", {"train": [0, 1, 2], "val": [1], "test": [2]})
+    for name, content in extra.items():
+        if content is not None:
+            (root / "train" / name).write_bytes(content)
+    if listed:
+        with open(root / "train.txt", "a") as f:
+            f.write("".join(f"{name} 3\n" for name in extra))
+    return root
+
+
+def jpeg_bytes(side: int = 64) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+BAD_IMAGES = {  # case: (extra train/ files, listed in train.txt, expected message)
+    "truncated jpeg": ({"cut.jpg": jpeg_bytes()[:1500]}, True,
+                       r"train\.txt: line 4: cannot read image .*cut\.jpg: OSError: image file is truncated"),
+    "not an image": ({"junk.jpg": b"\xff\xd8 not really"}, True,
+                     r"train\.txt: line 4: cannot read image .*junk\.jpg: UnidentifiedImageError"),
+    "listed, missing": ({"gone.jpg": None}, True,
+                        r"train\.txt: line 4: image file 'gone\.jpg' not found in .*dr/train or"),
+    "present, unlisted": ({"stray.jpg": jpeg_bytes()}, False,
+                          r"dr/train/stray\.jpg: image file is listed in none of train\.txt, val\.txt, test\.txt"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_bad_image_is_one_line_naming_file_and_line_and_leaves_no_cache(case, tmp_path):
+    extra, listed, message = BAD_IMAGES[case]
+    root = dr_with(tmp_path, extra, listed)
+    with pytest.raises(DataError, match=message) as info:
+        load_dataset(root, load_size=8, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(info.value) and "--skip-bad" in str(info.value)
+    assert cache_entries(tmp_path / "cache") == []
+
+
+def test_decompression_bomb_is_refused_with_its_line(tmp_path, monkeypatch):
+    import fer.data.fundus
+
+    monkeypatch.setattr(fer.data.fundus, "MAX_PIXELS", 20 * 20)
+    root = dr_with(tmp_path, {"huge.png": b""}, listed=True)
+    Image.new("RGB", (40, 40)).save(root / "train" / "huge.png")
+    with pytest.raises(DataError, match=r"train\.txt: line 4: cannot read image .*huge\.png: ValueError: "
+                                        r"40x40 pixels is over the 400 allowed"):
+        load_dataset(root, load_size=8, cache_dir=tmp_path / "cache")
+
+
+def test_skip_bad_leaves_bad_images_out_counts_them_and_keeps_labels_aligned(tmp_path, capsys):
+    root = dr_with(tmp_path, {"cut.jpg": jpeg_bytes()[:1500], "gone.jpg": None}, listed=True)
+    Image.new("RGB", (12, 12), (0, 255, 0)).save(root / "train" / "green.png")
+    with open(root / "train.txt", "a") as f:
+        f.write("green.png 4\n")
+    (root / "train" / "stray.png").write_bytes((root / "train" / "green.png").read_bytes())
+    cache = tmp_path / "cache"
+    with pytest.warns(UserWarning, match=r"left out 3 bad images \(skip_bad\)"):
+        data = load_dataset(root, load_size=8, skip_bad=True, cache_dir=cache)
+    assert len(data.skipped) == 3 and any("stray.png" in m for m in data.skipped)
+    assert data.splits["train"].labels.tolist() == [0, 1, 2, 4]  # cut.jpg and gone.jpg (label 3) left out
+    assert (data.splits["train"].images[3] == [0, 255, 0]).all()
+    with pytest.warns(UserWarning, match="left out 3 bad images"):
+        assert main([str(root), "--load-size", "8", "--skip-bad", "--cache-dir", str(cache)]) == 0
+    assert "skipped 3 bad images (--skip-bad):" in capsys.readouterr().out
+    # the entry built with skip_bad does not let a strict load through
+    with pytest.raises(DataError, match=r"(cut\.jpg|gone\.jpg|stray\.png).*\(and 2 more bad images\)"):
+        load_dataset(root, load_size=8, cache_dir=cache)
+    assert main([str(root), "--load-size", "8", "--cache-dir", str(cache)]) == 2
+    assert "pass --skip-bad" in capsys.readouterr().err
+
+
+def test_interrupted_decode_leaves_nothing_a_later_load_would_trust(tmp_path, monkeypatch):
+    import fer.data.layouts
+
+    root, _ = build_dr_folder(tmp_path)
+    cache = tmp_path / "cache"
+    real, calls = fer.data.layouts.load_fundus, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the train split
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fer.data.layouts, "load_fundus", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset(root, load_size=8, cache_dir=cache)
+    assert cache_entries(cache) == []  # no entry, temporary folder or lock
+    monkeypatch.setattr(fer.data.layouts, "load_fundus", real)
+    assert len(load_dataset(root, load_size=8, cache_dir=cache).splits["train"]) == len(LABELS["train"])
+
+
+# ------------------------------------------------------------------------------ memory maps
+
+def test_splits_are_read_only_memory_maps_and_reopen_without_test(tmp_path, monkeypatch, capsys):
+    root, _ = build_dr_folder(tmp_path)
+    data = load_dataset(root, load_size=8, cache_dir=tmp_path / "cache")
+    assert "decoding dr: 18/18 in" in capsys.readouterr().err  # the progress line, without a terminal
+    images = data.splits["train"].images
+    assert isinstance(images, np.memmap) and not images.flags.writeable
+    assert data.origin is not None and set(data.origin.splits) == set(data.splits)
+    opened = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda file, *a, **k: opened.append(Path(file).name) or real_load(file, *a, **k))
+    trial = D.open_mapped(data.without("test").origin)
+    assert set(trial.splits) == {"train", "val", "unlabeled"} and not any(n.startswith("test.") for n in opened)
+    np.testing.assert_array_equal(trial.splits["train"].images, images)
+    assert trial.source == data.source and trial.origin.splits == ("train", "val", "unlabeled")
+
+
+def test_reopening_on_a_node_without_the_entry_decodes_there(tmp_path):
+    import dataclasses
+    import shutil
+
+    root, _ = build_dr_folder(tmp_path)
+    data = load_dataset(root, load_size=8, cache_dir=tmp_path / "driver")
+    other_node = dataclasses.replace(data.without("test").origin, cache_dir=str(tmp_path / "node2"))
+    shutil.rmtree(tmp_path / "driver")
+    trial = D.open_mapped(other_node)
+    assert set(trial.splits) == {"train", "val", "unlabeled"} and len(cache_entries(tmp_path / "node2")) == 1
+
+
+def test_load_options_are_validated(tmp_path):
+    root, _ = build_dr_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"load_crop='circle' is not allowed. Choose one of: retina, squash"):
+        load_dataset(root, load_crop="circle", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"load_filter='ben' is not allowed. Choose one of: none, graham"):
+        load_dataset(root, load_filter="ben", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"load_size must be a positive integer, got 0"):
+        load_dataset(root, load_size=0, cache_dir=tmp_path)
+
+
+def test_dr_cache_keyed_by_crop_and_filter(tmp_path):
+    root, _ = build_dr_folder(tmp_path)
+    cache = tmp_path / "cache"
+    for crop, filter in [("retina", "none"), ("squash", "none"), ("retina", "graham")]:
+        load_dataset(root, load_size=8, load_crop=crop, load_filter=filter, cache_dir=cache)
+    assert len(cache_entries(cache)) == 3
+
+
+def test_pages_released_while_decoding_keep_every_row(tmp_path, monkeypatch):
+    """The decoder unmaps each written block (MADV_DONTNEED) so its RSS does not grow with
+    N; the rows must still reach the file: the cache equals an in-memory decode."""
+    import fer.data.layouts
+
+    monkeypatch.setattr(fer.data.layouts, "RELEASE_ROWS", 2)
+    root, _ = build_dr_folder(tmp_path)
+    mapped = load_dataset(root, load_size=8, cache_dir=tmp_path / "cache")
+    in_memory = D.decode_dr_folder(root, D.LoadOptions(size=8))
+    for name, split in in_memory.splits.items():
+        np.testing.assert_array_equal(mapped.splits[name].images, split.images)
+        assert split.images.any()

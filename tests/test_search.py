@@ -36,7 +36,7 @@ def bad_csv(tmp_path):
 
 
 BAD_CLI = {
-    "unknown space": (["--space", "imbalanse"], ["imbalanse", "Available spaces: imbalance, smoke"]),
+    "unknown space": (["--space", "imbalanse"], ["imbalanse", "Available spaces: dr, imbalance, smoke"]),
     "zero workers": (["--workers-per-trial", "0"], ["--workers-per-trial", "expected a whole number >= 1"]),
     "negative cpus": (["--cpus-per-worker", "-1"], ["--cpus-per-worker", "expected a number > 0"]),
     "gpu 1.5": (["--gpus-per-worker", "1.5"], ["--gpus-per-worker", "a fraction in (0, 1] or a whole number"]),
@@ -527,3 +527,58 @@ def test_a_stage_aware_search_forks_a_finished_teacher_into_a_stage_two_trial(ra
     assert summary["teacher_shared"] == {"runs": 1, "epochs": 1}
     assert summary["epochs_trained"] == 3 + fresh["epochs_run"]
     assert "1 run(s) started at stage 2 from a teacher an earlier run had trained" in out
+
+
+# --------------------------------------------------------------------------- the DR space
+
+def dr_smoke_space(tmp_path: Path, **fixed) -> Path:
+    """spaces/dr.yaml as shipped (metric, remedies, fundus augmentation, load options), at a
+    size CI can train: 32 px, a small model, no weights file."""
+    import yaml
+
+    from search.space import SPACES_DIR
+
+    space = yaml.safe_load((SPACES_DIR / "dr.yaml").read_text())
+    space["fixed"].update({"model": "mobilenet_v3_small", "pretrained": None, "load_size": 32, "batch_size": 16,
+                           **fixed})
+    space["parameters"]["image_size"] = {"choice": [32, 40]}
+    space["searcher"]["baseline"]["image_size"] = 32
+    path = tmp_path / "dr_smoke.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))  # a condition follows its parent
+    return path
+
+
+def test_dr_space_refuses_a_missing_weights_file_before_ray(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/fer-search/weights here
+    code, _, err = run_cli(["--space", "dr", "--storage", tmp_path / "runs"], capsys)
+    assert code == 2 and "dr.yaml: fixed.pretrained='~/.cache/fer-search/weights/efficientnet_b3" in err
+    assert "no such file" in err and "pretrained: null" in err and not (tmp_path / "runs").exists()
+
+
+def test_a_searched_load_option_is_refused(tmp_path, capsys):
+    space = dr_smoke_space(tmp_path)
+    text = space.read_text().replace("  load_size: 32\n", "").replace("parameters:\n", "parameters:\n  load_size:\n    choice: [64, 128]\n", 1)
+    space.write_text(text)
+    code, _, err = run_cli(["--space", space, "--storage", tmp_path / "runs"], capsys)
+    assert code == 2 and "load_size cannot be searched: the data set is loaded once" in err
+
+
+@pytest.mark.slow
+def test_dr_space_smoke_search_on_a_generated_fundus_folder(ray_cluster, tmp_path, capsys, monkeypatch):
+    """The DR space end to end on 60 generated fundus photographs: decoded once into the
+    memory-mapped cache (retina cropped), trials mapping it themselves, val_kappa searched,
+    the winner tested and exported."""
+    from fer.fundus_synth import write_fundus_folder
+
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_fundus_folder(tmp_path / "fundus", 60, seed=0, sides=(96, 160))
+    code, out, err = run_cli(["--space", dr_smoke_space(tmp_path), "--smoke", "--confirm-top", "0",
+                              "--max-concurrent", "1", "--name", "dr", "--storage", tmp_path / "runs",
+                              "--data", data], capsys)
+    assert code == 0, out[-3000:] + err[-3000:]
+    frame, summary = check_outputs(tmp_path / "runs" / "dr", trials=2, params=("loss", "lr", "image_size"))
+    assert summary["metric"] == "val_kappa" and "best_val_kappa" in frame.columns
+    assert set(frame["status"]) == {"TERMINATED"}
+    best = load_config_file(str(tmp_path / "runs" / "dr" / "best_config.yaml"))
+    assert best["augment"] == "fundus" and best["load_crop"] == "retina" and best["load_size"] == 32
+    assert list((tmp_path / "runs" / "dr" / "export").glob("*.onnx"))

@@ -41,8 +41,10 @@ def write(tmp_path, text: str, name: str = "space.yaml"):
 def test_shipped_spaces_parse_and_sample(name):
     space = load_space(name)
     assert space.max_t == space.fixed["epochs"] + space.fixed["student_epochs"]
-    # the Quickstart ranks models as they are handed out (with their post-hoc offsets); CI's smoke by argmax
-    assert space.metric == {"imbalance": "val_macro_f1_posthoc", "smoke": "val_macro_f1"}[name] and space.mode == "max"
+    # the Quickstart ranks models as they are handed out (with their post-hoc offsets); CI's smoke by argmax;
+    # DR grading by quadratic weighted kappa
+    expected = {"imbalance": "val_macro_f1_posthoc", "smoke": "val_macro_f1", "dr": "val_kappa"}
+    assert space.metric == expected[name] and space.mode == "max"
     for params in sample_configs(space, 8):
         space.trial_config(params)  # every sample is a config the trial accepts
 

@@ -29,7 +29,7 @@ def test_train_transform_shapes_and_range(kind, channels, source, size):
     assert out.min() >= (0 - MEAN) / STD - 1e-5 and out.max() <= (1 - MEAN) / STD + 1e-5
 
 
-@pytest.mark.parametrize("kind", ["weak", "strong"])
+@pytest.mark.parametrize("kind", ["weak", "strong", "fundus"])
 def test_randomness_is_per_sample(kind):
     same = _faces(1).expand(16, -1, -1, -1).contiguous()
     out = make_train_transform(kind, 48)(same)
@@ -44,6 +44,23 @@ def test_seeded_and_deterministic(kind):
     a = tf(batch)
     torch.manual_seed(3)
     torch.testing.assert_close(tf(batch), a)
+
+
+def test_fundus_rotates_a_retina_about_its_centre_and_keeps_the_border_black():
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    disc = ((yy - 31.5) ** 2 + (xx - 31.5) ** 2 <= 28 ** 2)
+    retina = torch.zeros(16, 3, 64, 64, dtype=torch.uint8)
+    retina[:, 0][:, disc] = 200
+    retina[:, 1, 20:44, 30:34] = 255  # an asymmetric vessel, so rotations differ
+    torch.manual_seed(0)
+    out = make_train_transform("fundus", 64)(retina) * STD + MEAN  # back to [0, 1]
+    corners = out[:, :, :6, :6]
+    # uncovered corners are black like the border (lifted at most by a lower contrast: 0.2 x the
+    # mean), not mirrored retina (0.78 in channel 0)
+    assert corners.abs().max() < 0.2 * out.mean() + 1e-3
+    bright = (out[:, 0] > 0.2).float().mean(dim=(1, 2))
+    ratio = bright / disc.float().mean()  # zoom 0.95-1.1 scales the disc's area by 0.9-1.21
+    assert ((ratio > 0.85) & (ratio < 1.27)).all() and ratio.std() > 0.02
 
 
 def test_eval_is_resize_and_normalise():

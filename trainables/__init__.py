@@ -16,13 +16,21 @@ from trainables.resources import (
     scaling_config,
     trial_resources,
 )
-from trainables.trial import candidate_trial, make_trainable, pipeline_trial, put_dataset, run_worker_group
-from trainables.worker import DataRef, detect_device
+from trainables.trial import (
+    candidate_trial,
+    make_trainable,
+    pipeline_trial,
+    put_dataset,
+    run_worker_group,
+    share_dataset,
+)
+from trainables.worker import DataRef, MappedRef, detect_device
 
 __all__ = [
     "CHECKPOINT_FILE",
     "RESUME_KEY",
     "DataRef",
+    "MappedRef",
     "TrialResources",
     "best_checkpoint_path",
     "candidate_trial",
@@ -37,6 +45,7 @@ __all__ = [
     "resume_state",
     "run_worker_group",
     "scaling_config",
+    "share_dataset",
     "train_run_name",
     "trial_resources",
 ]

@@ -39,6 +39,7 @@ from trainables.release import record_placement_group, release_on_stop, remove_r
 from trainables.resources import TrialResources, process_group_backend, scaling_config, trial_resources
 from trainables.worker import (
     DataRef,
+    MappedRef,
     RankJob,
     Tail,
     detect_device,
@@ -57,7 +58,7 @@ HEALTH_CHECK_INTERVAL_S = "0.5"  # Ray Train controller poll period for multi-wo
 RAY_TRAIN_LOG_LEVEL = "WARNING"
 
 
-def pipeline_trial(config: dict[str, Any], data: DataRef, resources: TrialResources = TrialResources(),
+def pipeline_trial(config: dict[str, Any], data: DataRef | MappedRef, resources: TrialResources = TrialResources(),
                    metric: str = "val_macro_f1", mode: str = "max", teachers: str | None = None,
                    tail: str | None = None) -> None:
     """Tune function trainable. `config` holds TrialConfig field overrides (the sampled
@@ -128,7 +129,7 @@ def _per_worker(loop_config: dict[str, Any]) -> None:
     train_worker(loop_config["job"])
 
 
-def candidate_trial(config: dict[str, Any], data: DataRef, candidates: dict[str, dict[str, Any]],
+def candidate_trial(config: dict[str, Any], data: DataRef | MappedRef, candidates: dict[str, dict[str, Any]],
                     resources: TrialResources = TrialResources(), metric: str = "val_macro_f1",
                     mode: str = "max", teachers: str | None = None, tail: str | None = None) -> None:
     """Tune function trainable for repeated runs of known configurations: `config` is
@@ -144,13 +145,22 @@ def put_dataset(dataset: Any) -> DataRef:
     return DataRef(ray.put(dataset))
 
 
+def share_dataset(dataset: Any) -> DataRef | MappedRef:
+    """How trials get `dataset`: its cache paths when it is memory-mapped from fer.data's
+    cache (each trial maps the files; nothing goes through the object store), else
+    `put_dataset`."""
+    if getattr(dataset, "origin", None) is not None:
+        return MappedRef(dataset.origin)
+    return put_dataset(dataset)
+
+
 def make_trainable(data: Any, resources: TrialResources = TrialResources(), metric: str = "val_macro_f1",
                    mode: str = "max", candidates: dict[str, dict[str, Any]] | None = None,
                    teachers: str | None = None, tail: str | None = None) -> Callable[..., Any]:
     """`pipeline_trial` with the data reference, resources and the search metric bound: give
     it to `tune.Tuner`, with `checkpoint_config(tune.CheckpointConfig, metric, mode)` in its
-    RunConfig. `data` is a `fer.data.Dataset` (put into the object store here, once) or a
-    `DataRef`. With `candidates` (name -> TrialConfig overrides) it is `candidate_trial`.
+    RunConfig. `data` is a `fer.data.Dataset` (shared here, once: `share_dataset`), a
+    `DataRef` or a `MappedRef`. With `candidates` (name -> TrialConfig overrides) it is `candidate_trial`.
     `teachers`: a folder every trial can read and write where finished teachers are shared
     (fer.teachers; None: each trial trains its own). `tail`: the search's tail file
     (search/tail.py; None: every trial keeps its request's threads)."""
@@ -158,7 +168,7 @@ def make_trainable(data: Any, resources: TrialResources = TrialResources(), metr
 
     from trainables.internals import name_trial_actors
 
-    ref = data if isinstance(data, DataRef) else put_dataset(data)
+    ref = data if isinstance(data, (DataRef, MappedRef)) else share_dataset(data)
     name_trial_actors(pipeline_trial)
     name_trial_actors(candidate_trial)
     if candidates is None:

@@ -52,11 +52,27 @@ class DataRef:
 
 
 @dataclass(frozen=True)
+class MappedRef:
+    """A `fer.data.Dataset` memory-mapped from fer.data's cache, passed as its few paths
+    (`fer.data.MappedOrigin`) instead of through the object store: each trial and Train
+    worker maps the `.npy` files read-only itself, so the processes on a node share the page
+    cache and none holds the whole set (the object store would hold a second copy). On a
+    node without the cache entry the source is decoded there, once."""
+
+    origin: Any  # fer.data.MappedOrigin
+
+    def get(self) -> Any:
+        from fer.data import open_mapped
+
+        return open_mapped(self.origin)
+
+
+@dataclass(frozen=True)
 class RankJob:
     """Everything a rank needs, picklable (the Train worker function's config)."""
 
     cfg: TrialConfig
-    data: DataRef
+    data: DataRef | MappedRef
     trial_dir: str  # where rank 0 writes TensorBoard logs, pipeline outputs and timings
     threads: int  # torch intra-op threads: the CPUs the rank was given
     started: float  # wall-clock time the trial function was entered

@@ -6,7 +6,11 @@ import argparse
 import sys
 
 from fer.data.load import load_dataset
-from fer.data.types import DataError, Dataset
+from fer.data.types import Dataset
+from fer.names import LOAD_CROPS, LOAD_FILTERS
+
+SHOWN_BAD = 20  # skipped files listed by name in the table
+
 
 def format_table(data: Dataset) -> str:
     """Splits, sizes, image shape and per-class counts with percentages."""
@@ -25,6 +29,11 @@ def format_table(data: Dataset) -> str:
         cells = [f"{counts[n][k]:>8} {100 * counts[n][k] / max(1, counts[n].sum()):>6.1f}%" for n in shown]
         out.append(f"{name:<{width}}" + "".join(cells))
     out.append(f"{'total':<{width}}" + "".join(f"{int(counts[n].sum()):>8} {100.0:>6.1f}%" for n in shown))
+    if data.skipped:
+        shown_bad = data.skipped[:SHOWN_BAD]
+        out += ["", f"skipped {len(data.skipped)} bad images (--skip-bad):"] + [f"  {m}" for m in shown_bad]
+        if len(data.skipped) > SHOWN_BAD:
+            out.append(f"  ... and {len(data.skipped) - SHOWN_BAD} more")
     return "\n".join(out)
 
 
@@ -34,11 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", nargs="?", default=None,
                         help="FER2013 CSV, split folder or DR folder")
     parser.add_argument("--load-size", type=int, default=128, help="DR folders: image side after loading")
+    parser.add_argument("--load-crop", default="retina", choices=LOAD_CROPS,
+                        help="DR folders: retina = crop the black border and pad to a square (round retina); "
+                             "squash = resize the whole photograph")
+    parser.add_argument("--load-filter", default="none", choices=LOAD_FILTERS,
+                        help="DR folders: graham = subtract the local average colour (Ben Graham, Kaggle DR 2015)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out unreadable, missing or unlisted images (counted) instead of stopping")
     parser.add_argument("--cache-dir", default=None, help="default: $FER_CACHE_DIR or ~/.cache/fer-search")
     args = parser.parse_args(argv)
     try:
-        data = load_dataset(args.path, load_size=args.load_size, cache_dir=args.cache_dir)
-    except DataError as e:
+        data = load_dataset(args.path, load_size=args.load_size, load_crop=args.load_crop,
+                            load_filter=args.load_filter, skip_bad=args.skip_bad, cache_dir=args.cache_dir)
+    except ValueError as e:  # a DataError, or a load option out of range
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(data))

@@ -9,12 +9,24 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
+from fer.data.fundus import load_fundus
 from fer.data.parse import parse_labels, parse_pixel_rows, read_csv_columns, split_codes
-from fer.data.types import DR_CLASSES, FER_CLASSES, FER_USAGE, IMAGE_EXTENSIONS, SPLITS, DataError, Split
+from fer.data.progress import Progress
+from fer.data.types import (
+    DR_CLASSES,
+    FER_CLASSES,
+    FER_USAGE,
+    IMAGE_EXTENSIONS,
+    SPLITS,
+    DataError,
+    Decoded,
+    LoadOptions,
+    Split,
+)
 
 # --------------------------------------------------------------------------------------
 # CSV files (FER2013 and split folders)
@@ -109,31 +121,6 @@ def read_list(path: Path) -> list[tuple[int, str, str]]:
     return entries
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """Any image file -> uint8 RGB (size, size, 3)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
-        rgb = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return np.asarray(rgb, dtype=np.uint8)
-
-
-def load_images(paths: list[Path], size: int, where: list[str]) -> np.ndarray:
-    """Decode and resize all images (threads: Pillow releases the GIL while decoding)."""
-    def one(i: int) -> np.ndarray:
-        try:
-            return load_image(paths[i], size)
-        except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError, ...
-            raise DataError(f"{where[i]}: cannot read image {paths[i]}: {e}") from e
-
-    out = np.empty((len(paths), size, size, 3), np.uint8)
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        for i, image in enumerate(pool.map(one, range(len(paths)))):
-            out[i] = image
-    return out
-
-
 def read_dr_lists(root: Path) -> dict[str, tuple[Path, list[tuple[int, str, str]]]]:
     """{split: (list file, entries)} for train/val/test (required) and unlabeled (optional)."""
     listed = {}
@@ -164,24 +151,100 @@ def check_label_range(path: Path, entries: list[tuple[int, str, str]], labels: n
                         f"range 0..{len(classes) - 1} ({len(classes)} classes)")
 
 
-def locate_images(root: Path, split: str, path: Path, entries: list[tuple[int, str, str]]
-                  ) -> tuple[list[Path], list[str]]:
-    """Listed names are looked up in the split's folder, then in the root."""
-    files, where = [], []
-    for lineno, name, _ in entries:
+# Rows decoded between two releases of the written pages (fer.data.cache.CacheWriter.release):
+# 256 images of 512 px are 200 MB, the most a decoding process keeps mapped at once.
+RELEASE_ROWS = 256
+
+
+class BadInputs:
+    """Bad image inputs: raised as a DataError at once, or with skip_bad counted and left out."""
+
+    def __init__(self, skip: bool):
+        self.skip, self.messages = skip, []
+
+    def report(self, message: str) -> None:
+        if not self.skip:
+            raise DataError(message + " (pass --skip-bad / skip_bad=True to leave bad images out)")
+        self.messages.append(message)
+
+
+def locate_images(root: Path, split: str, path: Path, entries: list[tuple[int, str, str]], bad: BadInputs
+                  ) -> tuple[list[Path], list[str], np.ndarray]:
+    """Listed names are looked up in the split's folder, then in the root: (files, where each
+    was listed, the entries found)."""
+    files, where, found = [], [], []
+    for k, (lineno, name, _) in enumerate(entries):
         file = next((d / name for d in (root / split, root) if (d / name).is_file()), None)
         if file is None:
-            raise DataError(f"{path}: line {lineno}: image file {name!r} not found in "
-                            f"{root / split} or {root}")
+            bad.report(f"{path}: line {lineno}: image file {name!r} not found in {root / split} or {root}")
+            continue
         files.append(file)
         where.append(f"{path}: line {lineno}")
-    return files, where
+        found.append(k)
+    return files, where, np.array(found, np.int64)
 
 
-def decode_dr_folder(root: Path, load_size: int = 128) -> tuple[list[str], dict[str, Split]]:
+def check_unlisted(root: Path, listed: set[Path], bad: BadInputs) -> None:
+    """An image in train/ val/ test/ that no list names is probably a list gone wrong."""
+    for split in SPLITS:
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        for file in sorted(folder.iterdir()):
+            if file.suffix.lower() in IMAGE_EXTENSIONS and file.resolve() not in listed:
+                bad.report(f"{file}: image file is listed in none of {', '.join(s + '.txt' for s in SPLITS)} "
+                           f"(list it with its label, or move it to {root / 'unlabeled'} for the pool)")
+
+
+def decode_images(files: list[Path], where: list[str], options: LoadOptions, out: np.ndarray, sink: Sink,
+                  bad: BadInputs, progress: Progress) -> np.ndarray:
+    """Decode every file into its row of `out` (a memory map or an array), on every core
+    (Pillow releases the GIL while decoding and resizing), `RELEASE_ROWS` at a time, each
+    block handed back to `sink.release` once written. Returns the rows decoded."""
+    ok = np.zeros(len(files), bool)
+
+    def one(i: int) -> None:
+        try:
+            out[i] = load_fundus(files[i], options.size, options.crop, options.filter)
+            ok[i] = True
+        except Exception as e:  # Pillow raises OSError, ValueError, DecompressionBombError, ...
+            bad.report(f"{where[i]}: cannot read image {files[i]}: {type(e).__name__}: {e}")
+        finally:
+            progress.update()
+
+    pool = ThreadPoolExecutor(decode_threads())
+    try:
+        for start in range(0, len(files), RELEASE_ROWS):
+            stop = min(len(files), start + RELEASE_ROWS)
+            for _ in pool.map(one, range(start, stop)):
+                pass
+            sink.release(out, start, stop)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # the first error stops the rest
+    return np.flatnonzero(ok)
+
+
+def decode_threads() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
+
+
+def decode_split(name: str, files: list[Path], where: list[str], options: LoadOptions, sink: Sink,
+                 bad: BadInputs, progress: Progress) -> tuple[np.ndarray, np.ndarray]:
+    """(images, indices of the files kept) of one split, written through `sink`."""
+    out = sink.allocate(name, (len(files), options.size, options.size, 3))
+    kept = decode_images(files, where, options, out, sink, bad, progress)
+    if len(kept) < len(files):
+        out = sink.keep_rows(name, out, kept)
+    return out, kept
+
+
+def decode_dr_folder(root: Path, options: LoadOptions = LoadOptions(), sink: Sink | None = None) -> Decoded:
     """train/ val/ test/ image folders with train.txt val.txt test.txt lists, optional
     unlabeled/ folder (and unlabeled.txt for held-out labels), optional classes.txt.
-    Without classes.txt the classes are the five DR grades, or "0".."K-1" past label 4."""
+    Without classes.txt the classes are the five DR grades, or "0".."K-1" past label 4.
+    Images go straight into `sink`'s arrays (the cache's memory maps; default in memory)."""
+    sink = sink or MemorySink()
     listed = read_dr_lists(root)
     labels = {split: parse_list_labels(path, entries) for split, (path, entries) in listed.items()}
     classes = read_classes(root / "classes.txt")
@@ -190,25 +253,64 @@ def decode_dr_folder(root: Path, load_size: int = 128) -> tuple[list[str], dict[
         classes = list(DR_CLASSES) if top < len(DR_CLASSES) else [str(k) for k in range(top + 1)]
     for split, (path, entries) in listed.items():
         check_label_range(path, entries, labels[split], classes)
-    splits = {}
-    for split, (path, entries) in listed.items():  # all lists are valid before any image is read
-        files, where = locate_images(root, split, path, entries)
-        splits[split] = Split(load_images(files, load_size, where), labels[split])
+    bad = BadInputs(options.skip_bad)
+    located = {split: locate_images(root, split, path, entries, bad) for split, (path, entries) in listed.items()}
+    check_unlisted(root, {f.resolve() for files, _, _ in located.values() for f in files}, bad)
     pool_dir = root / "unlabeled"
-    if "unlabeled" not in splits and pool_dir.is_dir():
-        files = sorted(p for p in pool_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if files:
-            splits["unlabeled"] = Split(load_images(files, load_size, [str(pool_dir)] * len(files)), None)
-    return classes, splits
+    if "unlabeled" not in located and pool_dir.is_dir():
+        pool = sorted(p for p in pool_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if pool:
+            located["unlabeled"] = (pool, [str(pool_dir)] * len(pool), np.arange(len(pool)))
+    progress = Progress(sum(len(files) for files, _, _ in located.values()), f"decoding {root.name}")
+    splits = {}
+    for split, (files, where, found) in located.items():  # all lists are valid before any image is read
+        images, kept = decode_split(split, files, where, options, sink, bad, progress)
+        if len(kept) == 0 and split != "unlabeled":
+            raise DataError(f"{listed[split][0]}: no readable image is left in the {split} split")
+        split_labels = labels[split][found[kept]] if split in labels else None
+        splits[split] = Split(images, split_labels)
+    progress.close()
+    return Decoded(classes, splits, bad.messages)
+
+
+class MemorySink:
+    """Decode into ordinary arrays (no cache, or the cache could not be written)."""
+
+    def allocate(self, split: str, shape: tuple[int, ...]) -> np.ndarray:
+        return np.empty(shape, np.uint8)
+
+    def keep_rows(self, split: str, images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return images[rows]
+
+    def release(self, images: np.ndarray, start: int, stop: int) -> None:
+        pass  # the rows stay where they are: in this process's memory
+
+
+class Sink(Protocol):
+    """Where a decoder's image arrays live: `fer.data.cache.CacheWriter` or `MemorySink`."""
+
+    def allocate(self, split: str, shape: tuple[int, ...]) -> np.ndarray: ...
+
+    def keep_rows(self, split: str, images: np.ndarray, rows: np.ndarray) -> np.ndarray: ...
+
+    def release(self, images: np.ndarray, start: int, stop: int) -> None: ...
 
 
 # --------------------------------------------------------------------------------------
 # Which layout a path is
 # --------------------------------------------------------------------------------------
 
-LAYOUTS: dict[str, Callable[[Path, int], tuple[list[str], dict[str, Split]]]] = {
-    "fer_csv": decode_fer_csv,
-    "split_folder": decode_split_folder,
+def fer_csv_layout(path: Path, options: LoadOptions, sink: Sink | None = None) -> Decoded:
+    return Decoded(*decode_fer_csv(path))  # small: parsed in memory, then saved as they are
+
+
+def split_folder_layout(path: Path, options: LoadOptions, sink: Sink | None = None) -> Decoded:
+    return Decoded(*decode_split_folder(path))
+
+
+LAYOUTS: dict[str, Callable[[Path, LoadOptions, Sink | None], Decoded]] = {
+    "fer_csv": fer_csv_layout,
+    "split_folder": split_folder_layout,
     "dr_folder": decode_dr_folder,
 }
 
