@@ -9,7 +9,6 @@ door: exit code 2, the message, nothing written, nothing started.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +22,6 @@ from search import run as search_run
 SIDE = 4  # 4x4 images: the data layer takes any square size
 PIXELS = " ".join(["7"] * SIDE * SIDE)
 SPLIT_ROWS = {"Training": [0, 1, 2, 3, 4, 5, 6], "PublicTest": [0, 3, 6], "PrivateTest": [1, 3, 5]}
-MAX_SECONDS = 20.0  # validation is file reading and YAML parsing; a Ray start would show
 
 # --------------------------------------------------------------------------- builders
 
@@ -241,19 +239,16 @@ def test_bad_input_fails_before_ray_names_the_problem_and_writes_nothing(case, t
     monkeypatch.setattr(search_run, "start_ray", no_ray)
     monkeypatch.setattr(ray, "init", no_ray)
     argv = [str(a) for a in build(tmp_path)] + ["--storage", str(storage)]
-    started = time.perf_counter()
     try:
         code = search_run.main(argv)
     except SystemExit as exit_:  # argparse's own errors
         code = exit_.code
-    elapsed = time.perf_counter() - started
     _, err = capsys.readouterr()
     assert code == 2, err
     assert_one_clear_line(err, expected)
     assert not storage.exists(), sorted(storage.rglob("*"))  # no experiment folder, not even empty
     assert no_files_under(cache), sorted(cache.rglob("*"))  # no cache entry or digest memo
-    assert ray.is_initialized() == ray_was_up
-    assert elapsed < MAX_SECONDS
+    assert ray.is_initialized() == ray_was_up  # refused before Ray started (no wall-clock limit: CI machines vary)
 
 
 def test_table_covers_every_input_kind():
