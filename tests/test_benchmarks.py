@@ -416,15 +416,20 @@ def test_label_fraction_measures_r_and_both_paired_intervals_from_one_teacher(mo
 
 
 def test_label_fraction_report_prints_one_table_of_saved_runs_and_refuses_other_files(tmp_path, capsys):
+    """The README's command: the committed runs in one table (the shell expands the glob)."""
     import json
-    import shutil
 
+    from readme import readme_argv
+
+    argv = readme_argv("python benchmarks/label_fraction.py --report benchmarks/results/label_fraction_*.json")
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(str(path) for path in root.glob(argv[-1]))
+    assert len(files) >= 3
     bed = load("label_fraction")
-    saved = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "label_fraction_demo8_seed0.json"
-    shutil.copy(saved, tmp_path / "a.json")
-    assert bed.main(["--report", str(tmp_path / "a.json")]) == 0
+    assert bed.main([argv[2], *files]) == 0
     out = capsys.readouterr().out
     assert "demo 1/8 prior pool seed 0 defaults: r = 0.82 (floor 0.5, with pipeline - control excluding 0: met)" in out
+    assert "digits 1/8 prior pool seed 1 defaults: r = -0.52" in out
     (tmp_path / "b.json").write_text(json.dumps({"results": {}}))
     with pytest.raises(SystemExit, match="b.json: not a label_fraction results file"):
         bed.main(["--report", str(tmp_path / "b.json")])
