@@ -29,6 +29,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow.fs
 import ray  # plain ray; ray.tune and ray.train are imported where used (import trainables stays light)
 
@@ -145,13 +146,25 @@ def put_dataset(dataset: Any) -> DataRef:
     return DataRef(ray.put(dataset))
 
 
+# A data set up to this size (its images, test split left out) goes through the object store,
+# so its files need not be on any worker node (FER2013 whole is 66 MB); a larger one (DR at
+# 512 px: 9.8 GB) is memory-mapped from each node's cache, never copied into the store.
+OBJECT_STORE_MAX_BYTES = 256 * 2**20
+
+
 def share_dataset(dataset: Any) -> DataRef | MappedRef:
-    """How trials get `dataset`: its cache paths when it is memory-mapped from fer.data's
-    cache (each trial maps the files; nothing goes through the object store), else
-    `put_dataset`."""
-    if getattr(dataset, "origin", None) is not None:
+    """How trials get `dataset`: a copy in the object store when it is small (or not mapped),
+    else its cache paths (each trial maps the files read-only; a node without the cache entry
+    decodes the source there, so the data path must be reachable from it)."""
+    from dataclasses import replace
+
+    from fer.data import Split
+
+    size = sum(split.images.nbytes for split in dataset.splits.values())
+    if getattr(dataset, "origin", None) is not None and size > OBJECT_STORE_MAX_BYTES:
         return MappedRef(dataset.origin)
-    return put_dataset(dataset)
+    in_memory = {name: Split(np.asarray(split.images).copy(), split.labels) for name, split in dataset.splits.items()}
+    return put_dataset(replace(dataset, splits=in_memory, origin=None))
 
 
 def make_trainable(data: Any, resources: TrialResources = TrialResources(), metric: str = "val_macro_f1",
