@@ -213,16 +213,12 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, split: str = "tes
     `csv_path` one row is appended there.
     """
     from fer.checkpoint import load_checkpoint
-    from fer.data import load_dataset
+    from fer.data import load_configured
     from fer.metrics import format_per_class_table
 
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
-    dataset = load_dataset(data if data is not None else cfg.get("data"),
-                           load_size=int(cfg.get("load_size", 128)),
-                           # a checkpoint from before load_crop was trained on squashed photographs
-                           load_crop=cfg.get("load_crop", "squash"), load_filter=cfg.get("load_filter", "none"),
-                           skip_bad=bool(cfg.get("skip_bad", False)))
+    dataset = load_configured(data if data is not None else cfg.get("data"), cfg, crop_default="squash")
     if split not in dataset.splits:
         raise ValueError(f"{dataset.source}: no {split!r} split; available: {', '.join(dataset.splits)}")
     if list(dataset.classes) != list(ckpt["classes"]):

@@ -343,15 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tflite = litert.options_from_args(args)  # before any expensive work: is the extra there?
         from fer.checkpoint import load_checkpoint
-        from fer.data import load_dataset
+        from fer.data import load_configured
 
         ckpt = load_checkpoint(args.checkpoint)
         cfg = ckpt["config"]
-        dataset = load_dataset(args.data if args.data is not None else cfg.get("data"),
-                               load_size=int(cfg.get("load_size", 128)),
-                               # a checkpoint from before load_crop was trained on squashed photographs
-                               load_crop=cfg.get("load_crop", "squash"), load_filter=cfg.get("load_filter", "none"),
-                               skip_bad=bool(cfg.get("skip_bad", False)))
+        dataset = load_configured(args.data if args.data is not None else cfg.get("data"), cfg, crop_default="squash")
         if list(dataset.classes) != list(ckpt["classes"]):
             raise ValueError(f"{args.checkpoint}: checkpoint classes {ckpt['classes']} differ from "
                              f"the data set's {dataset.classes} ({dataset.source})")

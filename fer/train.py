@@ -72,11 +72,10 @@ def train_main(cfg: TrialConfig, out_dir: str, *, device: str | None = None, pro
     Every epoch's resumable checkpoint goes to out_dir/resume.pt (atomically), removed when
     the run ends; `resume=True` continues an interrupted run of the same config from it."""
     from fer.budget import describe_budget
-    from fer.data import load_dataset
+    from fer.data import load_configured
 
     state = read_resume_file(out_dir, cfg) if resume else None
-    data = load_dataset(cfg.data, load_size=cfg.load_size, load_crop=cfg.load_crop, load_filter=cfg.load_filter,
-                        skip_bad=cfg.skip_bad)
+    data = load_configured(cfg.data, asdict(cfg))
     print(describe_budget(cfg, data), flush=True)
     os.makedirs(out_dir, exist_ok=True)
     result = _run_with_resume_file(cfg, data, out_dir, device, progress, state)

@@ -123,16 +123,13 @@ def resumed_spec(args: argparse.Namespace, storage: str) -> dict[str, Any]:
 def load_search_data(data_path: str | None, space: Space) -> tuple[Any, Space]:
     """The data set (fer.data.load_dataset raises DataError naming file and line) and the
     space, with stage 2 switched off when the data has no unlabeled pool."""
-    from fer.data import load_dataset
+    from fer.data import load_configured
 
     searched = sorted({p.name for p in space.parameters} & set(LOAD_FIELDS))
     if searched:
         raise UsageError(f"{space.path}: {', '.join(searched)} cannot be searched: the data set is loaded once "
                          f"for every trial; give {'it' if len(searched) == 1 else 'them'} under fixed:")
-    fixed = space.fixed
-    dataset = load_dataset(data_path, load_size=int(fixed.get("load_size", 128)),
-                           load_crop=fixed.get("load_crop", "retina"), load_filter=fixed.get("load_filter", "none"),
-                           skip_bad=bool(fixed.get("skip_bad", False)))
+    dataset = load_configured(data_path, space.fixed)
     for split in ("train", "val", "test"):
         if split not in dataset.splits or len(dataset.splits[split].images) == 0:
             raise UsageError(f"{dataset.source}: the search needs a non-empty {split!r} split")

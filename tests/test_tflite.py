@@ -194,7 +194,7 @@ def test_the_readme_export_command(exported, tmp_path, monkeypatch, capsys):
     save_checkpoint(ckpt, tmp_path / "runs" / "focal" / "best.pt")
     splits = {"train": Split(*bar_images(96, 24, 1)), "val": Split(*bar_images(64, 24, 2)),
               "test": Split(*bar_images(64, 24, 3))}
-    monkeypatch.setattr("fer.data.load_dataset", lambda *a, **k: Dataset(CLASSES, splits, "bars"))
+    monkeypatch.setattr("fer.data.load.load_dataset", lambda *a, **k: Dataset(CLASSES, splits, "bars"))
     monkeypatch.setattr(tflite, "convert", lambda module, sample, path: shutil.copy(out / "model.tflite", path))
     monkeypatch.chdir(tmp_path)
     argv = readme_argv("python -m fer.export --checkpoint runs/focal/best.pt --out export/ --tflite "

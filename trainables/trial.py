@@ -163,7 +163,8 @@ def share_dataset(dataset: Any) -> DataRef | MappedRef:
     size = sum(split.images.nbytes for split in dataset.splits.values())
     if getattr(dataset, "origin", None) is not None and size > OBJECT_STORE_MAX_BYTES:
         return MappedRef(dataset.origin)
-    in_memory = {name: Split(np.asarray(split.images).copy(), split.labels) for name, split in dataset.splits.items()}
+    # plain arrays (views of the mapped files): ray.put copies them into the store once
+    in_memory = {name: Split(np.asarray(split.images), split.labels) for name, split in dataset.splits.items()}
     return put_dataset(replace(dataset, splits=in_memory, origin=None))
 
 

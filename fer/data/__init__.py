@@ -31,7 +31,7 @@ from fer.data.layouts import (
     detect_layout,
     source_files,
 )
-from fer.data.load import EMBEDDED_SEED, load_dataset, open_mapped
+from fer.data.load import EMBEDDED_SEED, load_configured, load_dataset, open_mapped
 from fer.data.parse import parse_pixel_rows, read_csv_columns
 from fer.data.types import (
     DR_CLASSES,
@@ -52,6 +52,6 @@ __all__ = [
     "LAYOUTS", "LOAD_CROPS", "LOAD_FILTERS", "SPLITS", "CacheWriteError", "CacheWriter", "DataError",
     "Dataset", "Decoded", "LoadOptions", "MappedOrigin", "Split", "cache_key", "decode_dr_folder",
     "decode_fer_csv", "decode_split_folder", "default_cache_dir", "detect_layout", "format_table",
-    "load_dataset", "load_fundus", "main", "open_mapped", "parse_pixel_rows", "read_cache",
+    "load_configured", "load_dataset", "load_fundus", "main", "open_mapped", "parse_pixel_rows", "read_cache",
     "read_csv_columns", "source_files",
 ]

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -141,3 +141,13 @@ def open_mapped(origin: MappedOrigin) -> Dataset:
                             cache_dir=origin.cache_dir)
         return data.without(*(set(data.splits) - set(origin.splits)))
     return Dataset(decoded.classes, decoded.splits, origin.source, origin, list(decoded.skipped))
+
+
+def load_configured(path: str | os.PathLike | None, config: Mapping[str, Any], *,
+                    crop_default: str = "retina") -> Dataset:
+    """`load_dataset` with the load fields of a TrialConfig mapping: a run's config, a
+    checkpoint's saved one or a space's fixed values. `crop_default` is the crop of a config
+    that names none (a checkpoint from before load_crop was trained on squashed photographs)."""
+    return load_dataset(path, load_size=int(config.get("load_size", 128)),
+                        load_crop=config.get("load_crop", crop_default), load_filter=config.get("load_filter", "none"),
+                        skip_bad=bool(config.get("skip_bad", False)))
