@@ -188,6 +188,11 @@ CONTROL_KNOBS = ("student_epochs", "student_lr_scale", "student_augment", "stude
                  "epoch_images", "posthoc")
 
 
+# what the oracle's recipe reads (oracle_stage: stage 2 on the labelled split and the pool's true
+# labels): variants that agree on these, and on the epoch's images, share one oracle
+ORACLE_KNOBS = CONTROL_KNOBS + ("pool_ratio", "pseudo_weight")
+
+
 def measure(data: Any, cfg: Any, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One teacher (the defaults' run_pipeline), then each stage-2 variant from it: its
     student and control (run_pipeline(teacher=...)) and its oracle, each scored on val and test."""
@@ -200,6 +205,7 @@ def measure(data: Any, cfg: Any, variants: dict[str, dict[str, Any]]) -> dict[st
     teacher_scores = scores(cfg, base.teacher, data)
     out["teacher"].update({split: {k: v for k, v in teacher_scores[split].items() if k != "pred"}
                            for split in ("val", "test")}, pool_precision=teacher_scores["pool_precision"])
+    oracles: dict[tuple, Any] = {}
     for name, changes in variants.items():
         vcfg = replace(cfg, **changes)
         shared = not any(getattr(vcfg, knob) != getattr(cfg, knob) for knob in CONTROL_KNOBS)
@@ -212,13 +218,14 @@ def measure(data: Any, cfg: Any, variants: dict[str, dict[str, Any]]) -> dict[st
                 result.control = base.control
         else:
             result = base
-        out["variants"][name] = measure_variant(data, vcfg, result, seconds, teacher_scores)
+        out["variants"][name] = measure_variant(data, vcfg, result, seconds, teacher_scores, oracles)
     return out
 
 
-def measure_variant(data: Any, cfg: Any, result: Any, seconds: float,
-                    teacher_scores: dict[str, Any]) -> dict[str, Any]:
-    """A variant's student, control, oracle and final model: scores, differences, r."""
+def measure_variant(data: Any, cfg: Any, result: Any, seconds: float, teacher_scores: dict[str, Any],
+                    oracles: dict[tuple, Any]) -> dict[str, Any]:
+    """A variant's student, control, oracle and final model: scores, differences, r. `oracles`
+    holds the oracles fitted so far (with their seconds), by what their recipe reads."""
     from fer.evaluate import paired_bootstrap_macro_f1
     from fer.fitting import fit
     from fer.pipeline import final_stage
@@ -226,10 +233,13 @@ def measure_variant(data: Any, cfg: Any, result: Any, seconds: float,
     if result.student is None or result.control is None:
         raise SystemExit(f"{data.source}: stage 2 did not run (student_epochs={cfg.student_epochs}); nothing to measure")
     student_images = max(int(m.get("train_images", 0)) for m in result.student.history)
-    stage, oracle_cfg = oracle_stage(cfg, data, result.teacher, max(cfg.epoch_images, student_images))
-    start = time.time()
-    oracle = fit(oracle_cfg, stage, data.splits["val"], data.classes, progress=True)
-    oracle_s = time.time() - start
+    epoch_images = max(cfg.epoch_images, student_images)
+    key = (epoch_images, *(getattr(cfg, knob) for knob in ORACLE_KNOBS))
+    if key not in oracles:
+        stage, oracle_cfg = oracle_stage(cfg, data, result.teacher, epoch_images)
+        start = time.time()
+        oracles[key] = fit(oracle_cfg, stage, data.splits["val"], data.classes, progress=True), time.time() - start
+    oracle, oracle_s = oracles[key]
     scored = {"teacher": teacher_scores, **{name: scores(cfg, fitted, data) for name, fitted in
                                             (("control", result.control), ("pipeline", result.student),
                                              ("oracle", oracle))}}

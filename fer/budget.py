@@ -59,13 +59,14 @@ def describe_budget(cfg: TrialConfig, data: Any) -> str:
     if pool is not None and len(pool.images) > 0 and cfg.student_epochs > 0:
         least = max(cfg.epoch_images, len(train_labels))
         online = cfg.student_mode != "offline"
-        picks = "the teacher's picks" if online else "kept pseudo-labels"
+        picks = ("the teacher's picks" if cfg.pool_picks else "no picks") if online else "kept pseudo-labels"
         pool = (f", each step with {cfg.pool_ratio} pool image(s) per labelled one in two views ({cfg.student_mode})"
                 if online else "")
         rounds = (f" in {cfg.student_rounds} rounds of {cfg.round_epochs}, each labelled by the round before's "
                   "student" if cfg.student_rounds > 1 else "")
         rate = f", peak learning rate {cfg.student_lr_scale:g} x lr" if cfg.student_lr_scale != 1.0 else ""
         rate += ", constant after the warmup" if cfg.student_schedule == "constant" else ""
+        rate += ", weak views labelled with the student's post-hoc offsets" if online and cfg.pool_debias else ""
         lines.append(f"        student: {cfg.student_epochs} epochs of at least {least} images "
                      f"(labelled + {picks}, repeated up to epoch_images){pool}{rounds}{rate}")
         if cfg.pool_control:

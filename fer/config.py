@@ -128,6 +128,17 @@ class TrialConfig:
     # 0.014 at 1/8 and 0.023 at full size of the demo data, and collapsed the digits student
     # (pool labels 0.975 -> 0.588 accurate), where post-hoc offsets rebalance anyway.
     pool_align: bool = False
+    # fixmatch/flexmatch: the weak views are labelled with the student's own post-hoc decision rule
+    # of the moment (cfg.posthoc's offsets, fitted on val at each epoch's start, as the teacher's
+    # picks get them with pseudo_debias), so a rare-class pool image is not labelled with the head
+    # class its raw argmax leans to (adaptive debiasing, DebiasPL, Wang et al. 2022; ACR's logit
+    # adjustment, Wei & Gan 2023). Estimated from the student, not the labelled prior: a pool whose
+    # mix differs is not forced into it, as pool_align forces it.
+    pool_debias: bool = False
+    # fixmatch/flexmatch: the labeller's confident picks (pseudo_selection) join the labelled
+    # stream with their hard labels, as offline; false: the labelled split alone, and the pool only
+    # online (FixMatch as published).
+    pool_picks: bool = True
     # After stage 2, fit the student's recipe (same start, epochs, augmentation, at least as
     # many images per epoch) on the labelled split alone: the supervised-only control that
     # says what the pool bought (metrics "control_val_macro_f1", "pool_gain_val"). Costs
@@ -150,6 +161,7 @@ STAGE2_FIELDS = (
     "student_epochs", "pseudo_threshold", "pseudo_selection", "crest_alpha", "pseudo_tta", "pseudo_temperature",
     "pseudo_debias", "pseudo_graph", "pseudo_weight", "student_init", "student_lr_scale", "student_augment",
     "student_schedule", "pool_control", "posthoc", "student_mode", "pool_ratio", "pool_align", "student_rounds",
+    "pool_debias", "pool_picks",
 )
 
 # Set on the epochs a run reports from a shared teacher (replayed, not trained again).

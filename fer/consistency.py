@@ -18,7 +18,11 @@ eval mode, so a resumed epoch draws exactly what the uninterrupted one drew):
 - per-class thresholds (FlexMatch, Zhang et al. 2021; `student_mode="flexmatch"`):
   `fer.pseudo.flexmatch_thresholds` of that pass, lower for classes the student is still
   learning (with the paper's warm-up, all of them low while few views pass `pseudo_threshold`);
-  `"fixmatch"` keeps one threshold for every class.
+  `"fixmatch"` keeps one threshold for every class;
+- adaptive debiasing (`pool_debias`; DebiasPL, Wang et al. 2022): weak-view logits get the
+  student's own post-hoc offsets of the moment (`fer.posthoc`, fitted on val at the epoch's
+  start), the decision rule it would be handed out with, so the head classes' raw lean does
+  not label the rare classes' pool images.
 
 The pool's order is a function of (seed, epoch) and of the rank, as the labelled order is.
 """
@@ -35,7 +39,18 @@ from torch import nn
 
 from fer.infer import Ranks, predict_logits_sharded
 from fer.names import ONLINE_MODES
+from fer.posthoc import fit_offsets
 from fer.pseudo import flexmatch_thresholds
+
+
+@dataclass
+class Debias:
+    """What the student's post-hoc offsets are fitted on at each epoch's start (`pool_debias`)."""
+
+    images: np.ndarray  # the val split, uint8 (N, H, W, C)
+    labels: np.ndarray  # its labels
+    counts: np.ndarray  # the stage's class counts (the prior of tau's offsets)
+    posthoc: str  # fer.names.POSTHOC: how the offsets are fitted
 
 
 @dataclass
@@ -54,6 +69,7 @@ class Consistency:
     # labels (`truth`) replace the weak views' pseudo-labels and every view counts, so the same
     # steps, views and weights say what the pool could buy at most. Never a trial's setting.
     oracle: bool = False
+    debias: Debias | None = None  # label the weak views with the student's post-hoc offsets of the moment
 
     def __post_init__(self) -> None:
         if self.oracle and self.truth is None:
@@ -99,6 +115,11 @@ def plan_epoch(spec: Consistency, model: nn.Module, *, steps: int, batch_size: i
     align = torch.ones(k)
     if spec.align:
         align = torch.as_tensor(spec.prior, dtype=torch.float32) / probs.mean(dim=0).clamp_min(1e-6)
+    stats = {}
+    if spec.debias is not None:  # softmax(logits + offsets) = softmax(logits) * exp(offsets), renormalised
+        offsets = _offsets_now(spec.debias, model, image_size=image_size, batch_size=batch_size, device=device)
+        align = align * torch.exp(torch.as_tensor(offsets, dtype=torch.float32))
+        stats["pool_debias_spread"] = float(offsets.max() - offsets.min())
     aligned = _normalise(probs * align)
     conf, pred = aligned.max(dim=1)
     thresholds = torch.full((k,), float(spec.threshold))
@@ -106,7 +127,7 @@ def plan_epoch(spec: Consistency, model: nn.Module, *, steps: int, batch_size: i
         thresholds = torch.as_tensor(flexmatch_thresholds(conf.numpy(), pred.numpy(), k, spec.threshold),
                                      dtype=torch.float32)
     keep = conf >= thresholds[pred]
-    stats = {"pool_pass_kept": float(keep.float().mean())}
+    stats["pool_pass_kept"] = float(keep.float().mean())
     if spec.truth is not None:
         right = pred.numpy() == spec.truth
         stats["pool_pass_accuracy"] = float(right.mean())
@@ -118,6 +139,16 @@ def plan_epoch(spec: Consistency, model: nn.Module, *, steps: int, batch_size: i
     order = np.concatenate([rng.permutation(len(spec.images)) for _ in range(passes)])[:need]
     mine = order[ddp.rank::ddp.world]
     return EpochPlan(order=mine, thresholds=thresholds.to(device), align=align.to(device), stats=stats)
+
+
+def _offsets_now(debias: Debias, model: nn.Module, *, image_size: int, batch_size: int,
+                 device: torch.device) -> np.ndarray:
+    """The model's post-hoc offsets now: `debias.posthoc` fitted on its val logits (eval mode)."""
+    was_training = model.training
+    logits = predict_logits_sharded(model, debias.images, image_size=image_size, batch_size=max(256, batch_size),
+                                    device=device).float().numpy()
+    model.train(was_training)
+    return fit_offsets(logits, debias.labels, debias.counts, debias.posthoc)
 
 
 def _normalise(probs: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from fer.checkpoint import make_checkpoint
 from fer.config import TrialConfig
-from fer.consistency import Consistency, plan_epoch
+from fer.consistency import Consistency, Debias, plan_epoch
 from fer.infer import Ranks, autocast_dtype, resolve_device
 from fer.loop import (
     Loop,
@@ -102,13 +102,19 @@ class Stage:
         return replace(cls.of(cfg, "student", images, labels, counts, sample_weight=weights, init_state=init,
                               epoch_offset=cfg.epochs + (round - 1) * cfg.round_epochs), epochs=cfg.round_epochs)
 
-    def online(self, cfg: TrialConfig, pool: Any) -> "Stage":
+    def online(self, cfg: TrialConfig, pool: Any, val: Any = None) -> "Stage":
         """This stage with the `pool` split (its labels, if any, only as held-out truth) trained
-        online every step, as cfg's student_mode (fixmatch, flexmatch) says (fer.consistency)."""
+        online every step, as cfg's student_mode (fixmatch, flexmatch) says (fer.consistency);
+        with cfg.pool_debias the weak views get the student's post-hoc offsets, fitted on `val`."""
         counts = np.asarray(self.counts, dtype=np.float64)
+        debias = None
+        if cfg.pool_debias:
+            if val is None:
+                raise ValueError("pool_debias fits the student's post-hoc offsets on val: Stage.online needs val")
+            debias = Debias(images=val.images, labels=val.labels, counts=self.counts, posthoc=cfg.posthoc)
         spec = Consistency(images=pool.images, prior=counts / counts.sum(), threshold=cfg.pseudo_threshold,
                            weight=cfg.pseudo_weight, mode=cfg.student_mode, align=cfg.pool_align,
-                           ratio=cfg.pool_ratio, truth=pool.labels)
+                           ratio=cfg.pool_ratio, truth=pool.labels, debias=debias)
         return replace(self, consistency=spec)
 
 

@@ -173,13 +173,17 @@ def _run_round(cfg: TrialConfig, data: Any, teacher: FitResult, labeller: FitRes
         what = "stage 2" if round == 1 else f"round {round} and after"
         say(f"no pool image reached the pseudo-label threshold {cfg.pseudo_threshold}: {what} skipped")
         return None, summary
-    images, all_labels, weights, counts = student_inputs(cfg, data, indices, labels)
+    if online and not cfg.pool_picks:  # the labelled split alone, and the pool only online (FixMatch)
+        picked, picked_labels = indices[:0], labels[:0]
+    else:
+        picked, picked_labels = indices, labels
+    images, all_labels, weights, counts = student_inputs(cfg, data, picked, picked_labels)
     init = teacher.model.state_dict() if cfg.student_init == "teacher" else None
     stage = Stage.student(cfg, images, all_labels, weights, counts, init, round)
     if online:
-        stage = stage.online(cfg, data.splits["unlabeled"])
+        stage = stage.online(cfg, data.splits["unlabeled"], data.splits["val"])
         pool_size = len(data.splits["unlabeled"].images)
-        say(_online_line(cfg, len(data.splits["train"].labels), len(indices), pool_size, who))
+        say(_online_line(cfg, len(data.splits["train"].labels), len(picked), pool_size, who))
     pseudo = {"indices": indices.tolist(), "labels": labels.tolist(),
               "confidences": np.asarray(confidences, dtype=np.float64).tolist(), "summary": to_plain(summary)}
     student = fit(cfg, stage, data.splits["val"], data.classes,
@@ -190,9 +194,10 @@ def _run_round(cfg: TrialConfig, data: Any, teacher: FitResult, labeller: FitRes
 
 def _online_line(cfg: TrialConfig, labelled: int, picks: int, pool: int, who: str) -> str:
     per_class = " per class" if cfg.student_mode == "flexmatch" else ""
-    return (f"stage 2 online ({cfg.student_mode}): {labelled} labelled images and {picks} {who} picks, and all "
+    picked = f"{picks} {who} picks" if cfg.pool_picks else f"none of the {who}'s picks (pool_picks false)"
+    return (f"stage 2 online ({cfg.student_mode}): {labelled} labelled images and {picked}, and all "
             f"{pool} pool images every step: threshold {cfg.pseudo_threshold}{per_class}, alignment "
-            f"{'on' if cfg.pool_align else 'off'}, pool weight {cfg.pseudo_weight}, {cfg.pool_ratio} pool image(s) "
+            f"{'on' if cfg.pool_align else 'off'}, debiasing {'on' if cfg.pool_debias else 'off'}, pool weight {cfg.pseudo_weight}, {cfg.pool_ratio} pool image(s) "
             "per labelled one")
 
 

@@ -34,6 +34,8 @@ SHORT_NAMES = {
     "student_mode": "s_mode",
     "pool_ratio": "mu",
     "pool_align": "align",
+    "pool_debias": "debias",
+    "pool_picks": "picks",
     "student_rounds": "rounds",
     "label_smoothing": "smooth",
     "weight_decay": "wd",

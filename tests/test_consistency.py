@@ -2,6 +2,7 @@
 thresholds, distribution alignment, training, exact resume, the ablation numbers, bad input."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,46 @@ def test_an_epoch_plan_lowers_thresholds_of_classes_the_student_rarely_predicts(
     assert np.array_equal(again.order, epoch.order)  # a function of (seed, epoch): a resumed epoch draws the same
 
 
+def test_debiasing_labels_the_pool_with_the_students_post_hoc_offsets_of_the_moment(monkeypatch):
+    import fer.consistency
+    from fer.consistency import Debias
+    from fer.infer import predict_logits
+
+    data = make_data()
+    pool, val = data.splits["unlabeled"], data.splits["val"]
+    torch.manual_seed(0)
+    model = tiny_model("x", 4)
+    counts = np.array([40, 20, 12, 8])
+    fitted, calls = np.array([-1.0, 0.0, 0.5, 2.0]), []
+
+    def fit_offsets(logits, labels, class_counts, kind):
+        calls.append((logits, labels, class_counts, kind))
+        return fitted
+
+    monkeypatch.setattr(fer.consistency, "fit_offsets", fit_offsets)
+    debias = Debias(images=val.images, labels=val.labels, counts=counts, posthoc="bias")
+    spec = Consistency(images=pool.images, prior=counts / counts.sum(), threshold=0.0, weight=1.0,
+                       mode="fixmatch", truth=pool.labels, debias=debias)
+    model.train()
+    epoch = plan_epoch(spec, model, steps=3, batch_size=8, seed=0, epoch=5, ddp=Ranks(), image_size=16,
+                       device=torch.device("cpu"))
+    assert model.training  # put back as it was
+    (logits, labels, class_counts, kind), = calls  # fitted once, on the model's val logits now (eval mode)
+    model.eval()
+    assert np.allclose(logits, predict_logits(model, val.images, image_size=16).numpy(), atol=1e-5)
+    assert labels is val.labels and class_counts is counts and kind == "bias"
+    # the weak views' probabilities are multiplied by exp(offsets): softmax(logits + offsets)
+    assert torch.allclose(epoch.align, torch.exp(torch.as_tensor(fitted, dtype=torch.float32)))
+    assert epoch.stats["pool_debias_spread"] == pytest.approx(3.0)
+    weak = torch.tensor([[1.0, 0.0, 0.0, 0.0]])  # the head class's raw argmax becomes class 3's label
+    tally = Tally.zeros(torch.device("cpu"))
+    pool_loss(weak, torch.zeros(1, 4), epoch, torch.tensor([3]), tally)
+    assert float(tally.correct) == 1.0
+    plain = plan_epoch(replace(spec, debias=None), model, steps=3, batch_size=8, seed=0, epoch=5, ddp=Ranks(),
+                       image_size=16, device=torch.device("cpu"))
+    assert torch.all(plain.align == 1) and "pool_debias_spread" not in plain.stats and len(calls) == 1
+
+
 def test_a_fixmatch_run_trains_on_the_pool_and_reports_what_it_kept(tmp_path, capsys):
     result = run_pipeline(online_cfg(), make_data(), progress=False, out_dir=str(tmp_path))
     printed = capsys.readouterr().out
@@ -98,6 +139,14 @@ def test_a_fixmatch_run_trains_on_the_pool_and_reports_what_it_kept(tmp_path, ca
     assert 0.0 <= last["pool_kept_share"] <= 1.0 and "pool_pass_accuracy" in last
     assert last["train_images"] == 80 + kept  # an epoch is the labelled images' (and picks'); the pool rides along
     assert result.metrics["student_mode"] == "fixmatch"
+    # without the picks the labelled stream is the labelled split alone, and the pool only online
+    alone = run_pipeline(online_cfg(pool_picks=False, pool_debias=True), make_data(), progress=False)
+    printed = capsys.readouterr().out
+    assert "80 labelled images and none of the teacher's picks (pool_picks false), and all 60 pool images " \
+           "every step: threshold 0.5, alignment off, debiasing on" in printed
+    assert alone.student.history[-1]["train_images"] == 80
+    assert np.array_equal(alone.student.checkpoint["class_counts"], make_data().class_counts("train"))
+    assert "pool_debias_spread" in alone.student.history[-1]
     assert {"control_val_macro_f1", "pool_gain_val", "pool_helped"} <= set(result.metrics)
     assert (tmp_path / "pseudo_labeled.csv").exists()  # the picks, as offline
     # the pool really is in the loss: with its weight at 0 the student trains as without it
@@ -107,11 +156,12 @@ def test_a_fixmatch_run_trains_on_the_pool_and_reports_what_it_kept(tmp_path, ca
     assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("mode,align,schedule", [("fixmatch", True, "cosine"), ("flexmatch", False, "cosine"),
-                                                 ("flexmatch", False, "constant")])
-def test_resuming_an_online_run_after_any_epoch_ends_with_the_same_model(mode, align, schedule):
+@pytest.mark.parametrize("mode,align,schedule,debias", [
+    ("fixmatch", True, "cosine", False), ("flexmatch", False, "cosine", False),
+    ("flexmatch", False, "constant", False), ("flexmatch", False, "constant", True)])
+def test_resuming_an_online_run_after_any_epoch_ends_with_the_same_model(mode, align, schedule, debias):
     cfg = online_cfg(student_init="teacher", dropout=0.1, student_mode=mode, pool_align=align,
-                     student_schedule=schedule)
+                     student_schedule=schedule, pool_debias=debias, pool_picks=not debias)
     data, states = make_data(), []
     whole = run_pipeline(cfg, data, progress=False,
                          report=lambda metrics, ckpt, state: states.append(saved_and_loaded(state.to_dict())))
