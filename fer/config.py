@@ -139,6 +139,10 @@ class TrialConfig:
     # stream with their hard labels, as offline; false: the labelled split alone, and the pool only
     # online (FixMatch as published).
     pool_picks: bool = True
+    # fixmatch/flexmatch: what a kept weak view teaches its strong view: its argmax ("hard", FixMatch)
+    # or its distribution sharpened at temperature 0.5 ("soft", UDA/MixMatch), which lets an
+    # uncertain wrong label pull less
+    pool_targets: str = "hard"
     # After stage 2, fit the student's recipe (same start, epochs, augmentation, at least as
     # many images per epoch) on the labelled split alone: the supervised-only control that
     # says what the pool bought (metrics "control_val_macro_f1", "pool_gain_val"). Costs
@@ -161,7 +165,7 @@ STAGE2_FIELDS = (
     "student_epochs", "pseudo_threshold", "pseudo_selection", "crest_alpha", "pseudo_tta", "pseudo_temperature",
     "pseudo_debias", "pseudo_graph", "pseudo_weight", "student_init", "student_lr_scale", "student_augment",
     "student_schedule", "pool_control", "posthoc", "student_mode", "pool_ratio", "pool_align", "student_rounds",
-    "pool_debias", "pool_picks",
+    "pool_debias", "pool_picks", "pool_targets",
 )
 
 # Set on the epochs a run reports from a shared teacher (replayed, not trained again).
@@ -267,7 +271,7 @@ def config_choices() -> dict[str, tuple[str, ...]]:
         "pseudo_selection": names.SELECTIONS, "pseudo_graph": names.PSEUDO_GRAPHS, "posthoc": names.POSTHOC,
         "optimizer": names.OPTIMIZERS,
         "student_init": names.STUDENT_INITS, "student_mode": names.STUDENT_MODES,
-        "student_schedule": names.SCHEDULES,
+        "student_schedule": names.SCHEDULES, "pool_targets": names.POOL_TARGETS,
         "load_crop": names.LOAD_CROPS, "load_filter": names.LOAD_FILTERS,
     }
 

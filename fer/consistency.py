@@ -70,6 +70,7 @@ class Consistency:
     # steps, views and weights say what the pool could buy at most. Never a trial's setting.
     oracle: bool = False
     debias: Debias | None = None  # label the weak views with the student's post-hoc offsets of the moment
+    soft: bool = False  # train the strong view towards the sharpened weak distribution, not its argmax
 
     def __post_init__(self) -> None:
         if self.oracle and self.truth is None:
@@ -155,10 +156,15 @@ def _normalise(probs: torch.Tensor) -> torch.Tensor:
     return probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+SHARPEN = 0.5  # temperature of soft targets (MixMatch's T; UDA uses 0.4)
+
+
 def pool_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, plan: EpochPlan,
-              truth: torch.Tensor | None, tally: Tally, oracle: bool = False) -> torch.Tensor:
+              truth: torch.Tensor | None, tally: Tally, oracle: bool = False, soft: bool = False) -> torch.Tensor:
     """FixMatch's unlabeled loss over one pool batch; adds what it kept to `tally`. With
-    `oracle`, the true labels instead of the weak views' and every view kept."""
+    `oracle`, the true labels instead of the weak views' and every view kept; with `soft`,
+    the kept views' target is the weak distribution sharpened (temperature SHARPEN), so an
+    uncertain wrong label pulls less than a hard one (UDA, Xie et al. 2020)."""
     with torch.no_grad():
         probs = _normalise(torch.softmax(logits_weak.detach().float(), dim=1) * plan.align)
         conf, label = probs.max(dim=1)
@@ -169,7 +175,8 @@ def pool_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, plan: Epoc
         if truth is not None:
             tally.correct += (mask * (label == truth).float()).sum()
         tally.seen += len(label)
-    return (F.cross_entropy(logits_strong.float(), label, reduction="none") * mask).mean()
+        target = _normalise(probs ** (1.0 / SHARPEN)) if soft and not oracle else label
+    return (F.cross_entropy(logits_strong.float(), target, reduction="none") * mask).mean()
 
 
 def epoch_stats(plan: EpochPlan, tally: Tally, has_truth: bool) -> dict[str, Any]:

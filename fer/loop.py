@@ -157,7 +157,7 @@ class PoolSteps:
             logits = loop.net(torch.cat(views))
         labelled, weak, strong = logits.split([len(x), len(u), len(u)])
         truth = None if self.truth is None else self.truth[picked.cpu()].to(self.source.device)
-        unlabelled = pool_loss(weak, strong, self.plan, truth, self.tally, self.spec.oracle)
+        unlabelled = pool_loss(weak, strong, self.plan, truth, self.tally, self.spec.oracle, self.spec.soft)
         return loop.criterion(labelled.float(), y, sample_weight=w) + self.spec.weight * unlabelled
 
 

@@ -197,7 +197,7 @@ def _online_line(cfg: TrialConfig, labelled: int, picks: int, pool: int, who: st
     picked = f"{picks} {who} picks" if cfg.pool_picks else f"none of the {who}'s picks (pool_picks false)"
     return (f"stage 2 online ({cfg.student_mode}): {labelled} labelled images and {picked}, and all "
             f"{pool} pool images every step: threshold {cfg.pseudo_threshold}{per_class}, alignment "
-            f"{'on' if cfg.pool_align else 'off'}, debiasing {'on' if cfg.pool_debias else 'off'}, pool weight {cfg.pseudo_weight}, {cfg.pool_ratio} pool image(s) "
+            f"{'on' if cfg.pool_align else 'off'}, debiasing {'on' if cfg.pool_debias else 'off'}, {cfg.pool_targets} targets, pool weight {cfg.pseudo_weight}, {cfg.pool_ratio} pool image(s) "
             "per labelled one")
 
 

@@ -36,6 +36,7 @@ SHORT_NAMES = {
     "pool_align": "align",
     "pool_debias": "debias",
     "pool_picks": "picks",
+    "pool_targets": "targets",
     "student_rounds": "rounds",
     "label_smoothing": "smooth",
     "weight_decay": "wd",

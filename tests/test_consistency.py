@@ -53,6 +53,21 @@ def test_the_pool_loss_trains_the_strong_view_on_confident_weak_predictions_only
     assert strong.grad[1].abs().sum() == 0 and strong.grad[0].abs().sum() > 0  # the unsure view gets no gradient
 
 
+def test_soft_targets_are_the_kept_weak_views_sharpened_distribution():
+    from fer.consistency import SHARPEN
+
+    weak = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.1, 0.0]])  # kept, not kept
+    strong = torch.tensor([[0.5, 0.0, -0.5], [1.0, 0.0, 0.0]], requires_grad=True)
+    tally = Tally.zeros(torch.device("cpu"))
+    loss = pool_loss(weak, strong, plan([0.5, 0.5, 0.5]), None, tally, soft=True)
+    target = torch.softmax(weak[0] / SHARPEN, dim=0)  # softmax(z) ** (1/T), renormalised
+    expected = -(target * torch.log_softmax(strong[0], dim=0)).sum() / 2  # the unsure view counts as 0
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    hard = pool_loss(weak, strong, plan([0.5, 0.5, 0.5]), None, Tally.zeros(torch.device("cpu")))
+    assert float(hard) != pytest.approx(float(loss))  # the argmax's CE is another number
+    assert float(tally.kept) == 1.0
+
+
 def test_alignment_can_turn_a_head_prediction_into_a_tail_label():
     weak = torch.tensor([[1.0, 0.0]])  # 0.73 for the head class
     tally = Tally.zeros(torch.device("cpu"))
@@ -143,7 +158,7 @@ def test_a_fixmatch_run_trains_on_the_pool_and_reports_what_it_kept(tmp_path, ca
     alone = run_pipeline(online_cfg(pool_picks=False, pool_debias=True), make_data(), progress=False)
     printed = capsys.readouterr().out
     assert "80 labelled images and none of the teacher's picks (pool_picks false), and all 60 pool images " \
-           "every step: threshold 0.5, alignment off, debiasing on" in printed
+           "every step: threshold 0.5, alignment off, debiasing on, hard targets" in printed
     assert alone.student.history[-1]["train_images"] == 80
     assert np.array_equal(alone.student.checkpoint["class_counts"], make_data().class_counts("train"))
     assert "pool_debias_spread" in alone.student.history[-1]
@@ -161,7 +176,8 @@ def test_a_fixmatch_run_trains_on_the_pool_and_reports_what_it_kept(tmp_path, ca
     ("flexmatch", False, "constant", False), ("flexmatch", False, "constant", True)])
 def test_resuming_an_online_run_after_any_epoch_ends_with_the_same_model(mode, align, schedule, debias):
     cfg = online_cfg(student_init="teacher", dropout=0.1, student_mode=mode, pool_align=align,
-                     student_schedule=schedule, pool_debias=debias, pool_picks=not debias)
+                     student_schedule=schedule, pool_debias=debias, pool_picks=not debias,
+                     pool_targets="soft" if debias else "hard")
     data, states = make_data(), []
     whole = run_pipeline(cfg, data, progress=False,
                          report=lambda metrics, ckpt, state: states.append(saved_and_loaded(state.to_dict())))
