@@ -309,12 +309,18 @@ def row(run: dict[str, Any], variant: str) -> list[Any]:
         score = entry[model]["test"]
         return f"{score['minus_control']:+.3f} ({score['ci95'][0]:+.3f} to {score['ci95'][1]:+.3f})"
 
-    return [run["set"], run["pool"], run["labelled"], run["pool_images"], run["seed"], variant,
+    return [run["set"], run["pool"], run["labelled"], run["pool_images"], run["seed"], label(run, variant),
             peers["linear"]["test_macro_f1"], peers["label_spreading"]["test_macro_f1"],
             peers["self_training"]["test_macro_f1"], test("teacher"), test("control"), test("pipeline"),
             test("oracle"), test("final"), gain("pipeline"), gain("oracle"), entry["r_test"], entry["r_val"],
             entry["pipeline"]["val"]["minus_control"], entry["pipeline"]["test"]["balanced_accuracy"],
             round(entry["seconds"]["run_pipeline"] + entry["seconds"]["oracle_fit"])]
+
+
+def label(run: dict[str, Any], variant: str) -> str:
+    """The variant's name, with the run's --set overrides that every variant of it shares."""
+    shared = run.get("overrides") or []
+    return f"{variant} [{', '.join(shared)}]" if shared else variant
 
 
 def verdict(run: dict[str, Any], variant: str) -> str:
@@ -323,7 +329,8 @@ def verdict(run: dict[str, Any], variant: str) -> str:
     r, pipe = entry["r_test"], entry["pipeline"]["test"]
     r_text = "-" if r is None else f"{r:.2f}"
     met = r is not None and r >= TARGET_R and pipe["ci95"][0] > 0
-    return (f"{run['set']} {run['fraction_text']} {run['pool']} pool seed {run['seed']} {variant}: r = {r_text} "
+    return (f"{run['set']} {run['fraction_text']} {run['pool']} pool seed {run['seed']} {label(run, variant)}: "
+            f"r = {r_text} "
             f"(floor {TARGET_R}, with pipeline - control excluding 0: {'met' if met else 'MISSED'}); "
             f"final - best classical peer {entry['final']['test']['macro_f1'] - peers:+.3f}")
 
@@ -335,7 +342,8 @@ def report(paths: list[str]) -> int:
     runs = []
     for path in paths:
         try:
-            runs.extend(json.loads(Path(path).read_text())["runs"])
+            saved = json.loads(Path(path).read_text())
+            runs.extend({"overrides": saved.get("overrides") or [], **run} for run in saved["runs"])
         except (OSError, ValueError, KeyError) as err:
             raise SystemExit(f"--report {path}: not a label_fraction results file ({err})") from None
     rows = [row(run, variant) for run in runs for variant in run["variants"]]
@@ -384,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 seeds = args.seeds or ([0, 1] if fraction == 0.125 else [0])
                 for seed in seeds:
                     run = measure(data, replace(base, seed=seed), {"defaults": {}, **dict(args.variants)})
-                    run.update(set=name, fraction=fraction, fraction_text=str(Fraction(fraction).limit_denominator()),
+                    run.update(overrides=args.overrides, set=name, fraction=fraction, fraction_text=str(Fraction(fraction).limit_denominator()),
                                pool=pool, seed=seed, peers=peers, labelled=len(data.splits["train"].labels),
                                pool_images=len(data.splits["unlabeled"].labels),
                                labelled_counts=data.class_counts("train").tolist(),
