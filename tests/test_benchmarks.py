@@ -398,10 +398,16 @@ def test_label_fraction_measures_r_and_both_paired_intervals_from_one_teacher(mo
 
     monkeypatch.setattr(fer.pipeline, "fit", counting_fit)
     data = make_data()
-    cfg = tiny_cfg(student_mode="flexmatch", pseudo_threshold=0.5, student_epochs=1)
-    run = bed.measure(data, cfg, {"defaults": {}, "constant": {"student_schedule": "constant"}})
+    # epoch_images above 80 labelled + 60 pool images: the student's epoch, with or without picks, is that long
+    cfg = tiny_cfg(student_mode="flexmatch", pseudo_threshold=0.5, student_epochs=1, epoch_images=160)
+    run = bed.measure(data, cfg, {"defaults": {}, "cosine": {"student_schedule": "cosine"},
+                                  "nopicks": {"pool_picks": False}})
     assert teachers.count("teacher") == 1  # one teacher for every variant
     assert teachers.count("control") == 2  # the schedule changes the control's recipe: its own control
+    # leaving the picks out changes neither the control's nor the oracle's recipe: both are shared
+    same, other = run["variants"]["nopicks"], run["variants"]["cosine"]
+    assert same["seconds"]["oracle_fit"] == run["variants"]["defaults"]["seconds"]["oracle_fit"]
+    assert other["seconds"]["oracle_fit"] != run["variants"]["defaults"]["seconds"]["oracle_fit"]
     for name, entry in run["variants"].items():
         for split in ("val", "test"):
             pipe, oracle = entry["pipeline"][split], entry["oracle"][split]

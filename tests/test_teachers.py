@@ -21,7 +21,7 @@ from test_pipeline import make_data, tiny_cfg, tiny_model
 OTHER_STAGE2 = {"student_epochs": 3, "pseudo_threshold": 0.5, "pseudo_selection": "flexmatch", "crest_alpha": 1.0,
                 "pseudo_tta": True, "pseudo_temperature": False, "pseudo_debias": False, "pseudo_graph": "none",
                 "pseudo_weight": 0.5, "student_init": "scratch", "student_lr_scale": 0.1, "student_augment": "strong",
-                "student_schedule": "constant",
+                "student_schedule": "cosine",
                 "pool_control": False, "posthoc": "bias", "student_mode": "fixmatch", "pool_ratio": 2,
                 "pool_align": True, "student_rounds": 3, "pool_debias": True, "pool_picks": False,
                 "pool_targets": "soft"}
