@@ -59,7 +59,8 @@ def describe_budget(cfg: TrialConfig, data: Any) -> str:
     if pool is not None and len(pool.images) > 0 and cfg.student_epochs > 0:
         least = max(cfg.epoch_images, len(train_labels))
         online = cfg.student_mode != "offline"
-        picks = ("the teacher's picks" if cfg.pool_picks else "no picks") if online else "kept pseudo-labels"
+        stream = ("labelled + the teacher's picks" if cfg.pool_picks else "the labelled split") if online \
+            else "labelled + kept pseudo-labels"
         pool = (f", each step with {cfg.pool_ratio} pool image(s) per labelled one in two views ({cfg.student_mode})"
                 if online else "")
         rounds = (f" in {cfg.student_rounds} rounds of {cfg.round_epochs}, each labelled by the round before's "
@@ -68,7 +69,7 @@ def describe_budget(cfg: TrialConfig, data: Any) -> str:
         rate += ", constant after the warmup" if cfg.student_schedule == "constant" else ""
         rate += ", weak views labelled with the student's post-hoc offsets" if online and cfg.pool_debias else ""
         lines.append(f"        student: {cfg.student_epochs} epochs of at least {least} images "
-                     f"(labelled + {picks}, repeated up to epoch_images){pool}{rounds}{rate}")
+                     f"({stream}, repeated up to epoch_images){pool}{rounds}{rate}")
         if cfg.pool_control:
             lines.append(f"        control: {cfg.student_epochs} more epochs of the student's recipe on the labelled "
                          f"split alone, to measure what the pool bought (pool_control=false skips it)")

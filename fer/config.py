@@ -141,8 +141,11 @@ class TrialConfig:
     pool_debias: bool = False
     # fixmatch/flexmatch: the labeller's confident picks (pseudo_selection) join the labelled
     # stream with their hard labels, as offline; false: the labelled split alone, and the pool only
-    # online (FixMatch as published).
-    pool_picks: bool = True
+    # online (FixMatch as published). False by measurement on val (benchmarks/label_fraction.py, 1/8
+    # of the labels, pool 7x, constant rate): the student's share r of the oracle's gain, against the
+    # earlier defaults (picks, cosine), rose in all 4 runs: demo faces 0.32 -> 0.68 and -0.33 -> 0.38,
+    # digits -0.40 -> -0.32 and -0.55 -> -0.30 (BENCHMARKS.md, "Few labels, a large pool").
+    pool_picks: bool = False
     # fixmatch/flexmatch: what a kept weak view teaches its strong view: its argmax ("hard", FixMatch)
     # or its distribution sharpened at temperature 0.5 ("soft", UDA/MixMatch), which lets an
     # uncertain wrong label pull less

@@ -7,6 +7,7 @@ format the scripts print, the table builders made-up results.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -453,3 +454,29 @@ def test_dr_scale_measures_decode_in_its_own_process_and_tabulates(tmp_path):
     row = {"n": 12, "decode": decode, "epoch": epoch, "bare": dict(epoch, images_per_s=4.0), "epoch_vs_bare": 0.75}
     lines = dr_scale.report([row]).splitlines()
     assert lines[0].split()[:3] == ["N", "decode", "s"] and lines[2].split()[0] == "12" and "0.75" in lines[2]
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_check_rehearses_every_step_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py is the one script a lent GPU machine runs; on CPU with --tiny every
+    step that does not need CUDA runs for real (fer.train with amp, a stopped and resumed run,
+    a fundus folder at clinical layout, the throughput ratio), and the CUDA-only ones skip."""
+    import json
+    import subprocess
+    import sys
+
+    from support import ROOT
+
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "FER_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = json.loads(out.read_text())["steps"]
+    assert [line.split()[:2] for line in done.stdout.splitlines()[:8]] == [
+        ["PASS", "env"], ["PASS", "augment"], ["PASS", "amp"], ["PASS", "dr224"], ["PASS", "throughput"],
+        ["PASS", "resume"], ["SKIP", "fractional"], ["SKIP", "ddp"]]
+    assert steps["resume"]["stopped_after_epoch"] >= 2 and steps["resume"]["resumed"]["epochs"] == 3
+    assert steps["amp"]["amp_true"]["images_per_s"] > 0 and steps["dr224"]["images"] == 60
+    assert steps["throughput"]["ratio"] > 0 and steps["augment"]["fundus_cpu_images_per_s"] > 0
+    assert "NCCL DDP needs 2 GPUs" in steps["ddp"]["reason"]

@@ -33,8 +33,10 @@ def test_describe_names_the_repeats_and_the_student():
     assert "teacher: 10 epochs x 3000 images, the 377-image split 8.0x = 240 optimizer steps" in text
     assert "student: 4 epochs of at least 3000 images (labelled + kept pseudo-labels" in text
     online = describe_budget(TrialConfig(epochs=10, student_epochs=4, epoch_images=3000), data)  # flexmatch
-    assert ("student: 4 epochs of at least 3000 images (labelled + the teacher's picks, repeated up to "
+    assert ("student: 4 epochs of at least 3000 images (the labelled split, repeated up to "
             "epoch_images), each step with 1 pool image(s) per labelled one in two views (flexmatch)") in online
+    picks = describe_budget(TrialConfig(epochs=10, student_epochs=4, epoch_images=3000, pool_picks=True), data)
+    assert "student: 4 epochs of at least 3000 images (labelled + the teacher's picks, repeated up to " in picks
     assert "control: 4 more epochs of the student's recipe on the labelled split alone" in text
     assert "learning rate" not in online  # stage 2 at lr, as the teacher
     gentle = describe_budget(TrialConfig(epochs=10, student_epochs=4, student_lr_scale=0.3), data)

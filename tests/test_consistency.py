@@ -144,7 +144,7 @@ def test_debiasing_labels_the_pool_with_the_students_post_hoc_offsets_of_the_mom
 
 
 def test_a_fixmatch_run_trains_on_the_pool_and_reports_what_it_kept(tmp_path, capsys):
-    result = run_pipeline(online_cfg(), make_data(), progress=False, out_dir=str(tmp_path))
+    result = run_pipeline(online_cfg(pool_picks=True), make_data(), progress=False, out_dir=str(tmp_path))
     printed = capsys.readouterr().out
     kept = result.metrics["pseudo_kept"]  # the teacher's confident picks join the labelled images
     assert f"stage 2 online (fixmatch): 80 labelled images and {kept} teacher picks, and all 60 pool images " \

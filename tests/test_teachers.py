@@ -23,7 +23,7 @@ OTHER_STAGE2 = {"student_epochs": 3, "pseudo_threshold": 0.5, "pseudo_selection"
                 "pseudo_weight": 0.5, "student_init": "scratch", "student_lr_scale": 0.1, "student_augment": "strong",
                 "student_schedule": "cosine",
                 "pool_control": False, "posthoc": "bias", "student_mode": "fixmatch", "pool_ratio": 2,
-                "pool_align": True, "student_rounds": 3, "pool_debias": True, "pool_picks": False,
+                "pool_align": True, "student_rounds": 3, "pool_debias": True, "pool_picks": True,
                 "pool_targets": "soft"}
 
 
