@@ -1,7 +1,7 @@
 """The one data layer: a `--data` path (or nothing) becomes a `Dataset` of uint8 arrays.
 
 Three layouts are read (`fer.data.layouts`, see `LAYOUTS`): a FER2013 CSV, a split folder
-and a DR-grading folder. No path means the embedded demo data of `fer.synth` (seed 0),
+and a DR-grading folder. No path means the embedded demo data of `fer.data.synth` (seed 0),
 read through the FER CSV path. Every source is decoded once per node into the cache
 (`fer.data.cache`: one `.npy` per split) and memory-mapped read-only from there, so memory
 does not grow with the data set: processes on a node share the page cache. A trial driver

@@ -6,8 +6,8 @@ two class-aware rules: CReST's per-class keep rates (Wei et al. 2021) and FlexMa
 class-adaptive thresholds (Zhang et al. 2021). Confidences are made meaningful first by
 temperature scaling on the validation split (Guo et al. 2017).
 
-Under torch.distributed every rank labels its shard of the pool (`fer.samplers.shard`)
-and `predict_pool_sharded` gathers the pieces back in the original order (`fer.infer`).
+Under torch.distributed every rank labels its shard of the pool (`fer.train.samplers.shard`)
+and `predict_pool_sharded` gathers the pieces back in the original order (`fer.train.infer`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer import names
-from fer.infer import predict_logits, predict_logits_sharded
 from fer.names import check_registry
+from fer.train.infer import predict_logits, predict_logits_sharded
 
 
 # --- prediction -------------------------------------------------------------------
@@ -199,7 +199,7 @@ SELECTIONS: dict[str, SelectionFn] = {
     "flexmatch": _select_flexmatch,
     "aligned": _select_aligned,
 }
-check_registry(SELECTIONS, names.SELECTIONS, "fer.pseudo.SELECTIONS")
+check_registry(SELECTIONS, names.SELECTIONS, "fer.ssl.pseudo.SELECTIONS")
 
 
 def get_selection(name: str) -> SelectionFn:

@@ -16,11 +16,11 @@ eval mode, so a resumed epoch draws exactly what the uninterrupted one drew):
   probabilities are multiplied by the labelled prior over the student's mean pool
   prediction and renormalised, so head classes do not take over the pseudo-labels;
 - per-class thresholds (FlexMatch, Zhang et al. 2021; `student_mode="flexmatch"`):
-  `fer.pseudo.flexmatch_thresholds` of that pass, lower for classes the student is still
+  `fer.ssl.pseudo.flexmatch_thresholds` of that pass, lower for classes the student is still
   learning (with the paper's warm-up, all of them low while few views pass `pseudo_threshold`);
   `"fixmatch"` keeps one threshold for every class;
 - adaptive debiasing (`pool_debias`; DebiasPL, Wang et al. 2022): weak-view logits get the
-  student's own post-hoc offsets of the moment (`fer.posthoc`, fitted on val at the epoch's
+  student's own post-hoc offsets of the moment (`fer.train.posthoc`, fitted on val at the epoch's
   start), the decision rule it would be handed out with, so the head classes' raw lean does
   not label the rare classes' pool images.
 
@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer.infer import Ranks, predict_logits_sharded
 from fer.names import ONLINE_MODES
-from fer.posthoc import fit_offsets
-from fer.pseudo import flexmatch_thresholds
+from fer.ssl.pseudo import flexmatch_thresholds
+from fer.train.infer import Ranks, predict_logits_sharded
+from fer.train.posthoc import fit_offsets
 
 
 @dataclass
