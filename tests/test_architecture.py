@@ -281,15 +281,15 @@ def test_functions_are_at_most_60_lines():
 
 # (fer.names tuple, the module that owns the registry, the registry's name there)
 REGISTRIES = [
-    ("LOSSES", "fer.losses", "LOSSES"),
-    ("WEIGHT_SCHEMES", "fer.losses", "WEIGHT_SCHEMES"),
-    ("MODELS", "fer.models", "MODELS"),
-    ("STEMS", "fer.models", "STEMS"),
-    ("POSTHOC", "fer.posthoc", "POSTHOC"),
-    ("SELECTIONS", "fer.pseudo", "SELECTIONS"),
-    ("PSEUDO_GRAPHS", "fer.propagate", "CANDIDATES"),
-    ("SAMPLERS", "fer.samplers", "SAMPLERS"),
-    ("AUGMENTS", "fer.transforms", "AUGMENTS"),
+    ("LOSSES", "fer.train.losses", "LOSSES"),
+    ("WEIGHT_SCHEMES", "fer.train.losses", "WEIGHT_SCHEMES"),
+    ("MODELS", "fer.train.models", "MODELS"),
+    ("STEMS", "fer.train.models", "STEMS"),
+    ("POSTHOC", "fer.train.posthoc", "POSTHOC"),
+    ("SELECTIONS", "fer.ssl.pseudo", "SELECTIONS"),
+    ("PSEUDO_GRAPHS", "fer.ssl.propagate", "CANDIDATES"),
+    ("SAMPLERS", "fer.train.samplers", "SAMPLERS"),
+    ("AUGMENTS", "fer.train.transforms", "AUGMENTS"),
 ]
 
 
@@ -323,11 +323,11 @@ def test_every_registry_checks_itself_at_import(names_tuple, module, registry):
 def test_check_registry_names_the_registry_that_drifted():
     from fer.names import LOSSES, check_registry
 
-    check_registry(dict.fromkeys(LOSSES), LOSSES, "fer.losses.LOSSES")  # equal keys: silent
+    check_registry(dict.fromkeys(LOSSES), LOSSES, "fer.train.losses.LOSSES")  # equal keys: silent
     with pytest.raises(RuntimeError) as info:
-        check_registry({"ce": None, "hinge": None}, LOSSES, "fer.losses.LOSSES")
+        check_registry({"ce": None, "hinge": None}, LOSSES, "fer.train.losses.LOSSES")
     message = str(info.value)
-    assert "fer.losses.LOSSES" in message and "'hinge'" in message, message
+    assert "fer.train.losses.LOSSES" in message and "'hinge'" in message, message
     assert str(LOSSES) in message, message  # the names it should have had
-    with pytest.raises(RuntimeError, match="fer.losses.LOSSES"):
-        check_registry(dict.fromkeys(reversed(LOSSES)), LOSSES, "fer.losses.LOSSES")  # order is part of it
+    with pytest.raises(RuntimeError, match="fer.train.losses.LOSSES"):
+        check_registry(dict.fromkeys(reversed(LOSSES)), LOSSES, "fer.train.losses.LOSSES")  # order is part of it
