@@ -11,12 +11,12 @@ from fer.ssl.pseudo import (
     SELECTIONS,
     crest_keep_rates,
     fit_temperature,
-    flexmatch_thresholds,
     get_selection,
     select_pseudo_labels,
     summarize_selection,
     write_pseudo_csv,
 )
+from fer.train.consistency import flexmatch_thresholds
 
 
 def table(rows, num_classes=3):

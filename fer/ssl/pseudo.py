@@ -23,6 +23,7 @@ from torch import nn
 
 from fer import names
 from fer.names import check_registry
+from fer.train.consistency import flexmatch_thresholds
 from fer.train.infer import predict_logits, predict_logits_sharded
 
 
@@ -135,28 +136,6 @@ def _keep_most_confident(keep: np.ndarray, idx: np.ndarray, conf: np.ndarray, co
     """Mark the `count` most confident of `idx` in `keep`; ties go to the lower pool index."""
     order = idx[np.lexsort((idx, -conf[idx]))]  # by confidence desc, then index asc
     keep[order[:count]] = True
-
-
-def flexmatch_thresholds(conf: np.ndarray, pred: np.ndarray, num_classes: int, threshold: float,
-                         *, warmup: bool = True, mapping: str = "convex") -> np.ndarray:
-    """Class-adaptive thresholds T_k = M(beta_k) * threshold of FlexMatch (Zhang et al. 2021).
-
-    sigma_k counts pool images predicted as k with confidence above `threshold` (the
-    paper's learning effect). beta_k = sigma_k / max(max_k sigma, unused) with warmup,
-    where unused = pool size - sum sigma, so that early on (few confident predictions)
-    thresholds stay low; without warmup beta_k = sigma_k / max_k sigma. M is the convex
-    mapping x / (2 - x) (the paper's best) or the identity ("linear").
-    """
-    if mapping not in ("convex", "linear"):
-        raise ValueError(f"flexmatch mapping {mapping!r} is not allowed. Choose one of: convex, linear")
-    sigma = np.bincount(pred[conf > threshold], minlength=num_classes).astype(np.float64)
-    denom = sigma.max() if len(sigma) else 0.0
-    if warmup:
-        denom = max(denom, float(len(conf) - sigma.sum()))
-    beta = sigma / denom if denom > 0 else np.zeros(num_classes)
-    if mapping == "convex":
-        beta = beta / (2.0 - beta)
-    return beta * threshold
 
 
 def _select_flexmatch(conf: np.ndarray, pred: np.ndarray, *, threshold: float,
