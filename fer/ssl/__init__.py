@@ -7,7 +7,7 @@ offsets. Names are re-exported lazily (`fer.lazy`).
 
     pseudo.py     pool predictions, temperature, the selection rules (threshold, CReST, ...)
     propagate.py  label propagation on a pixel or feature graph (pseudo_graph)
-    labelling.py  one teacher -> calibrated, selected pseudo-labels for the student
+    labelling.py  a labeller (the teacher, or a round's student) -> calibrated, selected labels
     teachers.py   finished teachers shared between runs with the same stage-1 knobs
     pipeline.py   run_pipeline(): teacher -> pseudo-labels -> student, control -> final model
 """

@@ -10,7 +10,7 @@ re-exported lazily (`fer.lazy`), so `fer.train.config` stays importable without 
     transforms.py   augmentations, eval transform, TTA views
     samplers.py     epoch orders (uniform, sqrt, balanced) and rank shards
     losses.py       the losses and class weights
-    budget.py       what a stage's epochs amount to in draws and steps
+    budget.py       what a budget means on a data set: passes, images, optimizer steps
     infer.py        batched, sharded inference; devices, ranks, autocast
     metrics.py      scikit-learn metrics from a confusion matrix
     posthoc.py      post-hoc logit offsets: the decision rule
