@@ -2,7 +2,7 @@
 
 Every benchmark takes `--budget small|full`. `full` is the product's default search
 (spaces/imbalance.yaml on the embedded demo data); `small` keeps the same space and
-searcher but shrinks the data (fer.synth scale), the image side, the epochs and the trial
+searcher but shrinks the data (fer.data.synth scale), the image side, the epochs and the trial
 count so a comparison finishes in minutes on a shared 2-core machine. Small-budget
 numbers show the mechanics and the ratios, not the final macro-F1.
 
@@ -40,7 +40,7 @@ LOCK_HELD_ENV = "FER_RAY_LOCK_HELD"  # set by run_all for its children while it 
 class Budget:
     """How big a benchmark run is; None keeps the space's own value."""
 
-    scale: float | None  # fer.synth scale of the demo data; None = the embedded data as search.run loads it
+    scale: float | None  # fer.data.synth scale of the demo data; None = the embedded data as search.run loads it
     image_size: int | None
     batch_size: int | None
     epochs: int | None  # stage 1
@@ -73,7 +73,7 @@ def get_budget(name: str) -> Budget:
 
 def load_data(budget: Budget) -> Any:
     """The embedded demo data (fer.data's cache) or, for a scale, the same generator smaller."""
-    from fer import synth
+    from fer.data import synth
     from fer.data import EMBEDDED_SEED, Dataset, Split, load_dataset
 
     if budget.scale is None:
@@ -160,7 +160,7 @@ def get_variant(name: str) -> dict[str, str]:
 
 def make_epoch_log(metric: str) -> Any:
     """A Tune callback recording (wall time, trial, epoch, the search's `metric`) of every
-    trained epoch (one replayed from a shared teacher, fer.teachers, is not spent again)."""
+    trained epoch (one replayed from a shared teacher, fer.ssl.teachers, is not spent again)."""
     from ray.tune import Callback
 
     class EpochLog(Callback):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fer.models import build_model
+from fer.train.models import build_model
 
 
 def step_fn(model: nn.Module, batch: int, image_size: int, channels_last: bool, compiled: bool):

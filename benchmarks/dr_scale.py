@@ -4,14 +4,14 @@
     python benchmarks/dr_scale.py --sizes 1000,4000        # DDR is 12,522 (--sizes 12522)
     python benchmarks/dr_scale.py --sizes 1000 --sides 1024,1024 --epoch-images 512
 
-For each N, a seeded fundus-like DR folder (fer.fundus_synth: DDR's grade mix and splits,
+For each N, a seeded fundus-like DR folder (fer.data.fundus_synth: DDR's grade mix and splits,
 JPEGs --sides px wide, 4:3 to 3:2, black border) is generated once, then, each in a fresh
 subprocess so its peak memory is its own (VmHWM, and the peak of RssAnon sampled every 20 ms:
 RSS also counts the page-cache pages of a memory map the process has touched, which are
 shared between processes and dropped under pressure; RssAnon is what the process alone holds):
   decode  load_dataset with an empty cache at --load-size (retina crop): wall time, images/s,
           images/s per core (decode threads = cores), the cache's size on disk
-  epoch   open the cache (load_dataset, a cache hit) and train one epoch of fer.fitting.fit
+  epoch   open the cache (load_dataset, a cache hit) and train one epoch of fer.train.fitting.fit
           (TrainSource + the fundus augmentation + mobilenet_v3_small at 224 px) over the train split
   bare    the same epoch as a plain PyTorch loop over the same memory-mapped train split: a
           shuffled batch gathered from the map, resized to 224, one AdamW step, no augmentation
@@ -90,7 +90,7 @@ def measure_decode(folder: str, cache: str, load_size: int) -> dict[str, Any]:
 
 
 def train_config(images: int) -> Any:
-    from fer.config import TrialConfig
+    from fer.train.config import TrialConfig
 
     return TrialConfig(model=MODEL, image_size=EPOCH_SIZE, batch_size=BATCH, epochs=1, warmup_epochs=0,
                        epoch_images=0, augment="fundus", class_cap=0, student_epochs=0, seed=0,
@@ -98,12 +98,12 @@ def train_config(images: int) -> Any:
 
 
 def measure_epoch(folder: str, cache: str, load_size: int, limit: int) -> dict[str, Any]:
-    """One epoch of fer.fitting.fit over (the first `limit` of) the mapped train split."""
+    """One epoch of fer.train.fitting.fit over (the first `limit` of) the mapped train split."""
     import numpy as np
     import torch
 
     from fer.data import Split, load_dataset
-    from fer.fitting import Stage, fit
+    from fer.train.fitting import Stage, fit
 
     torch.set_num_threads(os.cpu_count() or 1)
     peak = AnonPeak()
@@ -128,7 +128,7 @@ def measure_bare(folder: str, cache: str, load_size: int, limit: int) -> dict[st
     import torch.nn.functional as F
 
     from fer.data import load_dataset
-    from fer.models import build_model
+    from fer.train.models import build_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -173,7 +173,7 @@ def run_child(kind: str, folder: Path, cache: Path, load_size: int, limit: int) 
 # --------------------------------------------------------------------------- driver
 
 def measure_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from fer.fundus_synth import write_fundus_folder
+    from fer.data.fundus_synth import write_fundus_folder
 
     folder = work / f"fundus-{n}-seed{args.seed}-{args.sides[0]}-{args.sides[1]}px"
     started = time.perf_counter()

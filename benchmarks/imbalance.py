@@ -43,7 +43,7 @@ from common import (  # noqa: E402
 
 def winner_overrides(path: Path) -> dict[str, Any]:
     """The winner's TrialConfig fields from search_efficiency's JSON or a flat config YAML."""
-    from fer.config import config_field_names
+    from fer.train.config import config_field_names
 
     if not path.is_file():
         raise FileNotFoundError(
@@ -63,7 +63,7 @@ def winner_overrides(path: Path) -> dict[str, Any]:
 
 def score(model: Any, cfg: Any, data: Any, offsets: list[float] | None, rare: list[str]) -> dict[str, Any]:
     """Macro-F1 and the rare classes' F1 on val and test under one decision rule."""
-    from fer.evaluate import evaluate_model
+    from fer.evaluate.evaluate import evaluate_model
 
     out: dict[str, Any] = {}
     for split in ("val", "test"):
@@ -78,7 +78,7 @@ def score(model: Any, cfg: Any, data: Any, offsets: list[float] | None, rare: li
 
 
 def train(cfg: Any, data: Any) -> tuple[Any, list[float] | None, float, dict[str, Any]]:
-    from fer.pipeline import run_pipeline
+    from fer.ssl.pipeline import run_pipeline
 
     started = time.time()
     result = run_pipeline(cfg, data, progress=False)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fer.config import apply_overrides
+    from fer.train.config import apply_overrides
 
     budget = get_budget(args.budget)
     space = load_budget_space(budget, seed=args.seed)

@@ -3,14 +3,14 @@ gain does the pipeline capture?
 
 A training split is cut into a labelled fraction (stratified, at least two images a class) and
 a pool: the rest of the split, its labels withheld from training and kept as held-out truth.
-From one teacher (`fer.pipeline.run_pipeline` with the configuration's defaults and `--set`),
+From one teacher (`fer.ssl.pipeline.run_pipeline` with the configuration's defaults and `--set`),
 on the same budget:
 
   control   the supervised-only control: stage 2's recipe on the labelled split alone
             (the pipeline's own `pool_control`);
   pipeline  stage 2 as the defaults run it (the model trained with the pool);
   oracle    the same stage 2, steps and views, with the pool's TRUE labels on every pool view
-            (`fer.consistency.Consistency(oracle=True)`): the most the pool could buy;
+            (`fer.train.consistency.Consistency(oracle=True)`): the most the pool could buy;
   final     what `fer.train` hands out (its best stage on val);
   peers     LogisticRegression, LabelSpreading and SelfTrainingClassifier (benchmarks/peers.py).
 
@@ -79,7 +79,7 @@ def cut(labels: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> tup
 
 def demo_set(fraction: float, pool: str, seed: int = 0) -> Any:
     """The demo faces: train + unlabeled of the embedded generator as one training split."""
-    from fer import synth
+    from fer.data import synth
     from fer.data.types import FER_CLASSES, Dataset, Split
 
     arrays = synth.generate_arrays(seed, scale=1.0, eval_scale=1.0)
@@ -139,7 +139,7 @@ BUILDERS = {"demo": demo_set, "digits": digits_set}
 
 def oracle_stage(cfg: Any, data: Any, teacher: Any, epoch_images: int) -> Any:
     """Stage 2's online recipe with the pool's true labels: labelled split + every pool view."""
-    from fer.fitting import Stage
+    from fer.train.fitting import Stage
 
     train = data.splits["train"]
     stage = Stage.of(cfg, "student", train.images, train.labels, data.class_counts("train"),
@@ -151,11 +151,11 @@ def oracle_stage(cfg: Any, data: Any, teacher: Any, epoch_images: int) -> Any:
 
 def scores(cfg: Any, fitted: Any, data: Any) -> dict[str, Any]:
     """Val and test predictions of one fitted stage with its own post-hoc offsets, fitted on val
-    with the class counts it trained on (its checkpoint's, as fer.pipeline fits them)."""
+    with the class counts it trained on (its checkpoint's, as fer.ssl.pipeline fits them)."""
     from sklearn.metrics import balanced_accuracy_score
 
-    from fer.infer import predict_logits
-    from fer.posthoc import fit_offsets, macro_f1
+    from fer.train.infer import predict_logits
+    from fer.train.posthoc import fit_offsets, macro_f1
 
     out: dict[str, Any] = {}
     val = data.splits["val"]
@@ -183,7 +183,7 @@ def stage_seconds(fitted: Any) -> float:
 
 
 # what the supervised-only control's recipe reads: a variant that changes none of them shares
-# the defaults' control (fer.pipeline._run_control trains stage 2's recipe on the labels alone)
+# the defaults' control (fer.ssl.pipeline._run_control trains stage 2's recipe on the labels alone)
 CONTROL_KNOBS = ("student_epochs", "student_lr_scale", "student_augment", "student_init", "student_schedule",
                  "epoch_images", "posthoc")
 
@@ -196,7 +196,7 @@ ORACLE_KNOBS = CONTROL_KNOBS + ("pool_ratio", "pseudo_weight")
 def measure(data: Any, cfg: Any, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One teacher (the defaults' run_pipeline), then each stage-2 variant from it: its
     student and control (run_pipeline(teacher=...)) and its oracle, each scored on val and test."""
-    from fer.pipeline import run_pipeline
+    from fer.ssl.pipeline import run_pipeline
 
     start = time.time()
     base = run_pipeline(cfg, data, progress=True)
@@ -226,9 +226,9 @@ def measure_variant(data: Any, cfg: Any, result: Any, seconds: float, teacher_sc
                     oracles: dict[tuple, Any]) -> dict[str, Any]:
     """A variant's student, control, oracle and final model: scores, differences, r. `oracles`
     holds the oracles fitted so far (with their seconds), by what their recipe reads."""
-    from fer.evaluate import paired_bootstrap_macro_f1
-    from fer.fitting import fit
-    from fer.pipeline import final_stage
+    from fer.evaluate.evaluate import paired_bootstrap_macro_f1
+    from fer.ssl.pipeline import final_stage
+    from fer.train.fitting import fit
 
     if result.student is None or result.control is None:
         raise SystemExit(f"{data.source}: stage 2 did not run (student_epochs={cfg.student_epochs}); nothing to measure")
@@ -267,7 +267,7 @@ def measure_variant(data: Any, cfg: Any, result: Any, seconds: float, teacher_sc
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     """`NAME:KEY=VALUE,KEY=VALUE` -> (NAME, overrides); only stage-2 knobs (one teacher serves all)."""
-    from fer.config import STAGE2_FIELDS, TrialConfig, apply_overrides, parse_set_args
+    from fer.train.config import STAGE2_FIELDS, TrialConfig, apply_overrides, parse_set_args
 
     name, _, body = text.partition(":")
     if not name or not body:
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         return report(args.report)
 
-    from fer.config import TrialConfig, apply_overrides, parse_set_args
+    from fer.train.config import TrialConfig, apply_overrides, parse_set_args
 
     try:  # a bad --set fails here, in one line, before any data is built
         base = apply_overrides(TrialConfig(), parse_set_args(args.overrides), source="--set")

@@ -1,6 +1,6 @@
 """Which model should be the default? Candidates side by side on the demo data, in one run.
 
-Each candidate trains stage 1 alone (`fer.pipeline.run_pipeline` with student_epochs=0,
+Each candidate trains stage 1 alone (`fer.ssl.pipeline.run_pipeline` with student_epochs=0,
 so the post-hoc offsets are fitted on val as in a trial) for the same number of epochs on
 the embedded demo data at its native 48 px, with every other TrialConfig default. Reported:
 val macro-F1 (post-hoc), test macro-F1 (raw argmax and with the offsets), wall time, and
@@ -33,10 +33,10 @@ def train_candidate(spec: str, epochs: int, threads: int) -> dict[str, Any]:
     import torch
     from sklearn.metrics import f1_score
 
-    from fer.config import TrialConfig
     from fer.data import load_dataset
-    from fer.infer import predict_logits
-    from fer.pipeline import run_pipeline
+    from fer.ssl.pipeline import run_pipeline
+    from fer.train.config import TrialConfig
+    from fer.train.infer import predict_logits
 
     name, _, stem = spec.partition("/")
     torch.set_num_threads(threads)

@@ -13,7 +13,7 @@ recipe (student_epochs, student_augment, from the teacher's weights) on:
   aligned 0.5  as many as a 0.5 threshold keeps, shared out by the labelled class prior;
   whole pool   every pool image with the pipeline's label (threshold 0);
   fixmatch, flexmatch, ...  stage 2 online (student_mode): the pool trained every step on the
-               student's own weak-view labels (fer.consistency), from the labelled split alone, or
+               student's own weak-view labels (fer.train.consistency), from the labelled split alone, or
                with the pipeline's picks ("+ picks", today's default);
 
 all at the same images per epoch (the largest of the inputs), scored on val raw and
@@ -66,8 +66,8 @@ ONLINE = {"fixmatch": FIXMATCH, "flexmatch": FLEXMATCH,
 def stage_two_inputs(cfg: Any, data: Any, teacher: Any, wanted: list[str]) -> dict[str, tuple[Any, ...]]:
     """{variant: (images, labels, weights, counts, label precision on the pool)} of the
     offline inputs in `wanted` (the control always)."""
-    from fer.labelling import pseudo_label
-    from fer.pipeline import student_inputs
+    from fer.ssl.labelling import pseudo_label
+    from fer.ssl.pipeline import student_inputs
 
     train, pool = data.splits["train"], data.splits["unlabeled"]
     inputs = {"control": (train.images, train.labels.astype(np.int64), None, data.class_counts("train"), None)}
@@ -89,7 +89,7 @@ def stage_two(cfg: Any, data: Any, teacher: Any, wanted: list[str], lr_scales: t
     (student_lr_scale; " lr xS" appended where S is not 1): offline ones at the same images
     per epoch (the largest of their inputs), then the online ones. The inputs (pseudo-labels)
     are made once: they depend on neither the budget nor the learning rate."""
-    from fer.fitting import Stage
+    from fer.train.fitting import Stage
 
     inputs = stage_two_inputs(cfg, data, teacher, wanted)
     per_epoch = max(cfg.epoch_images, *(len(images) for images, *_ in inputs.values()))
@@ -114,8 +114,8 @@ def stage_two(cfg: Any, data: Any, teacher: Any, wanted: list[str], lr_scales: t
 
 def scored(cfg: Any, fitted: Any, val: Any) -> tuple[float, float, np.ndarray]:
     """(val macro-F1 raw, with the model's own post-hoc offsets, val predictions with them)."""
-    from fer.infer import predict_logits
-    from fer.posthoc import fit_offsets, macro_f1
+    from fer.train.infer import predict_logits
+    from fer.train.posthoc import fit_offsets, macro_f1
 
     logits = predict_logits(fitted.model, val.images, image_size=cfg.image_size).numpy()
     offsets = fit_offsets(logits, val.labels, np.asarray(fitted.checkpoint["class_counts"]), cfg.posthoc)
@@ -127,10 +127,10 @@ def measure(name: str, data_path: str | None, wanted: list[str], lr_scales: tupl
     """Teacher once, then every stage-2 variant at each of `lr_scales` (student_lr_scale)
     and each of `student_epochs` (" N epochs" appended to the names; empty: the default
     only); their val scores against the control at the same scale and epochs."""
-    from fer.config import TrialConfig
     from fer.data import load_dataset
-    from fer.evaluate import paired_bootstrap_macro_f1
-    from fer.fitting import Stage, fit
+    from fer.evaluate.evaluate import paired_bootstrap_macro_f1
+    from fer.train.config import TrialConfig
+    from fer.train.fitting import Stage, fit
 
     data = load_dataset(data_path)
     cfg, val = TrialConfig(data=data_path), data.splits["val"]

@@ -67,7 +67,7 @@ def each_set(names: list[str], prefix: str) -> Iterator[tuple[str, Path, str | N
 
 def write_data(name: str, folder: Path) -> str | None:
     """None (the embedded data, as the Quickstart uses it) for `demo`, else a data path."""
-    from fer import synth
+    from fer.data import synth
     from fer.data import EMBEDDED_SEED
 
     if name == "digits":
@@ -136,7 +136,7 @@ def throughput(model: str, image_size: int, stem: str, seconds: float = 4.0, bat
     """Training images/s of one model, one thread, random 1-channel input, AdamW."""
     import torch
 
-    from fer.models import build_model
+    from fer.train.models import build_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="where the raw results go")
     args = parser.parse_args(argv)
 
-    from fer.config import TrialConfig, apply_overrides, parse_set_args, validate_config
     from fer.data import load_dataset
+    from fer.train.config import TrialConfig, apply_overrides, parse_set_args, validate_config
 
     try:  # a bad --set fails here, in one line, not after the peers have run
         cfg = apply_overrides(TrialConfig(), parse_set_args(args.overrides), source="--set")

@@ -1,7 +1,7 @@
 """Stage-2 recipes through the whole pipeline, from one shared teacher per data set. Val only.
 
 The teacher (`fer.train`'s defaults) is trained once; each recipe then resumes the pipeline
-from the teacher's last epoch (as a search's student forks do, fer.teachers), so every recipe
+from the teacher's last epoch (as a search's student forks do, fer.ssl.teachers), so every recipe
 runs stage 2 as `fer.train` would, with its own supervised-only control at the same budget
 (cfg.pool_control), and is scored on val: the student and the control each with their own
 post-hoc offsets, student - control and its paired bootstrap interval (metrics
@@ -46,9 +46,9 @@ KEPT = ("teacher_val_macro_f1", "student_val_macro_f1", "control_val_macro_f1", 
 
 def measure(name: str, data_path: str | None, recipes: list[str], seed: int) -> dict[str, Any]:
     """The teacher once (its last epoch's resume state kept), then each recipe from it."""
-    from fer.config import TrialConfig
     from fer.data import load_dataset
-    from fer.pipeline import run_pipeline
+    from fer.ssl.pipeline import run_pipeline
+    from fer.train.config import TrialConfig
 
     data = load_dataset(data_path)
     cfg, states = TrialConfig(data=data_path, seed=seed), []

@@ -45,7 +45,7 @@ def train_default(out: Path) -> str:
 
 def row(name: str, path: str, scores: np.ndarray, reference: np.ndarray, labels: np.ndarray,
         latency_ms: float, num_classes: int) -> dict[str, Any]:
-    from fer.tflite import macro_f1
+    from fer.export.tflite import macro_f1
 
     return {"model": name, "file": os.path.basename(path), "mb": os.path.getsize(path) / 2**20,
             "latency_ms": latency_ms, "val_macro_f1": macro_f1(labels, scores, num_classes),
@@ -56,11 +56,11 @@ def row(name: str, path: str, scores: np.ndarray, reference: np.ndarray, labels:
 def measure(ckpt_path: str, out: Path, runs: int) -> list[dict[str, Any]]:
     import torch
 
-    from fer import tflite
-    from fer.checkpoint import load_checkpoint
     from fer.data import load_dataset
-    from fer.deploy import build_deploy_model
-    from fer.export import calibration_images, export_onnx, measure_latency, run_onnx, run_torch
+    from fer.export import tflite
+    from fer.export.deploy import build_deploy_model
+    from fer.export.export import calibration_images, export_onnx, measure_latency, run_onnx, run_torch
+    from fer.train.checkpoint import load_checkpoint
 
     torch.set_num_threads(1)
     ckpt = load_checkpoint(ckpt_path)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=200, help="timed runs per latency (median)")
     parser.add_argument("--json", default=None, help="where the raw results go")
     args = parser.parse_args(argv)
-    from fer.tflite import require_extra
+    from fer.export.tflite import require_extra
 
     require_extra()
     with tempfile.TemporaryDirectory(prefix="fer-tflite-") as tmp:

@@ -1,4 +1,4 @@
-"""Images/s of fer.fitting.fit's loop vs a bare PyTorch loop doing the same work, in one run.
+"""Images/s of fer.train.fitting.fit's loop vs a bare PyTorch loop doing the same work, in one run.
 
 Both loops train the same model (same seed), batch size, data, augmentation, loss,
 optimizer (fused AdamW), gradient clipping and (on CUDA) autocast + channels_last; the
@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from fer.config import TrialConfig
 from fer.data import Split
-from fer.fitting import Stage, fit
-from fer.infer import autocast, autocast_dtype, resolve_device
-from fer.losses import build_loss
-from fer.models import build_model
-from fer.transforms import make_train_transform
+from fer.train.config import TrialConfig
+from fer.train.fitting import Stage, fit
+from fer.train.infer import autocast, autocast_dtype, resolve_device
+from fer.train.losses import build_loss
+from fer.train.models import build_model
+from fer.train.transforms import make_train_transform
 
 
 def make_data(n: int, size: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -36,8 +36,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from fer.config import TrialConfig
 from fer.data import Dataset, Split
+from fer.train.config import TrialConfig
 from trainables import TrialResources, make_trainable, put_dataset
 from trainables.worker import TIMING_FILE
 
@@ -76,7 +76,7 @@ def train_speed(rows: list[dict]) -> float:
 
 
 def run_bare(cfg: TrialConfig, data: Dataset) -> tuple[float, list[dict]]:
-    from fer.pipeline import run_pipeline
+    from fer.ssl.pipeline import run_pipeline
 
     rows: list[dict] = []
     start = time.time()

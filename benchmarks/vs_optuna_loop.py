@@ -8,7 +8,7 @@ first) and the same trial count on the same data and cores:
 
   ray    search.run's Tuner: PruningOptunaSearch + PersistentASHA, trials as Tune
          actors, `max_concurrent` trials at once with one torch thread each
-  optuna one Python process: `study.optimize` calling fer.pipeline.run_pipeline, whose
+  optuna one Python process: `study.optimize` calling fer.ssl.pipeline.run_pipeline, whose
          report callback does `trial.report(<the space's metric>, epoch)` and raises
          `optuna.TrialPruned` when Optuna's SuccessiveHalvingPruner (asynchronous
          successive halving, the same rule as ASHA: same grace period and reduction
@@ -49,7 +49,7 @@ def run_optuna_loop(space: Any, data: Any, threads: int) -> dict[str, Any]:
     import optuna
     import torch
 
-    from fer.pipeline import run_pipeline
+    from fer.ssl.pipeline import run_pipeline
 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -1,7 +1,7 @@
 """The names a trial's choice-valued fields accept, and nothing else (a leaf: no imports).
 
-`fer.config` validates a value against these tuples, so checking a YAML space needs no
-torch; each registry (`fer.losses.LOSSES`, `fer.samplers.SAMPLERS`, ...) checks at import
+`fer.train.config` validates a value against these tuples, so checking a YAML space needs no
+torch; each registry (`fer.train.losses.LOSSES`, `fer.train.samplers.SAMPLERS`, ...) checks at import
 that its keys are exactly its tuple here, so the two cannot drift apart.
 """
 
@@ -18,9 +18,9 @@ SAMPLERS = ("uniform", "sqrt", "balanced")
 AUGMENTS = ("none", "weak", "strong", "fundus")
 OPTIMIZERS = ("adamw", "sgd")
 STUDENT_INITS = ("teacher", "scratch")
-# stage 2's learning-rate schedule after its warmup (fer.loop.build_scheduler)
+# stage 2's learning-rate schedule after its warmup (fer.train.loop.build_scheduler)
 SCHEDULES = ("cosine", "constant")
-# fer.pipeline: the teacher's selected pseudo-labels, or online consistency (fer.consistency)
+# fer.ssl.pipeline: the teacher's selected pseudo-labels, or online consistency (fer.train.consistency)
 STUDENT_MODES = ("offline", "fixmatch", "flexmatch")
 ONLINE_MODES = ("fixmatch", "flexmatch")
 # fer.consistency: a kept weak view's argmax, or its sharpened distribution, as the strong view's target

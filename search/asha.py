@@ -19,7 +19,7 @@ from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
-from fer.config import SHARED_TEACHER_KEY
+from fer.train.config import SHARED_TEACHER_KEY
 from search import internals
 from search.baseline import holds
 
@@ -66,7 +66,7 @@ class PersistentASHA(AsyncHyperBandScheduler):
             # Stopped before the interruption; the restored trial re-reports an old epoch.
             return TrialScheduler.STOP
         if result.get(SHARED_TEACHER_KEY):
-            # An epoch replayed from a shared teacher (fer.teachers): the trial that trained it
+            # An epoch replayed from a shared teacher (fer.ssl.teachers): the trial that trained it
             # has its scores in the rungs already, and stopping the copy saves no training.
             return TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)  # records the rung

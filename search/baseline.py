@@ -27,7 +27,7 @@ PLAIN_METRIC = "val_macro_f1"
 AFTER_TRAINING = ("posthoc",)
 
 # Metrics that score each epoch's model as it decides when handed out, with its post-hoc
-# offsets (fer.loop.epoch_metrics): on these, two configurations that differ only in
+# offsets (fer.train.loop.epoch_metrics): on these, two configurations that differ only in
 # AFTER_TRAINING are different models, e.g. the plain recipe with offsets against the plain
 # baseline, which decides by argmax.
 SEES_AFTER_TRAINING = ("val_macro_f1_posthoc",)

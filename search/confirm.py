@@ -102,7 +102,7 @@ class Candidate:
 def confirm_seeds(space: Any, count: int) -> list[int]:
     """Seeds the search never used: the search's trials all ran with its one seed, and
     reusing it would hand the top configurations their lucky search run again."""
-    from fer.config import TrialConfig
+    from fer.train.config import TrialConfig
 
     base = int(space.fixed.get("seed", TrialConfig.seed))
     return [base + 1 + r for r in range(count)]
@@ -268,10 +268,10 @@ def widened(resources: Any, concurrency: int, lanes: int) -> tuple[Any, int]:
 
 
 def shared_teachers(plan: Any, candidates: list[Candidate]) -> dict[str, str]:
-    """Each candidate's teacher identity (fer.teachers.teacher_key at a common seed), where
+    """Each candidate's teacher identity (fer.ssl.teachers.teacher_key at a common seed), where
     its runs share teachers through the experiment's store; {} where they cannot."""
-    from fer.config import TrialConfig, apply_overrides
-    from fer.teachers import teacher_key
+    from fer.ssl.teachers import teacher_key
+    from fer.train.config import TrialConfig, apply_overrides
 
     if plan.teachers is None:
         return {}

@@ -9,7 +9,7 @@ confirmation stage the ranking is the confirmed configurations' by mean validati
 each exported as its best seed's run, as search.run picks the winner; without one it is
 the search's trials by best validation score. The parity check and model card come from
 `fer.export`; they use validation images, so the test split stays read by `search.run`
-alone. `--tflite` adds the TFLite models of `fer.tflite` (full INT8 calibrated on training
+alone. `--tflite` adds the TFLite models of `fer.export.tflite` (full INT8 calibrated on training
 images and kept only if validation macro-F1 holds).
 """
 
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fer import tflite
+from fer.export import tflite
 from search.confirm import collect_confirmation, rank_confirmed, read_confirm_spec
 from search.report import TrialRecord, collect_trials, rank_trials, read_spec
 
@@ -37,7 +37,7 @@ def trial_checkpoint(record: TrialRecord, metric: str, mode: str) -> str:
 def load_trial(record: TrialRecord, metric: str, mode: str) -> tuple[str, dict[str, Any]]:
     """The run's checkpoint path and the checkpoint loaded from it, for callers that read it
     more than once (the test read and the export share one load)."""
-    from fer.checkpoint import load_checkpoint
+    from fer.train.checkpoint import load_checkpoint
 
     path = trial_checkpoint(record, metric, mode)
     return path, load_checkpoint(path)
@@ -49,8 +49,8 @@ def export_trial(record: TrialRecord, out_dir: str | os.PathLike, dataset: Any, 
     """fer.export's ONNX export + parity check + model card for one trial, on val images; the
     card's "source" names the run and `why` it was the one exported. `loaded` is the run's
     (path, checkpoint) from `load_trial` when the caller has it already; `tflite`
-    (fer.tflite.TFLiteOptions) adds the TFLite models."""
-    from fer.export import calibration_images, export_checkpoint
+    (fer.export.tflite.TFLiteOptions) adds the TFLite models."""
+    from fer.export.export import calibration_images, export_checkpoint
 
     val = dataset.splits["val"]
     path, checkpoint = loaded or load_trial(record, metric, mode)

@@ -70,7 +70,7 @@ def read_test(record: TrialRecord, dataset: Any, loaded: tuple[str, dict[str, An
     """One model's one read of the test split: its final checkpoint's predictions (with its
     own post-hoc offsets, none for the plain baseline) and their metrics. `loaded` is the
     run's (path, checkpoint) from `search.export.load_trial`."""
-    from fer.evaluate import predict_checkpoint
+    from fer.evaluate.evaluate import predict_checkpoint
 
     path, ckpt = loaded
     test = dataset.splits["test"]
@@ -85,7 +85,7 @@ def evaluate_on_test(winner: TrialRecord, baseline: TrialRecord | None, dataset:
     there is one to compare with, once each; the paired bootstrap interval of the difference
     in macro-F1 over the same test images, and F1 of the two rarest classes for both.
     `winner_loaded` is the winner's (path, checkpoint) when the caller loaded it already."""
-    from fer.evaluate import bootstrap_macro_f1, paired_bootstrap_macro_f1, write_report
+    from fer.evaluate.evaluate import bootstrap_macro_f1, paired_bootstrap_macro_f1, write_report
 
     classes, labels = list(dataset.classes), dataset.splits["test"].labels
     rare = [classes[i] for i in dataset.class_counts("train").argsort(kind="stable")[:2]]
@@ -189,7 +189,7 @@ def shared_line(records: list[TrialRecord]) -> str:
     line = f"epochs trained: {trained}"
     if shared:
         line += (f"; {len(shared)} run(s) started at stage 2 from a teacher an earlier run had trained "
-                 f"(fer.teachers), {sum(r.shared_epochs for r in shared)} teacher epochs not trained again")
+                 f"(fer.ssl.teachers), {sum(r.shared_epochs for r in shared)} teacher epochs not trained again")
     return line
 
 
@@ -289,7 +289,7 @@ POOL_KEYS = ("teacher_val_macro_f1", "student_val_macro_f1", "control_val_macro_
 
 
 def pool_summary(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """What the unlabeled pool bought the exported run (fer.pipeline's stage-2 control, on
+    """What the unlabeled pool bought the exported run (fer.ssl.pipeline's stage-2 control, on
     val), from its final checkpoint; None when stage 2 or its control did not run."""
     pipeline = (checkpoint.get("metrics") or {}).get("pipeline") or {}
     if "pool_gain_val" not in pipeline:
@@ -301,7 +301,7 @@ def run_pool_summary(trial_dir: str) -> dict[str, Any] | None:
     """`pool_summary` of a run's finished pipeline (its best.pt): what the pool bought is the
     run's (student against control), whichever of its epochs is exported; None when the run
     has no best.pt."""
-    from fer.checkpoint import load_checkpoint
+    from fer.train.checkpoint import load_checkpoint
     from trainables.checkpoints import FINAL_CHECKPOINT
 
     path = Path(trial_dir) / FINAL_CHECKPOINT
@@ -340,7 +340,7 @@ def print_summary(s: dict[str, Any]) -> None:
         print("no confirmation stage (--confirm-top 0): the winner is the search's best single trial, which "
               "is partly the luckiest; the plain baseline is not compared on test")
     print(f"winner {s['winner']['trial_id']} ({s['winner']['configuration']}): {_params(s['winner']['params'])}")
-    from fer.metrics import pool_verdict
+    from fer.train.metrics import pool_verdict
 
     if s.get("pool"):
         print(f"winner's {pool_verdict(s['pool'])}")

@@ -11,8 +11,8 @@ and a complete trial is told its best epoch's value: the checkpoint that is kept
 With `student_forks` F > 0 the search is stage-aware: a trial whose teacher finished stage 1
 (it reported the teacher's last epoch; the plain baseline that ASHA keeps is not forked) has
 its teacher knobs enqueued in the study for up to F more trials, best teachers first, and
-Optuna samples only their stage-2 knobs (fer.config.STAGE2_FIELDS). Such a trial finds the
-teacher in the experiment's store (fer.teachers) and starts at stage 2: F + 1 student
+Optuna samples only their stage-2 knobs (fer.train.config.STAGE2_FIELDS). Such a trial finds the
+teacher in the experiment's store (fer.ssl.teachers) and starts at stage 2: F + 1 student
 configurations for one teacher's epochs.
 
 "Stopped early" is asked of the scheduler when one is bound (`PersistentASHA.stopped_early`),
@@ -32,7 +32,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from fer.config import STAGE2_FIELDS
+from fer.train.config import STAGE2_FIELDS
 from search import internals
 from search.baseline import holds
 

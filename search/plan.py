@@ -58,7 +58,7 @@ class Plan:
     @property
     def teachers(self) -> str | None:
         """Where the search's and the confirmation's trials share finished teachers
-        (fer.teachers): the experiment folder's teachers/ when storage is a local (or mounted)
+        (fer.ssl.teachers): the experiment folder's teachers/ when storage is a local (or mounted)
         folder every trial can reach and a trial is one worker; None otherwise (remote storage,
         or DDP trials, whose ranks would all need the file): each trial trains its own."""
         if is_uri(self.storage) or self.resources.workers != 1:

@@ -171,7 +171,7 @@ class RacingSearcher(Searcher):
     it is over. Its state is plain data (RaceState.to_dict), saved with Tune's searcher
     checkpoint, so `--resume` continues the race.
 
-    `teachers` (configuration -> its teacher's identity, fer.teachers.teacher_key at a common
+    `teachers` (configuration -> its teacher's identity, fer.ssl.teachers.teacher_key at a common
     seed) and `teacher_epochs`: two configurations with the same teacher train it once per
     seed (the experiment's teacher store), so a run due while another of its teacher and seed
     is still in stage 1 waits and the next due run starts first."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from fer.config import SHARED_TEACHER_KEY, TrialConfig, apply_overrides
+from fer.train.config import SHARED_TEACHER_KEY, TrialConfig, apply_overrides
 from search.asha import STATE_FILE
 from search.baseline import holds
 
@@ -48,7 +48,7 @@ class TrialRecord:
     baseline: bool = False
     stage: str = "search"  # or "confirm": a seed-repeated run of search/confirm.py
     candidate: str = ""  # confirm runs: the configuration (rank1, ..., baseline)
-    shared_epochs: int = 0  # teacher epochs replayed from a teacher an earlier run trained (fer.teachers)
+    shared_epochs: int = 0  # teacher epochs replayed from a teacher an earlier run trained (fer.ssl.teachers)
     # metric -> its curve, for the metrics collect_trials read besides `curve`'s (its `also`)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 

@@ -211,7 +211,7 @@ def join_cluster(address: str, env: dict[str, str]) -> Any:
 
 
 def print_start(plan: Plan, dashboard: str | None) -> None:
-    from fer.budget import describe_budget
+    from fer.train.budget import describe_budget
 
     print(plan.space.summary())
     print(

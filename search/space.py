@@ -4,7 +4,7 @@ A space file names the parameters to search (with their distributions and the
 conditions under which they exist), the values held fixed, the metric, the
 searcher (Optuna TPE plus a baseline evaluated first) and the ASHA scheduler.
 `load_space` (search/space_yaml.py, the one reader) validates all of it against
-`fer.config.TrialConfig` before Ray starts, without importing torch; every error names
+`fer.train.config.TrialConfig` before Ray starts, without importing torch; every error names
 the file, the line, the key and what is allowed. `Space.check_models` then resolves
 the model names (timm), also before Ray starts.
 

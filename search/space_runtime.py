@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fer.config import TrialConfig, apply_overrides
+from fer.train.config import TrialConfig, apply_overrides
 from search.samplers import SEARCH_SAMPLERS
 from search.space_schema import DISTRIBUTIONS, Param, complete_baseline, located_error
 
@@ -83,9 +83,9 @@ class Space:
 
     def check_models(self) -> None:
         """Resolve every model name a trial of this space can get (fixed, searched, the
-        baseline's) with fer.config.check_model; a SpaceError names file:line: key. Needs
+        baseline's) with fer.train.config.check_model; a SpaceError names file:line: key. Needs
         timm and torch, so it runs in the search plan, not in `load_space`."""
-        from fer.config import check_model
+        from fer.train.config import check_model
 
         for keypath, name in self.model_values():
             try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fer.config import TrialConfig
+from fer.train.config import TrialConfig
 
 TOP_KEYS = ("description", "metric", "fixed", "parameters", "searcher", "scheduler", "run")
 METRIC_KEYS = ("name", "mode")

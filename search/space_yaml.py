@@ -1,7 +1,7 @@
 """The one reader of `spaces/*.yaml`: parse and validate a space file into a `Space`.
 
 Every check raises SpaceError naming the file, the line, the key and what is allowed,
-before Ray starts. Values are checked with fer.config's rules (no torch: model names are
+before Ray starts. Values are checked with fer.train.config's rules (no torch: model names are
 resolved later, by `Space.check_models`).
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from fer.config import STAGE2_FIELDS, TrialConfig, check_rounds, coerce_field, config_field_names, yaml_problem
+from fer.train.config import STAGE2_FIELDS, TrialConfig, check_rounds, coerce_field, config_field_names, yaml_problem
 from search.samplers import SEARCH_SAMPLERS
 from search.space_runtime import Space
 from search.space_schema import (
@@ -106,7 +106,7 @@ class _Reader:
         return int(value) if integer else value
 
     def trial_value(self, name: str, value: Any, keypath: tuple) -> Any:
-        """Coerce and range-check `value` for TrialConfig field `name` (fer.config's rules)."""
+        """Coerce and range-check `value` for TrialConfig field `name` (fer.train.config's rules)."""
         try:
             # alone: a model name is resolved (timm, torch) by Space.check_models, the fields
             # against each other by _check_rounds once the whole space is read
@@ -191,7 +191,7 @@ def _parse_fixed(reader: _Reader, raw: dict, fields: list[str]) -> dict[str, Any
 
 
 def _check_rounds(reader: _Reader, fixed: dict, parameters: list[Param]) -> None:
-    """Every student_rounds a trial can get must split the fixed student_epochs (fer.config.check_rounds)."""
+    """Every student_rounds a trial can get must split the fixed student_epochs (fer.train.config.check_rounds)."""
     searched = next((p for p in parameters if p.name == "student_rounds"), None)
     if searched is None:
         candidates, keypath = [fixed.get("student_rounds", TrialConfig.student_rounds)], ("fixed", "student_rounds")

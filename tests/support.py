@@ -89,7 +89,7 @@ def fifth_of_the_demo_data(folder: Path) -> str:
     """A FER2013 CSV of the demo generator at scale 0.2 (about 600 training images): the same
     classes and imbalance as the embedded data, for end-to-end searches whose point is not
     the data; a trial on it takes about a fifth of the minutes."""
-    from fer.synth import write_csv
+    from fer.data.synth import write_csv
 
     return write_csv(str(folder), seed=0, scale=0.2)
 

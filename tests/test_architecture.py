@@ -1,6 +1,7 @@
-"""The package shape STYLE.md asks for, held by tests: no import cycles, no `ray` in `fer/`,
-a YAML space validated without torch, files and functions of a readable size, and the
-validation names in `fer.names` equal to the registries that use them.
+"""The package shape STYLE.md asks for, held by tests: no import cycles, `fer`'s sub-packages
+importing only down their layer order (docs/architecture.md), no `ray` in `fer/`, a YAML
+space validated without torch, files and functions of a readable size, and the validation
+names in `fer.names` equal to the registries that use them.
 
 Modules are found by walking the package folders, so a new module (or a subpackage such
 as `fer/data/`) is covered without editing this file.
@@ -44,10 +45,13 @@ def parse(path: Path) -> ast.Module:
 # --------------------------------------------------------------------------- import graph
 
 
-def imported_modules(module: str, path: Path, known: set[str]) -> list[tuple[str, int]]:
+def imported_modules(module: str, path: Path, known: set[str],
+                     reexports: dict[str, dict[str, str]] | None = None) -> list[tuple[str, int]]:
     """(project module, line) for every import anywhere in the file, function-level ones
-    included. `from pkg import name` counts as `pkg.name` when that is a module, else `pkg`;
-    relative imports are resolved against the file's package."""
+    included. `from pkg import name` counts as `pkg.name` when that is a module, as the
+    owning module when `pkg` re-exports `name` lazily (`reexports`: package -> its
+    `_EXPORTS`), else `pkg`; relative imports are resolved against the file's package."""
+    reexports = reexports or {}
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
 
     def deepest_known(dotted: str) -> str | None:
@@ -66,8 +70,8 @@ def imported_modules(module: str, path: Path, known: set[str]) -> list[tuple[str
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([node.module] if node.module else []))
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
-                       for alias in node.names]
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known
+                       else reexports.get(base, {}).get(alias.name, base) for alias in node.names]
         else:
             continue
         for target in targets:
@@ -77,13 +81,27 @@ def imported_modules(module: str, path: Path, known: set[str]) -> list[tuple[str
     return found
 
 
+def lazy_reexports(files: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """package -> its `_EXPORTS` table (name -> owning module, fer.lazy's PEP 562 re-exports)."""
+    tables = {}
+    for name, path in files.items():
+        if path.name != "__init__.py":
+            continue
+        for node in parse(path).body:
+            target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+            if isinstance(target, ast.Name) and target.id == "_EXPORTS" and isinstance(node.value, ast.Dict):
+                tables[name] = {key.value: value.value for key, value in zip(node.value.keys, node.value.values)}
+    return tables
+
+
 def import_graph() -> tuple[dict[str, set[str]], dict[tuple[str, str], str]]:
     """Edges between project modules, and where each edge is written (file:line)."""
     files = product_files()
+    reexports = lazy_reexports(files)
     graph: dict[str, set[str]] = {name: set() for name in files}
     where: dict[tuple[str, str], str] = {}
     for name, path in files.items():
-        for target, line in imported_modules(name, path, set(files)):
+        for target, line in imported_modules(name, path, set(files), reexports):
             graph[name].add(target)
             where.setdefault((name, target), f"{path.relative_to(ROOT)}:{line}")
     return graph, where
@@ -179,6 +197,14 @@ def test_relative_and_from_imports_resolve(tmp_path):
                                                "fer.config", "search.space"]
 
 
+def test_lazy_reexports_count_as_imports_of_their_owner(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("from fer.train import fit\nfrom fer.train import config\nfrom fer.train import nope\n")
+    known = {"fer.train", "fer.train.config", "fer.train.fitting", "fer.ssl.pipeline"}
+    found = imported_modules("fer.ssl.pipeline", source, known, {"fer.train": {"fit": "fer.train.fitting"}})
+    assert [target for target, _ in found] == ["fer.train.fitting", "fer.train.config", "fer.train"]
+
+
 def test_no_import_cycles():
     """Function-level imports count: a lazy import inside a cycle is still a layering knot."""
     graph, where = import_graph()
@@ -186,6 +212,98 @@ def test_no_import_cycles():
     lines = [" -> ".join(cycle) + "   [" + ", ".join(where[a, b] for a, b in zip(cycle, cycle[1:])) + "]"
              for cycle in cycles]
     assert not cycles, f"{len(cycles)} import cycle(s):\n" + "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- layers
+
+# fer's sub-packages, lowest first (docs/architecture.md draws them): a module imports
+# modules of its own layer and of the layers below it, never above. "fer" is the layer of
+# the top-level modules (fer/names.py, fer/io.py, fer/lazy.py) and of fer/__init__.py, whose
+# re-exports are lazy. Chosen by measuring the import graph: the cut with the fewest arrows
+# between sub-packages that still names the pipeline's parts.
+LAYERS = ("fer", "fer.data", "fer.train", "fer.evaluate", "fer.ssl", "fer.export")
+# Entry points are the top of the graph and may import anything: the `python -m` modules
+# (`__main__`) and the CLI modules they run (`cli`: `python -m fer.train` runs the whole
+# pipeline, fer.ssl included). No module imports one but its own package's `__init__` and
+# `__main__` (STYLE.md: training must not import a CLI module).
+ENTRY_POINTS = ("__main__", "cli")
+
+
+def is_entry_point(module: str) -> bool:
+    return module.rpartition(".")[2] in ENTRY_POINTS
+
+
+def layer_of(module: str, layers: tuple[str, ...] = LAYERS) -> str:
+    """The deepest layer that is `module` or contains it."""
+    return max((layer for layer in layers if module == layer or module.startswith(layer + ".")), key=len)
+
+
+def layer_arrows(graph: dict[str, set[str]], layers: tuple[str, ...] = LAYERS) -> list[tuple[str, str]]:
+    """Every edge between two modules of different layers (entry points left out as sources)."""
+    top = layers[0]
+    return [(source, target) for source in sorted(graph) for target in sorted(graph[source])
+            if (source == top or source.startswith(top + ".")) and (target == top or target.startswith(top + "."))
+            and not is_entry_point(source) and layer_of(source, layers) != layer_of(target, layers)]
+
+
+def arrows_up(graph: dict[str, set[str]], layers: tuple[str, ...] = LAYERS) -> list[tuple[str, str]]:
+    rank = {layer: i for i, layer in enumerate(layers)}
+    return [(source, target) for source, target in layer_arrows(graph, layers)
+            if rank[layer_of(target, layers)] > rank[layer_of(source, layers)]]
+
+
+def entry_point_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Edges into an entry point from anything but its own package's `__init__` or `__main__`."""
+    return [(source, target) for source in sorted(graph) for target in sorted(graph[source])
+            if is_entry_point(target) and source not in (target.rpartition(".")[0],
+                                                          target.rpartition(".")[0] + ".__main__")]
+
+
+def test_layer_checks_on_a_known_graph():
+    layers = ("p", "p.low", "p.high")
+    graph = {"p.io": set(), "p.low.a": {"p.io", "p.high.b"}, "p.high.b": {"p.low.a", "p.io"},
+             "p.high.cli": {"p.high.b"}, "p.high.__main__": {"p.high.cli"}, "p.low.cli": {"p.high.b"},
+             "p.low.c": {"p.low.cli"}}
+    assert layer_of("p.io", layers) == "p" and layer_of("p.low", layers) == "p.low"
+    assert arrows_up(graph, layers) == [("p.low.a", "p.high.b")]  # the CLIs may import up; p.low.c -> cli is level
+    assert len(layer_arrows(graph, layers)) == 4  # low.a -> io, low.a -> high.b, high.b -> low.a, high.b -> io
+    assert entry_point_imports(graph) == [("p.low.c", "p.low.cli")]
+
+
+def test_every_subpackage_of_fer_has_a_layer():
+    packages = {name for name, path in product_files(("fer",)).items() if path.name == "__init__.py"}
+    assert packages == set(LAYERS), f"sub-packages without a layer: {sorted(packages - set(LAYERS))}; " \
+                                    f"layers without a package: {sorted(set(LAYERS) - packages)}"
+
+
+def test_no_imports_up_the_layers():
+    """Function-level imports count, and so does a name imported through a lazy re-export."""
+    graph, where = import_graph()
+    up = arrows_up(graph)
+    lines = [f"{source} ({layer_of(source)}) -> {target} ({layer_of(target)})   [{where[source, target]}]"
+             for source, target in up]
+    assert not up, f"{len(up)} import(s) up the layers {' < '.join(LAYERS)}:\n" + "\n".join(lines)
+
+
+def test_only_their_package_imports_entry_points():
+    graph, where = import_graph()
+    found = entry_point_imports(graph)
+    assert not found, "entry points imported by other modules:\n" + "\n".join(
+        f"{source} -> {target}   [{where[source, target]}]" for source, target in found)
+
+
+@pytest.mark.parametrize("package", LAYERS)
+def test_every_package_init_says_what_it_owns_and_reexports_it(package):
+    """One docstring per sub-package `__init__`; its lazy re-exports resolve inside the package."""
+    path = product_files(("fer",))[package]
+    assert (ast.get_docstring(parse(path)) or "").strip(), f"{path.relative_to(ROOT)} has no docstring"
+    module = importlib.import_module(package)
+    table = getattr(module, "_EXPORTS", {})
+    outside = {name: owner for name, owner in table.items() if not owner.startswith(package + ".")}
+    assert not outside, f"{package} re-exports names owned outside it: {outside}"
+    assert set(table) <= set(module.__all__) and set(module.__all__) <= set(dir(module))
+    for name in module.__all__:
+        assert getattr(module, name) is not None
 
 
 # --------------------------------------------------------------------------- ray stays at the edge
@@ -281,15 +399,15 @@ def test_functions_are_at_most_60_lines():
 
 # (fer.names tuple, the module that owns the registry, the registry's name there)
 REGISTRIES = [
-    ("LOSSES", "fer.losses", "LOSSES"),
-    ("WEIGHT_SCHEMES", "fer.losses", "WEIGHT_SCHEMES"),
-    ("MODELS", "fer.models", "MODELS"),
-    ("STEMS", "fer.models", "STEMS"),
-    ("POSTHOC", "fer.posthoc", "POSTHOC"),
-    ("SELECTIONS", "fer.pseudo", "SELECTIONS"),
-    ("PSEUDO_GRAPHS", "fer.propagate", "CANDIDATES"),
-    ("SAMPLERS", "fer.samplers", "SAMPLERS"),
-    ("AUGMENTS", "fer.transforms", "AUGMENTS"),
+    ("LOSSES", "fer.train.losses", "LOSSES"),
+    ("WEIGHT_SCHEMES", "fer.train.losses", "WEIGHT_SCHEMES"),
+    ("MODELS", "fer.train.models", "MODELS"),
+    ("STEMS", "fer.train.models", "STEMS"),
+    ("POSTHOC", "fer.train.posthoc", "POSTHOC"),
+    ("SELECTIONS", "fer.ssl.pseudo", "SELECTIONS"),
+    ("PSEUDO_GRAPHS", "fer.ssl.propagate", "CANDIDATES"),
+    ("SAMPLERS", "fer.train.samplers", "SAMPLERS"),
+    ("AUGMENTS", "fer.train.transforms", "AUGMENTS"),
 ]
 
 
@@ -323,11 +441,11 @@ def test_every_registry_checks_itself_at_import(names_tuple, module, registry):
 def test_check_registry_names_the_registry_that_drifted():
     from fer.names import LOSSES, check_registry
 
-    check_registry(dict.fromkeys(LOSSES), LOSSES, "fer.losses.LOSSES")  # equal keys: silent
+    check_registry(dict.fromkeys(LOSSES), LOSSES, "fer.train.losses.LOSSES")  # equal keys: silent
     with pytest.raises(RuntimeError) as info:
-        check_registry({"ce": None, "hinge": None}, LOSSES, "fer.losses.LOSSES")
+        check_registry({"ce": None, "hinge": None}, LOSSES, "fer.train.losses.LOSSES")
     message = str(info.value)
-    assert "fer.losses.LOSSES" in message and "'hinge'" in message, message
+    assert "fer.train.losses.LOSSES" in message and "'hinge'" in message, message
     assert str(LOSSES) in message, message  # the names it should have had
-    with pytest.raises(RuntimeError, match="fer.losses.LOSSES"):
-        check_registry(dict.fromkeys(reversed(LOSSES)), LOSSES, "fer.losses.LOSSES")  # order is part of it
+    with pytest.raises(RuntimeError, match="fer.train.losses.LOSSES"):
+        check_registry(dict.fromkeys(reversed(LOSSES)), LOSSES, "fer.train.losses.LOSSES")  # order is part of it

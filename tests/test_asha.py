@@ -108,7 +108,7 @@ def test_trial_stopped_before_the_interruption_stays_stopped(tmp_path):
 
 
 def test_trial_reaching_max_t_is_left_to_finish_its_pipeline(tmp_path):
-    """Stopping at max_t would kill the trial before fer.pipeline writes best.pt."""
+    """Stopping at max_t would kill the trial before fer.ssl.pipeline writes best.pt."""
     scheduler = make(PersistentASHA)
     trial = make_trial("solo", tmp_path)
     scheduler.on_trial_add(None, trial)
@@ -159,7 +159,7 @@ def test_the_kept_plain_baseline_runs_to_the_end_and_still_sets_the_cutoffs(tmp_
 
 
 def test_epochs_replayed_from_a_shared_teacher_are_neither_judged_nor_recorded(tmp_path):
-    """A trial forked from a finished teacher replays that teacher's epochs (fer.teachers): the
+    """A trial forked from a finished teacher replays that teacher's epochs (fer.ssl.teachers): the
     teacher's own trial is in the rungs already, and stopping the copy saves no training."""
     scheduler = make(PersistentASHA)
     strong, fork = make_trial("strong", tmp_path), make_trial("fork", tmp_path)

@@ -253,7 +253,7 @@ def test_pool_ceiling_runs_each_budget_and_scale_from_one_set_of_pseudo_labels(m
     import numpy as np
     import torch
 
-    from fer.config import TrialConfig
+    from fer.train.config import TrialConfig
 
     ceiling, made = load("pool_ceiling"), []
     images, labels = np.zeros((10, 48, 48), np.uint8), np.arange(10) % 7
@@ -316,7 +316,7 @@ def test_the_search_harness_builds_the_products_tuner_with_a_teacher_store(tmp_p
 
 
 def test_stage2_recipes_are_valid_configs_and_each_row_says_its_gain_and_rounds():
-    from fer.config import TrialConfig, apply_overrides
+    from fer.train.config import TrialConfig, apply_overrides
 
     recipes = load("stage2_recipes")
     for name, changes in recipes.RECIPES.items():
@@ -384,20 +384,20 @@ def test_label_fraction_measures_r_and_both_paired_intervals_from_one_teacher(mo
     land in the JSON, with each stage's seconds and per-class pool precision."""
     import json
 
-    import fer.fitting
-    import fer.models
+    import fer.train.fitting
+    import fer.train.models
     from test_pipeline import make_data, tiny_cfg, tiny_model
 
-    monkeypatch.setattr(fer.fitting, "build_model", tiny_model)
-    monkeypatch.setattr(fer.models, "build_model", tiny_model)
+    monkeypatch.setattr(fer.train.fitting, "build_model", tiny_model)
+    monkeypatch.setattr(fer.train.models, "build_model", tiny_model)
     bed, teachers = load("label_fraction"), []
-    fit = fer.fitting.fit
+    fit = fer.train.fitting.fit
 
     def counting_fit(cfg, stage, *args, **kwargs):
         teachers.append(stage.name)
         return fit(cfg, stage, *args, **kwargs)
 
-    monkeypatch.setattr(fer.pipeline, "fit", counting_fit)
+    monkeypatch.setattr(fer.ssl.pipeline, "fit", counting_fit)
     data = make_data()
     # epoch_images above 80 labelled + 60 pool images: the student's epoch, with or without picks, is that long
     cfg = tiny_cfg(student_mode="flexmatch", pseudo_threshold=0.5, student_epochs=1, epoch_images=160)
@@ -443,7 +443,7 @@ def test_label_fraction_report_prints_one_table_of_saved_runs_and_refuses_other_
 
 
 def test_dr_scale_measures_decode_in_its_own_process_and_tabulates(tmp_path):
-    from fer.fundus_synth import write_fundus_folder
+    from fer.data.fundus_synth import write_fundus_folder
 
     dr_scale = load("dr_scale")
     folder = write_fundus_folder(tmp_path / "fundus", 12, sides=(64, 96))

@@ -1,10 +1,10 @@
-"""fer.budget: what `epochs` amounts to on a given data set."""
+"""fer.train.budget: what `epochs` amounts to on a given data set."""
 
 import numpy as np
 import pytest
 
-from fer.budget import describe_budget, stage_budget
-from fer.config import TrialConfig
+from fer.train.budget import describe_budget, stage_budget
+from fer.train.config import TrialConfig
 
 
 @pytest.mark.parametrize("n, passes", [(377, 8), (3014, 1), (28709, 1), (2999, 2)])
@@ -47,7 +47,7 @@ def test_describe_names_the_repeats_and_the_student():
 
 
 def test_epoch_images_is_validated():
-    from fer.config import apply_overrides
+    from fer.train.config import apply_overrides
 
     with pytest.raises(ValueError, match=r"--set: epoch_images=-5 is outside the allowed range"):
         apply_overrides(TrialConfig(), {"epoch_images": -5}, source="--set")

@@ -1,4 +1,4 @@
-"""Stage 2 online (student_mode fixmatch / flexmatch, fer.consistency): the pool's loss, per-class
+"""Stage 2 online (student_mode fixmatch / flexmatch, fer.train.consistency): the pool's loss, per-class
 thresholds, distribution alignment, training, exact resume, the ablation numbers, bad input."""
 
 import json
@@ -9,24 +9,24 @@ import numpy as np
 import pytest
 import torch
 
-import fer.fitting
-from fer.config import TrialConfig, apply_overrides
-from fer.consistency import Consistency, EpochPlan, Tally, plan_epoch, pool_loss
-from fer.infer import Ranks
-from fer.pipeline import run_pipeline
-from fer.state import PipelineState
+import fer.train.fitting
+from fer.ssl.pipeline import run_pipeline
+from fer.train.config import TrialConfig, apply_overrides
+from fer.train.consistency import Consistency, EpochPlan, Tally, plan_epoch, pool_loss
+from fer.train.infer import Ranks
+from fer.train.state import PipelineState
 from support import saved_and_loaded, untimed
 from test_pipeline import make_data, tiny_cfg, tiny_model
 
 
 @pytest.fixture(autouse=True)
 def _tiny(monkeypatch):
-    import fer.models
+    import fer.train.models
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores
-    monkeypatch.setattr(fer.fitting, "build_model", tiny_model)
-    monkeypatch.setattr(fer.models, "build_model", tiny_model)  # the teacher rebuilt from its checkpoint
+    monkeypatch.setattr(fer.train.fitting, "build_model", tiny_model)
+    monkeypatch.setattr(fer.train.models, "build_model", tiny_model)  # the teacher rebuilt from its checkpoint
     yield
     torch.set_num_threads(threads)
 
@@ -104,9 +104,9 @@ def test_an_epoch_plan_lowers_thresholds_of_classes_the_student_rarely_predicts(
 
 
 def test_debiasing_labels_the_pool_with_the_students_post_hoc_offsets_of_the_moment(monkeypatch):
-    import fer.consistency
-    from fer.consistency import Debias
-    from fer.infer import predict_logits
+    import fer.train.consistency
+    from fer.train.consistency import Debias
+    from fer.train.infer import predict_logits
 
     data = make_data()
     pool, val = data.splits["unlabeled"], data.splits["val"]
@@ -119,7 +119,7 @@ def test_debiasing_labels_the_pool_with_the_students_post_hoc_offsets_of_the_mom
         calls.append((logits, labels, class_counts, kind))
         return fitted
 
-    monkeypatch.setattr(fer.consistency, "fit_offsets", fit_offsets)
+    monkeypatch.setattr(fer.train.consistency, "fit_offsets", fit_offsets)
     debias = Debias(images=val.images, labels=val.labels, counts=counts, posthoc="bias")
     spec = Consistency(images=pool.images, prior=counts / counts.sum(), threshold=0.0, weight=1.0,
                        mode="fixmatch", truth=pool.labels, debias=debias)
@@ -191,12 +191,12 @@ def test_resuming_an_online_run_after_any_epoch_ends_with_the_same_model(mode, a
 
 
 def test_fer_train_writes_the_online_ablation_to_metrics_json(tmp_path, monkeypatch, capsys):
-    import fer.train
-    from fer.synth import write_csv
+    import fer.train.cli
+    from fer.data.synth import write_csv
 
     path = write_csv(str(tmp_path / "data"), seed=1, scale=0.03, eval_scale=0.05)
     out = tmp_path / "out"
-    code = fer.train.main(["--data", path, "--out", str(out), "--no-progress", "--set", "model=resnet10t",
+    code = fer.train.cli.main(["--data", path, "--out", str(out), "--no-progress", "--set", "model=resnet10t",
                            "--set", "epochs=1", "--set", "student_epochs=1", "--set", "epoch_images=0",
                            "--set", "image_size=16"])  # stage 2 online by default: flexmatch
     assert code == 0

@@ -428,7 +428,7 @@ def test_failed_cache_write_leaves_no_file_and_still_loads(tmp_path, monkeypatch
 
 
 def test_embedded_data_goes_through_the_fer_path_and_cache(tmp_path, monkeypatch):
-    synth = pytest.importorskip("fer.synth")
+    synth = pytest.importorskip("fer.data.synth")
     rows, _ = fer_rows(LABELS)
     calls = []
 

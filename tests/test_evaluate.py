@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from fer.checkpoint import make_checkpoint, save_checkpoint
-from fer.config import TrialConfig
 from fer.data import FER_CLASSES
-from fer.evaluate import evaluate_model, main
-from fer.infer import predict_logits
-from fer.metrics import compute_metrics
-from fer.models import build_model
-from fer.synth import write_csv
+from fer.data.synth import write_csv
+from fer.evaluate.evaluate import evaluate_model, main
+from fer.train.checkpoint import make_checkpoint, save_checkpoint
+from fer.train.config import TrialConfig
+from fer.train.infer import predict_logits
+from fer.train.metrics import compute_metrics
+from fer.train.models import build_model
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +94,7 @@ def test_cli_missing_checkpoint_is_one_line_error(tmp_path, capsys):
 def test_bootstrap_interval_contains_the_point_estimate_and_narrows_with_n():
     from sklearn.metrics import f1_score
 
-    from fer.evaluate import bootstrap_macro_f1
+    from fer.evaluate.evaluate import bootstrap_macro_f1
 
     rng = np.random.default_rng(0)
     widths = []
@@ -116,7 +116,7 @@ def test_bootstrap_scores_are_sklearns_macro_f1_on_each_resample(n, classes, chu
     resamples miss (7 classes in 40 images) and when the resamples are drawn in chunks."""
     from sklearn.metrics import f1_score
 
-    from fer.evaluate import _bootstrap_scores
+    from fer.evaluate.evaluate import _bootstrap_scores
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, classes, n)
@@ -138,7 +138,7 @@ def test_paired_bootstrap_matches_a_hand_computed_case():
     counts 0 with zero_division=0) and b 0.0; {1,1} likewise. So the difference is 0.5 or
     1.0 with probability 1/2 each: the 2.5th percentile is 0.5, the 97.5th 1.0, and the
     point estimate on the two images is 1.0."""
-    from fer.evaluate import paired_bootstrap_macro_f1
+    from fer.evaluate.evaluate import paired_bootstrap_macro_f1
 
     labels, right, wrong = np.array([0, 1]), np.array([0, 1]), np.array([1, 0])
     point, low, high = paired_bootstrap_macro_f1(labels, right, wrong, 2, samples=400)
@@ -152,7 +152,7 @@ def test_paired_bootstrap_matches_a_hand_computed_case():
 def test_paired_interval_is_narrower_than_the_unpaired_one():
     """Two similar models: the paired interval of the difference resolves what two separate
     intervals (which overlap) cannot."""
-    from fer.evaluate import bootstrap_macro_f1, paired_bootstrap_macro_f1
+    from fer.evaluate.evaluate import bootstrap_macro_f1, paired_bootstrap_macro_f1
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 4, 800)
@@ -187,7 +187,7 @@ def test_cli_default_csv_lands_in_the_output_folder(checkpoint, tmp_path):
 
 
 def test_offsets_from_the_checkpoint_change_metrics(tmp_path):
-    from fer.evaluate import evaluate_checkpoint
+    from fer.evaluate.evaluate import evaluate_checkpoint
 
     csv = write_csv(str(tmp_path / "d"), seed=0, scale=0.02)
     cfg = TrialConfig(data=str(csv), image_size=24)

@@ -9,12 +9,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import fer.models
-from fer.checkpoint import make_checkpoint, save_checkpoint
-from fer.config import TrialConfig
+import fer.train.models
 from fer.data import Split
-from fer.export import DeployModel, build_deploy_model, export_checkpoint, main
-from fer.transforms import make_eval_transform
+from fer.export.export import DeployModel, build_deploy_model, export_checkpoint, main
+from fer.train.checkpoint import make_checkpoint, save_checkpoint
+from fer.train.config import TrialConfig
+from fer.train.transforms import make_eval_transform
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -42,7 +42,7 @@ def bar_images(n, size, seed, k=4):
 def trained_ckpt():
     """mobilenet_v3_small at 24x24 trained for one epoch (so its predictions vary), with
     non-zero post-hoc offsets."""
-    from fer.fitting import Stage, fit
+    from fer.train.fitting import Stage, fit
 
     torch.set_num_threads(1)
     cfg = TrialConfig(model="mobilenet_v3_small", epoch_images=0, image_size=24, batch_size=32, epochs=2,
@@ -93,7 +93,7 @@ def test_graph_has_dynamic_batch_and_adds_offsets(trained_ckpt, tmp_path):
 
 @pytest.mark.parametrize("stored, size", [(24, 24), (24, 40), (40, 24)])
 def test_preprocessing_matches_the_eval_transform(trained_ckpt, stored, size):
-    model = fer.models.build_model("mobilenet_v3_small", 4)
+    model = fer.train.models.build_model("mobilenet_v3_small", 4)
     module = DeployModel(model, image_size=size, input_hw=(stored, stored), offsets=None, num_classes=4)
     pixels = torch.from_numpy(bar_images(8, stored, 5)[0])
     ours = module.preprocess(pixels)
@@ -126,14 +126,14 @@ def test_cli_missing_and_corrupt_checkpoint_are_one_line_errors(tmp_path, capsys
 def test_cli_on_a_fer_csv(tmp_path, monkeypatch, capsys):
     """A random-weight 48x48 checkpoint exported with the data set's real images (test split
     topped up from val/train to 64)."""
-    from fer.synth import write_csv
+    from fer.data.synth import write_csv
 
     monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
     csv_path = write_csv(str(tmp_path / "data"), seed=0, scale=0.03)
     classes = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
     cfg = TrialConfig(data=csv_path)
     torch.manual_seed(0)
-    model = fer.models.build_model(cfg.model, 7, in_channels=1)
+    model = fer.train.models.build_model(cfg.model, 7, in_channels=1)
     ckpt = make_checkpoint(model.state_dict(), cfg, classes, np.ones(7), epoch=1, stage="teacher",
                            metrics={}, in_channels=1, posthoc_offsets=None)
     path = save_checkpoint(ckpt, str(tmp_path / "best.pt"))

@@ -22,11 +22,11 @@ import pandas as pd
 import pytest
 import torch
 
-from fer import evaluate as fer_evaluate
-from fer import export as fer_export
-from fer.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from fer.config import TrialConfig
 from fer.data import FER_CLASSES
+from fer.evaluate import evaluate as fer_evaluate
+from fer.export import export as fer_export
+from fer.train.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from fer.train.config import TrialConfig
 from search import export as search_export
 from search import run as search_run
 from support import ROOT, live_actor_pids, reported_epochs, watch
@@ -77,7 +77,7 @@ def tiny_fer_csv(path: Path, side: int = 8) -> Path:
 
 
 def tiny_checkpoint(path: Path) -> Path:
-    from fer.models import build_model
+    from fer.train.models import build_model
 
     cfg = TrialConfig(model="mobilenet_v3_small", image_size=32)
     model = build_model(cfg.model, num_classes=7, in_channels=1)
@@ -196,7 +196,7 @@ def test_export_or_evaluation_into_an_unwritable_folder_is_one_line_exit_2(main,
 
 
 def test_training_into_an_unwritable_folder_is_one_line_exit_2(tmp_path, capsys):
-    from fer import train as fer_train
+    from fer.train import cli as fer_train
 
     (tmp_path / "runs").write_text("")
     argv = ["--data", tiny_fer_csv(tmp_path / "faces.csv"), "--out", tmp_path / "runs" / "x", "--no-progress"]

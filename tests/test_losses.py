@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fer.config import TrialConfig
-from fer.losses import LOSSES, WEIGHT_SCHEMES, build_loss, class_weights
-from fer.posthoc import log_prior
+from fer.train.config import TrialConfig
+from fer.train.losses import LOSSES, WEIGHT_SCHEMES, build_loss, class_weights
+from fer.train.posthoc import log_prior
 
 COUNTS = np.array([400, 40, 100, 8], dtype=np.int64)
 

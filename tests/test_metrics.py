@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from fer.metrics import (
+from fer.train.metrics import (
     compute_metrics,
     expected_calibration_error,
     format_per_class_table,

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fer.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
-from fer.config import TrialConfig, apply_overrides
-from fer.export import export_checkpoint
-from fer.models import build_model, first_conv_name, resolve_model
+from fer.export.export import export_checkpoint
+from fer.train.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from fer.train.config import TrialConfig, apply_overrides
+from fer.train.models import build_model, first_conv_name, resolve_model
 from support import saved_and_loaded, untimed
 
 CLASSES = ["a", "b", "c"]
@@ -218,8 +218,8 @@ def test_family_resumes_after_an_epoch_as_the_uninterrupted_run(name):
     """fit's resume state (weights, optimizer, scheduler) rebuilds every family exactly; each
     epoch is two passes over the 24 images (epoch_images), the budget unit resume crosses."""
     from fer.data import Split
-    from fer.fitting import Stage, fit
-    from fer.state import FitState
+    from fer.train.fitting import Stage, fit
+    from fer.train.state import FitState
 
     _, size = FAMILIES[name]
     cfg = TrialConfig(model=name, image_size=size, batch_size=16, epochs=2, epoch_images=48, augment="weak",

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torchvision import models as tvm
 
-from fer.models import MODELS, build_model, first_conv_name, head_name
+from fer.train.models import MODELS, build_model, first_conv_name, head_name
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +89,7 @@ def test_imagenet_weights_enum_exists(name):
 
 def test_imagenet_path_adapts_like_a_file(monkeypatch):
     source = tvm.mobilenet_v3_small(weights=None)
-    monkeypatch.setattr("fer.models._imagenet_state_dict", lambda name: source.state_dict())
+    monkeypatch.setattr("fer.train.models._imagenet_state_dict", lambda name: source.state_dict())
     model = build_model("mobilenet_v3_small", num_classes=3, in_channels=1, pretrained="imagenet")
     conv = first_conv_name(model) + ".weight"
     torch.testing.assert_close(model.state_dict()[conv], source.state_dict()[conv].sum(1, keepdim=True))

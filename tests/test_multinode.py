@@ -71,7 +71,7 @@ def trial_nodes(trial_dirs: list[Path]) -> dict[str, str]:
 @pytest.mark.slow
 def test_search_runs_trials_on_both_nodes_with_data_from_the_object_store(two_nodes, tmp_path, capsys,
                                                                            monkeypatch):
-    from fer.synth import write_csv
+    from fer.data.synth import write_csv
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("FER_CACHE_DIR", str(cache))

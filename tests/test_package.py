@@ -35,7 +35,7 @@ def test_unknown_attribute_is_an_attribute_error_naming_it():
 
 
 # Every `python -m` entry point the README documents.
-ENTRY_POINTS = ["fer.train", "fer.evaluate", "fer.export", "fer.synth", "fer.data", "search.run", "search.export"]
+ENTRY_POINTS = ["fer.train", "fer.evaluate", "fer.export", "fer.data.synth", "fer.data", "search.run", "search.export"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
@@ -49,7 +49,7 @@ def test_entry_point_help_exits_zero_with_usage(module):
 
 def test_config_and_space_do_not_import_torch_or_ray():
     # search.space validates a YAML space before anything heavy starts.
-    code = "import sys, fer.config, search.space; print('torch' in sys.modules, 'ray' in sys.modules)"
+    code = "import sys, fer.train.config, search.space; print('torch' in sys.modules, 'ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 

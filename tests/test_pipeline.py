@@ -12,15 +12,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import fer.fitting
-import fer.pipeline
-import fer.train
-from fer.checkpoint import load_checkpoint
-from fer.config import TrialConfig, apply_overrides
+import fer.ssl.pipeline
+import fer.train.cli
+import fer.train.fitting
 from fer.data import Dataset, Split
-from fer.pipeline import run_pipeline
-from fer.pseudo import SELECTIONS
-from fer.state import PipelineState
+from fer.ssl.pipeline import run_pipeline
+from fer.ssl.pseudo import SELECTIONS
+from fer.train.checkpoint import load_checkpoint
+from fer.train.config import TrialConfig, apply_overrides
+from fer.train.state import PipelineState
 from support import saved_and_loaded, untimed
 
 CLASSES = ["a", "b", "c", "d"]
@@ -41,7 +41,7 @@ def tiny_model(name, num_classes, in_channels=1, dropout=0.0, pretrained=None, *
 
 @pytest.fixture(autouse=True)
 def _tiny_net(monkeypatch):
-    monkeypatch.setattr(fer.fitting, "build_model", tiny_model)
+    monkeypatch.setattr(fer.train.fitting, "build_model", tiny_model)
 
 
 def make_split(n, seed, size=16, k=4, labelled=True):
@@ -116,8 +116,8 @@ def test_pool_runs_stage_two_with_global_epochs(tmp_path, selection):
 def test_teacher_calibration_passes_the_rebalanced_rule_to_the_pool():
     """A teacher that under-predicts the rare class: with pseudo_debias its val-fitted tau
     offsets move rare-class pool images to the rare class, as the final model's would."""
-    from fer.labelling import teacher_calibration
-    from fer.posthoc import fit_offsets
+    from fer.ssl.labelling import teacher_calibration
+    from fer.train.posthoc import fit_offsets
 
     rng = np.random.default_rng(0)
     counts = np.array([90, 10])  # training prior: class 1 rare
@@ -149,7 +149,7 @@ def test_pool_control_trains_the_student_recipe_on_labels_alone(monkeypatch):
     """The supervised-only control: same start and epochs, the labelled split only, at least
     as many images per epoch as the student; its val score and the pool's gain in metrics."""
     stages = []
-    fit = fer.pipeline.fit
+    fit = fer.ssl.pipeline.fit
 
     def recording_fit(cfg, stage, *args, **kwargs):
         result = fit(cfg, stage, *args, **kwargs)
@@ -158,7 +158,7 @@ def test_pool_control_trains_the_student_recipe_on_labels_alone(monkeypatch):
                        result.best_metrics["val_macro_f1"]))
         return result
 
-    monkeypatch.setattr(fer.pipeline, "fit", recording_fit)
+    monkeypatch.setattr(fer.ssl.pipeline, "fit", recording_fit)
     result = run_pipeline(tiny_cfg(pseudo_threshold=0.0), make_data(), progress=False)
     (_, teacher_n, *_), student, control = stages
     assert student[:6] == ("student", 80 + 60, 2, 2, False, False)
@@ -172,10 +172,12 @@ def test_pool_control_trains_the_student_recipe_on_labels_alone(monkeypatch):
         metrics["student_val_macro_f1_posthoc"] - metrics["control_val_macro_f1_posthoc"])
     val = make_data().splits["val"]
     for name, fitted in (("student", result.student), ("control", result.control)):
-        logits = fer.labelling.predict(tiny_cfg(), fitted.model, val.images, None, tta=False)
-        offsets = fer.pipeline.fit_offsets(logits, val.labels, np.asarray(fitted.checkpoint["class_counts"]), "tau")
+        logits = fer.ssl.labelling.predict(tiny_cfg(), fitted.model, val.images, None, tta=False)
+        offsets = fer.ssl.pipeline.fit_offsets(logits, val.labels, np.asarray(fitted.checkpoint["class_counts"]),
+                                               "tau")
         assert metrics["pool_offsets"][name] == pytest.approx(list(offsets))
-        assert metrics[f"{name}_val_macro_f1_posthoc"] == pytest.approx(fer.pipeline.macro_f1(val.labels, logits, offsets))
+        assert metrics[f"{name}_val_macro_f1_posthoc"] == pytest.approx(
+            fer.ssl.pipeline.macro_f1(val.labels, logits, offsets))
     low, high = metrics["pool_gain_val_ci95"]
     assert low <= high and metrics["pool_helped"] == (low > 0)  # helped: the paired val interval excludes 0
     assert [m["stage"] for m in result.history] == ["teacher"] * 2 + ["student"] * 2  # the control is no stage
@@ -204,7 +206,7 @@ def test_nothing_kept_skips_stage_two(capsys):
 
 
 def _ddp_worker(rank, world, store, out, cfg_kwargs):
-    fer.fitting.build_model = tiny_model  # spawned processes do not inherit the monkeypatch
+    fer.train.fitting.build_model = tiny_model  # spawned processes do not inherit the monkeypatch
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -228,7 +230,7 @@ def test_ddp_ranks_agree_on_pseudo_labels_and_offsets(tmp_path):
 
 
 def test_train_cli_runs_both_stages_and_reports_each(tmp_path, monkeypatch, capsys):
-    from fer.synth import write_csv
+    from fer.data.synth import write_csv
 
     monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
     csv_path = write_csv(str(tmp_path / "data"), seed=0, scale=0.03)  # has an Unlabeled pool
@@ -236,7 +238,7 @@ def test_train_cli_runs_both_stages_and_reports_each(tmp_path, monkeypatch, caps
     args = ["--data", csv_path, "--out", str(out), "--no-progress", "--set", "image_size=16",
             "--set", "epochs=1", "--set", "student_epochs=1", "--set", "pseudo_threshold=0.0",
             "--set", "batch_size=32", "--set", "amp=false", "--set", "epoch_images=0", "--set", "student_mode=offline"]
-    assert fer.train.main(args) == 0
+    assert fer.train.cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "teacher: best val macro-F1" in printed and "student: best val macro-F1" in printed
     assert "test macro-F1" in printed and "labelled images, a pool of" in printed and "student val macro-F1" in printed
@@ -253,10 +255,10 @@ def test_train_cli_runs_both_stages_and_reports_each(tmp_path, monkeypatch, caps
 
 
 def test_resuming_after_any_epoch_of_either_stage_ends_with_the_same_model(tmp_path, monkeypatch):
-    import fer.models
-    import fer.pipeline
+    import fer.ssl.pipeline
+    import fer.train.models
 
-    monkeypatch.setattr(fer.models, "build_model", tiny_model)  # the teacher rebuilt from its checkpoint
+    monkeypatch.setattr(fer.train.models, "build_model", tiny_model)  # the teacher rebuilt from its checkpoint
     cfg = tiny_cfg(student_init="teacher", augment="weak", dropout=0.1)
     data = make_data()
     states = []
@@ -264,7 +266,7 @@ def test_resuming_after_any_epoch_of_either_stage_ends_with_the_same_model(tmp_p
                          report=lambda metrics, ckpt, state: states.append(saved_and_loaded(state.to_dict())))
     assert [(s["stage"], s["fit"]["epoch"]) for s in states] == [("teacher", 1), ("teacher", 2),
                                                                 ("student", 1), ("student", 2)]
-    real_pseudo_label = fer.pipeline.pseudo_label
+    real_pseudo_label = fer.ssl.pipeline.pseudo_label
     for global_epoch, state in enumerate(states, 1):
         calls = []
 
@@ -272,7 +274,7 @@ def test_resuming_after_any_epoch_of_either_stage_ends_with_the_same_model(tmp_p
             calls.append(1)
             return real_pseudo_label(*args, **kwargs)
 
-        monkeypatch.setattr(fer.pipeline, "pseudo_label", counted)
+        monkeypatch.setattr(fer.ssl.pipeline, "pseudo_label", counted)
         reports = []
         out = tmp_path / f"resumed-{global_epoch}"
         resumed = run_pipeline(cfg, data, progress=False, resume=PipelineState.from_dict(state), out_dir=str(out),
@@ -327,10 +329,10 @@ def test_best_score_keeps_a_better_teacher_in_stage_two():
 
 
 def test_train_cli_resumes_an_interrupted_run_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
-    import fer.models
-    from fer.synth import write_csv
+    import fer.train.models
+    from fer.data.synth import write_csv
 
-    monkeypatch.setattr(fer.models, "build_model", tiny_model)  # the teacher rebuilt from the resume state
+    monkeypatch.setattr(fer.train.models, "build_model", tiny_model)  # the teacher rebuilt from the resume state
     monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
     csv_path = write_csv(str(tmp_path / "data"), seed=0, scale=0.03)
     settings = ["--data", csv_path, "--no-progress", "--set", "image_size=16", "--set", "epochs=2",
@@ -338,11 +340,11 @@ def test_train_cli_resumes_an_interrupted_run_and_ends_as_an_uninterrupted_one(t
                 "--set", "amp=false", "--set", "augment=weak",
                 # each epoch is several passes over the ~90 training images (the budget unit)
                 "--set", "epoch_images=200"]
-    assert fer.train.main([*settings, "--out", str(tmp_path / "whole")]) == 0
-    assert not (tmp_path / "whole" / fer.train.RESUME_FILE).exists()  # removed once the run ends
+    assert fer.train.cli.main([*settings, "--out", str(tmp_path / "whole")]) == 0
+    assert not (tmp_path / "whole" / fer.train.cli.RESUME_FILE).exists()  # removed once the run ends
 
     out = tmp_path / "cut"
-    real_validate, calls = fer.fitting.validate, []
+    real_validate, calls = fer.train.fitting.validate, []
 
     def interrupted_after_three_epochs(*args, **kwargs):
         calls.append(1)
@@ -350,27 +352,27 @@ def test_train_cli_resumes_an_interrupted_run_and_ends_as_an_uninterrupted_one(t
             raise KeyboardInterrupt  # Ctrl-C (or a kill) during the student's second epoch
         return real_validate(*args, **kwargs)
 
-    monkeypatch.setattr(fer.fitting, "validate", interrupted_after_three_epochs)
+    monkeypatch.setattr(fer.train.fitting, "validate", interrupted_after_three_epochs)
     with pytest.raises(KeyboardInterrupt):
-        fer.train.main([*settings, "--out", str(out)])
-    monkeypatch.setattr(fer.fitting, "validate", real_validate)
-    assert torch.load(out / fer.train.RESUME_FILE, weights_only=True)["epoch"] == 3
+        fer.train.cli.main([*settings, "--out", str(out)])
+    monkeypatch.setattr(fer.train.fitting, "validate", real_validate)
+    assert torch.load(out / fer.train.cli.RESUME_FILE, weights_only=True)["epoch"] == 3
     capsys.readouterr()
 
     # the wrong config is refused, naming the file and the fields that differ
-    assert fer.train.main([*settings, "--set", "lr=0.01", "--out", str(out), "--resume"]) == 2
+    assert fer.train.cli.main([*settings, "--set", "lr=0.01", "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
-    assert f"{out / fer.train.RESUME_FILE}: saved by a run with a different config (lr)" in err
+    assert f"{out / fer.train.cli.RESUME_FILE}: saved by a run with a different config (lr)" in err
 
-    assert fer.train.main([*settings, "--out", str(out), "--resume"]) == 0
+    assert fer.train.cli.main([*settings, "--out", str(out), "--resume"]) == 0
     whole, resumed = load_checkpoint(str(tmp_path / "whole" / "best.pt")), load_checkpoint(str(out / "best.pt"))
     assert (whole["epoch"], whole["stage"]) == (resumed["epoch"], resumed["stage"])
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
     history = [json.loads((p / "metrics.json").read_text())["history"] for p in (tmp_path / "whole", out)]
     assert [untimed(h) for h in history] == [untimed(history[0])] * 2
-    assert not (out / fer.train.RESUME_FILE).exists()
+    assert not (out / fer.train.cli.RESUME_FILE).exists()
 
-    assert fer.train.main([*settings, "--out", str(out), "--resume"]) == 2  # nothing left to resume
+    assert fer.train.cli.main([*settings, "--out", str(out), "--resume"]) == 2  # nothing left to resume
     assert "nothing to resume" in capsys.readouterr().err
 
 
@@ -397,13 +399,13 @@ def test_stage_two_and_its_control_train_at_student_lr_scale_of_the_peak_rate():
 def test_the_final_model_is_the_best_on_val_of_teacher_student_and_control():
     """A student that the pool made worse is not handed out when its own control scored better;
     ties go to the student, then the control."""
-    from fer.fitting import FitResult
+    from fer.train.fitting import FitResult
 
     def stage(f1, raw=0.0):
         return FitResult(model=None, best_metrics={"val_macro_f1": raw, "val_macro_f1_posthoc": f1}, best_epoch=1,
                          history=[])
 
-    pick = fer.pipeline.final_stage
+    pick = fer.ssl.pipeline.final_stage
     assert pick({"teacher": stage(0.5), "student": stage(0.4), "control": stage(0.6)}) == "control"
     assert pick({"teacher": stage(0.5), "student": stage(0.6), "control": stage(0.6)}) == "student"
     assert pick({"teacher": stage(0.6), "student": stage(0.4), "control": stage(0.6)}) == "control"
@@ -415,7 +417,7 @@ def test_the_final_model_is_the_best_on_val_of_teacher_student_and_control():
 
 def test_a_run_hands_out_its_control_when_that_scores_best_on_val(monkeypatch, tmp_path):
     """End to end: the control's weights, offsets and stage go to best.pt and metrics say so."""
-    fit = fer.pipeline.fit
+    fit = fer.ssl.pipeline.fit
 
     def control_best(cfg, stage, *args, **kwargs):
         result = fit(cfg, stage, *args, **kwargs)
@@ -423,7 +425,7 @@ def test_a_run_hands_out_its_control_when_that_scores_best_on_val(monkeypatch, t
             result.best_metrics = dict(result.best_metrics, val_macro_f1_posthoc=2.0)
         return result
 
-    monkeypatch.setattr(fer.pipeline, "fit", control_best)
+    monkeypatch.setattr(fer.ssl.pipeline, "fit", control_best)
     result = run_pipeline(tiny_cfg(), make_data(), progress=False, out_dir=str(tmp_path))
     assert result.metrics["final_stage"] == "control"
     assert result.model is result.control.model

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fer.posthoc import POSTHOC, apply_offsets, fit_offsets, get_posthoc, log_prior, macro_f1
+from fer.train.posthoc import POSTHOC, apply_offsets, fit_offsets, get_posthoc, log_prior, macro_f1
 
 
 def biased_table(seed=0, n=1400):

@@ -1,4 +1,4 @@
-"""fer.propagate: the label-spreading graph that helps the teacher label the pool, its choice
+"""fer.ssl.propagate: the label-spreading graph that helps the teacher label the pool, its choice
 on val, the penultimate features it can be built on, and its place in the pipeline."""
 
 import numpy as np
@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-import fer.fitting
-from fer.config import TrialConfig, apply_overrides
-from fer.infer import predict_features_sharded, predict_logits
+import fer.train.fitting
 from fer.names import PSEUDO_GRAPHS
-from fer.pipeline import run_pipeline
-from fer.propagate import CANDIDATES, feature_space, graph_pseudo_probs, pixel_space, spread
+from fer.ssl.pipeline import run_pipeline
+from fer.ssl.propagate import CANDIDATES, feature_space, graph_pseudo_probs, pixel_space, spread
+from fer.train.config import TrialConfig, apply_overrides
+from fer.train.infer import predict_features_sharded, predict_logits
 from test_pipeline import make_data, tiny_cfg, tiny_model
 
 
@@ -121,19 +121,20 @@ def test_one_pass_gives_logits_and_features_unless_tta(monkeypatch):
     """With a feature graph possible, val and the pool are predicted once for logits and
     features; the graph's features cost one more pass, over train. With TTA the logits need
     their own passes."""
-    import fer.labelling
+    import fer.ssl.labelling
 
     calls = []
     for name in ("predict_features_sharded", "predict"):
-        original = getattr(fer.labelling, name)
-        monkeypatch.setattr(fer.labelling, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+        original = getattr(fer.ssl.labelling, name)
+        monkeypatch.setattr(fer.ssl.labelling, name,
+                            lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
     data, model = make_data(), tiny_model("tiny", 4).eval()
     for cfg, expected in ((tiny_cfg(pseudo_graph="auto"), ["predict_features_sharded"] * 3),
                           (tiny_cfg(pseudo_graph="pixels"), ["predict"] * 2),
                           (tiny_cfg(pseudo_graph="features", pseudo_tta=True),
                            ["predict"] * 2 + ["predict_features_sharded"] * 3)):
         calls.clear()
-        fer.labelling.pseudo_label(cfg, model, data)
+        fer.ssl.labelling.pseudo_label(cfg, model, data)
         assert calls == expected, cfg.pseudo_graph
 
 
@@ -146,7 +147,7 @@ def test_a_bad_graph_name_is_one_line_naming_the_choices():
 
 @pytest.fixture
 def _tiny_net(monkeypatch):
-    monkeypatch.setattr(fer.fitting, "build_model", tiny_model)
+    monkeypatch.setattr(fer.train.fitting, "build_model", tiny_model)
     torch.set_num_threads(1)
 
 

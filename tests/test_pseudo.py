@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from fer.pseudo import (
+from fer.ssl.pseudo import (
     aligned_quotas,
     SELECTIONS,
     crest_keep_rates,
     fit_temperature,
-    flexmatch_thresholds,
     get_selection,
     select_pseudo_labels,
     summarize_selection,
     write_pseudo_csv,
 )
+from fer.train.consistency import flexmatch_thresholds
 
 
 def table(rows, num_classes=3):
@@ -154,8 +154,8 @@ def test_csv_and_summary(tmp_path):
 def test_predict_pool_probabilities_and_temperature():
     from torch import nn
 
-    from fer.infer import gather_rows
-    from fer.pseudo import predict_pool
+    from fer.ssl.pseudo import predict_pool
+    from fer.train.infer import gather_rows
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))

@@ -88,7 +88,7 @@ def run_as_written(argv: list[str], cwd: Path, *extra: str) -> str:
 
 
 def test_the_data_commands(tmp_path):
-    out = run_as_written(readme_argv("python -m fer.synth --out demo/"), tmp_path)
+    out = run_as_written(readme_argv("python -m fer.data.synth --out demo/"), tmp_path)
     assert "wrote demo/fer2013_demo.csv" in out
     (tmp_path / "path" / "to").mkdir(parents=True)
     shutil.copy(tmp_path / "demo" / "fer2013_demo.csv", tmp_path / "path" / "to" / "fer2013.csv")
@@ -100,7 +100,7 @@ def test_the_data_commands(tmp_path):
 def test_train_evaluate_and_export_one_configuration(tmp_path):
     """fer.train (one epoch per stage on a fifth of the demo data), then evaluate and
     export its best.pt by the README's relative paths."""
-    from fer.synth import write_csv
+    from fer.data.synth import write_csv
 
     data = write_csv(str(tmp_path), seed=0, scale=0.2)
     run_as_written(readme_argv("python -m fer.train --out runs/focal --set loss=focal --set class_weights=effective"),
@@ -116,7 +116,7 @@ def test_train_evaluate_and_export_one_configuration(tmp_path):
 
 @pytest.mark.slow
 def test_a_search_on_a_csv_given_by_a_relative_path(ray_cluster, tmp_path, monkeypatch, capsys):
-    from fer.synth import write_csv
+    from fer.data.synth import write_csv
     from search import run as search_run
 
     shutil.move(write_csv(str(tmp_path), seed=0, scale=0.2), tmp_path / "fer2013.csv")

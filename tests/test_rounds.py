@@ -8,22 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-import fer.fitting
-from fer.config import TrialConfig, apply_overrides
-from fer.pipeline import run_pipeline
-from fer.state import PipelineState
+import fer.train.fitting
+from fer.ssl.pipeline import run_pipeline
+from fer.train.config import TrialConfig, apply_overrides
+from fer.train.state import PipelineState
 from support import saved_and_loaded, untimed
 from test_pipeline import make_data, tiny_cfg, tiny_model
 
 
 @pytest.fixture(autouse=True)
 def _tiny(monkeypatch):
-    import fer.models
+    import fer.train.models
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores
-    monkeypatch.setattr(fer.fitting, "build_model", tiny_model)
-    monkeypatch.setattr(fer.models, "build_model", tiny_model)  # labellers rebuilt from their checkpoints
+    monkeypatch.setattr(fer.train.fitting, "build_model", tiny_model)
+    monkeypatch.setattr(fer.train.models, "build_model", tiny_model)  # labellers rebuilt from their checkpoints
     yield
     torch.set_num_threads(threads)
 
@@ -53,10 +53,10 @@ def test_two_rounds_share_stage_two_and_the_second_is_labelled_by_the_first_stud
 
 
 def test_a_later_round_labels_the_pool_with_the_previous_student_and_restarts_from_the_teacher(monkeypatch):
-    import fer.pipeline
+    import fer.ssl.pipeline
 
     labellers, inits = [], []
-    real_selection, real_student = fer.pipeline._selection, fer.fitting.Stage.student.__func__
+    real_selection, real_student = fer.ssl.pipeline._selection, fer.train.fitting.Stage.student.__func__
 
     def selection(cfg, data, labeller, resume, out_dir, device, who):
         labellers.append({k: v.clone() for k, v in labeller.model.state_dict().items()})
@@ -66,8 +66,8 @@ def test_a_later_round_labels_the_pool_with_the_previous_student_and_restarts_fr
         inits.append(init)
         return real_student(cls, cfg, images, labels, weights, counts, init, round)
 
-    monkeypatch.setattr(fer.pipeline, "_selection", selection)
-    monkeypatch.setattr(fer.fitting.Stage, "student", classmethod(student))
+    monkeypatch.setattr(fer.ssl.pipeline, "_selection", selection)
+    monkeypatch.setattr(fer.train.fitting.Stage, "student", classmethod(student))
     result = run_pipeline(rounds_cfg(student_rounds=2), make_data(), progress=False)
     teacher = result.teacher.model.state_dict()
     assert all(torch.equal(labellers[0][k], teacher[k]) for k in teacher)  # round 1: the teacher
@@ -111,12 +111,12 @@ def test_rounds_that_do_not_divide_stage_two_or_a_state_from_more_rounds_are_ref
 
 
 def test_fer_train_prints_and_writes_each_round(tmp_path, capsys):
-    import fer.train
-    from fer.synth import write_csv
+    import fer.train.cli
+    from fer.data.synth import write_csv
 
     path = write_csv(str(tmp_path / "data"), seed=1, scale=0.03, eval_scale=0.05)
     out = tmp_path / "out"
-    code = fer.train.main(["--data", path, "--out", str(out), "--no-progress", "--set", "model=resnet10t",
+    code = fer.train.cli.main(["--data", path, "--out", str(out), "--no-progress", "--set", "model=resnet10t",
                            "--set", "epochs=1", "--set", "student_epochs=2", "--set", "student_rounds=2",
                            "--set", "epoch_images=0", "--set", "image_size=16"])
     assert code == 0

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fer.samplers import SAMPLERS, epoch_indices, shard
+from fer.train.samplers import SAMPLERS, epoch_indices, shard
 
 # 3 classes: 500 / 60 / 7 images, interleaved.
 LABELS = np.random.default_rng(0).permutation(np.repeat([0, 1, 2], [500, 60, 7]))
@@ -111,7 +111,7 @@ def test_bad_rank_message():
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 @pytest.mark.parametrize("cap", [0, 50])
 def test_min_size_repeats_whole_passes_of_a_small_split(sampler, cap):
-    from fer.samplers import passes_per_epoch
+    from fer.train.samplers import passes_per_epoch
 
     one_pass = len(epoch_indices(LABELS, 0, sampler=sampler, class_cap=cap, seed=2))
     passes = passes_per_epoch(LABELS, cap, 2000)

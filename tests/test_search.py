@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fer.config import TrialConfig, apply_overrides, load_config_file
+from fer.train.config import TrialConfig, apply_overrides, load_config_file
 from search import export as search_export
 from search import run as search_run
 from readme import readme_argv
@@ -265,7 +265,7 @@ def confirm_run_checkpointed(experiment: Path) -> bool:
 
 def count_test_reads(monkeypatch, test_images: np.ndarray) -> list[int]:
     """Spy on every prediction this process makes; record the ones on the test images."""
-    from fer import evaluate as fer_evaluate
+    from fer.evaluate import evaluate as fer_evaluate
 
     real, reads = fer_evaluate.predict_logits, []
 
@@ -387,7 +387,7 @@ def test_smoke_search_killed_twice_and_resumed_as_the_readme_says(ray_cluster, t
     code, _, err = run_cli(resume, capsys)
     assert code == 2 and "has finished" in err and len(reads) == 2
     # the plain baseline's search run was tested as the plain baseline decides: by argmax
-    from fer.evaluate import predict_checkpoint
+    from fer.evaluate.evaluate import predict_checkpoint
 
     baseline_ckpt = torch_load(test["baseline"]["checkpoint"])
     assert baseline_ckpt["config"]["posthoc"] != "none"  # the search's baseline fits offsets; the read ignores them
@@ -414,7 +414,7 @@ def run_main_export(argv, capsys):
 
 
 def torch_load(path):
-    from fer.checkpoint import load_checkpoint
+    from fer.train.checkpoint import load_checkpoint
 
     return load_checkpoint(str(path))
 
@@ -428,7 +428,7 @@ def test_the_summary_says_what_the_pool_bought_the_exported_run(capsys):
     pool = pool_summary({"metrics": {"pipeline": pipeline}})
     assert pool == {k: v for k, v in pipeline.items() if k != "val_macro_f1_raw"}
     assert pool_summary({"metrics": {"pipeline": {"teacher_val_macro_f1": 0.5}}}) is None  # no stage 2
-    from fer.metrics import pool_verdict
+    from fer.train.metrics import pool_verdict
 
     assert pool_verdict(pool) == ("pool: student val macro-F1 0.5800 vs supervised-only at the same budget "
                                   "0.5400 (each with its post-hoc offsets): +0.0400, paired 95% interval +0.0100 to +0.0700: the pool helped "
@@ -447,7 +447,7 @@ def test_the_pool_verdict_of_a_run_comes_from_its_best_pt_whichever_epoch_is_exp
     the pool bought is the run's (student against control), read from its best.pt."""
     import torch
 
-    from fer.checkpoint import CHECKPOINT_KEYS
+    from fer.train.checkpoint import CHECKPOINT_KEYS
     from search.finish import run_pool_summary
 
     assert run_pool_summary(str(tmp_path)) is None  # a run ASHA stopped has no best.pt
@@ -568,7 +568,7 @@ def test_dr_space_smoke_search_on_a_generated_fundus_folder(ray_cluster, tmp_pat
     """The DR space end to end on 60 generated fundus photographs: decoded once into the
     memory-mapped cache (retina cropped), trials mapping it themselves, val_kappa searched,
     the winner tested and exported."""
-    from fer.fundus_synth import write_fundus_folder
+    from fer.data.fundus_synth import write_fundus_folder
 
     monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
     data = write_fundus_folder(tmp_path / "fundus", 60, seed=0, sides=(96, 160))

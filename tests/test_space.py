@@ -7,7 +7,7 @@ import textwrap
 import optuna
 import pytest
 
-from fer.config import TrialConfig, config_choices
+from fer.train.config import TrialConfig, config_choices
 from search.space import DISTRIBUTIONS, SPACES_DIR, SpaceError, load_space, sample_configs
 
 SHIPPED = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fer import synth
+from fer.data import synth
 
 SCALE = 0.1
 

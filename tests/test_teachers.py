@@ -1,4 +1,4 @@
-"""fer.teachers: runs that differ only in stage-2 knobs train the same teacher, and a run
+"""fer.ssl.teachers: runs that differ only in stage-2 knobs train the same teacher, and a run
 started from a stored teacher ends as the run that trained its own."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import fer.fitting
-from fer.checkpoint import load_weights_only
-from fer.config import STAGE2_FIELDS, TrialConfig
-from fer.fitting import Stage, fit
-from fer.pipeline import run_pipeline
-from fer.teachers import TEACHER_FIELDS, TeacherStore, teacher_finished, teacher_key
+import fer.train.fitting
+from fer.ssl.pipeline import run_pipeline
+from fer.ssl.teachers import TEACHER_FIELDS, TeacherStore, teacher_finished, teacher_key
+from fer.train.checkpoint import load_weights_only
+from fer.train.config import STAGE2_FIELDS, TrialConfig
+from fer.train.fitting import Stage, fit
 from test_pipeline import make_data, tiny_cfg, tiny_model
 
 # a value of every stage-2 field other than tiny_cfg's
@@ -31,7 +31,7 @@ OTHER_STAGE2 = {"student_epochs": 3, "pseudo_threshold": 0.5, "pseudo_selection"
 def _tiny(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setattr(fer.fitting, "build_model", tiny_model)
+    monkeypatch.setattr(fer.train.fitting, "build_model", tiny_model)
     yield
     torch.set_num_threads(threads)
 

@@ -1,4 +1,4 @@
-"""TFLite export (fer.tflite): fp32 parity in the LiteRT interpreter, FP16 / dynamic-INT8
+"""TFLite export (fer.export.tflite): fp32 parity in the LiteRT interpreter, FP16 / dynamic-INT8
 bounds, full INT8 kept or refused on validation macro-F1, the card, the missing-extra line.
 
 One conversion (a one-epoch mobilenet_v3_small at 24x24, the model tests/test_export.py
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-import fer.models
-from fer import deploy, tflite
-from fer.deploy import DeployModel
-from fer.export import build_deploy_model, export_checkpoint, main, run_torch
+import fer.train.models
+from fer.export import deploy, tflite
+from fer.export.deploy import DeployModel
+from fer.export.export import build_deploy_model, export_checkpoint, main, run_torch
 from test_export import CLASSES, bar_images
 from test_model_zoo import FAMILIES
 
@@ -37,9 +37,9 @@ MISSING = ("error: --tflite needs the optional extra [tflite] (litert_torch is n
 def exported(tmp_path_factory):
     """(checkpoint, out dir, card): ONNX + fp32 / fp16 / dynamic-int8 / int8 TFLite of a
     trained model; INT8 calibrated on training images and checked on validation images."""
-    from fer.config import TrialConfig
     from fer.data import Split
-    from fer.fitting import Stage, fit
+    from fer.train.config import TrialConfig
+    from fer.train.fitting import Stage, fit
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores
@@ -186,8 +186,8 @@ def test_the_readme_export_command(exported, tmp_path, monkeypatch, capsys):
     """The README's `fer.export --tflite ...` as written, from a folder holding runs/focal/best.pt
     (the fixture's checkpoint; its classes need bar images for data, and its conversion is
     the fixture's file)."""
-    from fer.checkpoint import save_checkpoint
     from fer.data import Dataset, Split
+    from fer.train.checkpoint import save_checkpoint
     from readme import readme_argv
 
     ckpt, out, _, _ = exported
@@ -248,7 +248,7 @@ def test_every_model_family_converts_with_fp32_parity(name, tmp_path):
         pytest.skip("converting every family takes ~5 min; FER_TEST_TFLITE_ZOO=1 runs it")
     size = FAMILIES[name][1]
     torch.manual_seed(0)
-    model = fer.models.build_model(name, 3, in_channels=1, image_size=size)
+    model = fer.train.models.build_model(name, 3, in_channels=1, image_size=size)
     module = DeployModel(model, image_size=size, input_hw=(size, size), offsets=[0.5, 0.0, -0.5],
                          num_classes=3).eval()
     images = np.random.default_rng(0).integers(0, 256, (8, size, size, 1), dtype=np.uint8)
@@ -260,7 +260,7 @@ def test_every_model_family_converts_with_fp32_parity(name, tmp_path):
 def test_antialiased_downscale_is_refused_in_one_line(tmp_path):
     """litert-torch 0.10 cannot lower aten._upsample_bilinear2d_aa (measured); the graph only
     has it when the model's image_size is below the data's."""
-    model = fer.models.build_model("mobilenet_v3_small", 4, in_channels=1, image_size=24)
+    model = fer.train.models.build_model("mobilenet_v3_small", 4, in_channels=1, image_size=24)
     module = DeployModel(model, image_size=24, input_hw=(48, 48), offsets=None, num_classes=4)
     with pytest.raises(ValueError, match=r"^TFLite: the model takes 24x24 images, smaller than the data's "
                                          r"\(48, 48\), and litert-torch has no lowering for the antialiased "

@@ -9,17 +9,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import fer.fitting
-import fer.train
-from fer.checkpoint import CHECKPOINT_KEYS, load_checkpoint, model_from_checkpoint, save_checkpoint
-from fer.config import TrialConfig
+import fer.train.cli
+import fer.train.fitting
 from fer.data import Split
-from fer.infer import Ranks, predict_logits
-from fer.loop import batch_bounds, rank_indices
-from fer.metrics import compute_metrics
-from fer.fitting import Stage, fit
-from fer.state import FitState
-from fer.train import main
+from fer.train.checkpoint import CHECKPOINT_KEYS, load_checkpoint, model_from_checkpoint, save_checkpoint
+from fer.train.cli import main
+from fer.train.config import TrialConfig
+from fer.train.fitting import Stage, fit
+from fer.train.infer import Ranks, predict_logits
+from fer.train.loop import batch_bounds, rank_indices
+from fer.train.metrics import compute_metrics
+from fer.train.state import FitState
 from support import saved_and_loaded, untimed
 
 CLASSES = ["Angry", "Happy", "Sad", "No DR"]  # a space on purpose: metric keys get sanitised
@@ -91,8 +91,8 @@ def test_reports_every_epoch_with_global_epoch_and_best_checkpoint():
 def test_every_epoch_reports_its_post_hoc_score_and_its_checkpoint_decides_with_those_offsets():
     """val_macro_f1_posthoc is what the epoch's checkpoint scores on val as it would be handed
     out: with the offsets fitted on val for that epoch, which the checkpoint carries."""
-    from fer.evaluate import predict_checkpoint
-    from fer.posthoc import fit_offsets, macro_f1
+    from fer.evaluate.evaluate import predict_checkpoint
+    from fer.train.posthoc import fit_offsets, macro_f1
 
     xv, yv = make_images(40, 16, seed=2)
     for rule in ("tau", "none"):
@@ -137,14 +137,14 @@ def test_nan_loss_raises_naming_the_epoch(monkeypatch):
         def forward(self, logits, targets, sample_weight=None):
             return logits.sum() * float("nan")
 
-    monkeypatch.setattr(fer.fitting, "build_loss", lambda cfg, counts: NanLoss())
+    monkeypatch.setattr(fer.train.fitting, "build_loss", lambda cfg, counts: NanLoss())
     with pytest.raises(FloatingPointError, match="loss became NaN at epoch 3"):
         run_fit(tiny_cfg(), epoch_offset=2)
 
 
 def test_patience_stops_after_epochs_without_improvement(monkeypatch):
     fixed = np.diag([10, 10, 10, 10])
-    monkeypatch.setattr(fer.fitting, "validate",
+    monkeypatch.setattr(fer.train.fitting, "validate",
                         lambda model, val, *args, **kwargs: (fixed, 1.0, np.eye(4, dtype=np.float32)[val.labels]))
     states = []
     result = run_fit(tiny_cfg(epochs=6, patience=2), report=lambda m, c, s: states.append(dict(s)))
@@ -205,7 +205,7 @@ def _ddp_worker(rank, world, store, out, cfg_kwargs, data):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        fer.fitting.build_model = tiny_model
+        fer.train.fitting.build_model = tiny_model
         x, y, xv, yv = data
         reports = []
         cfg = TrialConfig(**cfg_kwargs)
@@ -228,7 +228,7 @@ def test_ddp_two_ranks_match_one_process_on_the_global_batch(tmp_path, monkeypat
                                 (x, y, xv, yv)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
-    monkeypatch.setattr(fer.fitting, "build_model", tiny_model)
+    monkeypatch.setattr(fer.train.fitting, "build_model", tiny_model)
     cfg = TrialConfig(**base, batch_size=16)
     single = fit(cfg, Stage.of(cfg, "teacher", x, y, np.bincount(y, minlength=4)), Split(xv, yv), CLASSES,
                  progress=False, device="cpu")
@@ -246,7 +246,7 @@ def test_ddp_two_ranks_match_one_process_on_the_global_batch(tmp_path, monkeypat
 
 
 def test_cli_trains_and_writes_checkpoint_metrics_tensorboard_png(tmp_path, monkeypatch, capsys):
-    from fer.synth import write_csv
+    from fer.data.synth import write_csv
 
     monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
     csv = write_csv(str(tmp_path / "data"), seed=0, scale=0.02)
@@ -323,14 +323,14 @@ def test_the_schedule_warms_up_then_decays_to_near_zero_in_every_stage_length(ep
     """A 1-epoch stage with warmup_epochs=1 (the search's student) once spent its whole epoch
     ramping up and ended at the peak rate; the warmup now takes at most half a stage, and
     longer stages keep their one-epoch warmup."""
-    from fer.loop import build_optimizer, build_scheduler
+    from fer.train.loop import build_optimizer, build_scheduler
 
     cfg = TrialConfig(lr=0.01, warmup_epochs=1, optimizer="adamw")
     optimizer = build_optimizer(cfg, nn.Linear(4, 3))
     steps = 24
     scheduler = build_scheduler(optimizer, cfg, steps, epochs)
     rates = []
-    for step in range(epochs * steps):  # as fer.loop.Loop: the lr each step trains with
+    for step in range(epochs * steps):  # as fer.train.loop.Loop: the lr each step trains with
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         if step < epochs * steps - 1:

@@ -140,7 +140,7 @@ def test_for_the_post_hoc_metric_best_pt_wins_only_when_its_epoch_scores_best(tm
     that epoch's own checkpoint, which carries the epoch's offsets."""
     import torch
 
-    from fer.checkpoint import CHECKPOINT_KEYS
+    from fer.train.checkpoint import CHECKPOINT_KEYS
 
     trial_dir = tmp_path / "pipeline_trial_def_00000"
     trial_dir.mkdir()
@@ -198,7 +198,7 @@ def _run_trial(workers: int, storage: str, param_space: dict):
 
 
 def _check_full_trial(result, data: Dataset) -> dict:
-    from fer.checkpoint import load_checkpoint
+    from fer.train.checkpoint import load_checkpoint
 
     assert result.error is None, result.error
     frame = result.metrics_dataframe
@@ -209,7 +209,7 @@ def _check_full_trial(result, data: Dataset) -> dict:
     assert final["posthoc_offsets"] is not None and len(final["posthoc_offsets"]) == len(data.classes)
     ckpt = load_checkpoint(best_checkpoint_path(result, final=False))  # the best reported epoch
     assert ckpt["classes"] == data.classes and ckpt["config"]["image_size"] == 24
-    if final["stage"] == "control":  # handed out as the best on val with offsets (fer.pipeline.final_stage)
+    if final["stage"] == "control":  # handed out as the best on val with offsets (fer.ssl.pipeline.final_stage)
         assert final["metrics"]["val_macro_f1_posthoc"] >= ckpt["metrics"]["val_macro_f1_posthoc"]
     else:
         assert (ckpt["epoch"], ckpt["stage"]) == (final["epoch"], final["stage"])
@@ -241,7 +241,7 @@ def test_storage_keeps_the_best_and_the_latest_checkpoint_folder_of_a_trial(ray_
     import torch
     from ray import tune
 
-    from fer.checkpoint import load_checkpoint
+    from fer.train.checkpoint import load_checkpoint
     from trainables import RESUME_KEY, checkpoint_config
 
     tuner = tune.Tuner(
@@ -270,9 +270,9 @@ def test_storage_keeps_the_best_and_the_latest_checkpoint_folder_of_a_trial(ray_
 def test_two_worker_trial_runs_the_pipeline_in_one_worker_group(ray_cluster, tmp_path):
     import torch
 
-    from fer.checkpoint import model_from_checkpoint
-    from fer.infer import predict_logits
-    from fer.metrics import compute_metrics
+    from fer.train.checkpoint import model_from_checkpoint
+    from fer.train.infer import predict_logits
+    from fer.train.metrics import compute_metrics
 
     data, grid = _run_trial(2, str(tmp_path), dict(TINY))
     result = grid[0]

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from fer import transforms as T
-from fer.transforms import (
+from fer.train import transforms as T
+from fer.train.transforms import (
     AUGMENTS,
     MEAN,
     STD,

@@ -2,8 +2,8 @@
 its best one again.
 
 A trial reports a checkpoint folder every epoch, holding `checkpoint.pt`: the epoch's
-model checkpoint (fer.checkpoint's contract) plus, under `"resume"`, the state
-`fer.pipeline.run_pipeline(resume=...)` continues from after that epoch (optimizer,
+model checkpoint (fer.train.checkpoint's contract) plus, under `"resume"`, the state
+`fer.ssl.pipeline.run_pipeline(resume=...)` continues from after that epoch (optimizer,
 scheduler, best epoch so far, and in stage 2 the teacher and the pseudo-label
 selection). One file, because the state's weights are the checkpoint's own tensors and
 `torch.save` stores a shared tensor once. Every folder has its own model because storage
@@ -29,12 +29,12 @@ import os
 import tempfile
 from typing import Any, Callable
 
-import fer.checkpoint
-from fer.checkpoint import load_weights_only, resume_from, save_resumable
-from fer.state import PipelineState
+import fer.train.checkpoint
+from fer.train.checkpoint import load_weights_only, resume_from, save_resumable
+from fer.train.state import PipelineState
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the epoch's model checkpoint dict, in every epoch's folder
-RESUME_KEY = fer.checkpoint.RESUME_KEY  # the pipeline's resume state inside it (fer.train --resume's too)
+RESUME_KEY = fer.train.checkpoint.RESUME_KEY  # the pipeline's resume state inside it (fer.train --resume's too)
 # Checkpoint folders storage keeps per trial: this many best-scoring ones, plus always the
 # latest (Ray never deletes the latest). A folder holds the weights 3 times (the epoch's,
 # AdamW's two moments), 4 when the stage's best epoch is an earlier one: 18.5-25 MB for
@@ -42,7 +42,7 @@ RESUME_KEY = fer.checkpoint.RESUME_KEY  # the pipeline's resume state inside it 
 # every epoch would cost GBs per search.
 KEEP_BEST = 1
 RESULTS_FILE = "result.json"  # Tune's per-trial log of reported metrics (JsonLoggerCallback)
-# The final checkpoint fer.pipeline.run_pipeline writes into the trial folder when the whole
+# The final checkpoint fer.ssl.pipeline.run_pipeline writes into the trial folder when the whole
 # pipeline finished: the better stage's best epoch, with the post-hoc offsets filled in.
 FINAL_CHECKPOINT = "best.pt"
 
@@ -59,7 +59,7 @@ def checkpoint_dir_name(epoch: int) -> str:
 
 def report_with_checkpoint(send: Callable[..., None], make: Callable[[str], Any], metrics: dict[str, Any],
                            checkpoint: dict[str, Any], state: PipelineState, **kwargs: Any) -> None:
-    """Save the model checkpoint with the resume state (`fer.checkpoint.save_resumable`, the
+    """Save the model checkpoint with the resume state (`fer.train.checkpoint.save_resumable`, the
     format `fer.train --resume` uses too) to a temporary folder and report it; both Tune and
     Train copy the folder to storage before `send` returns, so the folder can go right after."""
     with tempfile.TemporaryDirectory(prefix="fer-ckpt-") as tmp:
@@ -87,14 +87,14 @@ def checkpoint_config(make: Callable[..., Any], metric: str, mode: str) -> Any:
 
 def best_checkpoint_path(result_or_trial_dir: Any, metric: str = "val_macro_f1", mode: str = "max",
                          *, final: bool = True) -> str:
-    """Path of the trial's best checkpoint file (loadable with fer.checkpoint.load_checkpoint).
+    """Path of the trial's best checkpoint file (loadable with fer.train.checkpoint.load_checkpoint).
 
     Accepts a `ray.tune.Result` or a trial folder (the one holding `result.json`). With
     `final`, a finished pipeline's `best.pt` (post-hoc offsets and the pipeline's numbers
     included) wins when its epoch scores the best reported `metric` (always for the
     pipeline's own criterion, val_macro_f1, max; for another metric when the two pick the
     same epoch); otherwise, e.g. for a trial ASHA stopped, the best reported epoch that has
-    a checkpoint, ties going to the later epoch (the student, as fer.pipeline decides); its
+    a checkpoint, ties going to the later epoch (the student, as fer.ssl.pipeline decides); its
     checkpoint carries that epoch's own post-hoc offsets. Raises ValueError naming the
     trial folder if there is none.
     """
@@ -123,7 +123,7 @@ def best_checkpoint_path(result_or_trial_dir: Any, metric: str = "val_macro_f1",
 
 def _final_scores_best(path: str, rows: list[dict[str, Any]], metric: str) -> bool:
     """Whether the finished pipeline's best.pt is an epoch with the best reported `metric` (max)."""
-    from fer.checkpoint import load_checkpoint
+    from fer.train.checkpoint import load_checkpoint
 
     values = [row[metric] for row in rows if isinstance(row.get(metric), (int, float)) and not math.isnan(row[metric])]
     own = (load_checkpoint(path).get("metrics") or {}).get(metric)

@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow.fs
 import ray  # plain ray; ray.tune and ray.train are imported where used (import trainables stays light)
 
-from fer.config import TrialConfig, apply_overrides
-from fer.teachers import TeacherStore
+from fer.ssl.teachers import TeacherStore
+from fer.train.config import TrialConfig, apply_overrides
 from trainables.checkpoints import checkpoint_config, resume_state, train_run_name
 from trainables.release import record_placement_group, release_on_stop, remove_recorded
 from trainables.resources import TrialResources, process_group_backend, scaling_config, trial_resources
@@ -67,7 +67,7 @@ def pipeline_trial(config: dict[str, Any], data: DataRef | MappedRef, resources:
     `metric`/`mode` (which checkpoint storage keeps) and `teachers` come through
     `tune.with_parameters` (use `make_trainable`). A retried or restored trial resumes after
     its last reported epoch; one that diverged before fails again at once instead of
-    retraining. With `teachers` (a fer.teachers.TeacherStore folder), a single-worker trial
+    retraining. With `teachers` (a fer.ssl.teachers.TeacherStore folder), a single-worker trial
     stores its finished teacher there, and one whose teacher is there already starts at
     stage 2 (multi-worker trials train their own: every rank would have to see the file).
     With `tail` (search/tail.py's file), a single-worker CPU trial takes the threads the
@@ -176,7 +176,7 @@ def make_trainable(data: Any, resources: TrialResources = TrialResources(), metr
     RunConfig. `data` is a `fer.data.Dataset` (shared here, once: `share_dataset`), a
     `DataRef` or a `MappedRef`. With `candidates` (name -> TrialConfig overrides) it is `candidate_trial`.
     `teachers`: a folder every trial can read and write where finished teachers are shared
-    (fer.teachers; None: each trial trains its own). `tail`: the search's tail file
+    (fer.ssl.teachers; None: each trial trains its own). `tail`: the search's tail file
     (search/tail.py; None: every trial keeps its request's threads)."""
     from ray import tune
 

@@ -18,9 +18,9 @@ from typing import Any, Callable
 import ray
 import torch
 
-from fer.config import SHARED_TEACHER_KEY, TrialConfig
-from fer.state import PipelineState
-from fer.teachers import TeacherStore, teacher_finished
+from fer.ssl.teachers import TeacherStore, teacher_finished
+from fer.train.config import SHARED_TEACHER_KEY, TrialConfig
+from fer.train.state import PipelineState
 from trainables.checkpoints import checkpoint_dir_name, report_with_checkpoint, resume_state
 
 TIMING_FILE = "trial_timing.json"  # wall-clock marks of the trial (rank 0), for overhead checks
@@ -76,7 +76,7 @@ class RankJob:
     trial_dir: str  # where rank 0 writes TensorBoard logs, pipeline outputs and timings
     threads: int  # torch intra-op threads: the CPUs the rank was given
     started: float  # wall-clock time the trial function was entered
-    teachers: str | None = None  # a fer.teachers.TeacherStore folder: finished teachers are shared
+    teachers: str | None = None  # a fer.ssl.teachers.TeacherStore folder: finished teachers are shared
     tail: Tail | None = None  # where the search publishes its tail's thread counts (search/tail.py)
 
 
@@ -103,7 +103,7 @@ def run_rank(job: RankJob, rank: int, report: Callable[[dict[str, Any], dict, Pi
              device: torch.device, resume: PipelineState | None = None) -> None:
     """Run the pipeline on this rank, from `resume` (a reported epoch's state) when given;
     rank 0 alone writes TensorBoard logs and outputs."""
-    from fer.pipeline import run_pipeline
+    from fer.ssl.pipeline import run_pipeline
 
     torch.set_num_threads(job.threads)
     data = job.data.get()

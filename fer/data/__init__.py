@@ -1,7 +1,7 @@
 """The one data layer: a `--data` path (or nothing) becomes a `Dataset` of uint8 arrays.
 
 Three layouts are read (`fer.data.layouts`, see `LAYOUTS`): a FER2013 CSV, a split folder
-and a DR-grading folder. No path means the embedded demo data of `fer.synth` (seed 0),
+and a DR-grading folder. No path means the embedded demo data of `fer.data.synth` (seed 0),
 read through the FER CSV path. Every source is decoded once per node into the cache
 (`fer.data.cache`: one `.npy` per split) and memory-mapped read-only from there, so memory
 does not grow with the data set: processes on a node share the page cache. A trial driver
@@ -16,6 +16,8 @@ hands trials `Dataset.origin` (a few paths) and each trial maps the files itself
     cache.py     the decode cache (keys, memory-mapped .npy folders, atomic build)
     load.py      load_dataset: path -> layout -> cache or decode; open_mapped
     cli.py       python -m fer.data [PATH]
+    synth.py     the embedded demo data: synthetic faces as a FER2013 CSV (python -m fer.data.synth)
+    fundus_synth.py  seeded fundus-like DR folders, for tests and benchmarks
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ from fer.data.types import (
     Split,
 )
 from fer.io import DIGEST_MEMO
+from fer.lazy import lazy_exports
+
+# the generators, re-exported lazily (`fer.lazy`): pandas and PIL drawing only when used
+_EXPORTS: dict[str, str] = {"write_csv": "fer.data.synth", "write_fundus_folder": "fer.data.fundus_synth"}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "CACHE_VERSION", "DIGEST_MEMO", "DR_CLASSES", "EMBEDDED_SEED", "FER_CLASSES", "FER_USAGE",
@@ -53,5 +60,5 @@ __all__ = [
     "Dataset", "Decoded", "LoadOptions", "MappedOrigin", "Split", "cache_key", "decode_dr_folder",
     "decode_fer_csv", "decode_split_folder", "default_cache_dir", "detect_layout", "format_table",
     "load_configured", "load_dataset", "load_fundus", "main", "open_mapped", "parse_pixel_rows", "read_cache",
-    "read_csv_columns", "source_files",
+    "read_csv_columns", "source_files", "write_csv", "write_fundus_folder",
 ]

@@ -24,12 +24,12 @@ EMBEDDED_SEED = 0
 def embedded_key() -> tuple[list[bytes], list[Path]]:
     """The embedded data is keyed by the generator's source and numpy's version, not by the
     generated CSV, so a cache hit skips generating it too."""
-    origin = importlib.util.find_spec("fer.synth").origin  # type: ignore[union-attr]
+    origin = importlib.util.find_spec("fer.data.synth").origin  # type: ignore[union-attr]
     return [b"embedded", b"seed %d" % EMBEDDED_SEED, np.__version__.encode()], [Path(origin)]
 
 
 def decode_embedded(sink: Sink | None = None) -> Decoded:
-    from fer import synth  # lazy: generating is only needed on a cache miss
+    from fer.data import synth  # lazy: generating is only needed on a cache miss
 
     with tempfile.TemporaryDirectory(prefix="fer-demo-") as tmp:
         return Decoded(*decode_fer_csv(Path(synth.write_csv(tmp, seed=EMBEDDED_SEED))))

@@ -2,14 +2,14 @@
 
     stage 1  fit on the labelled train split (stage="teacher", epochs 1..cfg.epochs)
     pseudo   the teacher labels the unlabeled pool (its post-hoc offsets and a temperature
-             fitted on val, optional TTA), a selection rule keeps some (fer.pseudo),
+             fitted on val, optional TTA), a selection rule keeps some (fer.ssl.pseudo),
              pseudo_labeled.csv written
     stage 2  fit on train + kept pool images (stage="student", global epochs continue at
              cfg.epochs + 1), pseudo-labelled samples weighted by cfg.pseudo_weight,
              initialised from the teacher or from scratch; online (cfg.student_mode) also
              on the whole pool every step; in cfg.student_rounds rounds sharing its epochs,
              each later round labelled by the previous round's student
-    post-hoc per-class logit offsets fitted on val macro-F1 (fer.posthoc), stored in the
+    post-hoc per-class logit offsets fitted on val macro-F1 (fer.train.posthoc), stored in the
              final checkpoint
 
 This is self-training in the style of Noisy Student (Xie et al. 2020): the student sees
@@ -20,9 +20,9 @@ a pool that hurts is never handed out over its own control. Under torch.distribu
 `run_pipeline`; pool and validation predictions are sharded and gathered, so all ranks
 take the same decisions.
 
-Resuming: `report(metrics, checkpoint, state)` gets, every epoch, the `fer.state.PipelineState`
+Resuming: `report(metrics, checkpoint, state)` gets, every epoch, the `fer.train.state.PipelineState`
 that `run_pipeline(..., resume=state)` continues from after that epoch: the stage, fit's own
-`FitState` (`fer.fitting.fit`), and in stage 2 the teacher's result and the pseudo-label
+`FitState` (`fer.train.fitting.fit`), and in stage 2 the teacher's result and the pseudo-label
 selection, so a resumed trial neither retrains the teacher nor re-selects. A run resumed
 from any epoch ends with the same model as the uninterrupted run (CPU; on GPU up to
 non-deterministic kernels).
@@ -37,16 +37,16 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 
-from fer.checkpoint import model_from_checkpoint, save_checkpoint
-from fer.config import TrialConfig
-from fer.evaluate import paired_bootstrap_macro_f1
-from fer.fitting import FitResult, Report, Stage, fit
-from fer.infer import is_main, resolve_device
+from fer.evaluate.evaluate import paired_bootstrap_macro_f1
 from fer.io import to_plain
-from fer.labelling import predict, pseudo_label, say, write_pseudo
 from fer.names import ONLINE_MODES
-from fer.posthoc import fit_offsets, macro_f1
-from fer.state import FitState, PipelineState
+from fer.ssl.labelling import predict, pseudo_label, say, write_pseudo
+from fer.train.checkpoint import model_from_checkpoint, save_checkpoint
+from fer.train.config import TrialConfig
+from fer.train.fitting import FitResult, Report, Stage, fit
+from fer.train.infer import is_main, resolve_device
+from fer.train.posthoc import fit_offsets, macro_f1
+from fer.train.state import FitState, PipelineState
 
 # report(metrics, checkpoint, state): fit's report, with the pipeline's state to resume from
 PipelineReport = Callable[[dict[str, Any], "dict[str, Any] | None", PipelineState], None]
@@ -87,7 +87,7 @@ def run_pipeline(cfg: TrialConfig, data: Any, *, device: Any = None, report: Pip
     takes to continue after that epoch. With out_dir, rank 0 writes pseudo_labeled.csv,
     pseudo_summary.json and best.pt (the final checkpoint, offsets included). `teacher`: a
     stage 1 already trained with cfg's teacher knobs (benchmarks compare stage-2 recipes from
-    one teacher, as fer.teachers shares one between trials); stage 1 is then not trained.
+    one teacher, as fer.ssl.teachers shares one between trials); stage 1 is then not trained.
     """
     if resume is not None and resume.stage == "student" and cfg.student_epochs == 0:
         raise ValueError("resume state is in stage 2 but student_epochs is 0")
@@ -162,7 +162,7 @@ def _run_round(cfg: TrialConfig, data: Any, teacher: FitResult, labeller: FitRes
     """One round of stage 2: `labeller` pseudo-labels the pool (or the resumed round's selection
     is taken), and a student from cfg.student_init's weights (the teacher's) trains on train +
     the kept images for cfg.round_epochs; online (cfg.student_mode fixmatch, flexmatch) also on
-    the whole pool every step (fer.consistency). (None, selection) when offline and nothing was
+    the whole pool every step (fer.train.consistency). (None, selection) when offline and nothing was
     kept."""
     online = cfg.student_mode in ONLINE_MODES
     who = "teacher" if round == 1 else f"round {round - 1} student"

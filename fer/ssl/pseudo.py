@@ -6,8 +6,8 @@ two class-aware rules: CReST's per-class keep rates (Wei et al. 2021) and FlexMa
 class-adaptive thresholds (Zhang et al. 2021). Confidences are made meaningful first by
 temperature scaling on the validation split (Guo et al. 2017).
 
-Under torch.distributed every rank labels its shard of the pool (`fer.samplers.shard`)
-and `predict_pool_sharded` gathers the pieces back in the original order (`fer.infer`).
+Under torch.distributed every rank labels its shard of the pool (`fer.train.samplers.shard`)
+and `predict_pool_sharded` gathers the pieces back in the original order (`fer.train.infer`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer import names
-from fer.infer import predict_logits, predict_logits_sharded
 from fer.names import check_registry
+from fer.train.consistency import flexmatch_thresholds
+from fer.train.infer import predict_logits, predict_logits_sharded
 
 
 # --- prediction -------------------------------------------------------------------
@@ -137,28 +138,6 @@ def _keep_most_confident(keep: np.ndarray, idx: np.ndarray, conf: np.ndarray, co
     keep[order[:count]] = True
 
 
-def flexmatch_thresholds(conf: np.ndarray, pred: np.ndarray, num_classes: int, threshold: float,
-                         *, warmup: bool = True, mapping: str = "convex") -> np.ndarray:
-    """Class-adaptive thresholds T_k = M(beta_k) * threshold of FlexMatch (Zhang et al. 2021).
-
-    sigma_k counts pool images predicted as k with confidence above `threshold` (the
-    paper's learning effect). beta_k = sigma_k / max(max_k sigma, unused) with warmup,
-    where unused = pool size - sum sigma, so that early on (few confident predictions)
-    thresholds stay low; without warmup beta_k = sigma_k / max_k sigma. M is the convex
-    mapping x / (2 - x) (the paper's best) or the identity ("linear").
-    """
-    if mapping not in ("convex", "linear"):
-        raise ValueError(f"flexmatch mapping {mapping!r} is not allowed. Choose one of: convex, linear")
-    sigma = np.bincount(pred[conf > threshold], minlength=num_classes).astype(np.float64)
-    denom = sigma.max() if len(sigma) else 0.0
-    if warmup:
-        denom = max(denom, float(len(conf) - sigma.sum()))
-    beta = sigma / denom if denom > 0 else np.zeros(num_classes)
-    if mapping == "convex":
-        beta = beta / (2.0 - beta)
-    return beta * threshold
-
-
 def _select_flexmatch(conf: np.ndarray, pred: np.ndarray, *, threshold: float,
                       class_counts: np.ndarray, crest_alpha: float) -> np.ndarray:
     """Keep predictions whose confidence reaches their class's adaptive threshold."""
@@ -199,7 +178,7 @@ SELECTIONS: dict[str, SelectionFn] = {
     "flexmatch": _select_flexmatch,
     "aligned": _select_aligned,
 }
-check_registry(SELECTIONS, names.SELECTIONS, "fer.pseudo.SELECTIONS")
+check_registry(SELECTIONS, names.SELECTIONS, "fer.ssl.pseudo.SELECTIONS")
 
 
 def get_selection(name: str) -> SelectionFn:

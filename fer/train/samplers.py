@@ -120,7 +120,7 @@ SAMPLERS: dict[str, Callable[[list[np.ndarray], int, int, int], np.ndarray]] = {
     "sqrt": _sqrt,
     "balanced": _balanced,
 }
-check_registry(SAMPLERS, names.SAMPLERS, "fer.samplers.SAMPLERS")
+check_registry(SAMPLERS, names.SAMPLERS, "fer.train.samplers.SAMPLERS")
 
 
 def get_sampler(name: str) -> Callable[[list[np.ndarray], int, int, int], np.ndarray]:

@@ -4,9 +4,9 @@
 macro-F1. It knows nothing about Ray: when `torch.distributed` is initialised (Ray Train's
 TorchTrainer does that, as does `torchrun`) it wraps the model in DistributedDataParallel,
 trains on its shard of every epoch and all-reduces the validation confusion matrix, so
-every rank reports metrics over the WHOLE validation split (the pieces: `fer.loop`).
+every rank reports metrics over the WHOLE validation split (the pieces: `fer.train.loop`).
 
-What a stage trains on, how long and from where is a `Stage`; `fer.pipeline` builds one
+What a stage trains on, how long and from where is a `Stage`; `fer.ssl.pipeline` builds one
 per stage (`Stage.teacher`, `Stage.student`). The CLI is `fer.train`.
 """
 
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fer.checkpoint import make_checkpoint
-from fer.config import TrialConfig
-from fer.consistency import Consistency, Debias, plan_epoch
-from fer.infer import Ranks, autocast_dtype, resolve_device
-from fer.loop import (
+from fer.train.checkpoint import make_checkpoint
+from fer.train.config import TrialConfig
+from fer.train.consistency import Consistency, Debias, plan_epoch
+from fer.train.infer import Ranks, autocast_dtype, resolve_device
+from fer.train.loop import (
     Loop,
     PoolSteps,
     TrainSource,
@@ -42,14 +42,14 @@ from fer.loop import (
     reduce_train_loss,
     validate,
 )
-from fer.losses import build_loss
-from fer.models import build_model
-from fer.posthoc import fit_offsets, macro_f1
-from fer.state import FitState
-from fer.transforms import make_train_transform
+from fer.train.losses import build_loss
+from fer.train.models import build_model
+from fer.train.posthoc import fit_offsets, macro_f1
+from fer.train.state import FitState
+from fer.train.transforms import make_train_transform
 
 # report(metrics, checkpoint, state): every epoch, on every rank. `checkpoint` is the
-# epoch's own model checkpoint (fer.checkpoint's contract dict); `state` is the `FitState`
+# epoch's own model checkpoint (fer.train.checkpoint's contract dict); `state` is the `FitState`
 # that `fit(..., resume=state)` continues from after this epoch. Its tensors are live:
 # save it (`state.to_dict()`) before the callback returns.
 Report = Callable[[dict[str, Any], "dict[str, Any] | None", FitState], None]
@@ -104,7 +104,7 @@ class Stage:
 
     def online(self, cfg: TrialConfig, pool: Any, val: Any = None) -> "Stage":
         """This stage with the `pool` split (its labels, if any, only as held-out truth) trained
-        online every step, as cfg's student_mode (fixmatch, flexmatch) says (fer.consistency);
+        online every step, as cfg's student_mode (fixmatch, flexmatch) says (fer.train.consistency);
         with cfg.pool_debias the weak views get the student's post-hoc offsets, fitted on `val`."""
         counts = np.asarray(self.counts, dtype=np.float64)
         debias = None

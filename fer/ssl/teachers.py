@@ -5,7 +5,7 @@ seed, data). Two runs that differ only in stage-2 knobs (`STAGE2_FIELDS`: pseudo
 threshold, selection, student epochs and augmentation, post-hoc rule, ...) train the same
 teacher, weight for weight on CPU. A `TeacherStore` keeps each finished teacher under a
 key of its configuration; a run whose key is there starts after stage 1 from the stored
-state (`fer.pipeline.run_pipeline(resume=...)`, the path a retried trial takes) instead
+state (`fer.ssl.pipeline.run_pipeline(resume=...)`, the path a retried trial takes) instead
 of training it again. The stored state is the teacher's last epoch with its best weights
 and no optimizer moments (stage 1 will not train further), beside that epoch's own
 checkpoint: two copies of the weights at most (40 MB for resnet10t).
@@ -23,9 +23,9 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from fer.checkpoint import load_weights_only, save_checkpoint
-from fer.config import STAGE2_FIELDS, TrialConfig, config_field_names
-from fer.state import FitState, PipelineState
+from fer.train.checkpoint import load_weights_only, save_checkpoint
+from fer.train.config import STAGE2_FIELDS, TrialConfig, config_field_names
+from fer.train.state import FitState, PipelineState
 
 TEACHER_FIELDS = tuple(name for name in config_field_names() if name not in STAGE2_FIELDS)
 

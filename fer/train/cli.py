@@ -2,9 +2,9 @@
 
     python -m fer.train [--data PATH] [--config FILE.yaml] [--set key=value ...] --out DIR [--resume]
 
-The CLI runs the whole pipeline of a trial (`fer.pipeline.run_pipeline`: teacher ->
+The CLI runs the whole pipeline of a trial (`fer.ssl.pipeline.run_pipeline`: teacher ->
 pseudo-labels -> student -> post-hoc offsets); stage 2 is skipped when the data set has no
-unlabeled pool or student_epochs is 0. The training loop itself is `fer.fitting.fit`.
+unlabeled pool or student_epochs is 0. The training loop itself is `fer.train.fitting.fit`.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from fer.checkpoint import RESUME_KEY, load_weights_only, resume_from, save_resumable
-from fer.config import TrialConfig, apply_overrides, load_config_file, parse_set_args
-from fer.infer import is_main
 from fer.io import to_plain
-from fer.metrics import pool_verdict
-from fer.pipeline import PipelineResult, run_pipeline
-from fer.state import PipelineState
+from fer.ssl.pipeline import PipelineResult, run_pipeline
+from fer.train.checkpoint import RESUME_KEY, load_weights_only, resume_from, save_resumable
+from fer.train.config import TrialConfig, apply_overrides, load_config_file, parse_set_args
+from fer.train.infer import is_main
+from fer.train.metrics import pool_verdict
+from fer.train.state import PipelineState
 
 DESCRIPTION = "Train one stage of a trial: the plain-PyTorch loop every search trial runs."  # --help's line
 
@@ -71,8 +71,8 @@ def train_main(cfg: TrialConfig, out_dir: str, *, device: str | None = None, pro
 
     Every epoch's resumable checkpoint goes to out_dir/resume.pt (atomically), removed when
     the run ends; `resume=True` continues an interrupted run of the same config from it."""
-    from fer.budget import describe_budget
     from fer.data import load_configured
+    from fer.train.budget import describe_budget
 
     state = read_resume_file(out_dir, cfg) if resume else None
     data = load_configured(cfg.data, asdict(cfg))
@@ -112,8 +112,8 @@ def _run_with_resume_file(cfg: TrialConfig, data: Any, out_dir: str, device: str
 def _summarize(cfg: TrialConfig, data: Any, result: PipelineResult, out_dir: str,
                device: str | None) -> dict[str, Any]:
     """metrics.json's content; writes the val (and test) reports: metrics JSON, confusion PNG."""
-    from fer.evaluate import evaluate_model, metrics_from_logits, write_report
-    from fer.infer import predict_logits
+    from fer.evaluate.evaluate import evaluate_model, metrics_from_logits, write_report
+    from fer.train.infer import predict_logits
 
     ckpt, stage = result.checkpoint, result.metrics["final_stage"]
     final = {"teacher": result.teacher, "student": result.student, "control": result.control}[stage]
@@ -157,7 +157,7 @@ def pool_on_test(data: Any, student: np.ndarray, control: np.ndarray) -> dict[st
     """Student minus its supervised-only control in test macro-F1 (the predictions given, each
     model's with its own post-hoc offsets), with the paired bootstrap interval of the
     difference: what the pool bought, on the split no choice was made on."""
-    from fer.evaluate import paired_bootstrap_macro_f1
+    from fer.evaluate.evaluate import paired_bootstrap_macro_f1
 
     diff, low, high = paired_bootstrap_macro_f1(data.splits["test"].labels, student, control, len(data.classes))
     return {"difference": diff, "ci95": [low, high], "excludes_zero": bool(low > 0 or high < 0)}

@@ -338,7 +338,7 @@ AUGMENTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "strong": _strong,  # weak + TrivialAugment + random erasing
     "fundus": _fundus,  # any-angle rotation, flips, zoom, brightness / contrast
 }
-check_registry(AUGMENTS, names.AUGMENTS, "fer.transforms.AUGMENTS")
+check_registry(AUGMENTS, names.AUGMENTS, "fer.train.transforms.AUGMENTS")
 
 
 def get_augment(kind: str) -> Callable[[torch.Tensor, int], torch.Tensor]:

@@ -1,8 +1,8 @@
 """The deployed graph: uint8 pixels (B, H, W, C) in, calibrated class scores (B, K) out.
 
-What `fer.export` writes to ONNX and `fer.tflite` converts to TFLite: the checkpoint's
-network with `fer.transforms`' eval preprocessing in front and its post-hoc offsets
-(`fer.posthoc`) behind, so a deployed model takes raw pixels as PIL/OpenCV give them.
+What `fer.export` writes to ONNX and `fer.export.tflite` converts to TFLite: the checkpoint's
+network with `fer.train.transforms`' eval preprocessing in front and its post-hoc offsets
+(`fer.train.posthoc`) behind, so a deployed model takes raw pixels as PIL/OpenCV give them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class DeployModel(nn.Module):
 
     def __init__(self, model: nn.Module, *, image_size: int, input_hw: tuple[int, int],
                  offsets: list[float] | np.ndarray | None, num_classes: int) -> None:
-        from fer.transforms import MEAN, STD
+        from fer.train.transforms import MEAN, STD
 
         super().__init__()
         self.model = model.eval()
@@ -43,7 +43,7 @@ class DeployModel(nn.Module):
         self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.float32).view(1, -1))
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`fer.transforms.make_eval_transform` on channels-last uint8 input.
+        """`fer.train.transforms.make_eval_transform` on channels-last uint8 input.
 
         Identical when no resize is needed. When one is, the graph resizes in float;
         torchvision resizes the uint8 tensor with a fixed-point kernel, so the two can
@@ -61,7 +61,7 @@ class DeployModel(nn.Module):
 
 def build_deploy_model(ckpt: dict[str, Any], input_hw: tuple[int, int]) -> DeployModel:
     """The checkpoint's network (eval mode, CPU) wrapped with preprocessing and offsets."""
-    from fer.checkpoint import model_from_checkpoint
+    from fer.train.checkpoint import model_from_checkpoint
 
     model = model_from_checkpoint(ckpt, "cpu")
     return DeployModel(model, image_size=int(ckpt["config"]["image_size"]), input_hw=input_hw,

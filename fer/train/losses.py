@@ -24,10 +24,10 @@ from torch import nn
 
 from fer import names
 from fer.names import check_registry
-from fer.posthoc import log_prior
+from fer.train.posthoc import log_prior
 
 if TYPE_CHECKING:
-    from fer.config import TrialConfig
+    from fer.train.config import TrialConfig
 
 
 # ---------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ WEIGHT_SCHEMES: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
     "sqrt_inverse": _sqrt_inverse,
     "effective": _effective,
 }
-check_registry(WEIGHT_SCHEMES, names.WEIGHT_SCHEMES, "fer.losses.WEIGHT_SCHEMES")
+check_registry(WEIGHT_SCHEMES, names.WEIGHT_SCHEMES, "fer.train.losses.WEIGHT_SCHEMES")
 
 
 def get_weight_scheme(name: str) -> Callable[[np.ndarray, float], np.ndarray]:
@@ -103,7 +103,7 @@ def class_weights(scheme: str, counts: np.ndarray, beta: float = 0.999) -> torch
 
 
 def prior_tensor(counts: np.ndarray) -> torch.Tensor:
-    """`fer.posthoc.log_prior` of the checked counts as float32: the one rule for a class
+    """`fer.train.posthoc.log_prior` of the checked counts as float32: the one rule for a class
     with no samples, so training-time and post-hoc adjustments agree."""
     return torch.as_tensor(log_prior(_check_counts(counts)), dtype=torch.float32)
 
@@ -203,7 +203,7 @@ LOSSES: dict[str, Callable[[TrialConfig, torch.Tensor, np.ndarray], nn.Module]] 
     "logit_adjusted": _logit_adjusted,
     "balanced_softmax": _balanced_softmax,
 }
-check_registry(LOSSES, names.LOSSES, "fer.losses.LOSSES")
+check_registry(LOSSES, names.LOSSES, "fer.train.losses.LOSSES")
 
 
 def get_loss_builder(name: str) -> Callable[[TrialConfig, torch.Tensor, np.ndarray], nn.Module]:

@@ -1,7 +1,7 @@
 """The pieces of one training epoch: data on the device, the step loop, BatchNorm
 recalibration, whole-split validation, optimizer and schedule, and each rank's share.
 
-`fer.fitting.fit` puts them together. Under torch.distributed (Ray Train's TorchTrainer or
+`fer.train.fitting.fit` puts them together. Under torch.distributed (Ray Train's TorchTrainer or
 `torchrun`) every rank runs the same number of steps on its shard of each epoch, and the
 validation logits are gathered, so every rank sees the numbers of the WHOLE validation split.
 """
@@ -19,11 +19,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fer.config import TrialConfig
-from fer.consistency import Consistency, EpochPlan, Tally, epoch_stats, pool_loss
-from fer.infer import Ranks, autocast, predict_logits_sharded, to_nchw
-from fer.metrics import metrics_from_confusion
-from fer.samplers import epoch_indices, shard
+from fer.train.config import TrialConfig
+from fer.train.consistency import Consistency, EpochPlan, Tally, epoch_stats, pool_loss
+from fer.train.infer import Ranks, autocast, predict_logits_sharded, to_nchw
+from fer.train.metrics import metrics_from_confusion
+from fer.train.samplers import epoch_indices, shard
 
 # fused=True: one kernel for all parameters instead of a Python loop over them; on CPU
 # this cut MobileNetV3-small's AdamW step from ~35 ms to ~6 ms (2 cores).
@@ -83,7 +83,7 @@ class Loop:
     grad_clip: float
     total_steps: int
     step: int = 0
-    pool: "PoolSteps | None" = None  # stage 2's online consistency (fer.consistency), else None
+    pool: "PoolSteps | None" = None  # stage 2's online consistency (fer.train.consistency), else None
 
     def run_epoch(self, source: TrainSource, order: np.ndarray, batch_size: int,
                   bar: Any) -> tuple[torch.Tensor, int, float]:
@@ -123,11 +123,11 @@ class Loop:
 
 
 class PoolSteps:
-    """The pool's half of each online stage-2 step (FixMatch, `fer.consistency`): its weak and
+    """The pool's half of each online stage-2 step (FixMatch, `fer.train.consistency`): its weak and
     strong views go through the network with the labelled batch, in one forward pass."""
 
     def __init__(self, spec: Consistency, image_size: int, device: torch.device):
-        from fer.transforms import make_train_transform
+        from fer.train.transforms import make_train_transform
 
         self.spec = spec
         self.source = TrainSource(spec.images, np.zeros(len(spec.images), dtype=np.int64), None, device)
@@ -139,7 +139,7 @@ class PoolSteps:
         self.tally = Tally.zeros(device)
 
     def stats(self) -> dict[str, Any]:
-        """This epoch's pool numbers for its metrics (fer.consistency.epoch_stats)."""
+        """This epoch's pool numbers for its metrics (fer.train.consistency.epoch_stats)."""
         return epoch_stats(self.plan, self.tally, self.truth is not None)
 
     def begin(self, plan: EpochPlan) -> None:
@@ -251,7 +251,7 @@ def recalibrate_bn(model: nn.Module, source: TrainSource, order: np.ndarray, ima
     this epoch's (unaugmented) training images, then average them over the ranks."""
     from torch.optim.swa_utils import update_bn
 
-    from fer.transforms import make_eval_transform
+    from fer.train.transforms import make_eval_transform
 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or images <= 0:
@@ -281,7 +281,7 @@ def validate(model: nn.Module, val: Any, num_classes: int, cfg: TrialConfig,
 
     Each rank predicts its shard of the split (the plain module, not the DDP wrapper, so
     uneven shards need no collective per batch) and the logits are gathered
-    (`fer.infer.predict_logits_sharded`): every rank gets the exact whole-split numbers, and
+    (`fer.train.infer.predict_logits_sharded`): every rank gets the exact whole-split numbers, and
     the logits the post-hoc offsets of the epoch are fitted on.
     """
     logits = predict_logits_sharded(model, val.images, image_size=cfg.image_size,
@@ -302,7 +302,7 @@ def metric_key(name: str) -> str:
 def epoch_metrics(cm: np.ndarray, classes: list[str], *, stage: str, epoch: int, train_loss: float,
                   lr: float, val_loss: float, seconds: float, images: int, posthoc_f1: float) -> dict[str, Any]:
     """The flat metrics one epoch reports (Tune, TensorBoard, history). `posthoc_f1` is the
-    epoch's val macro-F1 with its own post-hoc offsets (fer.posthoc, cfg.posthoc fitted on val):
+    epoch's val macro-F1 with its own post-hoc offsets (fer.train.posthoc, cfg.posthoc fitted on val):
     how the model would decide if it were handed out."""
     m = metrics_from_confusion(cm, classes)
     # Tune's live table shows the first four numeric metrics of a result: the objectives
@@ -331,7 +331,7 @@ def log_epoch(writer: Any, metrics: dict[str, Any], cm: np.ndarray, classes: lis
         writer.add_scalar(f"{stage}/{key}", metrics[key], step)
     for name in classes:
         writer.add_scalar(f"{stage}/val_f1/{metric_key(name)}", metrics[f"val_f1_{metric_key(name)}"], step)
-    from fer.metrics import confusion_figure
+    from fer.train.metrics import confusion_figure
 
     writer.add_figure(f"{stage}/val_confusion", confusion_figure(cm, classes), step, close=False)
     writer.flush()

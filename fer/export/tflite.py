@@ -2,7 +2,7 @@
 
     python -m fer.export --checkpoint best.pt --out deploy/ --tflite --tflite-quant fp16 dynamic-int8 int8
 
-The same `fer.deploy.DeployModel` the ONNX file holds (uint8 NHWC pixels in, calibrated
+The same `fer.export.deploy.DeployModel` the ONNX file holds (uint8 NHWC pixels in, calibrated
 scores out, preprocessing inside) is converted straight from PyTorch by litert-torch
 (Google's PyTorch -> LiteRT converter; no TensorFlow), quantized by ai-edge-quantizer and
 run by ai-edge-litert's Interpreter. All three come with the optional extra `[tflite]`
@@ -238,7 +238,7 @@ def export_tflite(module: torch.nn.Module, out_dir: str, images: np.ndarray, lab
     """
     import torch
 
-    from fer.deploy import MIN_PARITY_IMAGES, PARITY_TOLERANCE  # the ONNX export's bound too
+    from fer.export.deploy import MIN_PARITY_IMAGES, PARITY_TOLERANCE  # the ONNX export's bound too
 
     require_extra()
     fp32_path = convert(module, torch.from_numpy(images[:1].copy()), os.path.join(out_dir, "model.tflite"))

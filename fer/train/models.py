@@ -91,7 +91,7 @@ MODELS: dict[str, Callable[[int, float], nn.Module]] = {
     "resnet18": _resnet18,
     "efficientnet_b0": _efficientnet_b0,
 }
-check_registry(MODELS, names.MODELS, "fer.models.MODELS")
+check_registry(MODELS, names.MODELS, "fer.train.models.MODELS")
 
 
 @functools.lru_cache(maxsize=1)

@@ -42,7 +42,7 @@ def macro_f1(labels: np.ndarray, logits: np.ndarray, offsets: np.ndarray | None 
 
 def log_prior(class_counts: np.ndarray) -> np.ndarray:
     """log of the training class frequencies (float64); the one prior of logit adjustment,
-    in the loss (`fer.losses`) and post hoc. A class with zero samples counts as half a
+    in the loss (`fer.train.losses`) and post hoc. A class with zero samples counts as half a
     sample, so its log prior is finite (about -log 2N, e.g. -10.6 for N = 20k) instead of -inf."""
     counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 0.5)
     return np.log(counts / counts.sum())
@@ -90,7 +90,7 @@ POSTHOC: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] =
     "tau": _fit_tau,
     "bias": _fit_bias,
 }
-check_registry(POSTHOC, names.POSTHOC, "fer.posthoc.POSTHOC")
+check_registry(POSTHOC, names.POSTHOC, "fer.train.posthoc.POSTHOC")
 
 
 def get_posthoc(name: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:

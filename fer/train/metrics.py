@@ -185,7 +185,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | Path, nor
 
 def pool_verdict(metrics: dict[str, Any]) -> str:
     """One line: did the unlabeled pool beat supervised-only training at the same budget?
-    Judged on val by the paired bootstrap interval of the difference (fer.pipeline's control),
+    Judged on val by the paired bootstrap interval of the difference (fer.ssl.pipeline's control),
     each model with its own post-hoc offsets."""
     gain, (low, high) = metrics["pool_gain_val"], metrics["pool_gain_val_ci95"]
     verdict = ("the pool helped (the interval excludes 0)" if low > 0 else

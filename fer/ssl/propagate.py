@@ -33,7 +33,7 @@ import numpy as np
 
 from fer import names
 from fer.names import check_registry
-from fer.posthoc import macro_f1
+from fer.train.posthoc import macro_f1
 
 GRAPH_SIDE = 32  # images are area-downsampled to at most this side before PCA
 GRAPH_COMPONENTS = 50  # as the classical peer (benchmarks/peers.py)
@@ -44,7 +44,7 @@ GRAPH_COMPONENTS = 50  # as the classical peer (benchmarks/peers.py)
 GRAPH_NEIGHBORS, GRAPH_ALPHA = 7, 0.2
 CANDIDATES = {"none": ("none",), "pixels": ("pixels",), "features": ("features",),
               "auto": ("none", "pixels", "features")}
-check_registry(CANDIDATES, names.PSEUDO_GRAPHS, "fer.propagate.CANDIDATES")
+check_registry(CANDIDATES, names.PSEUDO_GRAPHS, "fer.ssl.propagate.CANDIDATES")
 
 
 def pixel_space(images: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -53,7 +53,7 @@ def pixel_space(images: np.ndarray, seed: int = 0) -> np.ndarray:
     import torch.nn.functional as F
     from sklearn.decomposition import PCA
 
-    from fer.infer import to_nchw
+    from fer.train.infer import to_nchw
 
     pixels = to_nchw(images).float() / 255.0
     if max(pixels.shape[-2:]) > GRAPH_SIDE:

@@ -7,8 +7,8 @@ The graph's input is `pixels`: uint8, (batch, H, W, C) -- channels last, exactly
 layout of `fer.data.Split.images` and of an image array from PIL/OpenCV with a batch axis
 added -- with H, W, C fixed to the data set's image shape and a dynamic batch axis.
 Inside the graph: cast to float, scale to [0, 1], bilinear resize to the model's
-`image_size` (when it differs), normalise with `fer.transforms` MEAN/STD, run the
-network, add the checkpoint's post-hoc offsets (`fer.posthoc`). The output `scores`
+`image_size` (when it differs), normalise with `fer.train.transforms` MEAN/STD, run the
+network, add the checkpoint's post-hoc offsets (`fer.train.posthoc`). The output `scores`
 (batch, K) float32: argmax is the decision, softmax gives probabilities.
 
 Written to --out: model.onnx, parity.json (onnxruntime vs PyTorch on >= 64 real images:
@@ -16,7 +16,7 @@ max |score difference| and top-1 agreement), model_card.json (classes, input spe
 metrics, config, sha256, ONNX Runtime CPU latency) and, with --int8, model.int8.onnx
 (static QDQ quantization calibrated on real images) with its accuracy and macro-F1
 change against fp32. With --tflite (the optional extra `[tflite]`), the same model as
-model.tflite for the LiteRT interpreter, and quantized variants: see `fer.tflite`.
+model.tflite for the LiteRT interpreter, and quantized variants: see `fer.export.tflite`.
 The card's "artifacts" lists every file written with its sha256, input and measured
 parity (PyTorch vs the file; ONNX INT8: its top-1 agreement with fp32).
 """
@@ -39,8 +39,8 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
-from fer import tflite as litert
-from fer.deploy import MIN_PARITY_IMAGES, PARITY_TOLERANCE, DeployModel, build_deploy_model
+from fer.export import tflite as litert
+from fer.export.deploy import MIN_PARITY_IMAGES, PARITY_TOLERANCE, DeployModel, build_deploy_model
 from fer.io import file_digest
 
 OPSET = 18  # Resize with antialias needs opset >= 18
@@ -190,7 +190,7 @@ def _scores(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str,
 
 
 def _input_spec(images: np.ndarray, image_size: int) -> dict[str, Any]:
-    from fer.transforms import MEAN, STD
+    from fer.train.transforms import MEAN, STD
 
     _, height, width, channels = images.shape
     return {
@@ -214,7 +214,7 @@ def export_checkpoint(ckpt_path_or_dict: str | dict[str, Any], out_dir: str, *, 
     `labels`, the fp32 / INT8 metrics; `calib_images` calibrate INT8 (default: `images`).
     `provenance` (e.g. which search run, and why that one) goes into the card's "source".
     """
-    from fer.checkpoint import load_checkpoint
+    from fer.train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path_or_dict) if isinstance(ckpt_path_or_dict, (str, os.PathLike)) \
         else ckpt_path_or_dict
@@ -342,8 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         tflite = litert.options_from_args(args)  # before any expensive work: is the extra there?
-        from fer.checkpoint import load_checkpoint
         from fer.data import load_configured
+        from fer.train.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(args.checkpoint)
         cfg = ckpt["config"]

@@ -16,11 +16,11 @@ eval mode, so a resumed epoch draws exactly what the uninterrupted one drew):
   probabilities are multiplied by the labelled prior over the student's mean pool
   prediction and renormalised, so head classes do not take over the pseudo-labels;
 - per-class thresholds (FlexMatch, Zhang et al. 2021; `student_mode="flexmatch"`):
-  `fer.pseudo.flexmatch_thresholds` of that pass, lower for classes the student is still
+  `flexmatch_thresholds` of that pass, lower for classes the student is still
   learning (with the paper's warm-up, all of them low while few views pass `pseudo_threshold`);
   `"fixmatch"` keeps one threshold for every class;
 - adaptive debiasing (`pool_debias`; DebiasPL, Wang et al. 2022): weak-view logits get the
-  student's own post-hoc offsets of the moment (`fer.posthoc`, fitted on val at the epoch's
+  student's own post-hoc offsets of the moment (`fer.train.posthoc`, fitted on val at the epoch's
   start), the decision rule it would be handed out with, so the head classes' raw lean does
   not label the rare classes' pool images.
 
@@ -37,10 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer.infer import Ranks, predict_logits_sharded
 from fer.names import ONLINE_MODES
-from fer.posthoc import fit_offsets
-from fer.pseudo import flexmatch_thresholds
+from fer.train.infer import Ranks, predict_logits_sharded
+from fer.train.posthoc import fit_offsets
 
 
 @dataclass
@@ -102,6 +101,28 @@ class Tally:
     @classmethod
     def zeros(cls, device: torch.device) -> "Tally":
         return cls(torch.zeros((), device=device), torch.zeros((), device=device))
+
+
+def flexmatch_thresholds(conf: np.ndarray, pred: np.ndarray, num_classes: int, threshold: float,
+                         *, warmup: bool = True, mapping: str = "convex") -> np.ndarray:
+    """Class-adaptive thresholds T_k = M(beta_k) * threshold of FlexMatch (Zhang et al. 2021).
+
+    sigma_k counts pool images predicted as k with confidence above `threshold` (the
+    paper's learning effect). beta_k = sigma_k / max(max_k sigma, unused) with warmup,
+    where unused = pool size - sum sigma, so that early on (few confident predictions)
+    thresholds stay low; without warmup beta_k = sigma_k / max_k sigma. M is the convex
+    mapping x / (2 - x) (the paper's best) or the identity ("linear").
+    """
+    if mapping not in ("convex", "linear"):
+        raise ValueError(f"flexmatch mapping {mapping!r} is not allowed. Choose one of: convex, linear")
+    sigma = np.bincount(pred[conf > threshold], minlength=num_classes).astype(np.float64)
+    denom = sigma.max() if len(sigma) else 0.0
+    if warmup:
+        denom = max(denom, float(len(conf) - sigma.sum()))
+    beta = sigma / denom if denom > 0 else np.zeros(num_classes)
+    if mapping == "convex":
+        beta = beta / (2.0 - beta)
+    return beta * threshold
 
 
 def plan_epoch(spec: Consistency, model: nn.Module, *, steps: int, batch_size: int, seed: int, epoch: int,

@@ -92,7 +92,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _head(net: nn.Module) -> nn.Linear | None:
-    """The classifier layer: the last Linear in module order (as `fer.models.head_name`)."""
+    """The classifier layer: the last Linear in module order (as `fer.train.models.head_name`)."""
     return next((m for m in reversed(list(net.modules())) if isinstance(m, nn.Linear)), None)
 
 
@@ -114,11 +114,11 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits (N, K) float32 on CPU for uint8 images (N, H, W, C), model in eval mode.
 
-    With `tta` the logits are averaged over `fer.transforms.tta_views` (identity, flip,
+    With `tta` the logits are averaged over `fer.train.transforms.tta_views` (identity, flip,
     shifted crops): averaged logits keep softmax, temperature scaling and post-hoc offsets
     meaningful. A DDP wrapper is looked through (no collective per batch).
     """
-    from fer.transforms import make_eval_transform, tta_views
+    from fer.train.transforms import make_eval_transform, tta_views
 
     net = unwrap(model)
     device = torch.device(device) if device is not None else next(net.parameters()).device
@@ -170,7 +170,7 @@ def gather_rows(local: np.ndarray, local_indices: np.ndarray, total: int) -> np.
 
 
 def predict_logits_sharded(model: nn.Module, images: np.ndarray, **kwargs) -> torch.Tensor:
-    """`predict_logits` on this rank's shard (`fer.samplers.shard`), gathered so every rank
+    """`predict_logits` on this rank's shard (`fer.train.samplers.shard`), gathered so every rank
     has all N rows in order. Without torch.distributed (or with one rank) this is just
     `predict_logits`."""
     return torch.from_numpy(_sharded(lambda part: predict_logits(model, part, **kwargs).numpy(), images))
@@ -178,7 +178,7 @@ def predict_logits_sharded(model: nn.Module, images: np.ndarray, **kwargs) -> to
 
 def predict_features_sharded(model: nn.Module, images: np.ndarray, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """(logits (N, K), penultimate features (N, D)) float32 from one pass, no TTA: the features
-    are what the classifier layer (the last Linear, as `fer.models.head_name` finds it, for timm
+    are what the classifier layer (the last Linear, as `fer.train.models.head_name` finds it, for timm
     and torchvision models alike) receives, read by a forward pre-hook during `predict_logits`;
     sharded and gathered like `predict_logits_sharded`."""
     head = _head(unwrap(model))
@@ -202,7 +202,7 @@ def _sharded(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray) ->
     ranks = Ranks.current()
     if ranks.world == 1:
         return predict(images)
-    from fer.samplers import shard
+    from fer.train.samplers import shard
 
     mine = shard(np.arange(len(images)), ranks.rank, ranks.world)
     return gather_rows(predict(images[mine]), mine, len(images))

@@ -1,6 +1,6 @@
 """Evaluate a trained model on a split: metrics JSON, per-class table, confusion PNG.
 
-`evaluate_model` adds metrics to `fer.infer.predict_logits` (the one batched inference
+`evaluate_model` adds metrics to `fer.train.infer.predict_logits` (the one batched inference
 loop); `predict_checkpoint` is one read of a split by a checkpoint (this CLI and the
 search's read of test share it); `main` is the CLI:
 
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-# fer.infer's loop, looked up here at call time (a test spies on the reads of test through it)
-from fer.infer import predict_logits
+# fer.train.infer's loop, looked up here at call time (a test spies on the reads of test through it)
 from fer.io import to_plain
+from fer.train.infer import predict_logits
 
 
 def evaluate_model(
@@ -41,7 +41,7 @@ def evaluate_model(
     tta: bool = False,
     offsets: list[float] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Metrics (fer.metrics.compute_metrics) and softmax probabilities (N, K).
+    """Metrics (fer.train.metrics.compute_metrics) and softmax probabilities (N, K).
 
     `offsets` (a checkpoint's post-hoc logit offsets) shift the logits before argmax;
     the returned probabilities are the unshifted ones, so ECE measures the model itself.
@@ -57,7 +57,7 @@ def evaluate_model(
 def metrics_from_logits(logits: torch.Tensor, labels: np.ndarray, classes: list[str],
                         offsets: list[float] | None = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """(metrics, softmax probabilities, predictions) of logits shifted by `offsets`."""
-    from fer.metrics import compute_metrics
+    from fer.train.metrics import compute_metrics
 
     probs = logits.softmax(dim=1).numpy()
     decision = logits if offsets is None else logits + torch.tensor(offsets, dtype=logits.dtype)
@@ -174,7 +174,7 @@ def append_results_csv(path: str, row: dict[str, Any]) -> str:
 
 def write_report(metrics: dict[str, Any], classes: list[str], out_dir: str, name: str) -> tuple[str, str]:
     """Write `<name>_metrics.json` and `<name>_confusion.png` into out_dir; return both paths."""
-    from fer.metrics import plot_confusion
+    from fer.train.metrics import plot_confusion
 
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, f"{name}_metrics.json")
@@ -191,7 +191,7 @@ def predict_checkpoint(ckpt: dict[str, Any], images: np.ndarray, labels: np.ndar
     """One read of a split by a loaded checkpoint dict: (metrics, predictions, logits), the
     decision shifted by the checkpoint's own post-hoc offsets (none when `offsets` is False
     or it has none)."""
-    from fer.checkpoint import model_from_checkpoint
+    from fer.train.checkpoint import model_from_checkpoint
 
     device = torch.device(device) if device is not None else None
     model = model_from_checkpoint(ckpt, device)
@@ -212,9 +212,9 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, split: str = "tes
     holds the plain argmax ones); `bootstrap` resamples give macro_f1_ci95; with
     `csv_path` one row is appended there.
     """
-    from fer.checkpoint import load_checkpoint
     from fer.data import load_configured
-    from fer.metrics import format_per_class_table
+    from fer.train.checkpoint import load_checkpoint
+    from fer.train.metrics import format_per_class_table
 
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="data path (default: the checkpoint config's)")
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
-    parser.add_argument("--tta", action="store_true", help="average over fer.transforms.tta_views")
+    parser.add_argument("--tta", action="store_true", help="average over fer.train.transforms.tta_views")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--csv", default=None,

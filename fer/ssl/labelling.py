@@ -1,6 +1,6 @@
 """How a model labels the unlabeled pool: its logits on val and the pool, its calibration on
 val (cfg.posthoc offsets and temperature scaling), the optional label-spreading graph
-(fer.propagate) and the selection rule (fer.pseudo). The pipeline's labeller is the teacher,
+(fer.ssl.propagate) and the selection rule (fer.ssl.pseudo). The pipeline's labeller is the teacher,
 and in later stage-2 rounds (cfg.student_rounds) the previous round's student.
 """
 
@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fer.config import TrialConfig
-from fer.infer import is_main, predict_features_sharded, predict_logits_sharded
-from fer.posthoc import fit_offsets
-from fer.propagate import CANDIDATES, feature_space, graph_pseudo_probs, pixel_space
-from fer.pseudo import fit_temperature, select_pseudo_labels, summarize_selection, write_pseudo_csv
+from fer.ssl.propagate import CANDIDATES, feature_space, graph_pseudo_probs, pixel_space
+from fer.ssl.pseudo import fit_temperature, select_pseudo_labels, summarize_selection, write_pseudo_csv
+from fer.train.config import TrialConfig
+from fer.train.infer import is_main, predict_features_sharded, predict_logits_sharded
+from fer.train.posthoc import fit_offsets
 
 
 def say(message: str) -> None:
@@ -97,7 +97,7 @@ def _calibrated(logits: np.ndarray, offsets: np.ndarray, temperature: float) -> 
 def _teacher_outputs(cfg: TrialConfig, teacher: nn.Module, data: Any,
                      device: Any) -> tuple[tuple[np.ndarray, np.ndarray], Callable[[str], np.ndarray]]:
     """The teacher's (val, pool) logits, and the embedding of train, pool and val for the
-    label-spreading graph `name` (fer.propagate), computed when asked for. Where a feature
+    label-spreading graph `name` (fer.ssl.propagate), computed when asked for. Where a feature
     graph may be built (and without TTA, whose logits average several views) one pass over val
     and the pool gives logits and features together, so the features cost one more pass, over
     train."""

@@ -2,7 +2,7 @@
 
 The budget unit is the epoch everywhere (ASHA's rungs and max_t, the global epoch across
 both stages, the curves, resume). `TrialConfig.epoch_images` sizes an epoch to the data:
-a split smaller than that is repeated within the epoch (`fer.samplers.epoch_indices`), so
+a split smaller than that is repeated within the epoch (`fer.train.samplers.epoch_indices`), so
 `epochs: 12` trains a 377-image split for as many optimizer steps as a 3,000-image one,
 while a split larger than `epoch_images` (FER2013's 28,709) keeps one pass per epoch.
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from fer.config import TrialConfig
-from fer.samplers import pass_size, passes_per_epoch
+from fer.train.config import TrialConfig
+from fer.train.samplers import pass_size, passes_per_epoch
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ class PipelineState:
 
     stage: str  # "teacher" or "student"
     fit: FitState
-    teacher: dict[str, Any] | None = None  # fer.pipeline's summary of stage 1 (checkpoint, history, ...)
+    teacher: dict[str, Any] | None = None  # fer.ssl.pipeline's summary of stage 1 (checkpoint, history, ...)
     pseudo: dict[str, Any] | None = None  # kept pool indices, labels, confidences, summary
     rounds: list[dict[str, Any]] | None = None  # stage 2's finished rounds, each summarised as the teacher
 

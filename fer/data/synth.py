@@ -353,7 +353,7 @@ def count_table(frame: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fer.synth", description="Write the embedded demo data set as a FER2013 CSV."
+        prog="python -m fer.data.synth", description="Write the embedded demo data set as a FER2013 CSV."
     )
     parser.add_argument("--out", required=True, help="directory to write fer2013_demo.csv into")
     parser.add_argument("--seed", type=int, default=0)

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fer.config import TrialConfig
 from fer.io import atomic_write, to_plain
-from fer.state import PipelineState
+from fer.train.config import TrialConfig
+from fer.train.state import PipelineState
 
 RESUME_KEY = "resume"  # a resumable checkpoint's PipelineState.to_dict(), beside the epoch's model
 CHECKPOINT_KEYS = (
@@ -121,7 +121,7 @@ def load_problem(err: Exception) -> str:
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device | None = None) -> nn.Module:
     """Rebuild the network named in the checkpoint, load its weights, put it in eval mode."""
-    from fer.models import build_model
+    from fer.train.models import build_model
 
     model = build_model(
         ckpt["model_name"],

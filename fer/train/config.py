@@ -28,26 +28,26 @@ class TrialConfig:
     skip_bad: bool = False  # leave unreadable, missing or unlisted images out (counted) instead of stopping
 
     # --- model ----------------------------------------------------------------
-    # fer.models.MODELS, any timm name, or a torchvision name. resnet10t (timm) by measurement
+    # fer.train.models.MODELS, any timm name, or a torchvision name. resnet10t (timm) by measurement
     # (BENCHMARKS.md, Quality): on the 48 px demo data its teacher reached test macro-F1 0.68
     # in 10 epochs where mobilenet_v3_small's reached 0.54 in 20, at 0.36-0.6x its images/s.
     model: str = "resnet10t"
-    stem: str = "standard"  # see fer.models.STEMS: small = stride-1 stem conv, no stem max-pool
+    stem: str = "standard"  # see fer.train.models.STEMS: small = stride-1 stem conv, no stem max-pool
     pretrained: str | None = None  # None, "imagenet" (downloads) or a local .pth/.safetensors file
     dropout: float = 0.2  # before the classifier
 
     # --- loss and class weighting --------------------------------------------
-    loss: str = "ce"  # see fer.losses.LOSSES: ce, focal, logit_adjusted, balanced_softmax
+    loss: str = "ce"  # see fer.train.losses.LOSSES: ce, focal, logit_adjusted, balanced_softmax
     focal_gamma: float = 2.0  # focal only (Lin et al. 2017); 0 gives cross-entropy
     label_smoothing: float = 0.0  # ce and logit_adjusted
     la_tau: float = 1.0  # logit_adjusted: tau * log prior added to logits (Menon et al. 2021)
-    class_weights: str = "none"  # see fer.losses.WEIGHT_SCHEMES: none, inverse, sqrt_inverse, effective
+    class_weights: str = "none"  # see fer.train.losses.WEIGHT_SCHEMES: none, inverse, sqrt_inverse, effective
     cb_beta: float = 0.999  # effective number of samples (Cui et al. 2019); only for "effective"
 
     # --- sampling and augmentation -------------------------------------------
-    sampler: str = "uniform"  # see fer.samplers.SAMPLERS: uniform, sqrt, balanced
+    sampler: str = "uniform"  # see fer.train.samplers.SAMPLERS: uniform, sqrt, balanced
     class_cap: int = 0  # at most this many images of each class per epoch; 0 = no cap
-    augment: str = "weak"  # see fer.transforms.AUGMENTS: none, weak, strong
+    augment: str = "weak"  # see fer.train.transforms.AUGMENTS: none, weak, strong
 
     # --- optimisation (stage 1, and stage 2 unless overridden below) ----------
     optimizer: str = "adamw"  # adamw or sgd
@@ -57,7 +57,7 @@ class TrialConfig:
     batch_size: int = 128  # per data-parallel rank
     epochs: int = 10  # stage 1 (teacher) epochs
     # An epoch draws at least this many training images: a smaller split is repeated (each
-    # pass reshuffled, fer.samplers), so a few hundred images still get enough optimizer
+    # pass reshuffled, fer.train.samplers), so a few hundred images still get enough optimizer
     # steps per epoch; a split this large or larger is one pass. 0 = always one pass.
     epoch_images: int = 3000  # about the demo data's training split
     warmup_epochs: int = 1  # linear warmup, then cosine decay to zero
@@ -73,7 +73,7 @@ class TrialConfig:
     # data and from +0.007 to +0.021 on the digits set, going from 4 epochs to 8.
     student_epochs: int = 8
     pseudo_threshold: float = 0.9  # keep pool images whose teacher confidence is at least this
-    pseudo_selection: str = "threshold"  # see fer.pseudo.SELECTIONS: threshold, crest, flexmatch, aligned
+    pseudo_selection: str = "threshold"  # see fer.ssl.pseudo.SELECTIONS: threshold, crest, flexmatch, aligned
     crest_alpha: float = 0.5  # crest: keep rate of class k is (N_{K+1-k}/N_1)^alpha (Wei et al. 2021)
     pseudo_tta: bool = False  # average the teacher's predictions over the TTA views
     pseudo_temperature: bool = True  # fit temperature scaling on val before thresholding
@@ -85,7 +85,7 @@ class TrialConfig:
     # no effect with posthoc none.
     pseudo_debias: bool = True
     # Average the teacher's pool probabilities with label spreading over a kNN graph of train,
-    # pool and val images (fer.propagate): "pixels" (PCA of the images), "features" (the
+    # pool and val images (fer.ssl.propagate): "pixels" (PCA of the images), "features" (the
     # teacher's penultimate features), "none", or "auto": whichever of the three labels val best
     # (val images sit in the graph unlabelled). On the digits set the pixel graph lifted the
     # pool's label accuracy from 0.957 to 0.982 (benchmarks/quality.py, seed 0).
@@ -110,7 +110,7 @@ class TrialConfig:
     # How stage 2 uses the pool (fer.names.STUDENT_MODES): "offline" trains on the teacher's
     # selected pseudo-labels (above); "fixmatch" trains the student on the labelled split while
     # its own confident predictions on weakly augmented pool images label strongly augmented
-    # views of them, every step (fer.consistency, Sohn et al. 2020); "flexmatch" does so with
+    # views of them, every step (fer.train.consistency, Sohn et al. 2020); "flexmatch" does so with
     # per-class thresholds (Zhang et al. 2021). Online, pseudo_threshold is the confidence a weak
     # view needs and pseudo_weight weighs the pool's loss; the other pseudo_* knobs are the
     # offline mode's; the teacher's confident picks (the offline selection) join the labelled
@@ -157,7 +157,7 @@ class TrialConfig:
     pool_control: bool = True
 
     # --- post-hoc decision rule ----------------------------------------------
-    posthoc: str = "tau"  # see fer.posthoc.POSTHOC: none, tau (tau * log prior), bias (per-class)
+    posthoc: str = "tau"  # see fer.train.posthoc.POSTHOC: none, tau (tau * log prior), bias (per-class)
 
     @property
     def round_epochs(self) -> int:
@@ -166,7 +166,7 @@ class TrialConfig:
 
 
 # Fields stage 1 (the teacher) never reads: runs that differ only in these train the same
-# teacher, which fer.teachers shares between them (tests/test_teachers.py trains two teachers
+# teacher, which fer.ssl.teachers shares between them (tests/test_teachers.py trains two teachers
 # whose configurations differ in every one of these and compares their weights).
 STAGE2_FIELDS = (
     "student_epochs", "pseudo_threshold", "pseudo_selection", "crest_alpha", "pseudo_tta", "pseudo_temperature",
@@ -306,8 +306,8 @@ def check_value(name: str, value: Any, source: str = "config") -> None:
 
 
 def check_model(value: str, source: str = "config") -> None:
-    """Raise naming `source` if no zoo has model `value` (imports fer.models: torch, timm)."""
-    from fer.models import resolve_model
+    """Raise naming `source` if no zoo has model `value` (imports fer.train.models: torch, timm)."""
+    from fer.train.models import resolve_model
 
     try:
         resolve_model(value)
