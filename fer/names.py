@@ -23,7 +23,7 @@ SCHEDULES = ("cosine", "constant")
 # fer.ssl.pipeline: the teacher's selected pseudo-labels, or online consistency (fer.train.consistency)
 STUDENT_MODES = ("offline", "fixmatch", "flexmatch")
 ONLINE_MODES = ("fixmatch", "flexmatch")
-# fer.consistency: a kept weak view's argmax, or its sharpened distribution, as the strong view's target
+# fer.train.consistency: a kept weak view's argmax, or its sharpened distribution, as the strong view's target
 POOL_TARGETS = ("hard", "soft")
 # fer.data.fundus: how a DR folder's photographs become squares, and an optional filter
 LOAD_CROPS = ("retina", "squash")

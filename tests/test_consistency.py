@@ -54,7 +54,7 @@ def test_the_pool_loss_trains_the_strong_view_on_confident_weak_predictions_only
 
 
 def test_soft_targets_are_the_kept_weak_views_sharpened_distribution():
-    from fer.consistency import SHARPEN
+    from fer.train.consistency import SHARPEN
 
     weak = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.1, 0.0]])  # kept, not kept
     strong = torch.tensor([[0.5, 0.0, -0.5], [1.0, 0.0, 0.0]], requires_grad=True)
