@@ -15,7 +15,7 @@ Steps (each a fresh process through the product's own front doors, with its own 
   dr224       `python -m fer.train` on a generated fundus folder (DR layout, RGB) at 224 px,
               load_size 256, resnet18, fundus augmentation: training images/s at clinical size
   throughput  `benchmarks/train_throughput.py`: fit's loop against a bare PyTorch loop, ratio
-  resume      `python -m fer.train` stopped (SIGINT) after its second epoch and resumed with
+  resume      `python -m fer.train` (6 epochs) stopped (SIGINT) after its second and resumed with
               --resume: the resumed run ends with as many epochs as an uninterrupted one and
               the same best epoch, its val macro-F1 within 0.02 (GPU kernels are not bitwise
               deterministic)
@@ -155,9 +155,11 @@ def step_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def step_resume(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     whole, parted = work / "resume_whole", work / "resume_parted"
-    epochs = 3 if args.tiny else 4
-    run(fer_train(whole, args, epochs=epochs), timeout=args.step_timeout)
-    argv = fer_train(parted, args, epochs=epochs)
+    # epochs after the stop: the window in which the poll below must see epoch 2's state before
+    # the run ends and removes it (a GPU epoch of 20,000 48 px images takes seconds)
+    epochs, extra = (6, ()) if args.tiny else (6, ("epoch_images=20000",))
+    run(fer_train(whole, args, *extra, epochs=epochs), timeout=args.step_timeout)
+    argv = fer_train(parted, args, *extra, epochs=epochs)
     child = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = parted / "resume.pt"
     deadline = time.time() + args.step_timeout
@@ -169,9 +171,9 @@ def step_resume(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 child.send_signal(signal.SIGINT)
                 break
         time.sleep(0.2)
-    child.wait(timeout=60)
+    child.wait(timeout=120)
     if not state.exists():
-        raise StepFailed("the run finished before it could be stopped after epoch 2: nothing to resume")
+        raise StepFailed(f"the run finished before it could be stopped after epoch 2 of {epochs}: nothing to resume")
     stopped_at = _saved_epoch(state)
     run(argv + ["--resume"], timeout=args.step_timeout)
     a, b = train_metrics(whole), train_metrics(parted)
