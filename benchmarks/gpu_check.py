@@ -186,9 +186,9 @@ def step_resume(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def _saved_epoch(state: Path) -> int:
     import torch
 
-    try:
+    try:  # fer.train writes it atomically: a read sees a whole file, or none once the run has ended
         saved = torch.load(state, map_location="cpu", weights_only=True)
-    except Exception:  # being written: the next poll reads it
+    except FileNotFoundError:
         return 0
     return int(saved.get("epoch", 0))
 
