@@ -134,3 +134,24 @@ def test_cli_rejects_bad_scale(tmp_path, capsys):
     with pytest.raises(SystemExit):
         synth.main(["--out", str(tmp_path), "--scale", "-1"])
     assert "--scale must be > 0" in capsys.readouterr().err
+
+
+def test_pool_multiple_gives_few_labels_and_a_large_pool(tmp_path, capsys):
+    """The pool follows the labelled split's class mix at `pool_multiple` times its size; the
+    labelled, val and test faces are the same as without it (the pool is drawn last)."""
+    counts = synth.split_counts(0.25, eval_scale=2.0, pool_multiple=7.0)
+    np.testing.assert_array_equal(counts["unlabeled"], np.rint(counts["train"] * 7.0))
+    assert counts["train"].sum() == 753 and counts["unlabeled"].sum() == 5271 and counts["val"].sum() == 1400
+    plain, large = (synth.generate_arrays(0, 0.02, None, multiple) for multiple in (1.0, 3.0))
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(plain[name][1], large[name][1])
+    assert len(large["unlabeled"][0]) == 3 * len(plain["unlabeled"][0])
+    assert synth.main(["--out", str(tmp_path), "--scale", "0.02", "--pool-multiple", "3"]) == 0
+    frame = pd.read_csv(tmp_path / "fer2013_demo.csv", usecols=["emotion", "Usage"])
+    assert (frame["Usage"] == "Unlabeled").sum() == len(large["unlabeled"][0])
+    with pytest.raises(SystemExit):
+        synth.main(["--out", str(tmp_path / "no"), "--pool-multiple", "0"])
+    assert "--pool-multiple must be > 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="pool_multiple must be > 0, got -1"):
+        synth.split_counts(1.0, pool_multiple=-1)
+    assert not (tmp_path / "no").exists()

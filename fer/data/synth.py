@@ -78,18 +78,21 @@ DELTAS = np.array(
 JITTER = np.array([0.025, 0.035, 0.015, 0.18, 0.03, 0.02, 0.025, 0.015, 0.18, 0.015])
 
 
-def split_counts(scale: float = 1.0, eval_scale: float | None = None) -> dict[str, np.ndarray]:
+def split_counts(scale: float = 1.0, eval_scale: float | None = None,
+                 pool_multiple: float = 1.0) -> dict[str, np.ndarray]:
     """Images per class for each split: train and unlabeled follow FER2013's training mix.
     `eval_scale` sizes val and test on their own (None: as `scale`), so a set with few labels
-    can still be measured on as many val and test images as the full-size one."""
+    can still be measured on as many val and test images as the full-size one; the unlabeled
+    pool has `pool_multiple` times the labelled split's images of each class."""
     eval_scale = scale if eval_scale is None else eval_scale
-    for name, value in (("scale", scale), ("eval_scale", eval_scale)):
+    for name, value in (("scale", scale), ("eval_scale", eval_scale), ("pool_multiple", pool_multiple)):
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value!r}")
     train = np.maximum(1, np.rint(FER_TRAIN_COUNTS * TRAIN_FRACTION * scale)).astype(np.int64)
     per_class = max(2, int(round(EVAL_PER_CLASS * eval_scale)))
     evaluation = np.full(len(CLASSES), per_class, dtype=np.int64)
-    return {"train": train, "val": evaluation, "test": evaluation.copy(), "unlabeled": train.copy()}
+    pool = np.maximum(1, np.rint(train * pool_multiple)).astype(np.int64)
+    return {"train": train, "val": evaluation, "test": evaluation.copy(), "unlabeled": pool}
 
 
 def sample_params(labels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -289,31 +292,34 @@ def format_pixels(images: np.ndarray) -> list[str]:
     return [" ".join(table[row]) for row in flat]
 
 
-def generate_arrays(seed: int = 0, scale: float = 1.0,
-                    eval_scale: float | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def generate_arrays(seed: int = 0, scale: float = 1.0, eval_scale: float | None = None,
+                    pool_multiple: float = 1.0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per split: (labels int64 (N,), images uint8 (N, 48, 48)); the same for the same seed."""
     rng = np.random.Generator(np.random.PCG64(seed))
-    return {name: make_split(counts, rng) for name, counts in split_counts(scale, eval_scale).items()}
+    return {name: make_split(counts, rng) for name, counts in
+            split_counts(scale, eval_scale, pool_multiple).items()}
 
 
-def generate(seed: int = 0, scale: float = 1.0, eval_scale: float | None = None) -> pd.DataFrame:
+def generate(seed: int = 0, scale: float = 1.0, eval_scale: float | None = None,
+             pool_multiple: float = 1.0) -> pd.DataFrame:
     """The demo data set as a FER2013-style frame: columns emotion, pixels, Usage.
 
     Unlabeled rows keep their true emotion so pseudo-label precision can be reported
     (a real FER2013 file would leave it empty).
     """
     frames = []
-    for name, (labels, images) in generate_arrays(seed, scale, eval_scale).items():
+    for name, (labels, images) in generate_arrays(seed, scale, eval_scale, pool_multiple).items():
         columns = {"emotion": labels, "pixels": format_pixels(images), "Usage": USAGES[name]}
         frames.append(pd.DataFrame(columns))
     return pd.concat(frames, ignore_index=True)
 
 
-def write_csv(out_dir: str, seed: int = 0, scale: float = 1.0, eval_scale: float | None = None) -> str:
+def write_csv(out_dir: str, seed: int = 0, scale: float = 1.0, eval_scale: float | None = None,
+              pool_multiple: float = 1.0) -> str:
     """Write `fer2013_demo.csv` into `out_dir` atomically and return its path."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, CSV_NAME)
-    frame = generate(seed, scale, eval_scale)
+    frame = generate(seed, scale, eval_scale, pool_multiple)
     atomic_write(Path(path), lambda handle: handle.write(frame.to_csv(index=False).encode()))
     return path
 
@@ -360,13 +366,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="1.0 = about 3,000 training images")
     parser.add_argument("--eval-scale", type=float, default=None,
                         help="val and test size on its own (default: --scale); 1.0 = 100 images a class")
+    parser.add_argument("--pool-multiple", type=float, default=1.0,
+                        help="unlabeled pool images per labelled image, per class (default 1.0; few labels and "
+                             "a large pool, where semi-supervised learning is for: --scale 0.25 --pool-multiple 7)")
     parser.add_argument("--preview", help="also save a PNG grid of sample faces per class here")
     args = parser.parse_args(argv)
-    for flag, value in (("--scale", args.scale), ("--eval-scale", args.eval_scale)):
+    for flag, value in (("--scale", args.scale), ("--eval-scale", args.eval_scale),
+                        ("--pool-multiple", args.pool_multiple)):
         if value is not None and not value > 0:
             parser.error(f"{flag} must be > 0, got {value}")
     start = time.perf_counter()
-    path = write_csv(args.out, seed=args.seed, scale=args.scale, eval_scale=args.eval_scale)
+    path = write_csv(args.out, seed=args.seed, scale=args.scale, eval_scale=args.eval_scale,
+                     pool_multiple=args.pool_multiple)
     print(f"wrote {path} ({time.perf_counter() - start:.1f}s)")
     print(count_table(pd.read_csv(path, usecols=["emotion", "Usage"])))
     if args.preview:
