@@ -56,6 +56,15 @@ def trained_ckpt():
     return ckpt
 
 
+def test_parity_on_too_few_images_fails_saying_why(trained_ckpt, tmp_path, capsys):
+    """Scores within tolerance on 13 images are no evidence: FAILED, and the line says why."""
+    images, labels = bar_images(13, 24, 3)
+    export_checkpoint(trained_ckpt, str(tmp_path), images=images, labels=labels, latency_runs=1)
+    parity = json.loads((tmp_path / "parity.json").read_text())
+    assert not parity["passed"] and parity["max_abs_score_diff"] <= 1e-4 and parity["top1_identical"]
+    assert "FAILED (only 13 images: the check needs at least 64, data set too small)" in capsys.readouterr().out
+
+
 def test_export_parity_int8_and_card(trained_ckpt, tmp_path):
     images, labels = bar_images(80, 24, 3)
     card = export_checkpoint(trained_ckpt, str(tmp_path), images=images, labels=labels, int8=True,

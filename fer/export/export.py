@@ -234,7 +234,7 @@ def export_checkpoint(ckpt_path_or_dict: str | dict[str, Any], out_dir: str, *, 
     _write_json(os.path.join(out_dir, "parity.json"), parity)
     print(f"parity (onnxruntime vs PyTorch, {parity['images']} images): max |score diff| "
           f"{parity['max_abs_score_diff']:.2e} (tolerance {PARITY_TOLERANCE:g}), top-1 identical: "
-          f"{parity['top1_identical']} -> {'PASSED' if parity['passed'] else 'FAILED'}")
+          f"{parity['top1_identical']} -> {'PASSED' if parity['passed'] else 'FAILED'}{parity_shortfall(parity)}")
     fp32_scores = run_onnx(onnx_path, images)
     metrics = _onnx_metrics(ckpt, labels, fp32_scores, module.offsets.numpy())
     card: dict[str, Any] = {
@@ -306,6 +306,13 @@ def _write_json(path: str, value: dict[str, Any]) -> None:
 
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(to_plain(value), handle, indent=2)
+
+
+def parity_shortfall(parity: dict[str, Any]) -> str:
+    """Why a parity check with scores within tolerance still failed: too few images to tell."""
+    if parity["images"] >= MIN_PARITY_IMAGES:
+        return ""
+    return f" (only {parity['images']} images: the check needs at least {MIN_PARITY_IMAGES}, data set too small)"
 
 
 def export_images(dataset, minimum: int = MIN_PARITY_IMAGES) -> tuple[np.ndarray, np.ndarray | None, str]:
