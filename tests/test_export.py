@@ -152,3 +152,40 @@ def test_cli_on_a_fer_csv(tmp_path, monkeypatch, capsys):
     parity = json.loads((tmp_path / "deploy" / "parity.json").read_text())
     assert parity["images"] >= 64 and "test" in parity["data"]
     assert os.path.exists(tmp_path / "deploy" / "model_card.json")
+
+
+def test_a_top1_that_differs_only_in_a_near_tie_passes_and_says_so(monkeypatch, capsys):
+    """Every score within the tolerance: a flipped top-1 can only be two scores within twice
+    the tolerance of each other, so it passes (counted); a score beyond the tolerance fails."""
+    from fer.export import export as onnx_export
+
+    reference = np.tile(np.array([[2.0, 0.0, -1.0]], np.float32), (64, 1))
+    reference[0] = [1.0, 1.00002, 0.0]
+    scores = reference.copy()
+    scores[0] = [1.00002, 1.0, 0.0]  # 2e-5 apart: the argmax flips
+    monkeypatch.setattr(onnx_export, "run_torch", lambda module, images: reference)
+    monkeypatch.setattr(onnx_export, "run_onnx", lambda path, images: scores)
+    parity = onnx_export.check_parity(None, "model.onnx", np.zeros((64, 4, 4, 1), np.uint8))
+    assert parity["passed"] and not parity["top1_identical"] and parity["top1_agreement"] == 63 / 64
+    assert onnx_export.top1_line(parity) == "top-1 identical but for 1 near tie(s)"
+    scores[1, 0] += 1e-3  # one score beyond the tolerance
+    assert not onnx_export.check_parity(None, "model.onnx", np.zeros((64, 4, 4, 1), np.uint8))["passed"]
+
+
+def test_inference_batches_are_bounded_in_bytes_with_the_same_scores(monkeypatch):
+    """Large images are scored in smaller batches (fer.train.infer.BATCH_BYTES of float32
+    input), with the same logits as whole batches; small images keep the asked batch size."""
+    from fer.train import infer
+
+    assert infer.bounded_batch(np.zeros((1, 48, 48, 1), np.uint8), 256) == 256
+    assert infer.bounded_batch(np.zeros((1, 512, 512, 3), np.uint8), 256) == 42
+    model = fer.train.models.build_model("mobilenet_v3_small", num_classes=4, in_channels=3, image_size=32).eval()
+    images = np.random.default_rng(0).integers(0, 256, (20, 40, 40, 3), dtype=np.uint8)
+    whole = infer.predict_logits(model, images, image_size=32, device="cpu")
+    monkeypatch.setattr(infer, "BATCH_BYTES", 3 * 40 * 40 * 3 * 4)  # three images a batch
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x: (seen.append(len(x)), forward(x))[1])
+    parted = infer.predict_logits(model, images, image_size=32, device="cpu")
+    assert seen == [3] * 6 + [2]
+    torch.testing.assert_close(parted, whole, rtol=1e-4, atol=1e-5)

@@ -101,6 +101,19 @@ def _num_outputs(net: nn.Module) -> int:
     return head.out_features if head is not None else 0
 
 
+# An inference batch holds at most this many bytes of its input as float32: at 48 px that is
+# every batch of 256 images, at 512 px RGB (3 MiB an image) 42 of them. Whole batches of 256
+# 512-px photographs took a search's driver to 5.0 GB of private memory at DDR's size (export
+# and test read) and a trial to 2.5 GB (benchmarks/dr_scale.py --measures search).
+BATCH_BYTES = 128 * 2**20
+
+
+def bounded_batch(images: np.ndarray, batch_size: int) -> int:
+    """`batch_size`, lowered so a batch of `images` (N, H, W, C) as float32 fits BATCH_BYTES."""
+    per_image = 4 * int(np.prod(images.shape[1:], dtype=np.int64))
+    return max(1, min(batch_size, BATCH_BYTES // max(per_image, 1)))
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module,
@@ -131,6 +144,7 @@ def predict_logits(
     transform = make_eval_transform(image_size)
     data = to_nchw(images)
     outputs = []
+    batch_size = bounded_batch(images, batch_size)
     for start in range(0, len(data), batch_size):
         batch = data[start:start + batch_size].to(device, non_blocking=True)
         views = tta_views(batch, image_size) if tta else [transform(batch)]
