@@ -15,6 +15,9 @@ shared between processes and dropped under pressure; RssAnon is what the process
           (TrainSource + the fundus augmentation + mobilenet_v3_small at 224 px) over the train split
   bare    the same epoch as a plain PyTorch loop over the same memory-mapped train split: a
           shuffled batch gathered from the map, resized to 224, one AdamW step, no augmentation
+  search  `python -m search.run` on the folder (spaces/dr.yaml cut to one short CPU trial, the
+          cache a hit): the peak private memory of the driver and of the largest process it
+          starts (the trial's), sampled every 100 ms from /proc
 Raw results go to benchmarks/results/dr_scale_<sizes>.json.
 """
 
@@ -155,12 +158,91 @@ def measure_bare(folder: str, cache: str, load_size: int, limit: int) -> dict[st
             "peak_rss_anon_kib": peak.close(), **memory_status()}
 
 
-MEASURES = {"decode": measure_decode, "epoch": measure_epoch, "bare": measure_bare}
+def search_space(work: Path, load_size: int) -> Path:
+    """spaces/dr.yaml as shipped (metric, remedies, load options, fundus augmentation) cut to one
+    CPU trial of one short epoch: mobilenet_v3_small at 224 px from scratch, at most 64 images a
+    grade per epoch (class_cap), whatever N is, so the trial's memory, not its training, is measured."""
+    import yaml
+
+    from search.space import SPACES_DIR
+
+    space = yaml.safe_load((SPACES_DIR / "dr.yaml").read_text())
+    space["fixed"].update({"model": MODEL, "pretrained": None, "load_size": load_size, "epochs": 1, "class_cap": 64,
+                           "batch_size": BATCH,
+                           "amp": False, "channels_last": False})
+    space["parameters"]["image_size"] = {"choice": [EPOCH_SIZE]}
+    space["searcher"]["baseline"]["image_size"] = EPOCH_SIZE
+    space["scheduler"]["grace_period"] = 1
+    path = work / "dr_scale_space.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, RssAnon KiB, command line) of every process readable in /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # ended meanwhile
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        anon = int(fields.get("RssAnon", "0 kB").split()[0])
+        table[int(entry.name)] = (int(fields["PPid"]), anon, command)
+    return table
+
+
+def descendants(root: int, table: dict[int, tuple[int, int, str]]) -> set[int]:
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, (parent, _, _) in table.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return tree
+
+
+def measure_search(folder: str, cache: str, load_size: int, work: str) -> dict[str, Any]:
+    """`python -m search.run --space <the cut dr space>` on the folder, one trial, its cache
+    already built (a hit): the peak private memory (RssAnon, sampled every 100 ms from /proc)
+    of the driver and of every process it starts (Ray's workers, the trial's among them)."""
+    storage = Path(work) / f"runs-{Path(folder).name}"
+    shutil.rmtree(storage, ignore_errors=True)
+    argv = [sys.executable, "-m", "search.run", "--space", str(search_space(Path(work), load_size)), "--data", folder,
+            "--num-samples", "1", "--confirm-top", "0", "--max-concurrent", "1", "--storage", str(storage),
+            "--name", "dr"]
+    started = time.perf_counter()
+    with open(Path(work) / f"search-{Path(folder).name}.log", "w") as log:
+        driver = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[1], stdout=log,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "FER_CACHE_DIR": cache})
+        peaks: dict[int, tuple[int, str]] = {}
+        while driver.poll() is None:
+            table = process_table()
+            for pid in descendants(driver.pid, table):
+                _, anon, command = table[pid]
+                if anon >= peaks.get(pid, (0, ""))[0]:
+                    peaks[pid] = (anon, command[:120])
+            time.sleep(0.1)
+    seconds = time.perf_counter() - started
+    if driver.returncode != 0:
+        raise RuntimeError(f"search on {folder} failed: see {log.name}")
+    summary = json.loads((storage / "dr" / "summary.json").read_text())
+    others = sorted(((anon, command) for pid, (anon, command) in peaks.items() if pid != driver.pid), reverse=True)
+    return {"seconds": seconds, "driver_peak_rss_anon_kib": peaks.get(driver.pid, (0, ""))[0],
+            "largest_peak_rss_anon_kib": others[0][0] if others else 0,
+            "largest": others[0][1] if others else "", "top5": [[a, c] for a, c in others[:5]],
+            "processes": len(peaks), "winner_val": summary["winner"]["val"]}
+
+
+MEASURES = {"decode": measure_decode, "epoch": measure_epoch, "bare": measure_bare, "search": measure_search}
 
 
 def run_child(kind: str, folder: Path, cache: Path, load_size: int, limit: int) -> dict[str, Any]:
     """One measurement in a fresh interpreter (its own peak memory); its JSON on the last line."""
-    args = [str(folder), str(cache), load_size] + ([] if kind == "decode" else [limit])
+    extra = {"decode": [], "search": [str(folder.parent)]}.get(kind, [limit])
+    args = [str(folder), str(cache), load_size] + extra
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
             f"from benchmarks.dr_scale import MEASURES; "
             f"print(json.dumps(MEASURES[{kind!r}](*{args!r})))")
@@ -184,7 +266,7 @@ def measure_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]
     shutil.rmtree(cache, ignore_errors=True)  # the decode measure starts from an empty cache
     row: dict[str, Any] = {"n": n, "generate_seconds": generated,
                            "source_bytes": sum(p.stat().st_size for p in folder.rglob("*.jpg"))}
-    for kind in ["decode"] + [m for m in ("epoch", "bare") if m in args.measures]:  # decode builds the cache
+    for kind in ["decode"] + [m for m in ("epoch", "bare", "search") if m in args.measures]:  # decode builds the cache
         row[kind] = run_child(kind, folder, cache, args.load_size, args.epoch_images)
         print(f"N={n} {kind}: {json.dumps(row[kind])}", flush=True)
     if "epoch" in row and "bare" in row:
@@ -196,15 +278,17 @@ def measure_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]
 def report(rows: list[dict[str, Any]]) -> str:
     mib = lambda kib: kib / 1024  # noqa: E731
     missing = {"images": None, "images_per_s": None, "VmHWM": 0, "peak_rss_anon_kib": 0}
-    rows = [{"epoch": missing, "bare": missing, "epoch_vs_bare": None, **r} for r in rows]
+    no_search = {"driver_peak_rss_anon_kib": 0, "largest_peak_rss_anon_kib": 0}
+    rows = [{"epoch": missing, "bare": missing, "epoch_vs_bare": None, "search": no_search, **r} for r in rows]
     header = ["N", "decode s", "img/s", "img/s/core", "cache MiB", "decode HWM MiB", "decode anon MiB",
               "epoch imgs", "epoch img/s", "bare img/s", "epoch/bare", "epoch HWM MiB", "epoch anon MiB",
-              "bare anon MiB"]
+              "bare anon MiB", "search driver anon MiB", "search trial anon MiB"]
     table = [[r["n"], r["decode"]["seconds"], r["decode"]["images_per_s"], r["decode"]["images_per_s_per_core"],
               r["decode"]["cache_bytes"] / 2**20, mib(r["decode"]["VmHWM"]), mib(r["decode"]["peak_rss_anon_kib"]),
               r["epoch"]["images"], r["epoch"]["images_per_s"], r["bare"]["images_per_s"], r["epoch_vs_bare"],
               mib(r["epoch"]["VmHWM"]) or None, mib(r["epoch"]["peak_rss_anon_kib"]) or None,
-              mib(r["bare"]["peak_rss_anon_kib"]) or None]
+              mib(r["bare"]["peak_rss_anon_kib"]) or None, mib(r["search"]["driver_peak_rss_anon_kib"]) or None,
+              mib(r["search"]["largest_peak_rss_anon_kib"]) or None]
              for r in rows]
     return format_table(header, table)
 
@@ -217,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epoch-images", type=int, default=0,
                         help="train on at most this many images in the epoch measures (0: the whole train split)")
     parser.add_argument("--measures", default="decode,epoch,bare",
-                        help="which to run: decode always (it builds the cache), epoch and bare when listed")
+                        help="which to run: decode always (it builds the cache), epoch, bare and search (a one-trial "
+                             "search.run on spaces/dr.yaml cut to one short CPU epoch) when listed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None,
                         help="keep the generated folders here and reuse them in later runs (default: a temporary "

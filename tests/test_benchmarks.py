@@ -483,3 +483,37 @@ def test_the_prepared_gpu_check_rehearses_every_step_on_cpu(tmp_path):
     assert steps["amp"]["amp_true"]["images_per_s"] > 0 and steps["dr224"]["images"] == 60
     assert steps["throughput"]["ratio"] > 0 and steps["augment"]["fundus_cpu_images_per_s"] > 0
     assert "NCCL DDP needs 2 GPUs" in steps["ddp"]["reason"]
+
+
+def test_dr_scale_search_measure_writes_a_valid_space_and_follows_the_process_tree(tmp_path):
+    """The search measure's space is spaces/dr.yaml cut to one short CPU trial (it loads as
+    search.run loads it), and the memory sampler finds a grandchild of the driver."""
+    import subprocess
+    import sys
+    import time
+
+    from search.space import load_space
+
+    dr_scale = load("dr_scale")
+    space = load_space(str(dr_scale.search_space(tmp_path, 96)))
+    assert space.fixed["load_size"] == 96 and space.fixed["class_cap"] == 64 and space.fixed["epochs"] == 1
+    assert space.metric == "val_kappa" and space.fixed["pretrained"] is None
+    child = subprocess.Popen([sys.executable, "-c", "import subprocess, time; p = subprocess.Popen(['sleep', '20']); "
+                              "print(p.pid, flush=True); time.sleep(20)"], stdout=subprocess.PIPE, text=True)
+    grandchild = None
+    try:
+        grandchild = int(child.stdout.readline())
+        time.sleep(0.2)
+        table = dr_scale.process_table()
+        assert {child.pid, grandchild} <= dr_scale.descendants(child.pid, table)
+        assert table[grandchild][0] == child.pid and table[child.pid][1] > 0  # parent, private KiB
+    finally:
+        child.kill()
+        child.wait()
+        if grandchild is not None:
+            subprocess.run(["kill", str(grandchild)], check=False)  # the sleep this test started
+    row = {"n": 12, "decode": {"seconds": 1.0, "images_per_s": 12.0, "images_per_s_per_core": 6.0, "cache_bytes": 2**20,
+                               "VmHWM": 2048, "peak_rss_anon_kib": 1024},
+           "search": {"driver_peak_rss_anon_kib": 3 * 1024, "largest_peak_rss_anon_kib": 5 * 1024}}
+    last = dr_scale.report([row]).splitlines()[2].split()
+    assert last[-2:] == ["3", "5"]
