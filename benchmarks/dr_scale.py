@@ -13,6 +13,7 @@ shared between processes and dropped under pressure; RssAnon is what the process
           images/s per core (decode threads = cores), the cache's size on disk
   epoch   open the cache (load_dataset, a cache hit) and train one epoch of fer.train.fitting.fit
           (TrainSource + the fundus augmentation + mobilenet_v3_small at 224 px) over the train split
+  epoch_plain  the same without augmentation or gradient clipping: what fit itself adds
   bare    the same epoch as a plain PyTorch loop over the same memory-mapped train split: a
           shuffled batch gathered from the map, resized to 224, one AdamW step, no augmentation
   search  `python -m search.run` on the folder (spaces/dr.yaml cut to one short CPU trial, the
@@ -92,15 +93,22 @@ def measure_decode(folder: str, cache: str, load_size: int) -> dict[str, Any]:
             "peak_rss_anon_kib": peak.close(), **memory_status()}
 
 
-def train_config(images: int) -> Any:
+def train_config(images: int, plain: bool = False) -> Any:
+    """The epoch's recipe: spaces/dr.yaml's fundus augmentation and fer.train's gradient clipping,
+    or (`plain`) neither, the bare loop's work plus what fit adds around it."""
     from fer.train.config import TrialConfig
 
     return TrialConfig(model=MODEL, image_size=EPOCH_SIZE, batch_size=BATCH, epochs=1, warmup_epochs=0,
-                       epoch_images=0, augment="fundus", class_cap=0, student_epochs=0, seed=0,
-                       patience=0, posthoc="none")
+                       epoch_images=0, augment="none" if plain else "fundus", grad_clip=0.0 if plain else 5.0,
+                       class_cap=0, student_epochs=0, seed=0, patience=0, posthoc="none")
 
 
-def measure_epoch(folder: str, cache: str, load_size: int, limit: int) -> dict[str, Any]:
+def measure_epoch_plain(folder: str, cache: str, load_size: int, limit: int) -> dict[str, Any]:
+    """`measure_epoch` without augmentation or gradient clipping: fit's own overhead."""
+    return measure_epoch(folder, cache, load_size, limit, plain=True)
+
+
+def measure_epoch(folder: str, cache: str, load_size: int, limit: int, plain: bool = False) -> dict[str, Any]:
     """One epoch of fer.train.fitting.fit over (the first `limit` of) the mapped train split."""
     import numpy as np
     import torch
@@ -114,7 +122,7 @@ def measure_epoch(folder: str, cache: str, load_size: int, limit: int) -> dict[s
     train = data.splits["train"]
     rows = min(limit or len(train), len(train))
     counts = np.bincount(train.labels[:rows], minlength=data.num_classes)
-    cfg = train_config(rows)
+    cfg = train_config(rows, plain)
     val = Split(data.splits["val"].images[:64], data.splits["val"].labels[:64])
     stage = Stage.of(cfg, "teacher", train.images[:rows], train.labels[:rows], counts)
     result = fit(cfg, stage, val, data.classes, device=torch.device("cpu"), progress=False)
@@ -236,7 +244,8 @@ def measure_search(folder: str, cache: str, load_size: int, work: str) -> dict[s
             "processes": len(peaks), "winner_val": summary["winner"]["val"]}
 
 
-MEASURES = {"decode": measure_decode, "epoch": measure_epoch, "bare": measure_bare, "search": measure_search}
+MEASURES = {"decode": measure_decode, "epoch": measure_epoch, "epoch_plain": measure_epoch_plain, "bare": measure_bare,
+            "search": measure_search}
 
 
 def run_child(kind: str, folder: Path, cache: Path, load_size: int, limit: int) -> dict[str, Any]:
@@ -266,11 +275,12 @@ def measure_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]
     shutil.rmtree(cache, ignore_errors=True)  # the decode measure starts from an empty cache
     row: dict[str, Any] = {"n": n, "generate_seconds": generated,
                            "source_bytes": sum(p.stat().st_size for p in folder.rglob("*.jpg"))}
-    for kind in ["decode"] + [m for m in ("epoch", "bare", "search") if m in args.measures]:  # decode builds the cache
+    for kind in ["decode"] + [m for m in ("epoch", "epoch_plain", "bare", "search") if m in args.measures]:
         row[kind] = run_child(kind, folder, cache, args.load_size, args.epoch_images)
         print(f"N={n} {kind}: {json.dumps(row[kind])}", flush=True)
-    if "epoch" in row and "bare" in row:
-        row["epoch_vs_bare"] = row["epoch"]["images_per_s"] / row["bare"]["images_per_s"]
+    for kind in ("epoch", "epoch_plain"):
+        if kind in row and "bare" in row:
+            row[f"{kind}_vs_bare"] = row[kind]["images_per_s"] / row["bare"]["images_per_s"]
     shutil.rmtree(cache, ignore_errors=True)
     return row
 
@@ -279,13 +289,15 @@ def report(rows: list[dict[str, Any]]) -> str:
     mib = lambda kib: kib / 1024  # noqa: E731
     missing = {"images": None, "images_per_s": None, "VmHWM": 0, "peak_rss_anon_kib": 0}
     no_search = {"driver_peak_rss_anon_kib": 0, "largest_peak_rss_anon_kib": 0}
-    rows = [{"epoch": missing, "bare": missing, "epoch_vs_bare": None, "search": no_search, **r} for r in rows]
+    rows = [{"epoch": missing, "bare": missing, "epoch_vs_bare": None, "epoch_plain_vs_bare": None, "search": no_search,
+             **r} for r in rows]
     header = ["N", "decode s", "img/s", "img/s/core", "cache MiB", "decode HWM MiB", "decode anon MiB",
-              "epoch imgs", "epoch img/s", "bare img/s", "epoch/bare", "epoch HWM MiB", "epoch anon MiB",
+              "epoch imgs", "epoch img/s", "bare img/s", "epoch/bare", "plain/bare", "epoch HWM MiB", "epoch anon MiB",
               "bare anon MiB", "search driver anon MiB", "search trial anon MiB"]
     table = [[r["n"], r["decode"]["seconds"], r["decode"]["images_per_s"], r["decode"]["images_per_s_per_core"],
               r["decode"]["cache_bytes"] / 2**20, mib(r["decode"]["VmHWM"]), mib(r["decode"]["peak_rss_anon_kib"]),
               r["epoch"]["images"], r["epoch"]["images_per_s"], r["bare"]["images_per_s"], r["epoch_vs_bare"],
+              r["epoch_plain_vs_bare"],
               mib(r["epoch"]["VmHWM"]) or None, mib(r["epoch"]["peak_rss_anon_kib"]) or None,
               mib(r["bare"]["peak_rss_anon_kib"]) or None, mib(r["search"]["driver_peak_rss_anon_kib"]) or None,
               mib(r["search"]["largest_peak_rss_anon_kib"]) or None]
@@ -301,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epoch-images", type=int, default=0,
                         help="train on at most this many images in the epoch measures (0: the whole train split)")
     parser.add_argument("--measures", default="decode,epoch,bare",
-                        help="which to run: decode always (it builds the cache), epoch, bare and search (a one-trial "
+                        help="which to run: decode always (it builds the cache), epoch, epoch_plain, bare and search "
+                             "(a one-trial "
                              "search.run on spaces/dr.yaml cut to one short CPU epoch) when listed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None,
