@@ -253,7 +253,7 @@ def test_every_model_family_converts_with_fp32_parity(name, tmp_path):
                          num_classes=3).eval()
     images = np.random.default_rng(0).integers(0, 256, (8, size, size, 1), dtype=np.uint8)
     path = tflite.convert(module, torch.from_numpy(images[:1].copy()), str(tmp_path / "model.tflite"))
-    parity = tflite.compare(tflite.run_tflite(path, images), run_torch(module, images))
+    parity = deploy.compare(tflite.run_tflite(path, images), run_torch(module, images))
     assert parity["max_abs_score_diff"] <= deploy.PARITY_TOLERANCE and parity["top1_identical"], parity
 
 

@@ -41,6 +41,7 @@ from torch import nn
 
 from fer.export import tflite as litert
 from fer.export.deploy import MIN_PARITY_IMAGES, PARITY_TOLERANCE, DeployModel, build_deploy_model
+from fer.export.deploy import parity as parity_of
 from fer.io import file_digest
 from fer.train.infer import bounded_batch
 
@@ -109,22 +110,8 @@ def run_torch(module: nn.Module, images: np.ndarray, batch_size: int = 256) -> n
 
 def check_parity(module: DeployModel, onnx_path: str, images: np.ndarray,
                  tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
-    """onnxruntime vs PyTorch on the same raw images: max |score diff| within the tolerance, on at
-    least MIN_PARITY_IMAGES images; how many top-1s differ (near ties) is reported."""
-    reference = run_torch(module, images)
-    scores = run_onnx(onnx_path, images)
-    max_diff = float(np.abs(scores - reference).max()) if len(images) else 0.0
-    agree = scores.argmax(1) == reference.argmax(1)
-    return {
-        "images": int(len(images)),
-        "max_abs_score_diff": max_diff,
-        "tolerance": tolerance,
-        "top1_identical": bool(agree.all()),
-        "top1_agreement": float(agree.mean()) if len(images) else 1.0,
-        # no `agree.all()`: with every score within the tolerance, a top-1 that differs is a near tie
-        # (two scores within 2x the tolerance), which 1 in 2,505 DR val images was (3.8e-05 apart)
-        "passed": bool(max_diff <= tolerance and len(images) >= MIN_PARITY_IMAGES),
-    }
+    """onnxruntime vs PyTorch on the same raw images (`fer.export.deploy.parity`)."""
+    return parity_of(run_onnx(onnx_path, images), run_torch(module, images), tolerance)
 
 
 def quantize_int8(onnx_path: str, out_path: str, calib_images: np.ndarray) -> str:

@@ -204,15 +204,6 @@ def measure_latency(path: str, image: np.ndarray, runs: int = 50) -> dict[str, A
             "runtime": "ai-edge-litert Interpreter", "threads": 1}
 
 
-def compare(scores: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-    """Max |score difference| and top-1 agreement of `scores` with `reference` scores."""
-    agree = scores.argmax(1) == reference.argmax(1)
-    return {"images": int(len(scores)),
-            "max_abs_score_diff": float(np.abs(scores - reference).max()) if len(scores) else 0.0,
-            "top1_agreement": float(agree.mean()) if len(scores) else 1.0,
-            "top1_identical": bool(agree.all())}
-
-
 def macro_f1(labels: np.ndarray, scores: np.ndarray, num_classes: int) -> float:
     from sklearn.metrics import f1_score
 
@@ -238,14 +229,12 @@ def export_tflite(module: torch.nn.Module, out_dir: str, images: np.ndarray, lab
     """
     import torch
 
-    from fer.export.deploy import MIN_PARITY_IMAGES, PARITY_TOLERANCE  # the ONNX export's bound too
+    from fer.export.deploy import PARITY_TOLERANCE, parity as parity_of  # the ONNX export's rule too
 
     require_extra()
     fp32_path = convert(module, torch.from_numpy(images[:1].copy()), os.path.join(out_dir, "model.tflite"))
     fp32_scores = run_tflite(fp32_path, images)
-    parity = compare(fp32_scores, reference)
-    parity.update(tolerance=PARITY_TOLERANCE, passed=bool(
-        parity["max_abs_score_diff"] <= PARITY_TOLERANCE and len(images) >= MIN_PARITY_IMAGES))  # as ONNX's
+    parity = parity_of(fp32_scores, reference)
     fp32 = describe(fp32_path, quantization="none (fp32)", parity=parity,
                     latency=measure_latency(fp32_path, images[0], latency_runs))
     num_classes = reference.shape[1]
@@ -283,6 +272,8 @@ class _Measure:
     fp32_macro_f1: float | None  # the fp32 file's, on `labels` (None without them)
 
     def __call__(self, path: str, mode: str) -> tuple[dict[str, Any], str]:
+        from fer.export.deploy import compare
+
         scores = run_tflite(path, self.images)
         fp32 = compare(scores, self.fp32_scores)
         entry = describe(path, quantization=QUANT_NOTES[mode], parity=compare(scores, self.reference),
