@@ -9,6 +9,12 @@ these pays on CPU before any becomes a default.
 
     python benchmarks/cpu_step.py                   # resnet10t at 48 px, ~4 min on 2 cores
     python benchmarks/cpu_step.py --model mobilenet_v3_small --image-size 32 --no-compile
+
+--formats MODEL,... measures only plain NCHW against channels_last, for each model on the two
+inputs the product trains on (48 px gray at batch 128, FER; 224 px RGB at batch 32, DR), next
+to what `fer.train.infer.memory_format` picks on CPU, and whether that is the faster:
+
+    python benchmarks/cpu_step.py --formats resnet10t,resnet18,mobilenet_v3_small,efficientnet_b0 --threads 2
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ from torch import nn
 from fer.train.models import build_model
 
 
-def step_fn(model: nn.Module, batch: int, image_size: int, channels_last: bool, compiled: bool):
+def step_fn(model: nn.Module, batch: int, image_size: int, channels_last: bool, compiled: bool,
+            in_channels: int = 1):
     """One training step's closure on fixed random data, and the model it trains."""
     net = model.to(memory_format=torch.channels_last) if channels_last else model
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
     forward = torch.compile(net) if compiled else net
-    x = torch.randn(batch, 1, image_size, image_size)
+    x = torch.randn(batch, in_channels, image_size, image_size)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 7, (batch,))
@@ -72,6 +79,44 @@ def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size ** 3 * repeats / (time.perf_counter() - start)
 
 
+FORMAT_INPUTS = ((1, 48, 128), (3, 224, 32))  # (channels, side, batch): FER's gray faces, DR's photographs
+
+
+def format_rows(models: list[str], steps: int, inputs: tuple[tuple[int, int, int], ...]) -> list[dict[str, Any]]:
+    """NCHW against channels_last images/s for each model and input, and the product's pick."""
+    from fer.train.infer import memory_format
+
+    rows = []
+    for name in models:
+        for channels, side, batch in inputs:
+            speed = {}
+            for layout in ("NCHW", "channels_last"):
+                torch.manual_seed(0)
+                model = build_model(name, 7, channels, 0.0, image_size=side)
+                step = step_fn(model, batch, side, layout == "channels_last", False, channels)
+                speed[layout] = images_per_s(step, batch, steps)
+            picked = memory_format(model, torch.device("cpu"), side) == torch.channels_last
+            gain = speed["channels_last"] / speed["NCHW"]
+            rows.append({"model": name, "channels": channels, "image_size": side, "batch": batch, **speed,
+                         "channels_last_x": gain, "picks": "channels_last" if picked else "NCHW",
+                         "pick_is_faster": picked == (gain > 1)})
+    return rows
+
+
+def main_formats(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads[0])
+    rows = format_rows(args.formats.split(","), args.steps, FORMAT_INPUTS)
+    print(f"training images/s at {args.threads[0]} threads")
+    for r in rows:
+        print(f"  {r['model']:<20} {r['channels']}x{r['image_size']:>3} px  NCHW {r['NCHW']:7.1f}  channels_last "
+              f"{r['channels_last']:7.1f}  {r['channels_last_x']:5.2f}x  picks {r['picks']:<13} "
+              f"{'(the faster)' if r['pick_is_faster'] else '(the slower)'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads[0], "formats": rows}, f, indent=2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet10t")
@@ -81,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--formats", default=None, metavar="MODEL,...",
+                        help="only NCHW against channels_last for these models, at 48 px gray and 224 px RGB")
     args = parser.parse_args(argv)
+    if args.formats:
+        return main_formats(args)
     variants: list[tuple[str, dict[str, Any]]] = [
         ("plain NCHW", {}), ("channels_last", {"channels_last": True}),
         (f"batch {args.batch_size // 2}", {"batch": args.batch_size // 2}),

@@ -299,6 +299,27 @@ def test_cpu_step_reports_each_switch_against_plain_and_the_matmul_peak(tmp_path
     assert 0 < rows["plain NCHW"] * result["flops_per_image"] / peak < 1
 
 
+def test_cpu_step_formats_compares_nchw_with_channels_last_and_says_what_the_product_picks(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """cpu_step.py --formats: both layouts' images/s per model and input, their ratio, the pick of
+    fer.train.infer.memory_format (channels_last for a depthwise model, NCHW for a small ResNet)."""
+    import json
+
+    cpu_step = load("cpu_step")
+    monkeypatch.setattr(cpu_step, "FORMAT_INPUTS", ((1, 16, 4), (3, 16, 2)))
+    out = tmp_path / "formats.json"
+    assert cpu_step.main(["--formats", "mobilenet_v3_small,resnet10t", "--steps", "1", "--threads", "1",
+                          "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["formats"]
+    assert [(r["model"], r["channels"]) for r in rows] == [("mobilenet_v3_small", 1), ("mobilenet_v3_small", 3),
+                                                           ("resnet10t", 1), ("resnet10t", 3)]
+    assert [r["picks"] for r in rows] == ["channels_last", "channels_last", "NCHW", "NCHW"]
+    for r in rows:
+        assert r["NCHW"] > 0 and r["channels_last_x"] == pytest.approx(r["channels_last"] / r["NCHW"])
+        assert r["pick_is_faster"] == ((r["picks"] == "channels_last") == (r["channels_last_x"] > 1))
+    assert "picks channels_last" in capsys.readouterr().out
+
+
 def test_the_search_harness_builds_the_products_tuner_with_a_teacher_store(tmp_path):
     """benchmarks/common.py hands build_tuner a plan of its own: it must carry every field the
     product's tuner reads (it once lacked the confirmation's and the teacher store's)."""

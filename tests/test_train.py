@@ -123,6 +123,47 @@ def test_three_channel_images_and_sample_weights():
     assert result.checkpoint["in_channels"] == 3 and math.isfinite(result.history[0]["train_loss"])
 
 
+def test_cpu_trains_and_predicts_channels_last_where_it_pays(monkeypatch):
+    """fer.train.infer.memory_format: depthwise convolutions or 128 px and up take channels_last on
+    CPU (benchmarks/cpu_step.py --formats), a ResNet on small images NCHW, channels_last=False never;
+    fit trains in the chosen format (seen in the first convolution's output), and its checkpoint
+    predicts the same in a fresh NCHW model."""
+    from fer.train.infer import memory_format
+    from fer.train.models import build_model
+
+    cpu = torch.device("cpu")
+    mobile, resnet = build_model("mobilenet_v3_small", 4, 1), build_model("resnet10t", 4, 1)
+    assert memory_format(mobile, cpu, 48) == torch.channels_last
+    assert memory_format(resnet, cpu, 48) == torch.contiguous_format
+    assert memory_format(resnet, cpu, 128) == torch.channels_last
+    assert memory_format(mobile, cpu, 224, enabled=False) == torch.contiguous_format
+
+    seen = []  # (training, layout of the first convolution's output) per forward
+
+    def watched(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        first.register_forward_hook(lambda m, i, out: seen.append(
+            (m.training, "NCHW" if out.is_contiguous() else "channels_last")))
+        return model
+
+    monkeypatch.setattr(fer.train.fitting, "build_model", watched)
+    x, y = make_images(64, 16, seed=1)
+    xv, yv = make_images(24, 16, seed=2)
+    trained = {}
+    for cfg, layout in ((tiny_cfg(), "channels_last"), (tiny_cfg(channels_last=False), "NCHW"),
+                        (tiny_cfg(model="resnet10t"), "NCHW")):
+        seen.clear()
+        result = fit(cfg, Stage.of(cfg, "teacher", x, y, np.bincount(y, minlength=4)), Split(xv, yv), CLASSES,
+                     progress=False, device="cpu")
+        assert {out for training, out in seen if training} == {layout}, cfg
+        trained.setdefault(layout, result)
+    loaded = model_from_checkpoint(saved_and_loaded(trained["channels_last"].checkpoint))
+    torch.testing.assert_close(predict_logits(loaded, xv, image_size=16, device="cpu"),
+                               predict_logits(trained["channels_last"].model, xv, image_size=16, device="cpu"),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_same_seed_same_weights_on_cpu():
     cfg = tiny_cfg(augment="weak", dropout=0.2, batch_size=48)
     a = run_fit(cfg).model.state_dict()

@@ -64,7 +64,7 @@ class TrialConfig:
     grad_clip: float = 5.0  # max gradient norm; 0 = off
     patience: int = 0  # stop a stage after this many epochs without a better val macro-F1; 0 = off
     amp: bool = True  # mixed precision; only ever used on CUDA
-    channels_last: bool = True  # memory format; only ever used on CUDA
+    channels_last: bool = True  # channels_last on CUDA, and on CPU where it pays (fer.train.infer.memory_format)
     seed: int = 0
 
     # --- semi-supervised stage 2 ---------------------------------------------

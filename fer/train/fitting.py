@@ -24,7 +24,7 @@ from torch import nn
 from fer.train.checkpoint import make_checkpoint
 from fer.train.config import TrialConfig
 from fer.train.consistency import Consistency, Debias, plan_epoch
-from fer.train.infer import Ranks, autocast_dtype, resolve_device
+from fer.train.infer import Ranks, autocast_dtype, memory_format, resolve_device
 from fer.train.loop import (
     Loop,
     PoolSteps,
@@ -187,12 +187,11 @@ def _setup(cfg: TrialConfig, stage: Stage, val: Any, classes: list[str], device:
     device = resolve_device(device)
     ddp = Ranks.current(device)
     in_channels = int(stage.images.shape[-1])
-    channels_last = cfg.channels_last and device.type == "cuda"
     init_state = stage.init_state
     if resume is not None:
         resume.check_fits(stage.epochs)
         init_state = resume.model
-    model, net = _build_model(cfg, len(classes), in_channels, init_state, device, channels_last, ddp)
+    model, net, layout = _build_model(cfg, len(classes), in_channels, init_state, device, ddp)
     criterion = build_loss(cfg, np.asarray(stage.counts)).to(device)
     optimizer = build_optimizer(cfg, model, cfg.lr * stage.lr_scale)
     source = TrainSource(stage.images, stage.labels, stage.sample_weight, device)
@@ -202,8 +201,7 @@ def _setup(cfg: TrialConfig, stage: Stage, val: Any, classes: list[str], device:
     dtype = autocast_dtype(device) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     transform = make_train_transform(stage.augment, cfg.image_size)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    loop = Loop(net, criterion, optimizer, scheduler, scaler, transform, dtype, memory_format,
+    loop = Loop(net, criterion, optimizer, scheduler, scaler, transform, dtype, layout,
                 cfg.grad_clip, stage.epochs * steps_per_epoch)
     if stage.consistency is not None:
         loop.pool = PoolSteps(stage.consistency, cfg.image_size, device)
@@ -308,8 +306,9 @@ def _state(run: _Run, epoch: int) -> FitState:
 
 
 def _build_model(cfg: TrialConfig, num_classes: int, in_channels: int, init_state: dict | None,
-                 device: torch.device, channels_last: bool, ddp: Ranks) -> tuple[nn.Module, nn.Module]:
-    """The plain model and the module to train through (the DDP wrapper when distributed)."""
+                 device: torch.device, ddp: Ranks) -> tuple[nn.Module, nn.Module, torch.memory_format]:
+    """The plain model, the module to train through (the DDP wrapper when distributed) and the
+    memory format both are in (`fer.train.infer.memory_format`)."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every run
     model = build_model(cfg.model, num_classes=num_classes, in_channels=in_channels, dropout=cfg.dropout,
                         pretrained=None if init_state is not None else cfg.pretrained,
@@ -317,12 +316,12 @@ def _build_model(cfg: TrialConfig, num_classes: int, in_channels: int, init_stat
     if init_state is not None:
         model.load_state_dict(init_state)
     model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    layout = memory_format(model, device, cfg.image_size, cfg.channels_last)
+    model.to(memory_format=layout)
     net = model
     if ddp.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model, net
+    return model, net, layout
 
 
 def _check_inputs(images: np.ndarray, labels: np.ndarray, val: Any, classes: list[str],

@@ -86,6 +86,27 @@ def to_nchw(images: np.ndarray) -> torch.Tensor:
     return data.permute(0, 3, 1, 2)
 
 
+# On CPU, oneDNN's channels_last (NHWC) kernels pay for depthwise convolutions and for large
+# inputs, and not for a plain ResNet on small gray images (benchmarks/cpu_step.py --formats, one
+# training step at 2 threads): MobileNetV3 and EfficientNet 1.5-1.8x at 48 px gray, every model
+# tried 1.25-1.45x at 224 px RGB; ResNet-10t/18/50 at 48 px 0.8-1.0x.
+CPU_CHANNELS_LAST_SIDE = 128
+
+
+def memory_format(model: nn.Module, device: torch.device, image_size: int,
+                  enabled: bool = True) -> torch.memory_format:
+    """The memory format to train and predict in: channels_last on CUDA, and on CPU for a model
+    with depthwise convolutions or at `CPU_CHANNELS_LAST_SIDE` px and up; NCHW otherwise or
+    when not `enabled` (TrialConfig.channels_last)."""
+    if not enabled:
+        return torch.contiguous_format
+    if device.type == "cuda" or image_size >= CPU_CHANNELS_LAST_SIDE:
+        return torch.channels_last
+    depthwise = any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+                    for m in unwrap(model).modules())
+    return torch.channels_last if depthwise else torch.contiguous_format
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -140,7 +161,7 @@ def predict_logits(
     was_training = net.training
     net.eval()
     dtype = autocast_dtype(device) if amp else None
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    layout = memory_format(net, device, image_size)
     transform = make_eval_transform(image_size)
     data = to_nchw(images)
     outputs = []
@@ -151,7 +172,7 @@ def predict_logits(
         logits = 0.0
         for view in views:
             with autocast(device, dtype):
-                logits = logits + net(view.contiguous(memory_format=memory_format)).float()
+                logits = logits + net(view.contiguous(memory_format=layout)).float()
         outputs.append(logits / len(views))
     net.train(was_training)
     return torch.cat(outputs).cpu()

@@ -78,8 +78,8 @@ class Loop:
     scaler: torch.amp.GradScaler
     transform: Callable[[torch.Tensor], torch.Tensor]
     dtype: torch.dtype | None
-    memory_format: torch.memory_format  # channels_last on CUDA; else plain NCHW (with one
-    # channel the two are ambiguous and DDP warns about gradient strides unless it is explicit)
+    memory_format: torch.memory_format  # the model's (fer.train.infer.memory_format), made explicit
+    # for every input: with one channel the two are ambiguous and DDP warns about gradient strides
     grad_clip: float
     total_steps: int
     step: int = 0
