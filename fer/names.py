@@ -21,8 +21,8 @@ STUDENT_INITS = ("teacher", "scratch")
 # stage 2's learning-rate schedule after its warmup (fer.train.loop.build_scheduler)
 SCHEDULES = ("cosine", "constant")
 # fer.ssl.pipeline: the teacher's selected pseudo-labels, or online consistency (fer.train.consistency)
-STUDENT_MODES = ("offline", "fixmatch", "flexmatch", "precise")
-ONLINE_MODES = ("fixmatch", "flexmatch", "precise")
+STUDENT_MODES = ("offline", "fixmatch", "flexmatch")
+ONLINE_MODES = ("fixmatch", "flexmatch")
 # fer.train.consistency: a kept weak view's argmax, or its sharpened distribution, as the strong view's target
 POOL_TARGETS = ("hard", "soft")
 # fer.data.fundus: how a DR folder's photographs become squares, and an optional filter

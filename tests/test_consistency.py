@@ -105,7 +105,7 @@ def test_an_epoch_plan_lowers_thresholds_of_classes_the_student_rarely_predicts(
 
 def test_debiasing_labels_the_pool_with_the_students_post_hoc_offsets_of_the_moment(monkeypatch):
     import fer.train.consistency
-    from fer.train.consistency import ValRef
+    from fer.train.consistency import Debias
     from fer.train.infer import predict_logits
 
     data = make_data()
@@ -120,9 +120,9 @@ def test_debiasing_labels_the_pool_with_the_students_post_hoc_offsets_of_the_mom
         return fitted
 
     monkeypatch.setattr(fer.train.consistency, "fit_offsets", fit_offsets)
-    ref = ValRef(images=val.images, labels=val.labels, counts=counts, posthoc="bias")
+    debias = Debias(images=val.images, labels=val.labels, counts=counts, posthoc="bias")
     spec = Consistency(images=pool.images, prior=counts / counts.sum(), threshold=0.0, weight=1.0,
-                       mode="fixmatch", truth=pool.labels, val=ref, debias=True)
+                       mode="fixmatch", truth=pool.labels, debias=debias)
     model.train()
     epoch = plan_epoch(spec, model, steps=3, batch_size=8, seed=0, epoch=5, ddp=Ranks(), image_size=16,
                        device=torch.device("cpu"))
@@ -138,7 +138,7 @@ def test_debiasing_labels_the_pool_with_the_students_post_hoc_offsets_of_the_mom
     tally = Tally.zeros(torch.device("cpu"))
     pool_loss(weak, torch.zeros(1, 4), epoch, torch.tensor([3]), tally)
     assert float(tally.correct) == 1.0
-    plain = plan_epoch(replace(spec, debias=False), model, steps=3, batch_size=8, seed=0, epoch=5, ddp=Ranks(),
+    plain = plan_epoch(replace(spec, debias=None), model, steps=3, batch_size=8, seed=0, epoch=5, ddp=Ranks(),
                        image_size=16, device=torch.device("cpu"))
     assert torch.all(plain.align == 1) and "pool_debias_spread" not in plain.stats and len(calls) == 1
 
@@ -173,8 +173,7 @@ def test_a_fixmatch_run_trains_on_the_pool_and_reports_what_it_kept(tmp_path, ca
 
 @pytest.mark.parametrize("mode,align,schedule,debias", [
     ("fixmatch", True, "cosine", False), ("flexmatch", False, "cosine", False),
-    ("flexmatch", False, "constant", False), ("flexmatch", False, "constant", True),
-    ("precise", False, "constant", False)])
+    ("flexmatch", False, "constant", False), ("flexmatch", False, "constant", True)])
 def test_resuming_an_online_run_after_any_epoch_ends_with_the_same_model(mode, align, schedule, debias):
     cfg = online_cfg(student_init="teacher", dropout=0.1, student_mode=mode, pool_align=align,
                      student_schedule=schedule, pool_debias=debias, pool_picks=not debias,
@@ -212,7 +211,7 @@ def test_fer_train_writes_the_online_ablation_to_metrics_json(tmp_path, monkeypa
 
 def test_a_bad_online_setting_is_refused_naming_the_key_and_what_is_allowed():
     with pytest.raises(ValueError, match="--set: student_mode='online' is not allowed. "
-                                         "Choose one of: offline, fixmatch, flexmatch, precise"):
+                                         "Choose one of: offline, fixmatch, flexmatch"):
         apply_overrides(TrialConfig(), {"student_mode": "online"}, source="--set", models=False)
     with pytest.raises(ValueError, match=r"--set: pool_ratio=0 is outside the allowed range \[1, 64\]"):
         apply_overrides(TrialConfig(), {"pool_ratio": 0}, source="--set", models=False)
@@ -221,7 +220,7 @@ def test_a_bad_online_setting_is_refused_naming_the_key_and_what_is_allowed():
                     mode="flexmatch")
 
 
-@pytest.mark.parametrize("mode", ["fixmatch", "flexmatch", "precise"])
+@pytest.mark.parametrize("mode", ["fixmatch", "flexmatch"])
 def test_each_online_mode_searches_in_a_space(tmp_path, mode):
     from search.space import load_space
 
@@ -250,50 +249,3 @@ def test_an_oracle_without_the_pools_true_labels_is_refused():
     with pytest.raises(ValueError, match=r"an oracle stage 2 needs the pool's true labels \(Consistency.truth\)"):
         Consistency(images=np.zeros((4, 4, 4, 1), np.uint8), prior=np.ones(2) / 2, threshold=0.9, weight=1.0,
                     oracle=True)
-
-
-def test_precise_thresholds_reach_the_precision_on_the_pools_mix_or_keep_nothing_of_a_class():
-    """student_mode precise: class k's threshold is the lowest val confidence at which its labels
-    are precise enough once val's classes are weighted to the pool's mix; a head-class image
-    that a rare class claims weighs as much as the head class is common in the pool."""
-    from fer.train.consistency import precise_thresholds
-
-    def probs(rows):  # (predicted class, confidence) -> 3-class probabilities
-        out = np.zeros((len(rows), 3))
-        for i, (c, p) in enumerate(rows):
-            out[i] = (1 - p) / 2
-            out[i, c] = p
-        return out
-
-    # val: 4 head images (class 0) all right at 0.95; class 1: right at 0.9 and 0.8, one head
-    # image claimed at 0.7; class 2: its only prediction is a head image at 0.99
-    rows = [(0, 0.95)] * 4 + [(1, 0.9), (1, 0.8), (1, 0.7), (2, 0.99)]
-    labels = np.array([0, 0, 0, 0, 1, 1, 0, 0])
-    val = probs(rows)
-    head_heavy = precise_thresholds(val, labels, np.array([0.9, 0.05, 0.05]), 0.9)
-    assert head_heavy[0] == pytest.approx(0.95) and head_heavy[1] == pytest.approx(0.8) and np.isinf(head_heavy[2])
-    # on a pool where the head class is rare, class 1's wrong claim costs little: 0.7 is precise enough
-    balanced = precise_thresholds(val, labels, np.array([0.01, 0.5, 0.49]), 0.9)
-    assert balanced[1] == pytest.approx(0.7)
-    nothing = precise_thresholds(probs([(0, 0.6), (0, 0.4)]), np.array([0, 1]), np.ones(3) / 3, 0.9)
-    assert nothing[0] == pytest.approx(0.6) and np.isinf(nothing[1]) and np.isinf(nothing[2])
-
-
-def test_the_precise_mode_plans_from_val_and_reports_the_classes_it_turned_off():
-    from fer.train.consistency import ValRef
-
-    data = make_data()
-    pool, val = data.splits["unlabeled"], data.splits["val"]
-    torch.manual_seed(0)
-    model = tiny_model("x", 4)
-    counts = np.array([40, 20, 12, 8])
-    spec = Consistency(images=pool.images, prior=counts / counts.sum(), threshold=0.9, weight=1.0, mode="precise",
-                       truth=pool.labels, val=ValRef(images=val.images, labels=val.labels, counts=counts,
-                                                     posthoc="bias"))
-    epoch = plan_epoch(spec, model, steps=3, batch_size=8, seed=0, epoch=5, ddp=Ranks(), image_size=16,
-                       device=torch.device("cpu"))
-    off = int(torch.isinf(epoch.thresholds).sum())
-    assert epoch.stats["pool_classes_off"] == off and 0 <= off <= 4
-    with pytest.raises(ValueError, match=r"student_mode precise is fitted on val: the online stage needs the val "
-                                         r"split \(Consistency.val\)"):
-        replace(spec, val=None)

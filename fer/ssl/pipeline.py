@@ -161,7 +161,7 @@ def _run_round(cfg: TrialConfig, data: Any, teacher: FitResult, labeller: FitRes
                out_dir: str | None, common: dict[str, Any]) -> tuple[FitResult | None, dict[str, Any]]:
     """One round of stage 2: `labeller` pseudo-labels the pool (or the resumed round's selection
     is taken), and a student from cfg.student_init's weights (the teacher's) trains on train +
-    the kept images for cfg.round_epochs; online (cfg.student_mode fixmatch, flexmatch, precise) also on
+    the kept images for cfg.round_epochs; online (cfg.student_mode fixmatch, flexmatch) also on
     the whole pool every step (fer.train.consistency). (None, selection) when offline and nothing was
     kept."""
     online = cfg.student_mode in ONLINE_MODES
@@ -193,8 +193,7 @@ def _run_round(cfg: TrialConfig, data: Any, teacher: FitResult, labeller: FitRes
 
 
 def _online_line(cfg: TrialConfig, labelled: int, picks: int, pool: int, who: str) -> str:
-    per_class = {"flexmatch": " per class", "precise": " (the precision each class's labels need on val)"}.get(
-        cfg.student_mode, "")
+    per_class = " per class" if cfg.student_mode == "flexmatch" else ""
     picked = f"{picks} {who} picks" if cfg.pool_picks else f"none of the {who}'s picks (pool_picks false)"
     return (f"stage 2 online ({cfg.student_mode}): {labelled} labelled images and {picked}, and all "
             f"{pool} pool images every step: threshold {cfg.pseudo_threshold}{per_class}, alignment "

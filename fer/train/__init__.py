@@ -64,7 +64,7 @@ _EXPORTS: dict[str, str] = {
     "load_checkpoint": "fer.train.checkpoint",
     "model_from_checkpoint": "fer.train.checkpoint",
     "Consistency": "fer.train.consistency",
-    "ValRef": "fer.train.consistency",
+    "Debias": "fer.train.consistency",
     "fit": "fer.train.fitting",
     "FitResult": "fer.train.fitting",
     "Stage": "fer.train.fitting",

@@ -111,11 +111,10 @@ class TrialConfig:
     # selected pseudo-labels (above); "fixmatch" trains the student on the labelled split while
     # its own confident predictions on weakly augmented pool images label strongly augmented
     # views of them, every step (fer.train.consistency, Sohn et al. 2020); "flexmatch" does so with
-    # per-class thresholds (Zhang et al. 2021); "precise" with per-class thresholds fitted on val so
-    # each class's pool labels are pseudo_threshold precise (fer.train.consistency.precise_thresholds).
-    # Online, pseudo_threshold is the confidence a weak view needs (with precise: the precision) and
-    # pseudo_weight weighs the pool's loss; the other pseudo_* knobs are the offline mode's; the
-    # teacher's confident picks (the offline selection) join the labelled images. flexmatch by measurement (benchmarks/pool_ceiling.py, val, one teacher each): student -
+    # per-class thresholds (Zhang et al. 2021). Online, pseudo_threshold is the confidence a weak
+    # view needs and pseudo_weight weighs the pool's loss; the other pseudo_* knobs are the
+    # offline mode's; the teacher's confident picks (the offline selection) join the labelled
+    # images. flexmatch by measurement (benchmarks/pool_ceiling.py, val, one teacher each): student -
     # control at 1/8 of the demo data +0.040 online alone, +0.013 with the picks (13 of them, so the
     # two differ by run-to-run noise), offline -0.008, the pool's true labels +0.043; on the digits
     # set +0.007 with the picks (565 at 0.996 precision), -0.007 online alone, -0.014 offline.

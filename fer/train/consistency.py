@@ -19,12 +19,6 @@ eval mode, so a resumed epoch draws exactly what the uninterrupted one drew):
   `flexmatch_thresholds` of that pass, lower for classes the student is still
   learning (with the paper's warm-up, all of them low while few views pass `pseudo_threshold`);
   `"fixmatch"` keeps one threshold for every class;
-- per-class thresholds for precision (`student_mode="precise"`, `precise_thresholds`): each
-  class's threshold is the lowest confidence at which the student's labels of that class are
-  at least `pseudo_threshold` precise on val, val's classes weighted to the student's estimate
-  of the pool's mix; a class that cannot reach it gets no pool labels this epoch. FlexMatch
-  lowers the thresholds of the classes with few confident predictions, which under imbalance
-  are the rare ones, where a few wrong labels outweigh their handful of true ones;
 - adaptive debiasing (`pool_debias`; DebiasPL, Wang et al. 2022): weak-view logits get the
   student's own post-hoc offsets of the moment (`fer.train.posthoc`, fitted on val at the epoch's
   start), the decision rule it would be handed out with, so the head classes' raw lean does
@@ -49,9 +43,8 @@ from fer.train.posthoc import fit_offsets
 
 
 @dataclass
-class ValRef:
-    """The val split the student's post-hoc offsets (`pool_debias`) and its precise thresholds
-    are fitted on at each epoch's start."""
+class Debias:
+    """What the student's post-hoc offsets are fitted on at each epoch's start (`pool_debias`)."""
 
     images: np.ndarray  # the val split, uint8 (N, H, W, C)
     labels: np.ndarray  # its labels
@@ -75,8 +68,7 @@ class Consistency:
     # labels (`truth`) replace the weak views' pseudo-labels and every view counts, so the same
     # steps, views and weights say what the pool could buy at most. Never a trial's setting.
     oracle: bool = False
-    val: ValRef | None = None  # needed by debias and by mode "precise"
-    debias: bool = False  # label the weak views with the student's post-hoc offsets of the moment
+    debias: Debias | None = None  # label the weak views with the student's post-hoc offsets of the moment
     soft: bool = False  # train the strong view towards the sharpened weak distribution, not its argmax
 
     def __post_init__(self) -> None:
@@ -84,9 +76,6 @@ class Consistency:
             raise ValueError("an oracle stage 2 needs the pool's true labels (Consistency.truth)")
         if self.mode not in ONLINE_MODES:
             raise ValueError(f"online student_mode {self.mode!r} is not one of: {', '.join(ONLINE_MODES)}")
-        if self.val is None and (self.debias or self.mode == "precise"):
-            raise ValueError(f"{'pool_debias' if self.debias else 'student_mode precise'} is fitted on val: "
-                             "the online stage needs the val split (Consistency.val)")
         if len(self.images) == 0:
             raise ValueError(f"student_mode {self.mode} needs a non-empty unlabeled pool")
 
@@ -149,10 +138,8 @@ def plan_epoch(spec: Consistency, model: nn.Module, *, steps: int, batch_size: i
     if spec.align:
         align = torch.as_tensor(spec.prior, dtype=torch.float32) / probs.mean(dim=0).clamp_min(1e-6)
     stats = {}
-    val_logits = None if spec.val is None or not (spec.debias or spec.mode == "precise") else \
-        _val_logits(spec.val, model, image_size=image_size, batch_size=batch_size, device=device)
-    if spec.debias:  # softmax(logits + offsets) = softmax(logits) * exp(offsets), renormalised
-        offsets = fit_offsets(val_logits.numpy(), spec.val.labels, spec.val.counts, spec.val.posthoc)
+    if spec.debias is not None:  # softmax(logits + offsets) = softmax(logits) * exp(offsets), renormalised
+        offsets = _offsets_now(spec.debias, model, image_size=image_size, batch_size=batch_size, device=device)
         align = align * torch.exp(torch.as_tensor(offsets, dtype=torch.float32))
         stats["pool_debias_spread"] = float(offsets.max() - offsets.min())
     aligned = _normalise(probs * align)
@@ -161,11 +148,6 @@ def plan_epoch(spec: Consistency, model: nn.Module, *, steps: int, batch_size: i
     if spec.mode == "flexmatch":
         thresholds = torch.as_tensor(flexmatch_thresholds(conf.numpy(), pred.numpy(), k, spec.threshold),
                                      dtype=torch.float32)
-    elif spec.mode == "precise":
-        val_probs = _normalise(torch.softmax(val_logits, dim=1) * align)
-        thresholds = torch.as_tensor(precise_thresholds(val_probs.numpy(), spec.val.labels, aligned.mean(dim=0).numpy(),
-                                                        spec.threshold), dtype=torch.float32)
-        stats["pool_classes_off"] = float(torch.isinf(thresholds).sum())
     keep = conf >= thresholds[pred]
     stats["pool_pass_kept"] = float(keep.float().mean())
     if spec.truth is not None:
@@ -181,45 +163,14 @@ def plan_epoch(spec: Consistency, model: nn.Module, *, steps: int, batch_size: i
     return EpochPlan(order=mine, thresholds=thresholds.to(device), align=align.to(device), stats=stats)
 
 
-def _val_logits(val: ValRef, model: nn.Module, *, image_size: int, batch_size: int,
-                device: torch.device) -> torch.Tensor:
-    """The model's val logits now (eval mode), float32 on the CPU."""
+def _offsets_now(debias: Debias, model: nn.Module, *, image_size: int, batch_size: int,
+                 device: torch.device) -> np.ndarray:
+    """The model's post-hoc offsets now: `debias.posthoc` fitted on its val logits (eval mode)."""
     was_training = model.training
-    logits = predict_logits_sharded(model, val.images, image_size=image_size, batch_size=max(256, batch_size),
-                                    device=device).float()
+    logits = predict_logits_sharded(model, debias.images, image_size=image_size, batch_size=max(256, batch_size),
+                                    device=device).float().numpy()
     model.train(was_training)
-    return logits
-
-
-def precise_thresholds(val_probs: np.ndarray, val_labels: np.ndarray, pool_mix: np.ndarray,
-                       precision: float) -> np.ndarray:
-    """Per-class thresholds (K,) of `student_mode="precise"`: for class k, the lowest confidence t
-    at which val's predictions of k with confidence >= t are at least `precision` precise, each
-    val image of true class j weighted by pool_mix[j] / (val images of class j), so the precision
-    is the one expected on a pool of that mix; inf where no t reaches it (nothing of class k is
-    kept). Candidate t are val's own confidences of class-k predictions, from 0.5 up."""
-    k = val_probs.shape[1]
-    labels = np.asarray(val_labels)
-    per_class = np.bincount(labels, minlength=k).astype(np.float64)
-    mix = np.asarray(pool_mix, dtype=np.float64)
-    weight = np.where(per_class[labels] > 0, mix[labels] / np.maximum(per_class[labels], 1.0), 0.0)
-    conf, pred = val_probs.max(axis=1), val_probs.argmax(axis=1)
-    out = np.full(k, np.inf)
-    for c in range(k):
-        mine = (pred == c) & (conf >= 0.5)
-        if not mine.any():
-            continue
-        order = np.argsort(-conf[mine], kind="stable")  # most confident first
-        w, right = weight[mine][order], (labels[mine][order] == c)
-        kept = np.cumsum(w)  # precision of "confidence >= the i-th highest"
-        good = np.cumsum(w * right) >= precision * kept - 1e-12
-        good &= kept > 0
-        # the lowest threshold whose kept set is precise enough, at a confidence boundary
-        values = conf[mine][order]
-        ok = [i for i in np.flatnonzero(good) if i + 1 == len(values) or values[i + 1] < values[i]]
-        if ok:
-            out[c] = float(values[ok[-1]])
-    return out
+    return fit_offsets(logits, debias.labels, debias.counts, debias.posthoc)
 
 
 def _normalise(probs: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from fer.train.checkpoint import make_checkpoint
 from fer.train.config import TrialConfig
-from fer.train.consistency import Consistency, ValRef, plan_epoch
+from fer.train.consistency import Consistency, Debias, plan_epoch
 from fer.train.infer import Ranks, autocast_dtype, memory_format, resolve_device
 from fer.train.loop import (
     Loop,
@@ -104,14 +104,17 @@ class Stage:
 
     def online(self, cfg: TrialConfig, pool: Any, val: Any = None) -> "Stage":
         """This stage with the `pool` split (its labels, if any, only as held-out truth) trained
-        online every step, as cfg's student_mode (fixmatch, flexmatch, precise) says
-        (fer.train.consistency); pool_debias and precise fit on `val`."""
+        online every step, as cfg's student_mode (fixmatch, flexmatch) says (fer.train.consistency);
+        with cfg.pool_debias the weak views get the student's post-hoc offsets, fitted on `val`."""
         counts = np.asarray(self.counts, dtype=np.float64)
-        ref = None if val is None else ValRef(images=val.images, labels=val.labels, counts=self.counts,
-                                              posthoc=cfg.posthoc)
+        debias = None
+        if cfg.pool_debias:
+            if val is None:
+                raise ValueError("pool_debias fits the student's post-hoc offsets on val: Stage.online needs val")
+            debias = Debias(images=val.images, labels=val.labels, counts=self.counts, posthoc=cfg.posthoc)
         spec = Consistency(images=pool.images, prior=counts / counts.sum(), threshold=cfg.pseudo_threshold,
                            weight=cfg.pseudo_weight, mode=cfg.student_mode, align=cfg.pool_align,
-                           ratio=cfg.pool_ratio, truth=pool.labels, val=ref, debias=cfg.pool_debias,
+                           ratio=cfg.pool_ratio, truth=pool.labels, debias=debias,
                            soft=cfg.pool_targets == "soft")
         return replace(self, consistency=spec)
 
