@@ -12,11 +12,12 @@ shared between processes and dropped under pressure; RssAnon is what the process
   decode  load_dataset with an empty cache at --load-size (retina crop): wall time, images/s,
           images/s per core (decode threads = cores), the cache's size on disk
   epoch   open the cache (load_dataset, a cache hit) and train one epoch of fer.train.fitting.fit
-          (TrainSource + the fundus augmentation + mobilenet_v3_small at 224 px) over the train split
+          (TrainSource + the fundus augmentation + mobilenet_v3_small at --epoch-size, 224 px) over
+          the train split
   epoch_plain  the same without augmentation or gradient clipping: what fit itself adds
   bare    the same epoch as a plain PyTorch loop over the same memory-mapped train split: a
-          shuffled batch gathered from the map, resized to 224, one AdamW step, no augmentation;
-          model and batch in channels_last, the faster format on CPU at 224 px (the cache is
+          shuffled batch gathered from the map, resized to --epoch-size, one AdamW step, no augmentation;
+          model and batch in channels_last, the faster format on CPU at 224 px and up (the cache is
           NHWC, so a batch gathered from it is channels_last already)
   search  `python -m search.run` on the folder (spaces/dr.yaml cut to one short CPU trial, the
           cache a hit): the peak private memory of the driver and of the largest process it
@@ -95,22 +96,24 @@ def measure_decode(folder: str, cache: str, load_size: int) -> dict[str, Any]:
             "peak_rss_anon_kib": peak.close(), **memory_status()}
 
 
-def train_config(images: int, plain: bool = False) -> Any:
+def train_config(images: int, plain: bool = False, size: int = EPOCH_SIZE) -> Any:
     """The epoch's recipe: spaces/dr.yaml's fundus augmentation and fer.train's gradient clipping,
     or (`plain`) neither, the bare loop's work plus what fit adds around it."""
     from fer.train.config import TrialConfig
 
-    return TrialConfig(model=MODEL, image_size=EPOCH_SIZE, batch_size=BATCH, epochs=1, warmup_epochs=0,
+    return TrialConfig(model=MODEL, image_size=size, batch_size=BATCH, epochs=1, warmup_epochs=0,
                        epoch_images=0, augment="none" if plain else "fundus", grad_clip=0.0 if plain else 5.0,
                        class_cap=0, student_epochs=0, seed=0, patience=0, posthoc="none")
 
 
-def measure_epoch_plain(folder: str, cache: str, load_size: int, limit: int) -> dict[str, Any]:
+def measure_epoch_plain(folder: str, cache: str, load_size: int, limit: int,
+                        size: int = EPOCH_SIZE) -> dict[str, Any]:
     """`measure_epoch` without augmentation or gradient clipping: fit's own overhead."""
-    return measure_epoch(folder, cache, load_size, limit, plain=True)
+    return measure_epoch(folder, cache, load_size, limit, size, plain=True)
 
 
-def measure_epoch(folder: str, cache: str, load_size: int, limit: int, plain: bool = False) -> dict[str, Any]:
+def measure_epoch(folder: str, cache: str, load_size: int, limit: int, size: int = EPOCH_SIZE,
+                  plain: bool = False) -> dict[str, Any]:
     """One epoch of fer.train.fitting.fit over (the first `limit` of) the mapped train split."""
     import numpy as np
     import torch
@@ -124,7 +127,7 @@ def measure_epoch(folder: str, cache: str, load_size: int, limit: int, plain: bo
     train = data.splits["train"]
     rows = min(limit or len(train), len(train))
     counts = np.bincount(train.labels[:rows], minlength=data.num_classes)
-    cfg = train_config(rows, plain)
+    cfg = train_config(rows, plain, size)
     val = Split(data.splits["val"].images[:64], data.splits["val"].labels[:64])
     stage = Stage.of(cfg, "teacher", train.images[:rows], train.labels[:rows], counts)
     result = fit(cfg, stage, val, data.classes, device=torch.device("cpu"), progress=False)
@@ -134,7 +137,7 @@ def measure_epoch(folder: str, cache: str, load_size: int, limit: int, plain: bo
             "mapped": isinstance(train.images, np.memmap), "peak_rss_anon_kib": peak.close(), **memory_status()}
 
 
-def measure_bare(folder: str, cache: str, load_size: int, limit: int) -> dict[str, Any]:
+def measure_bare(folder: str, cache: str, load_size: int, limit: int, size: int = EPOCH_SIZE) -> dict[str, Any]:
     """The same epoch as a plain loop: gather a shuffled batch from the map, resize, step."""
     import numpy as np
     import torch
@@ -149,7 +152,7 @@ def measure_bare(folder: str, cache: str, load_size: int, limit: int) -> dict[st
     data = load_dataset(folder, load_size=load_size, cache_dir=cache)
     train = data.splits["train"]
     rows = min(limit or len(train), len(train))
-    model = build_model(MODEL, num_classes=data.num_classes, in_channels=3, image_size=EPOCH_SIZE)
+    model = build_model(MODEL, num_classes=data.num_classes, in_channels=3, image_size=size)
     model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     order = np.random.default_rng(0).permutation(rows)
@@ -159,7 +162,7 @@ def measure_bare(folder: str, cache: str, load_size: int, limit: int) -> dict[st
     for start in range(0, rows, BATCH):
         index = np.sort(order[start:start + BATCH])
         x = torch.from_numpy(train.images[index]).permute(0, 3, 1, 2).float().div_(255)
-        x = F.interpolate(x, size=(EPOCH_SIZE, EPOCH_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         x = ((x - 0.5) / 0.5).contiguous(memory_format=torch.channels_last)
         loss = F.cross_entropy(model(x), labels[index])
         optimizer.zero_grad(set_to_none=True)
@@ -252,9 +255,10 @@ MEASURES = {"decode": measure_decode, "epoch": measure_epoch, "epoch_plain": mea
             "search": measure_search}
 
 
-def run_child(kind: str, folder: Path, cache: Path, load_size: int, limit: int) -> dict[str, Any]:
+def run_child(kind: str, folder: Path, cache: Path, load_size: int, limit: int,
+              size: int = EPOCH_SIZE) -> dict[str, Any]:
     """One measurement in a fresh interpreter (its own peak memory); its JSON on the last line."""
-    extra = {"decode": [], "search": [str(folder.parent)]}.get(kind, [limit])
+    extra = {"decode": [], "search": [str(folder.parent)]}.get(kind, [limit, size])
     args = [str(folder), str(cache), load_size] + extra
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
             f"from benchmarks.dr_scale import MEASURES; "
@@ -277,10 +281,10 @@ def measure_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]
     generated = time.perf_counter() - started
     cache = work / f"cache-{n}"
     shutil.rmtree(cache, ignore_errors=True)  # the decode measure starts from an empty cache
-    row: dict[str, Any] = {"n": n, "generate_seconds": generated,
+    row: dict[str, Any] = {"n": n, "generate_seconds": generated, "epoch_size": args.epoch_size,
                            "source_bytes": sum(p.stat().st_size for p in folder.rglob("*.jpg"))}
     for kind in ["decode"] + [m for m in ("epoch", "epoch_plain", "bare", "search") if m in args.measures]:
-        row[kind] = run_child(kind, folder, cache, args.load_size, args.epoch_images)
+        row[kind] = run_child(kind, folder, cache, args.load_size, args.epoch_images, args.epoch_size)
         print(f"N={n} {kind}: {json.dumps(row[kind])}", flush=True)
     for kind in ("epoch", "epoch_plain"):
         if kind in row and "bare" in row:
@@ -294,13 +298,13 @@ def report(rows: list[dict[str, Any]]) -> str:
     missing = {"images": None, "images_per_s": None, "VmHWM": 0, "peak_rss_anon_kib": 0}
     no_search = {"driver_peak_rss_anon_kib": 0, "largest_peak_rss_anon_kib": 0}
     rows = [{"epoch": missing, "bare": missing, "epoch_vs_bare": None, "epoch_plain_vs_bare": None, "search": no_search,
-             **r} for r in rows]
+             "epoch_size": EPOCH_SIZE, **r} for r in rows]
     header = ["N", "decode s", "img/s", "img/s/core", "cache MiB", "decode HWM MiB", "decode anon MiB",
-              "epoch imgs", "epoch img/s", "bare img/s", "epoch/bare", "plain/bare", "epoch HWM MiB", "epoch anon MiB",
+              "epoch imgs", "epoch px", "epoch img/s", "bare img/s", "epoch/bare", "plain/bare", "epoch HWM MiB", "epoch anon MiB",
               "bare anon MiB", "search driver anon MiB", "search trial anon MiB"]
     table = [[r["n"], r["decode"]["seconds"], r["decode"]["images_per_s"], r["decode"]["images_per_s_per_core"],
               r["decode"]["cache_bytes"] / 2**20, mib(r["decode"]["VmHWM"]), mib(r["decode"]["peak_rss_anon_kib"]),
-              r["epoch"]["images"], r["epoch"]["images_per_s"], r["bare"]["images_per_s"], r["epoch_vs_bare"],
+              r["epoch"]["images"], r["epoch_size"], r["epoch"]["images_per_s"], r["bare"]["images_per_s"], r["epoch_vs_bare"],
               r["epoch_plain_vs_bare"],
               mib(r["epoch"]["VmHWM"]) or None, mib(r["epoch"]["peak_rss_anon_kib"]) or None,
               mib(r["bare"]["peak_rss_anon_kib"]) or None, mib(r["search"]["driver_peak_rss_anon_kib"]) or None,
@@ -314,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="200", help="comma-separated N (DDR: 12522); default 200, a quick run")
     parser.add_argument("--sides", default="1024,2048", help="min,max width of the generated JPEGs, px")
     parser.add_argument("--load-size", type=int, default=512, help="side of the cached images (spaces/dr.yaml: 512)")
+    parser.add_argument("--epoch-size", type=int, default=EPOCH_SIZE,
+                        help="the side the epoch measures train at (224; 384 for the issue's second size)")
     parser.add_argument("--epoch-images", type=int, default=0,
                         help="train on at most this many images in the epoch measures (0: the whole train split)")
     parser.add_argument("--measures", default="decode,epoch,bare",

@@ -471,10 +471,16 @@ def test_dr_scale_measures_decode_in_its_own_process_and_tabulates(tmp_path):
     decode = dr_scale.run_child("decode", folder, tmp_path / "cache", 32, 0)
     assert decode["images"] == 12 and decode["threads"] >= 1 and decode["cache_bytes"] >= 12 * 32 * 32 * 3
     assert 0 < decode["peak_rss_anon_kib"] <= decode["VmHWM"]  # the child's own peak, not this process's
+    for kind in ("epoch", "bare"):  # at --epoch-size 24, over the first 6 mapped images
+        measured = dr_scale.run_child(kind, folder, tmp_path / "cache", 32, 6, 24)
+        assert measured["images"] == 6 and measured["images_per_s"] > 0, kind
+    assert measured["peak_rss_anon_kib"] > 0
     epoch = {"images": 6, "images_per_s": 3.0, "VmHWM": 2048, "peak_rss_anon_kib": 1024}
-    row = {"n": 12, "decode": decode, "epoch": epoch, "bare": dict(epoch, images_per_s=4.0), "epoch_vs_bare": 0.75}
+    row = {"n": 12, "decode": decode, "epoch": epoch, "bare": dict(epoch, images_per_s=4.0), "epoch_vs_bare": 0.75,
+           "epoch_size": 384}
     lines = dr_scale.report([row]).splitlines()
     assert lines[0].split()[:3] == ["N", "decode", "s"] and lines[2].split()[0] == "12" and "0.75" in lines[2]
+    assert "epoch px" in lines[0] and " 384 " in lines[2]
 
 
 @pytest.mark.slow
