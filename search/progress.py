@@ -37,7 +37,6 @@ SHORT_NAMES = {
     "pool_debias": "debias",
     "pool_picks": "picks",
     "pool_targets": "targets",
-    "pool_warmup": "warmup",
     "student_rounds": "rounds",
     "label_smoothing": "smooth",
     "weight_decay": "wd",

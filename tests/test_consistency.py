@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import fer.train.config
 import fer.train.fitting
 from fer.ssl.pipeline import run_pipeline
 from fer.train.config import TrialConfig, apply_overrides
@@ -104,30 +103,6 @@ def test_an_epoch_plan_lowers_thresholds_of_classes_the_student_rarely_predicts(
     assert np.array_equal(again.order, epoch.order)  # a function of (seed, epoch): a resumed epoch draws the same
 
 
-def test_without_the_warm_up_flexmatch_scales_by_the_best_learned_class_alone(monkeypatch):
-    """pool_warmup=false: while most pool images are not yet confident, the warm-up keeps every
-    threshold low; without it the best-learned class's threshold is pseudo_threshold itself."""
-    import fer.train.consistency
-
-    pool = make_data().splits["unlabeled"]
-    n = len(pool.images)
-    logits = torch.zeros(n, 4)
-    logits[: n // 4, 0] = 8.0  # a quarter confidently class 0, the rest class 1 at about 0.5
-    logits[n // 4:, 1] = 1.1
-    monkeypatch.setattr(fer.train.consistency, "predict_logits_sharded", lambda *a, **k: logits.clone())
-    plans = {}
-    for warmup in (True, False):
-        spec = Consistency(images=pool.images, prior=np.full(4, 0.25), threshold=0.9, weight=1.0, mode="flexmatch",
-                           warmup=warmup)
-        plans[warmup] = plan_epoch(spec, tiny_model("x", 4), steps=3, batch_size=8, seed=0, epoch=5, ddp=Ranks(),
-                                   image_size=16, device=torch.device("cpu"))
-    beta = (n // 4) / (n - n // 4)  # sigma_0 over the unused images
-    assert float(plans[True].thresholds[0]) == pytest.approx(beta / (2 - beta) * 0.9, rel=1e-5)
-    assert float(plans[False].thresholds[0]) == pytest.approx(0.9)
-    assert torch.all(plans[True].thresholds[1:] == 0) and torch.all(plans[False].thresholds[1:] == 0)
-    assert TrialConfig().pool_warmup and "pool_warmup" in fer.train.config.STAGE2_FIELDS
-
-
 def test_debiasing_labels_the_pool_with_the_students_post_hoc_offsets_of_the_moment(monkeypatch):
     import fer.train.consistency
     from fer.train.consistency import Debias
@@ -202,7 +177,7 @@ def test_a_fixmatch_run_trains_on_the_pool_and_reports_what_it_kept(tmp_path, ca
 def test_resuming_an_online_run_after_any_epoch_ends_with_the_same_model(mode, align, schedule, debias):
     cfg = online_cfg(student_init="teacher", dropout=0.1, student_mode=mode, pool_align=align,
                      student_schedule=schedule, pool_debias=debias, pool_picks=not debias,
-                     pool_targets="soft" if debias else "hard", pool_warmup=not debias)
+                     pool_targets="soft" if debias else "hard")
     data, states = make_data(), []
     whole = run_pipeline(cfg, data, progress=False,
                          report=lambda metrics, ckpt, state: states.append(saved_and_loaded(state.to_dict())))

@@ -193,7 +193,7 @@ def _run_round(cfg: TrialConfig, data: Any, teacher: FitResult, labeller: FitRes
 
 
 def _online_line(cfg: TrialConfig, labelled: int, picks: int, pool: int, who: str) -> str:
-    per_class = (" per class" + ("" if cfg.pool_warmup else ", no warm-up")) if cfg.student_mode == "flexmatch" else ""
+    per_class = " per class" if cfg.student_mode == "flexmatch" else ""
     picked = f"{picks} {who} picks" if cfg.pool_picks else f"none of the {who}'s picks (pool_picks false)"
     return (f"stage 2 online ({cfg.student_mode}): {labelled} labelled images and {picked}, and all "
             f"{pool} pool images every step: threshold {cfg.pseudo_threshold}{per_class}, alignment "

@@ -150,10 +150,6 @@ class TrialConfig:
     # or its distribution sharpened at temperature 0.5 ("soft", UDA/MixMatch), which lets an
     # uncertain wrong label pull less
     pool_targets: str = "hard"
-    # flexmatch: FlexMatch's threshold warm-up, which scales every class's learning effect by the
-    # pool images not yet predicted confidently, so all thresholds stay low while those are many;
-    # false: by the best-learned class's alone (the paper's variant without warm-up).
-    pool_warmup: bool = True
     # After stage 2, fit the student's recipe (same start, epochs, augmentation, at least as
     # many images per epoch) on the labelled split alone: the supervised-only control that
     # says what the pool bought (metrics "control_val_macro_f1", "pool_gain_val"). Costs
@@ -176,7 +172,7 @@ STAGE2_FIELDS = (
     "student_epochs", "pseudo_threshold", "pseudo_selection", "crest_alpha", "pseudo_tta", "pseudo_temperature",
     "pseudo_debias", "pseudo_graph", "pseudo_weight", "student_init", "student_lr_scale", "student_augment",
     "student_schedule", "pool_control", "posthoc", "student_mode", "pool_ratio", "pool_align", "student_rounds",
-    "pool_debias", "pool_picks", "pool_targets", "pool_warmup",
+    "pool_debias", "pool_picks", "pool_targets",
 )
 
 # Set on the epochs a run reports from a shared teacher (replayed, not trained again).

@@ -70,7 +70,6 @@ class Consistency:
     oracle: bool = False
     debias: Debias | None = None  # label the weak views with the student's post-hoc offsets of the moment
     soft: bool = False  # train the strong view towards the sharpened weak distribution, not its argmax
-    warmup: bool = True  # flexmatch: the paper's threshold warm-up (flexmatch_thresholds)
 
     def __post_init__(self) -> None:
         if self.oracle and self.truth is None:
@@ -147,8 +146,8 @@ def plan_epoch(spec: Consistency, model: nn.Module, *, steps: int, batch_size: i
     conf, pred = aligned.max(dim=1)
     thresholds = torch.full((k,), float(spec.threshold))
     if spec.mode == "flexmatch":
-        thresholds = torch.as_tensor(flexmatch_thresholds(conf.numpy(), pred.numpy(), k, spec.threshold,
-                                                          warmup=spec.warmup), dtype=torch.float32)
+        thresholds = torch.as_tensor(flexmatch_thresholds(conf.numpy(), pred.numpy(), k, spec.threshold),
+                                     dtype=torch.float32)
     keep = conf >= thresholds[pred]
     stats["pool_pass_kept"] = float(keep.float().mean())
     if spec.truth is not None:

@@ -115,7 +115,7 @@ class Stage:
         spec = Consistency(images=pool.images, prior=counts / counts.sum(), threshold=cfg.pseudo_threshold,
                            weight=cfg.pseudo_weight, mode=cfg.student_mode, align=cfg.pool_align,
                            ratio=cfg.pool_ratio, truth=pool.labels, debias=debias,
-                           soft=cfg.pool_targets == "soft", warmup=cfg.pool_warmup)
+                           soft=cfg.pool_targets == "soft")
         return replace(self, consistency=spec)
 
 
