@@ -59,6 +59,14 @@ def images_per_s(step, batch: int, steps: int, warmup: int = 2) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
+def variant_speed(model_name: str, batch: int, image_size: int, steps: int, *, channels_last: bool = False,
+                  compiled: bool = False, in_channels: int = 1) -> float:
+    """Training images/s of `step_fn` on a freshly built (seeded) model."""
+    torch.manual_seed(0)
+    model = build_model(model_name, 7, in_channels, 0.0, image_size=image_size)
+    return images_per_s(step_fn(model, batch, image_size, channels_last, compiled, in_channels), batch, steps)
+
+
 def step_flops(model_name: str, batch: int, image_size: int) -> int:
     """FLOPs of one training step (forward + backward), counted by PyTorch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -89,12 +97,9 @@ def format_rows(models: list[str], steps: int, inputs: tuple[tuple[int, int, int
     rows = []
     for name in models:
         for channels, side, batch in inputs:
-            speed = {}
-            for layout in ("NCHW", "channels_last"):
-                torch.manual_seed(0)
-                model = build_model(name, 7, channels, 0.0, image_size=side)
-                step = step_fn(model, batch, side, layout == "channels_last", False, channels)
-                speed[layout] = images_per_s(step, batch, steps)
+            speed = {layout: variant_speed(name, batch, side, steps, channels_last=layout == "channels_last",
+                                           in_channels=channels) for layout in ("NCHW", "channels_last")}
+            model = build_model(name, 7, channels, 0.0, image_size=side)
             picked = memory_format(model, torch.device("cpu"), side) == torch.channels_last
             gain = speed["channels_last"] / speed["NCHW"]
             rows.append({"model": name, "channels": channels, "image_size": side, "batch": batch, **speed,
@@ -146,11 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         peak = matmul_flops_per_s()
         rows = {}
         for name, kw in variants:
-            torch.manual_seed(0)
-            batch = kw.get("batch", args.batch_size)
-            model = build_model(args.model, 7, 1, 0.0)
-            step = step_fn(model, batch, args.image_size, kw.get("channels_last", False), kw.get("compiled", False))
-            rows[name] = images_per_s(step, batch, args.steps)
+            rows[name] = variant_speed(args.model, kw.get("batch", args.batch_size), args.image_size, args.steps,
+                                       channels_last=kw.get("channels_last", False),
+                                       compiled=kw.get("compiled", False))
         base = rows["plain NCHW"]
         print(f"threads {threads}: matmul peak {peak / 1e9:.1f} GFLOP/s")
         for name, value in rows.items():

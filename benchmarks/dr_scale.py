@@ -51,14 +51,16 @@ BATCH = 32
 
 # --------------------------------------------------------------------------- one measurement, in a subprocess
 
+def status_fields(path: Path) -> dict[str, str]:
+    """A /proc/<pid>/status file as {field: value}."""
+    return dict((key, value.strip()) for key, _, value in
+                (line.partition(":") for line in path.read_text().splitlines()))
+
+
 def memory_status() -> dict[str, int]:
     """VmHWM, VmRSS, RssAnon and RssFile of this process, in KiB (Linux /proc)."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0])
-    return out
+    fields = status_fields(Path("/proc/self/status"))
+    return {key: int(fields[key].split()[0]) for key in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
 
 
 class AnonPeak:
@@ -183,8 +185,7 @@ def search_space(work: Path, load_size: int) -> Path:
 
     space = yaml.safe_load((SPACES_DIR / "dr.yaml").read_text())
     space["fixed"].update({"model": MODEL, "pretrained": None, "load_size": load_size, "epochs": 1, "class_cap": 64,
-                           "batch_size": BATCH,
-                           "amp": False, "channels_last": False})
+                           "batch_size": BATCH})
     space["parameters"]["image_size"] = {"choice": [EPOCH_SIZE]}
     space["searcher"]["baseline"]["image_size"] = EPOCH_SIZE
     space["scheduler"]["grace_period"] = 1
@@ -200,12 +201,11 @@ def process_table() -> dict[int, tuple[int, int, str]]:
         if not entry.name.isdigit():
             continue
         try:
-            status = (entry / "status").read_text()
+            fields = status_fields(entry / "status")
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:  # ended meanwhile
             continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        anon = int(fields.get("RssAnon", "0 kB").split()[0])
+        anon = int(fields.get("RssAnon", "0 kB").split()[0])  # kernel threads have none
         table[int(entry.name)] = (int(fields["PPid"]), anon, command)
     return table
 
@@ -300,12 +300,12 @@ def report(rows: list[dict[str, Any]]) -> str:
     rows = [{"epoch": missing, "bare": missing, "epoch_vs_bare": None, "epoch_plain_vs_bare": None, "search": no_search,
              "epoch_size": EPOCH_SIZE, **r} for r in rows]
     header = ["N", "decode s", "img/s", "img/s/core", "cache MiB", "decode HWM MiB", "decode anon MiB",
-              "epoch imgs", "epoch px", "epoch img/s", "bare img/s", "epoch/bare", "plain/bare", "epoch HWM MiB", "epoch anon MiB",
-              "bare anon MiB", "search driver anon MiB", "search trial anon MiB"]
+              "epoch imgs", "epoch px", "epoch img/s", "bare img/s", "epoch/bare", "plain/bare", "epoch HWM MiB",
+              "epoch anon MiB", "bare anon MiB", "search driver anon MiB", "search trial anon MiB"]
     table = [[r["n"], r["decode"]["seconds"], r["decode"]["images_per_s"], r["decode"]["images_per_s_per_core"],
               r["decode"]["cache_bytes"] / 2**20, mib(r["decode"]["VmHWM"]), mib(r["decode"]["peak_rss_anon_kib"]),
-              r["epoch"]["images"], r["epoch_size"], r["epoch"]["images_per_s"], r["bare"]["images_per_s"], r["epoch_vs_bare"],
-              r["epoch_plain_vs_bare"],
+              r["epoch"]["images"], r["epoch_size"], r["epoch"]["images_per_s"], r["bare"]["images_per_s"],
+              r["epoch_vs_bare"], r["epoch_plain_vs_bare"],
               mib(r["epoch"]["VmHWM"]) or None, mib(r["epoch"]["peak_rss_anon_kib"]) or None,
               mib(r["bare"]["peak_rss_anon_kib"]) or None, mib(r["search"]["driver_peak_rss_anon_kib"]) or None,
               mib(r["search"]["largest_peak_rss_anon_kib"]) or None]
@@ -323,9 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epoch-images", type=int, default=0,
                         help="train on at most this many images in the epoch measures (0: the whole train split)")
     parser.add_argument("--measures", default="decode,epoch,bare",
-                        help="which to run: decode always (it builds the cache), epoch, epoch_plain, bare and search "
-                             "(a one-trial "
-                             "search.run on spaces/dr.yaml cut to one short CPU epoch) when listed")
+                        help="which to run: decode always (it builds the cache), epoch, epoch_plain, bare and "
+                             "search (a one-trial search.run on spaces/dr.yaml cut to one short CPU epoch) when listed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None,
                         help="keep the generated folders here and reuse them in later runs (default: a temporary "

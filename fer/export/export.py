@@ -41,7 +41,7 @@ from torch import nn
 
 from fer.export import tflite as litert
 from fer.export.deploy import MIN_PARITY_IMAGES, PARITY_TOLERANCE, DeployModel, build_deploy_model
-from fer.export.deploy import parity as parity_of
+from fer.export.deploy import parity as parity_of  # `parity` names the check's result below
 from fer.io import file_digest
 from fer.train.infer import bounded_batch
 
