@@ -144,7 +144,8 @@ def oracle_stage(cfg: Any, data: Any, teacher: Any, epoch_images: int) -> Any:
     train = data.splits["train"]
     stage = Stage.of(cfg, "student", train.images, train.labels, data.class_counts("train"),
                      init_state=teacher.model.state_dict() if cfg.student_init == "teacher" else None)
-    stage = stage.online(replace(cfg, student_mode="fixmatch"), data.splits["unlabeled"])
+    # the pool's true labels replace every weak view's label, whoever labels it
+    stage = stage.online(replace(cfg, student_mode="fixmatch", pool_labeller_weight=0.0), data.splits["unlabeled"])
     return replace(stage, name="oracle", consistency=replace(stage.consistency, oracle=True)), \
         replace(cfg, epoch_images=epoch_images)
 
@@ -185,7 +186,7 @@ def stage_seconds(fitted: Any) -> float:
 # what the supervised-only control's recipe reads: a variant that changes none of them shares
 # the defaults' control (fer.ssl.pipeline._run_control trains stage 2's recipe on the labels alone)
 CONTROL_KNOBS = ("student_epochs", "student_lr_scale", "student_augment", "student_init", "student_schedule",
-                 "epoch_images", "posthoc")
+                 "student_ema", "epoch_images", "posthoc")
 
 
 # what the oracle's recipe reads (oracle_stage: stage 2 on the labelled split and the pool's true

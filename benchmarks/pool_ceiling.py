@@ -76,7 +76,7 @@ def stage_two_inputs(cfg: Any, data: Any, teacher: Any, wanted: list[str]) -> di
     picks = any(variant.endswith("+ picks") for variant in wanted)  # online on top of the pipeline's picks
     for name, changes in VARIANTS.items():
         if name in wanted or (name == "pipeline" and picks):
-            indices, labels, summary, _ = pseudo_label(replace(cfg, **changes), teacher.model, data)
+            indices, labels, summary, *_ = pseudo_label(replace(cfg, **changes), teacher.model, data)
             inputs[name] = (*student_inputs(cfg, data, indices, labels), summary.get("precision"))
     return inputs
 

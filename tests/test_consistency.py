@@ -68,6 +68,25 @@ def test_soft_targets_are_the_kept_weak_views_sharpened_distribution():
     assert float(tally.kept) == 1.0
 
 
+def test_a_second_labeller_mixed_in_can_keep_and_relabel_a_weak_view():
+    """pool_labeller_weight: (1 - w) * the weak view's probabilities + w * the labeller's."""
+    from fer.train.consistency import mix
+
+    weak = torch.tensor([[0.0, 0.1, 0.0], [4.0, 0.0, 0.0]])  # unsure; sure of class 0
+    labeller = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])  # sure of class 2; of class 1
+    strong = torch.zeros(2, 3)
+    alone, mixed = Tally.zeros(torch.device("cpu")), Tally.zeros(torch.device("cpu"))
+    truth = torch.tensor([2, 0])
+    pool_loss(weak, strong, plan([0.6, 0.6, 0.6]), truth, alone)
+    pool_loss(weak, strong, plan([0.6, 0.6, 0.6]), truth, mixed, labeller=labeller, labeller_weight=0.5)
+    assert (float(alone.kept), float(alone.correct)) == (1.0, 1.0)  # the sure view, class 0
+    # mixed: view 1 is 0.66 for class 2 (kept, right); view 2 0.51 for class 1 against 0.48 (dropped)
+    assert (float(mixed.kept), float(mixed.correct)) == (1.0, 1.0)
+    probs = mix(torch.softmax(weak, dim=1), labeller, 0.5)
+    assert probs.argmax(dim=1).tolist() == [2, 1] and torch.allclose(probs.sum(dim=1), torch.ones(2))
+    assert torch.equal(mix(weak, labeller, 0.0), weak) and torch.equal(mix(weak, None, 0.5), weak)
+
+
 def test_alignment_can_turn_a_head_prediction_into_a_tail_label():
     weak = torch.tensor([[1.0, 0.0]])  # 0.73 for the head class
     tally = Tally.zeros(torch.device("cpu"))
@@ -171,13 +190,39 @@ def test_a_fixmatch_run_trains_on_the_pool_and_reports_what_it_kept(tmp_path, ca
     assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("mode,align,schedule,debias", [
-    ("fixmatch", True, "cosine", False), ("flexmatch", False, "cosine", False),
-    ("flexmatch", False, "constant", False), ("flexmatch", False, "constant", True)])
-def test_resuming_an_online_run_after_any_epoch_ends_with_the_same_model(mode, align, schedule, debias):
+def test_the_labellers_graph_helped_distribution_reaches_the_weak_views(capsys):
+    """At pool_labeller_weight 1 the weak views are labelled as the stage-2 labeller labels the
+    pool, where its labels include a graph: the epoch pass's accuracy is the labeller's, and the
+    student trains otherwise. The teacher alone (no graph) is not mixed in."""
+    data = make_data()
+
+    def run(**overrides):
+        return run_pipeline(online_cfg(**{"pseudo_threshold": 0.0, "pseudo_graph": "pixels", **overrides}), data,
+                            progress=False)
+
+    own, graph = run(pool_labeller_weight=0.0), run(pool_labeller_weight=1.0)
+    assert ", the teacher's graph-helped labels mixed in at 1" in capsys.readouterr().out
+    for epoch in graph.student.history:
+        assert epoch["pool_pass_accuracy"] == pytest.approx(graph.metrics["pseudo_label_accuracy"])
+    assert own.student.history[-1]["pool_pass_accuracy"] != pytest.approx(graph.metrics["pseudo_label_accuracy"])
+    a, b = own.student.checkpoint["model"], graph.student.checkpoint["model"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    alone = run(pool_labeller_weight=1.0, pseudo_graph="none")
+    assert "the teacher's labels not mixed in (no graph: the teacher alone)" in capsys.readouterr().out
+    plain = run(pool_labeller_weight=0.0, pseudo_graph="none")
+    a, b = alone.student.checkpoint["model"], plain.student.checkpoint["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mode,align,schedule,debias,labeller,ema", [
+    ("fixmatch", True, "cosine", False, 0.0, 0.0), ("flexmatch", False, "cosine", False, 0.0, 0.9),
+    ("flexmatch", False, "constant", False, 0.8, 0.0), ("flexmatch", False, "constant", True, 0.0, 0.0)])
+def test_resuming_an_online_run_after_any_epoch_ends_with_the_same_model(mode, align, schedule, debias, labeller,
+                                                                         ema):
     cfg = online_cfg(student_init="teacher", dropout=0.1, student_mode=mode, pool_align=align,
                      student_schedule=schedule, pool_debias=debias, pool_picks=not debias,
-                     pool_targets="soft" if debias else "hard")
+                     pool_targets="soft" if debias else "hard", pool_labeller_weight=labeller, student_ema=ema,
+                     pseudo_graph="pixels" if labeller else "auto")  # the labeller is mixed in with a graph
     data, states = make_data(), []
     whole = run_pipeline(cfg, data, progress=False,
                          report=lambda metrics, ckpt, state: states.append(saved_and_loaded(state.to_dict())))
@@ -215,6 +260,11 @@ def test_a_bad_online_setting_is_refused_naming_the_key_and_what_is_allowed():
         apply_overrides(TrialConfig(), {"student_mode": "online"}, source="--set", models=False)
     with pytest.raises(ValueError, match=r"--set: pool_ratio=0 is outside the allowed range \[1, 64\]"):
         apply_overrides(TrialConfig(), {"pool_ratio": 0}, source="--set", models=False)
+    with pytest.raises(ValueError, match=r"--set: pool_labeller_weight=1.5 is outside the allowed range \[0.0, 1.0\]"):
+        apply_overrides(TrialConfig(), {"pool_labeller_weight": 1.5}, source="--set", models=False)
+    with pytest.raises(ValueError, match="labeller_weight > 0 needs the labeller's distribution over every pool image"):
+        Consistency(images=np.zeros((3, 4, 4, 1), np.uint8), prior=np.ones(2) / 2, threshold=0.9, weight=1.0,
+                    labeller=np.ones((2, 2)) / 2, labeller_weight=0.5)
     with pytest.raises(ValueError, match="student_mode flexmatch needs a non-empty unlabeled pool"):
         Consistency(images=np.zeros((0, 4, 4, 1), np.uint8), prior=np.ones(2) / 2, threshold=0.9, weight=1.0,
                     mode="flexmatch")

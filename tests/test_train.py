@@ -381,3 +381,32 @@ def test_the_schedule_warms_up_then_decays_to_near_zero_in_every_stage_length(ep
     assert rates[peak] == pytest.approx(0.01)
     assert rates[0] == pytest.approx(1e-4)
     assert rates[-1] < 0.01 * 0.05
+
+
+def test_a_stage_with_a_weight_average_validates_keeps_and_resumes_the_average():
+    """student_ema: every epoch validates the average of the weights (its checkpoint holds it,
+    and scores on val what the epoch reported); the live weights and the average both resume."""
+    from fer.train.posthoc import macro_f1
+
+    cfg = tiny_cfg(student_epochs=3, student_ema=0.9)
+    calls = []
+    whole = run_fit(cfg, stage="student", report=lambda m, c, s: calls.append((m, saved_and_loaded(c),
+                                                                                saved_and_loaded(s))))
+    xv, yv = make_images(40, 16, seed=2)
+    for metrics, ckpt, state in calls:
+        average = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+        assert all(torch.equal(ckpt["model"][k], average[k]) for k in ckpt["model"])
+        assert not all(torch.equal(state["model"][k], average[k]) for k in state["model"])  # the live ones differ
+        logits = predict_logits(model_from_checkpoint(ckpt, torch.device("cpu")), xv, image_size=16).numpy()
+        assert macro_f1(yv, logits) == pytest.approx(metrics["val_macro_f1"])
+    for _, _, state in calls[:-1]:
+        resumed = run_fit(cfg, stage="student", resume=state)
+        assert untimed(resumed.history) == untimed(whole.history)
+        a, b = whole.checkpoint["model"], resumed.checkpoint["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="student: the resume state has no weight average, but the stage keeps one"):
+        run_fit(cfg, stage="student", resume={k: v for k, v in calls[0][2].items() if k != "ema"})
+    # stage 1 never averages: the teacher's state has none
+    states = []
+    run_fit(tiny_cfg(epochs=1, student_ema=0.9), report=lambda m, c, s: states.append(s))
+    assert "ema" not in states[0]

@@ -38,8 +38,9 @@ def predict(cfg: TrialConfig, model: nn.Module, images: np.ndarray, device: Any,
 
 
 def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any = None, out_dir: str | None = None,
-                 labeller: str = "teacher") -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
-    """Teacher labels the pool; returns (kept pool indices, labels, summary, confidences).
+                 labeller: str = "teacher") -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray, np.ndarray]:
+    """Teacher labels the pool; returns (kept pool indices, labels, summary, confidences, and its
+    distribution over every pool image, (N, K), what the selection chose from).
 
     The teacher's logits get its post-hoc offsets (cfg.pseudo_debias) and temperature
     scaling (Guo et al. 2017), both fitted on val (`teacher_calibration`), so
@@ -68,7 +69,7 @@ def pseudo_label(cfg: TrialConfig, teacher: nn.Module, data: Any, *, device: Any
     say(f"pseudo-labels ({cfg.pseudo_selection}, threshold {cfg.pseudo_threshold}, "
          f"temperature {temperature:.3f}{debiased}):\n{table}")
     write_pseudo(out_dir, indices, labels, confidences, summary, data.classes)
-    return indices, labels, summary, confidences
+    return indices, labels, summary, confidences, probs.astype(np.float32)
 
 
 def teacher_calibration(cfg: TrialConfig, val_logits: np.ndarray, val_labels: np.ndarray,

@@ -168,7 +168,8 @@ def _run_round(cfg: TrialConfig, data: Any, teacher: FitResult, labeller: FitRes
     who = "teacher" if round == 1 else f"round {round - 1} student"
     if cfg.student_rounds > 1:
         say(f"stage 2 round {round} of {cfg.student_rounds} ({cfg.round_epochs} epochs): the {who} labels the pool")
-    indices, labels, confidences, summary = _selection(cfg, data, labeller, resume, out_dir, common["device"], who)
+    indices, labels, confidences, summary, probs = _selection(cfg, data, labeller, resume, out_dir, common["device"],
+                                                              who)
     if len(indices) == 0 and not online:
         what = "stage 2" if round == 1 else f"round {round} and after"
         say(f"no pool image reached the pseudo-label threshold {cfg.pseudo_threshold}: {what} skipped")
@@ -177,28 +178,45 @@ def _run_round(cfg: TrialConfig, data: Any, teacher: FitResult, labeller: FitRes
         picked, picked_labels = indices[:0], labels[:0]
     else:
         picked, picked_labels = indices, labels
+    second = _second_labeller(summary, probs) if online and cfg.pool_labeller_weight > 0 else None
     images, all_labels, weights, counts = student_inputs(cfg, data, picked, picked_labels)
     init = teacher.model.state_dict() if cfg.student_init == "teacher" else None
     stage = Stage.student(cfg, images, all_labels, weights, counts, init, round)
     if online:
-        stage = stage.online(cfg, data.splits["unlabeled"], data.splits["val"])
+        stage = stage.online(cfg, data.splits["unlabeled"], data.splits["val"], labeller=second)
         pool_size = len(data.splits["unlabeled"].images)
-        say(_online_line(cfg, len(data.splits["train"].labels), len(picked), pool_size, who))
+        say(_online_line(cfg, len(data.splits["train"].labels), len(picked), pool_size, who,
+                         stage.consistency.labeller_weight > 0))
     pseudo = {"indices": indices.tolist(), "labels": labels.tolist(),
               "confidences": np.asarray(confidences, dtype=np.float64).tolist(), "summary": to_plain(summary)}
+    if second is not None:  # the labeller's whole distribution, only where stage 2 reads it
+        pseudo["probs"] = np.asarray(probs, dtype=np.float64).tolist()
     student = fit(cfg, stage, data.splits["val"], data.classes,
                   report=_stage_report(report, "student", _teacher_state(teacher), pseudo, finished),
                   resume=_fit_state(resume, "student"), **common)
     return student, summary
 
 
-def _online_line(cfg: TrialConfig, labelled: int, picks: int, pool: int, who: str) -> str:
+def _second_labeller(summary: dict[str, Any], probs: np.ndarray | None) -> np.ndarray | None:
+    """The labeller's distribution over the pool, as a second labeller of the online student's
+    weak views, where it is one: where its labels include the label-spreading graph
+    (cfg.pseudo_graph chose one on val). The teacher's labels alone are the student's own
+    starting point, not a labeller that errs differently (BENCHMARKS.md: the demo faces' labeller
+    is the teacher alone, and mixing it in moved val by -0.006 to +0.007)."""
+    return probs if summary.get("graph", "none") != "none" else None
+
+
+def _online_line(cfg: TrialConfig, labelled: int, picks: int, pool: int, who: str, mixed: bool) -> str:
     per_class = " per class" if cfg.student_mode == "flexmatch" else ""
     picked = f"{picks} {who} picks" if cfg.pool_picks else f"none of the {who}'s picks (pool_picks false)"
+    labeller = ""
+    if cfg.pool_labeller_weight > 0:
+        labeller = (f", the {who}'s graph-helped labels mixed in at {cfg.pool_labeller_weight:g}" if mixed else
+                    f", the {who}'s labels not mixed in (no graph: the {who} alone)")
     return (f"stage 2 online ({cfg.student_mode}): {labelled} labelled images and {picked}, and all "
             f"{pool} pool images every step: threshold {cfg.pseudo_threshold}{per_class}, alignment "
             f"{'on' if cfg.pool_align else 'off'}, debiasing {'on' if cfg.pool_debias else 'off'}, {cfg.pool_targets} targets, pool weight {cfg.pseudo_weight}, {cfg.pool_ratio} pool image(s) "
-            "per labelled one")
+            f"per labelled one{labeller}")
 
 
 def _run_control(cfg: TrialConfig, data: Any, teacher: FitResult, student: FitResult, metrics: dict[str, Any],
@@ -235,18 +253,21 @@ def _run_control(cfg: TrialConfig, data: Any, teacher: FitResult, student: FitRe
 
 
 def _selection(cfg: TrialConfig, data: Any, teacher: FitResult, resume: PipelineState | None, out_dir: str | None,
-               device: Any, labeller: str = "teacher") -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """(kept pool indices, labels, confidences, summary): the `labeller`'s (the teacher, or a
-    round's student), or the resumed stage 2's."""
+               device: Any, labeller: str = "teacher"
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any], np.ndarray | None]:
+    """(kept pool indices, labels, confidences, summary, the labeller's distribution over the
+    pool): the `labeller`'s (the teacher, or a round's student), or the resumed stage 2's (whose
+    state keeps the distribution only where cfg.pool_labeller_weight reads it)."""
     if resume is None or resume.stage != "student":
-        indices, labels, summary, confidences = pseudo_label(cfg, teacher.model, data, device=device, out_dir=out_dir,
-                                                             labeller=labeller)
-        return indices, labels, confidences, summary
+        indices, labels, summary, confidences, probs = pseudo_label(cfg, teacher.model, data, device=device,
+                                                                    out_dir=out_dir, labeller=labeller)
+        return indices, labels, confidences, summary, probs
     pseudo = resume.pseudo
     indices, labels, confidences = (np.asarray(pseudo[k], dtype=dtype) for k, dtype in
                                     (("indices", np.int64), ("labels", np.int64), ("confidences", np.float32)))
+    probs = np.asarray(pseudo["probs"], dtype=np.float32) if "probs" in pseudo else None
     write_pseudo(out_dir, indices, labels, confidences, pseudo["summary"], data.classes)
-    return indices, labels, confidences, pseudo["summary"]
+    return indices, labels, confidences, pseudo["summary"], probs
 
 
 def final_stage(stages: dict[str, FitResult | None]) -> str:

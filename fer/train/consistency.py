@@ -19,6 +19,9 @@ eval mode, so a resumed epoch draws exactly what the uninterrupted one drew):
   `flexmatch_thresholds` of that pass, lower for classes the student is still
   learning (with the paper's warm-up, all of them low while few views pass `pseudo_threshold`);
   `"fixmatch"` keeps one threshold for every class;
+- a second labeller (`pool_labeller_weight`): the weak views' probabilities are mixed with the
+  stage-2 labeller's fixed distribution over each pool image (the teacher's, with the
+  label-spreading graph where one is chosen), two labellers that err differently;
 - adaptive debiasing (`pool_debias`; DebiasPL, Wang et al. 2022): weak-view logits get the
   student's own post-hoc offsets of the moment (`fer.train.posthoc`, fitted on val at the epoch's
   start), the decision rule it would be handed out with, so the head classes' raw lean does
@@ -70,8 +73,15 @@ class Consistency:
     oracle: bool = False
     debias: Debias | None = None  # label the weak views with the student's post-hoc offsets of the moment
     soft: bool = False  # train the strong view towards the sharpened weak distribution, not its argmax
+    # (N, K): the stage-2 labeller's distribution over each pool image, mixed into the weak views'
+    # probabilities with weight labeller_weight (None: the student's alone)
+    labeller: np.ndarray | None = None
+    labeller_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.labeller_weight > 0 and (self.labeller is None or len(self.labeller) != len(self.images)):
+            raise ValueError("labeller_weight > 0 needs the labeller's distribution over every pool image "
+                             "(Consistency.labeller, one row per pool image)")
         if self.oracle and self.truth is None:
             raise ValueError("an oracle stage 2 needs the pool's true labels (Consistency.truth)")
         if self.mode not in ONLINE_MODES:
@@ -142,7 +152,7 @@ def plan_epoch(spec: Consistency, model: nn.Module, *, steps: int, batch_size: i
         offsets = _offsets_now(spec.debias, model, image_size=image_size, batch_size=batch_size, device=device)
         align = align * torch.exp(torch.as_tensor(offsets, dtype=torch.float32))
         stats["pool_debias_spread"] = float(offsets.max() - offsets.min())
-    aligned = _normalise(probs * align)
+    aligned = mix(_normalise(probs * align), spec.labeller, spec.labeller_weight)
     conf, pred = aligned.max(dim=1)
     thresholds = torch.full((k,), float(spec.threshold))
     if spec.mode == "flexmatch":
@@ -177,17 +187,28 @@ def _normalise(probs: torch.Tensor) -> torch.Tensor:
     return probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def mix(probs: torch.Tensor, labeller: torch.Tensor | np.ndarray | None, weight: float) -> torch.Tensor:
+    """The weak views' probabilities with the labeller's of the same pool images mixed in at
+    `weight`; unchanged without a labeller or at weight 0."""
+    if labeller is None or weight <= 0:
+        return probs
+    return (1.0 - weight) * probs + weight * torch.as_tensor(labeller, dtype=torch.float32).to(probs.device)
+
+
 SHARPEN = 0.5  # temperature of soft targets (MixMatch's T; UDA uses 0.4)
 
 
 def pool_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, plan: EpochPlan,
-              truth: torch.Tensor | None, tally: Tally, oracle: bool = False, soft: bool = False) -> torch.Tensor:
+              truth: torch.Tensor | None, tally: Tally, oracle: bool = False, soft: bool = False,
+              labeller: torch.Tensor | None = None, labeller_weight: float = 0.0) -> torch.Tensor:
     """FixMatch's unlabeled loss over one pool batch; adds what it kept to `tally`. With
     `oracle`, the true labels instead of the weak views' and every view kept; with `soft`,
     the kept views' target is the weak distribution sharpened (temperature SHARPEN), so an
-    uncertain wrong label pulls less than a hard one (UDA, Xie et al. 2020)."""
+    uncertain wrong label pulls less than a hard one (UDA, Xie et al. 2020). `labeller`: the
+    second labeller's distribution over the batch's pool images, mixed in at `labeller_weight`."""
     with torch.no_grad():
-        probs = _normalise(torch.softmax(logits_weak.detach().float(), dim=1) * plan.align)
+        probs = mix(_normalise(torch.softmax(logits_weak.detach().float(), dim=1) * plan.align), labeller,
+                    labeller_weight)
         conf, label = probs.max(dim=1)
         mask = (conf >= plan.thresholds[label]).float()
         if oracle:

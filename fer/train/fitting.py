@@ -73,6 +73,7 @@ class Stage:
     consistency: Consistency | None = None  # online stage 2: the pool and FixMatch's settings
     lr_scale: float = 1.0  # peak learning rate = cfg.lr * lr_scale
     schedule: str = "cosine"  # after the warmup (fer.names.SCHEDULES): stage 2 takes cfg.student_schedule
+    ema: float = 0.0  # decay of the weight average validated and handed out (stage 2: cfg.student_ema); 0 = off
 
     @classmethod
     def of(cls, cfg: TrialConfig, name: str, images: np.ndarray, labels: np.ndarray, counts: np.ndarray, *,
@@ -86,7 +87,8 @@ class Stage:
                    epoch_offset=(cfg.epochs if student else 0) if epoch_offset is None else epoch_offset,
                    sample_weight=sample_weight, init_state=init_state,
                    lr_scale=cfg.student_lr_scale if student else 1.0,
-                   schedule=cfg.student_schedule if student else "cosine")
+                   schedule=cfg.student_schedule if student else "cosine",
+                   ema=cfg.student_ema if student else 0.0)
 
     @classmethod
     def teacher(cls, cfg: TrialConfig, data: Any) -> "Stage":
@@ -102,10 +104,12 @@ class Stage:
         return replace(cls.of(cfg, "student", images, labels, counts, sample_weight=weights, init_state=init,
                               epoch_offset=cfg.epochs + (round - 1) * cfg.round_epochs), epochs=cfg.round_epochs)
 
-    def online(self, cfg: TrialConfig, pool: Any, val: Any = None) -> "Stage":
+    def online(self, cfg: TrialConfig, pool: Any, val: Any = None, labeller: np.ndarray | None = None) -> "Stage":
         """This stage with the `pool` split (its labels, if any, only as held-out truth) trained
         online every step, as cfg's student_mode (fixmatch, flexmatch) says (fer.train.consistency);
-        with cfg.pool_debias the weak views get the student's post-hoc offsets, fitted on `val`."""
+        with cfg.pool_debias the weak views get the student's post-hoc offsets, fitted on `val`;
+        `labeller`, a second labeller's distribution over the pool, is mixed into them at
+        cfg.pool_labeller_weight (None: the student's own predictions alone)."""
         counts = np.asarray(self.counts, dtype=np.float64)
         debias = None
         if cfg.pool_debias:
@@ -115,7 +119,9 @@ class Stage:
         spec = Consistency(images=pool.images, prior=counts / counts.sum(), threshold=cfg.pseudo_threshold,
                            weight=cfg.pseudo_weight, mode=cfg.student_mode, align=cfg.pool_align,
                            ratio=cfg.pool_ratio, truth=pool.labels, debias=debias,
-                           soft=cfg.pool_targets == "soft")
+                           soft=cfg.pool_targets == "soft",
+                           labeller=labeller if cfg.pool_labeller_weight > 0 else None,
+                           labeller_weight=cfg.pool_labeller_weight if labeller is not None else 0.0)
         return replace(self, consistency=spec)
 
 
@@ -205,6 +211,10 @@ def _setup(cfg: TrialConfig, stage: Stage, val: Any, classes: list[str], device:
                 cfg.grad_clip, stage.epochs * steps_per_epoch)
     if stage.consistency is not None:
         loop.pool = PoolSteps(stage.consistency, cfg.image_size, device)
+    if stage.ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        loop.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(stage.ema), use_buffers=True)
     result = FitResult(model=model, best_metrics={}, best_epoch=0, history=[])
     return _Run(cfg, stage, val, classes, device, ddp, in_channels, model, loop, source, first, steps_per_epoch,
                 result)
@@ -219,6 +229,11 @@ def _restore(run: _Run, resume: FitState) -> int:
     run.loop.scheduler.load_state_dict(resume.scheduler)
     run.loop.scaler.load_state_dict(resume.scaler)
     run.loop.step = resume.step
+    if run.loop.ema is not None:
+        if resume.ema is None:
+            raise ValueError(f"{run.stage.name}: the resume state has no weight average, but the stage keeps one "
+                             f"(student_ema={run.stage.ema}); resume with the configuration it was saved with")
+        run.loop.ema.load_state_dict(resume.ema)
     run.result.history.extend(dict(m) for m in resume.history)
     run.best = dict(resume.best, confusion=np.asarray(resume.best["confusion"], dtype=np.int64))
     _set_best(run)
@@ -244,9 +259,14 @@ def _train_epoch(run: _Run, epoch: int, progress: bool, writer: Any) -> tuple[di
         raise FloatingPointError(
             f"{stage.name}: training loss became {'NaN' if math.isnan(train_loss) else 'inf'} at epoch "
             f"{global_epoch} (lr {lr:.3g}, model {cfg.model}, loss {cfg.loss}); try a lower lr or grad_clip > 0")
+    # the weights this epoch validates, keeps and hands out: the live ones, or their average
+    evaluated = run.model if run.loop.ema is None else run.loop.ema.module
     recalibrate_bn(run.model, run.source, order, cfg.image_size, cfg.batch_size, run.loop.dtype,
-                   run.loop.memory_format, ddp)
-    cm, val_loss, logits = validate(run.model, run.val, len(run.classes), cfg, run.device)
+                   run.loop.memory_format, ddp)  # the live weights label the pool at the next epoch's start
+    if evaluated is not run.model:
+        recalibrate_bn(evaluated, run.source, order, cfg.image_size, cfg.batch_size, run.loop.dtype,
+                       run.loop.memory_format, ddp)
+    cm, val_loss, logits = validate(evaluated, run.val, len(run.classes), cfg, run.device)
     # the epoch's own post-hoc offsets: its checkpoint decides with them wherever it is handed out
     offsets = fit_offsets(logits, run.val.labels, stage.counts, cfg.posthoc)
     metrics = epoch_metrics(cm, run.classes, stage=stage.name, epoch=global_epoch, train_loss=train_loss, lr=lr,
@@ -255,7 +275,7 @@ def _train_epoch(run: _Run, epoch: int, progress: bool, writer: Any) -> tuple[di
     if run.loop.pool is not None:
         metrics.update(run.loop.pool.stats())
     run.result.history.append(metrics)
-    checkpoint = _keep_best(run, epoch, metrics, cm, [float(v) for v in offsets])
+    checkpoint = _keep_best(run, evaluated, epoch, metrics, cm, [float(v) for v in offsets])
     if bar is not None:
         bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{metrics['val_macro_f1']:.4f}")
         bar.close()
@@ -267,17 +287,17 @@ def _train_epoch(run: _Run, epoch: int, progress: bool, writer: Any) -> tuple[di
     return metrics, checkpoint
 
 
-def _keep_best(run: _Run, epoch: int, metrics: dict[str, Any], cm: np.ndarray,
+def _keep_best(run: _Run, evaluated: nn.Module, epoch: int, metrics: dict[str, Any], cm: np.ndarray,
                offsets: list[float]) -> dict[str, Any]:
-    """Make this epoch the best when its macro-F1 is higher (ties keep the earlier); its
-    checkpoint, with the epoch's post-hoc offsets."""
+    """Make this epoch's `evaluated` weights the best when its macro-F1 is higher (ties keep the
+    earlier); its checkpoint, with the epoch's post-hoc offsets."""
     if metrics["val_macro_f1"] > run.best["f1"]:
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in evaluated.state_dict().items()}
         run.best = {"f1": metrics["val_macro_f1"], "epoch": epoch, "state": weights, "metrics": metrics,
                     "confusion": cm, "offsets": offsets}
         return _set_best(run)
     # this epoch's own weights (live tensors: saved by report before training goes on)
-    return make_checkpoint(run.model.state_dict(), run.cfg, run.classes, run.stage.counts, epoch=metrics["epoch"],
+    return make_checkpoint(evaluated.state_dict(), run.cfg, run.classes, run.stage.counts, epoch=metrics["epoch"],
                            stage=run.stage.name, metrics={**metrics, "val_confusion": cm.tolist()},
                            in_channels=run.in_channels, posthoc_offsets=offsets)
 
@@ -298,11 +318,13 @@ def _set_best(run: _Run) -> dict[str, Any]:
 def _state(run: _Run, epoch: int) -> FitState:
     """What `fit(..., resume=...)` needs to go on after `epoch` (live tensors)."""
     best, loop = run.best, run.loop
-    # the best epoch's CPU copy when that is this epoch: saved once, not twice
-    weights = best["state"] if best["epoch"] == epoch else run.model.state_dict()
+    # the best epoch's CPU copy when that is this epoch: saved once, not twice (with a weight
+    # average the best is the average's, and the live weights are saved besides)
+    weights = best["state"] if best["epoch"] == epoch and loop.ema is None else run.model.state_dict()
     return FitState(epoch=epoch + 1, step=loop.step, history=run.result.history, model=weights,
                     optimizer=loop.optimizer.state_dict(), scheduler=loop.scheduler.state_dict(),
-                    scaler=loop.scaler.state_dict(), best=best, stopped_early=run.result.stopped_early)
+                    scaler=loop.scaler.state_dict(), best=best, stopped_early=run.result.stopped_early,
+                    ema=None if loop.ema is None else loop.ema.state_dict())
 
 
 def _build_model(cfg: TrialConfig, num_classes: int, in_channels: int, init_state: dict | None,

@@ -84,6 +84,7 @@ class Loop:
     total_steps: int
     step: int = 0
     pool: "PoolSteps | None" = None  # stage 2's online consistency (fer.train.consistency), else None
+    ema: Any = None  # torch's AveragedModel of the weights, updated every step (cfg.student_ema), else None
 
     def run_epoch(self, source: TrainSource, order: np.ndarray, batch_size: int,
                   bar: Any) -> tuple[torch.Tensor, int, float]:
@@ -111,6 +112,8 @@ class Loop:
                 nn.utils.clip_grad_norm_(params, self.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(getattr(self.net, "module", self.net))
             lr = self.optimizer.param_groups[0]["lr"]
             if self.step < self.total_steps - 1:  # later epochs may not outrun the cosine's end
                 self.scheduler.step()
@@ -132,6 +135,7 @@ class PoolSteps:
         self.spec = spec
         self.source = TrainSource(spec.images, np.zeros(len(spec.images), dtype=np.int64), None, device)
         self.truth = None if spec.truth is None else torch.as_tensor(np.asarray(spec.truth), dtype=torch.long)
+        self.labeller = None if spec.labeller_weight <= 0 else torch.as_tensor(spec.labeller, dtype=torch.float32)
         self.weak = make_train_transform("weak", image_size)
         self.strong = make_train_transform("strong", image_size)
         self.plan: EpochPlan | None = None  # this epoch's, set by begin() before each epoch
@@ -157,7 +161,9 @@ class PoolSteps:
             logits = loop.net(torch.cat(views))
         labelled, weak, strong = logits.split([len(x), len(u), len(u)])
         truth = None if self.truth is None else self.truth[picked.cpu()].to(self.source.device)
-        unlabelled = pool_loss(weak, strong, self.plan, truth, self.tally, self.spec.oracle, self.spec.soft)
+        labeller = None if self.labeller is None else self.labeller[picked.cpu()].to(self.source.device)
+        unlabelled = pool_loss(weak, strong, self.plan, truth, self.tally, self.spec.oracle, self.spec.soft,
+                               labeller, self.spec.labeller_weight)
         return loop.criterion(labelled.float(), y, sample_weight=w) + self.spec.weight * unlabelled
 
 

@@ -32,13 +32,17 @@ class FitState:
     scaler: dict[str, Any]
     best: dict[str, Any]  # confusion as an int64 array here, a nested list on disk
     stopped_early: bool = False  # patience ended the stage: a resumed run trains no further
+    ema: dict[str, Any] | None = None  # the weight average's state dict (a stage with student_ema), else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data referencing live tensors: save it before training goes on."""
-        return {"epoch": self.epoch, "step": self.step, "history": self.history,
-                "stopped_early": self.stopped_early, "model": self.model, "optimizer": self.optimizer,
-                "scheduler": self.scheduler, "scaler": self.scaler,
-                "best": {**self.best, "confusion": np.asarray(self.best["confusion"]).tolist()}}
+        out = {"epoch": self.epoch, "step": self.step, "history": self.history,
+               "stopped_early": self.stopped_early, "model": self.model, "optimizer": self.optimizer,
+               "scheduler": self.scheduler, "scaler": self.scaler,
+               "best": {**self.best, "confusion": np.asarray(self.best["confusion"]).tolist()}}
+        if self.ema is not None:
+            out["ema"] = self.ema
+        return out
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> "FitState":
@@ -48,7 +52,8 @@ class FitState:
         best = dict(saved["best"], confusion=np.asarray(saved["best"]["confusion"], dtype=np.int64))
         return cls(epoch=int(saved["epoch"]), step=int(saved["step"]), history=[dict(m) for m in saved["history"]],
                    model=saved["model"], optimizer=saved["optimizer"], scheduler=saved["scheduler"],
-                   scaler=saved["scaler"], best=best, stopped_early=bool(saved.get("stopped_early", False)))
+                   scaler=saved["scaler"], best=best, stopped_early=bool(saved.get("stopped_early", False)),
+                   ema=saved.get("ema"))
 
     def check_fits(self, epochs: int) -> None:
         """Refuse a state from a stage of a different length."""
