@@ -144,8 +144,7 @@ def oracle_stage(cfg: Any, data: Any, teacher: Any, epoch_images: int) -> Any:
     train = data.splits["train"]
     stage = Stage.of(cfg, "student", train.images, train.labels, data.class_counts("train"),
                      init_state=teacher.model.state_dict() if cfg.student_init == "teacher" else None)
-    # the pool's true labels replace every weak view's label, whoever labels it
-    stage = stage.online(replace(cfg, student_mode="fixmatch", pool_labeller_weight=0.0), data.splits["unlabeled"])
+    stage = stage.online(replace(cfg, student_mode="fixmatch"), data.splits["unlabeled"])
     return replace(stage, name="oracle", consistency=replace(stage.consistency, oracle=True)), \
         replace(cfg, epoch_images=epoch_images)
 

@@ -178,18 +178,18 @@ def _run_round(cfg: TrialConfig, data: Any, teacher: FitResult, labeller: FitRes
         picked, picked_labels = indices[:0], labels[:0]
     else:
         picked, picked_labels = indices, labels
-    second = _second_labeller(summary, probs) if online and cfg.pool_labeller_weight > 0 else None
     images, all_labels, weights, counts = student_inputs(cfg, data, picked, picked_labels)
     init = teacher.model.state_dict() if cfg.student_init == "teacher" else None
     stage = Stage.student(cfg, images, all_labels, weights, counts, init, round)
     if online:
-        stage = stage.online(cfg, data.splits["unlabeled"], data.splits["val"], labeller=second)
+        stage = stage.online(cfg, data.splits["unlabeled"], data.splits["val"],
+                             labeller=_second_labeller(summary, probs))
         pool_size = len(data.splits["unlabeled"].images)
         say(_online_line(cfg, len(data.splits["train"].labels), len(picked), pool_size, who,
-                         stage.consistency.labeller_weight > 0))
+                         stage.consistency.labeller is not None))
     pseudo = {"indices": indices.tolist(), "labels": labels.tolist(),
               "confidences": np.asarray(confidences, dtype=np.float64).tolist(), "summary": to_plain(summary)}
-    if second is not None:  # the labeller's whole distribution, only where stage 2 reads it
+    if stage.consistency is not None and stage.consistency.labeller is not None:  # only where stage 2 reads it
         pseudo["probs"] = np.asarray(probs, dtype=np.float64).tolist()
     student = fit(cfg, stage, data.splits["val"], data.classes,
                   report=_stage_report(report, "student", _teacher_state(teacher), pseudo, finished),

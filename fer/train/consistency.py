@@ -75,13 +75,18 @@ class Consistency:
     soft: bool = False  # train the strong view towards the sharpened weak distribution, not its argmax
     # (N, K): the stage-2 labeller's distribution over each pool image, mixed into the weak views'
     # probabilities with weight labeller_weight (None: the student's alone)
-    labeller: np.ndarray | None = None
+    labeller: np.ndarray | torch.Tensor | None = None
     labeller_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.labeller_weight > 0 and (self.labeller is None or len(self.labeller) != len(self.images)):
+        # the one place that decides whether a labeller is mixed in: a float tensor, or None at weight 0
+        if self.labeller is None or self.labeller_weight <= 0:
+            self.labeller, self.labeller_weight = None, 0.0
+        elif len(self.labeller) != len(self.images):
             raise ValueError("labeller_weight > 0 needs the labeller's distribution over every pool image "
                              "(Consistency.labeller, one row per pool image)")
+        else:
+            self.labeller = torch.as_tensor(self.labeller, dtype=torch.float32)
         if self.oracle and self.truth is None:
             raise ValueError("an oracle stage 2 needs the pool's true labels (Consistency.truth)")
         if self.mode not in ONLINE_MODES:
@@ -187,12 +192,12 @@ def _normalise(probs: torch.Tensor) -> torch.Tensor:
     return probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def mix(probs: torch.Tensor, labeller: torch.Tensor | np.ndarray | None, weight: float) -> torch.Tensor:
+def mix(probs: torch.Tensor, labeller: torch.Tensor | None, weight: float) -> torch.Tensor:
     """The weak views' probabilities with the labeller's of the same pool images mixed in at
     `weight`; unchanged without a labeller or at weight 0."""
     if labeller is None or weight <= 0:
         return probs
-    return (1.0 - weight) * probs + weight * torch.as_tensor(labeller, dtype=torch.float32).to(probs.device)
+    return (1.0 - weight) * probs + weight * labeller.to(probs.device)
 
 
 SHARPEN = 0.5  # temperature of soft targets (MixMatch's T; UDA uses 0.4)

@@ -120,8 +120,7 @@ class Stage:
                            weight=cfg.pseudo_weight, mode=cfg.student_mode, align=cfg.pool_align,
                            ratio=cfg.pool_ratio, truth=pool.labels, debias=debias,
                            soft=cfg.pool_targets == "soft",
-                           labeller=labeller if cfg.pool_labeller_weight > 0 else None,
-                           labeller_weight=cfg.pool_labeller_weight if labeller is not None else 0.0)
+                           labeller=labeller, labeller_weight=cfg.pool_labeller_weight)
         return replace(self, consistency=spec)
 
 

@@ -135,7 +135,6 @@ class PoolSteps:
         self.spec = spec
         self.source = TrainSource(spec.images, np.zeros(len(spec.images), dtype=np.int64), None, device)
         self.truth = None if spec.truth is None else torch.as_tensor(np.asarray(spec.truth), dtype=torch.long)
-        self.labeller = None if spec.labeller_weight <= 0 else torch.as_tensor(spec.labeller, dtype=torch.float32)
         self.weak = make_train_transform("weak", image_size)
         self.strong = make_train_transform("strong", image_size)
         self.plan: EpochPlan | None = None  # this epoch's, set by begin() before each epoch
@@ -161,7 +160,7 @@ class PoolSteps:
             logits = loop.net(torch.cat(views))
         labelled, weak, strong = logits.split([len(x), len(u), len(u)])
         truth = None if self.truth is None else self.truth[picked.cpu()].to(self.source.device)
-        labeller = None if self.labeller is None else self.labeller[picked.cpu()].to(self.source.device)
+        labeller = None if self.spec.labeller is None else self.spec.labeller[picked.cpu()]
         unlabelled = pool_loss(weak, strong, self.plan, truth, self.tally, self.spec.oracle, self.spec.soft,
                                labeller, self.spec.labeller_weight)
         return loop.criterion(labelled.float(), y, sample_weight=w) + self.spec.weight * unlabelled
