@@ -35,7 +35,6 @@ SHORT_NAMES = {
     "pool_ratio": "mu",
     "pool_align": "align",
     "pool_debias": "debias",
-    "pool_flex_share": "flex_share",
     "pool_picks": "picks",
     "pool_targets": "targets",
     "student_rounds": "rounds",

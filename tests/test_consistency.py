@@ -122,30 +122,6 @@ def test_an_epoch_plan_lowers_thresholds_of_classes_the_student_rarely_predicts(
     assert np.array_equal(again.order, epoch.order)  # a function of (seed, epoch): a resumed epoch draws the same
 
 
-def test_flexmatch_share_keeps_a_class_rare_in_the_pool_at_the_learned_classes_threshold(monkeypatch, capsys):
-    import fer.train.consistency
-
-    pool = make_data().splits["unlabeled"]
-    counts = [40, 12, 6, 2]  # every prediction confident, in a long-tailed mix
-    logits = torch.cat([torch.eye(4)[k].repeat(n, 1) * 8.0 for k, n in enumerate(counts)])
-    assert len(logits) == len(pool.images)
-    monkeypatch.setattr(fer.train.consistency, "predict_logits_sharded", lambda *args, **kwargs: logits)
-    spec = Consistency(images=pool.images, prior=np.full(4, 0.25), threshold=0.9, weight=1.0, mode="flexmatch")
-
-    def thresholds(share):
-        return plan_epoch(replace(spec, flex_share=share), tiny_model("x", 4), steps=1, batch_size=8, seed=0, epoch=1,
-                          ddp=Ranks(), image_size=16, device=torch.device("cpu")).thresholds
-    counted = thresholds(False)  # sigma_3 = 2 of the head's 40: beta 0.05, threshold 0.9 * 0.05 / 1.95
-    assert counted[0] == pytest.approx(0.9) and counted[3] == pytest.approx(0.9 * 0.05 / 1.95)
-    assert torch.allclose(thresholds(True), torch.full((4,), 0.9))
-    monkeypatch.undo()
-    cfg = online_cfg(student_mode="flexmatch", pool_flex_share=True, pseudo_graph="none")
-    assert fer.train.fitting.Stage.of(cfg, "student", pool.images, pool.labels, np.array(counts)).online(
-        cfg, pool).consistency.flex_share
-    run_pipeline(cfg, make_data(), progress=False)
-    assert "threshold 0.5 per class (by each class's confident share), alignment off" in capsys.readouterr().out
-
-
 def test_debiasing_labels_the_pool_with_the_students_post_hoc_offsets_of_the_moment(monkeypatch):
     import fer.train.consistency
     from fer.train.consistency import Debias
@@ -238,12 +214,12 @@ def test_the_labellers_graph_helped_distribution_reaches_the_weak_views(capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("mode,align,schedule,debias,labeller,ema,share", [
-    ("fixmatch", True, "cosine", False, 0.0, 0.0, False), ("flexmatch", False, "cosine", False, 0.0, 0.9, True),
-    ("flexmatch", False, "constant", False, 0.8, 0.0, False), ("flexmatch", False, "constant", True, 0.0, 0.0, False)])
+@pytest.mark.parametrize("mode,align,schedule,debias,labeller,ema", [
+    ("fixmatch", True, "cosine", False, 0.0, 0.0), ("flexmatch", False, "cosine", False, 0.0, 0.9),
+    ("flexmatch", False, "constant", False, 0.8, 0.0), ("flexmatch", False, "constant", True, 0.0, 0.0)])
 def test_resuming_an_online_run_after_any_epoch_ends_with_the_same_model(mode, align, schedule, debias, labeller,
-                                                                         ema, share):
-    cfg = online_cfg(student_init="teacher", dropout=0.1, student_mode=mode, pool_align=align, pool_flex_share=share,
+                                                                         ema):
+    cfg = online_cfg(student_init="teacher", dropout=0.1, student_mode=mode, pool_align=align,
                      student_schedule=schedule, pool_debias=debias, pool_picks=not debias,
                      pool_targets="soft" if debias else "hard", pool_labeller_weight=labeller, student_ema=ema,
                      pseudo_graph="pixels" if labeller else "auto")  # the labeller is mixed in with a graph

@@ -107,25 +107,6 @@ def test_flexmatch_thresholds_match_the_paper():
     np.testing.assert_allclose(cold, [0.9, 0.36, 0.09])
 
 
-def test_flexmatch_share_judges_a_class_rare_in_the_pool_by_its_confident_share():
-    # a long-tailed pool, every prediction confident: the count takes the rare classes for unlearned
-    conf, pred = np.full(125, 0.95), np.repeat([0, 1, 2], [100, 20, 5])
-    np.testing.assert_allclose(flexmatch_thresholds(conf, pred, 3, 0.9, mapping="linear"), [0.9, 0.18, 0.045])
-    np.testing.assert_allclose(flexmatch_thresholds(conf, pred, 3, 0.9, share=True), [0.9, 0.9, 0.9])
-    # half of class 2's predictions confident: its beta is half the best class's
-    conf[-3:] = 0.5  # 2 of 5 confident, and the pool mostly learned (unused 3 < max sigma 100)
-    np.testing.assert_allclose(flexmatch_thresholds(conf, pred, 3, 0.9, mapping="linear", share=True),
-                               [0.9, 0.9, 0.9 * 0.4])
-    # balanced predictions: FlexMatch's thresholds exactly, with and without the warm-up
-    balanced = table(flex_rows()[:10] + [(1, 0.95)] * 4 + [(1, 0.34)] * 6 + [(2, 0.97)] + [(2, 0.5)] * 9)
-    conf, pred = balanced.max(1), balanced.argmax(1)
-    for warmup in (True, False):
-        np.testing.assert_allclose(flexmatch_thresholds(conf, pred, 3, 0.9, warmup=warmup, share=True),
-                                   flexmatch_thresholds(conf, pred, 3, 0.9, warmup=warmup))
-    # nothing confident yet: every threshold 0, as FlexMatch's warm-up has it
-    assert not flexmatch_thresholds(np.full(9, 0.3), np.arange(9) % 3, 3, 0.9, share=True).any()
-
-
 def test_flexmatch_selects_with_adaptive_thresholds():
     idx, labels, _ = select_pseudo_labels(table(flex_rows()), selection="flexmatch", threshold=0.9,
                                           class_counts=np.array([100, 50, 20]))

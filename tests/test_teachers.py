@@ -24,8 +24,7 @@ OTHER_STAGE2 = {"student_epochs": 3, "pseudo_threshold": 0.5, "pseudo_selection"
                 "student_schedule": "cosine",
                 "pool_control": False, "posthoc": "bias", "student_mode": "fixmatch", "pool_ratio": 2,
                 "pool_align": True, "student_rounds": 3, "pool_debias": True, "pool_picks": True,
-                "pool_targets": "soft", "student_ema": 0.9, "pool_labeller_weight": 0.3,
-                "pool_flex_share": True}
+                "pool_targets": "soft", "student_ema": 0.9, "pool_labeller_weight": 0.3}
 
 
 @pytest.fixture(autouse=True)

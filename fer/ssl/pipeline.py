@@ -207,9 +207,7 @@ def _second_labeller(summary: dict[str, Any], probs: np.ndarray | None) -> np.nd
 
 
 def _online_line(cfg: TrialConfig, labelled: int, picks: int, pool: int, who: str, mixed: bool) -> str:
-    per_class = ""
-    if cfg.student_mode == "flexmatch":
-        per_class = " per class" + (" (by each class's confident share)" if cfg.pool_flex_share else "")
+    per_class = " per class" if cfg.student_mode == "flexmatch" else ""
     picked = f"{picks} {who} picks" if cfg.pool_picks else f"none of the {who}'s picks (pool_picks false)"
     labeller = ""
     if cfg.pool_labeller_weight > 0:

@@ -138,11 +138,6 @@ class TrialConfig:
     # 0.014 at 1/8 and 0.023 at full size of the demo data, and collapsed the digits student
     # (pool labels 0.975 -> 0.588 accurate), where post-hoc offsets rebalance anyway.
     pool_align: bool = False
-    # flexmatch: a class counts as learned by the share of its predicted pool images that are
-    # confident, not by their count, which assumes every class equally often in the pool (a class
-    # with 11 of 326 pool images gets a threshold near 0.05: all its predictions are kept). The same
-    # thresholds where the predictions are balanced (fer.train.consistency.flexmatch_thresholds).
-    pool_flex_share: bool = False
     # fixmatch/flexmatch: the weak views are labelled with the student's own post-hoc decision rule
     # of the moment (cfg.posthoc's offsets, fitted on val at each epoch's start, as the teacher's
     # picks get them with pseudo_debias), so a rare-class pool image is not labelled with the head
@@ -193,8 +188,10 @@ class TrialConfig:
 STAGE2_FIELDS = (
     "student_epochs", "pseudo_threshold", "pseudo_selection", "crest_alpha", "pseudo_tta", "pseudo_temperature",
     "pseudo_debias", "pseudo_graph", "pseudo_weight", "student_init", "student_lr_scale", "student_ema",
-    "student_augment", "student_schedule", "pool_control", "posthoc", "student_mode", "pool_ratio", "pool_align",
-    "student_rounds", "pool_debias", "pool_picks", "pool_targets", "pool_labeller_weight", "pool_flex_share")
+    "student_augment",
+    "student_schedule", "pool_control", "posthoc", "student_mode", "pool_ratio", "pool_align", "student_rounds",
+    "pool_debias", "pool_picks", "pool_targets", "pool_labeller_weight",
+)
 
 # Set on the epochs a run reports from a shared teacher (replayed, not trained again).
 SHARED_TEACHER_KEY = "teacher_shared"

@@ -17,9 +17,8 @@ eval mode, so a resumed epoch draws exactly what the uninterrupted one drew):
   prediction and renormalised, so head classes do not take over the pseudo-labels;
 - per-class thresholds (FlexMatch, Zhang et al. 2021; `student_mode="flexmatch"`):
   `flexmatch_thresholds` of that pass, lower for classes the student is still
-  learning (with the paper's warm-up, all of them low while few views pass `pseudo_threshold`;
-  with `pool_flex_share`, learning is judged per image predicted, not counted, so a class rare in
-  the pool is not taken for one not learned); `"fixmatch"` keeps one threshold for every class;
+  learning (with the paper's warm-up, all of them low while few views pass `pseudo_threshold`);
+  `"fixmatch"` keeps one threshold for every class;
 - a second labeller (`pool_labeller_weight`): the weak views' probabilities are mixed with the
   stage-2 labeller's fixed distribution over each pool image (the teacher's, with the
   label-spreading graph where one is chosen), two labellers that err differently;
@@ -66,7 +65,6 @@ class Consistency:
     weight: float  # of the pool's loss against the labelled one
     mode: str = "fixmatch"  # fer.names.ONLINE_MODES: one threshold, or FlexMatch's per-class ones
     align: bool = False  # distribution alignment of the weak-view probabilities
-    flex_share: bool = False  # flexmatch: the learning effect as each class's confident share (pool_flex_share)
     ratio: int = 1  # pool images per labelled image in a step (FixMatch's mu)
     truth: np.ndarray | None = None  # the pool's held-out labels, when known: precision is reported
     # The oracle of a semi-supervised measurement (benchmarks/label_fraction.py): the pool's true
@@ -121,7 +119,7 @@ class Tally:
 
 
 def flexmatch_thresholds(conf: np.ndarray, pred: np.ndarray, num_classes: int, threshold: float,
-                         *, warmup: bool = True, mapping: str = "convex", share: bool = False) -> np.ndarray:
+                         *, warmup: bool = True, mapping: str = "convex") -> np.ndarray:
     """Class-adaptive thresholds T_k = M(beta_k) * threshold of FlexMatch (Zhang et al. 2021).
 
     sigma_k counts pool images predicted as k with confidence above `threshold` (the
@@ -129,28 +127,14 @@ def flexmatch_thresholds(conf: np.ndarray, pred: np.ndarray, num_classes: int, t
     where unused = pool size - sum sigma, so that early on (few confident predictions)
     thresholds stay low; without warmup beta_k = sigma_k / max_k sigma. M is the convex
     mapping x / (2 - x) (the paper's best) or the identity ("linear").
-
-    The count assumes a pool with every class equally often: in a long-tailed pool a class
-    with 11 images of 326 has sigma_k <= 11 however well it is learned, so its threshold
-    falls towards 0 and every view predicted as it is kept. With `share`, each class is judged
-    by the share of the images predicted as it that are confident, s_k = sigma_k / n_k:
-    beta_k = s_k / max_k s times the warm-up's factor, max sigma / max(max sigma, unused) as
-    above (how much of the pool is learned). Where the predictions are balanced this is
-    FlexMatch's beta exactly.
     """
     if mapping not in ("convex", "linear"):
         raise ValueError(f"flexmatch mapping {mapping!r} is not allowed. Choose one of: convex, linear")
     sigma = np.bincount(pred[conf > threshold], minlength=num_classes).astype(np.float64)
-    top = sigma.max() if len(sigma) else 0.0
-    denom = max(top, float(len(conf) - sigma.sum())) if warmup else top
-    if denom <= 0:
-        beta = np.zeros(num_classes)
-    elif share and top > 0:
-        predicted = np.bincount(pred, minlength=num_classes).astype(np.float64)
-        rate = np.divide(sigma, predicted, out=np.zeros(num_classes), where=predicted > 0)
-        beta = rate / rate.max() * (top / denom)
-    else:
-        beta = sigma / denom
+    denom = sigma.max() if len(sigma) else 0.0
+    if warmup:
+        denom = max(denom, float(len(conf) - sigma.sum()))
+    beta = sigma / denom if denom > 0 else np.zeros(num_classes)
     if mapping == "convex":
         beta = beta / (2.0 - beta)
     return beta * threshold
@@ -177,8 +161,8 @@ def plan_epoch(spec: Consistency, model: nn.Module, *, steps: int, batch_size: i
     conf, pred = aligned.max(dim=1)
     thresholds = torch.full((k,), float(spec.threshold))
     if spec.mode == "flexmatch":
-        thresholds = torch.as_tensor(flexmatch_thresholds(conf.numpy(), pred.numpy(), k, spec.threshold,
-                                                          share=spec.flex_share), dtype=torch.float32)
+        thresholds = torch.as_tensor(flexmatch_thresholds(conf.numpy(), pred.numpy(), k, spec.threshold),
+                                     dtype=torch.float32)
     keep = conf >= thresholds[pred]
     stats["pool_pass_kept"] = float(keep.float().mean())
     if spec.truth is not None:

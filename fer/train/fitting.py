@@ -118,7 +118,7 @@ class Stage:
             debias = Debias(images=val.images, labels=val.labels, counts=self.counts, posthoc=cfg.posthoc)
         spec = Consistency(images=pool.images, prior=counts / counts.sum(), threshold=cfg.pseudo_threshold,
                            weight=cfg.pseudo_weight, mode=cfg.student_mode, align=cfg.pool_align,
-                           flex_share=cfg.pool_flex_share, ratio=cfg.pool_ratio, truth=pool.labels, debias=debias,
+                           ratio=cfg.pool_ratio, truth=pool.labels, debias=debias,
                            soft=cfg.pool_targets == "soft",
                            labeller=labeller, labeller_weight=cfg.pool_labeller_weight)
         return replace(self, consistency=spec)
