@@ -181,16 +181,17 @@ def _run_round(cfg: TrialConfig, data: Any, teacher: FitResult, labeller: FitRes
     images, all_labels, weights, counts = student_inputs(cfg, data, picked, picked_labels)
     init = teacher.model.state_dict() if cfg.student_init == "teacher" else None
     stage = Stage.student(cfg, images, all_labels, weights, counts, init, round)
+    mixed = False  # whether stage 2 reads the labeller's distribution (Consistency decides)
     if online:
         stage = stage.online(cfg, data.splits["unlabeled"], data.splits["val"],
                              labeller=_second_labeller(summary, probs))
+        mixed = stage.consistency.labeller is not None
         pool_size = len(data.splits["unlabeled"].images)
-        say(_online_line(cfg, len(data.splits["train"].labels), len(picked), pool_size, who,
-                         stage.consistency.labeller is not None))
+        say(_online_line(cfg, len(data.splits["train"].labels), len(picked), pool_size, who, mixed))
     pseudo = {"indices": indices.tolist(), "labels": labels.tolist(),
               "confidences": np.asarray(confidences, dtype=np.float64).tolist(), "summary": to_plain(summary)}
-    if stage.consistency is not None and stage.consistency.labeller is not None:  # only where stage 2 reads it
-        pseudo["probs"] = np.asarray(probs, dtype=np.float64).tolist()
+    if mixed:  # kept in the resume state only where stage 2 reads it
+        pseudo["probs"] = probs.tolist()  # float32 -> Python floats -> float32 on resume: exact
     student = fit(cfg, stage, data.splits["val"], data.classes,
                   report=_stage_report(report, "student", _teacher_state(teacher), pseudo, finished),
                   resume=_fit_state(resume, "student"), **common)
